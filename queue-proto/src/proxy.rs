@@ -1,0 +1,325 @@
+//! Requests and responses on the per-session proxy socket, the agent's only way out.
+//!
+//! The socket itself identifies the session, so no request names one. Bodies are closed
+//! types, and every body's size is checked against its endpoint's limit before parsing.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::ids::Seq;
+use crate::items::{ChangeRequest, ItemError, MAX_TEXT_BYTES};
+
+/// Largest `POST /v1/model` body, in bytes.
+pub const MAX_MODEL_REQUEST_BYTES: usize = 1024 * 1024;
+/// Largest `POST /v1/outbox` body, in bytes.
+pub const MAX_OUTBOX_NOTICE_BYTES: usize = 256;
+/// Largest `POST /v1/change-requests` body, in bytes.
+pub const MAX_CHANGE_REQUEST_BYTES: usize = 96 * 1024;
+/// Most messages in one model request.
+pub const MAX_MODEL_MESSAGES: usize = 512;
+/// Most tools offered in one model request.
+pub const MAX_MODEL_TOOLS: usize = 32;
+
+/// Why a request body was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request body has {got} bytes, more than the limit of {max}")]
+    TooLarge { got: usize, max: usize },
+    #[error("request body is not a valid {what}")]
+    Malformed {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("request is invalid: {0}")]
+    Invalid(&'static str),
+    #[error(transparent)]
+    Item(#[from] ItemError),
+}
+
+/// The endpoints, each with its path, method and body limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /v1/wait?after=<seq>`: long-poll for new inbox segments.
+    Wait,
+    /// `POST /v1/model`: one provider-neutral model call.
+    Model,
+    /// `POST /v1/outbox`: an outbox segment was published.
+    Outbox,
+    /// `POST /v1/change-requests`: ask the gateway for a change.
+    ChangeRequests,
+}
+
+impl Endpoint {
+    /// Maps a method and path to an endpoint; anything else is `None` (404).
+    pub fn route(method: &str, path: &str) -> Option<Endpoint> {
+        match (method, path) {
+            ("GET", "/v1/wait") => Some(Endpoint::Wait),
+            ("POST", "/v1/model") => Some(Endpoint::Model),
+            ("POST", "/v1/outbox") => Some(Endpoint::Outbox),
+            ("POST", "/v1/change-requests") => Some(Endpoint::ChangeRequests),
+            _ => None,
+        }
+    }
+
+    /// The body limit, checked before reading further.
+    pub fn max_body_bytes(self) -> usize {
+        match self {
+            Endpoint::Wait => 0,
+            Endpoint::Model => MAX_MODEL_REQUEST_BYTES,
+            Endpoint::Outbox => MAX_OUTBOX_NOTICE_BYTES,
+            Endpoint::ChangeRequests => MAX_CHANGE_REQUEST_BYTES,
+        }
+    }
+}
+
+/// Parses `after=<decimal seq>`, the only query `GET /v1/wait` accepts.
+pub fn parse_wait_query(query: &str) -> Result<Seq, RequestError> {
+    let digits = query
+        .strip_prefix("after=")
+        .ok_or(RequestError::Invalid("expected after=<seq>"))?;
+    if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(RequestError::Invalid("seq must be a decimal number"));
+    }
+    digits
+        .parse()
+        .map(Seq)
+        .map_err(|_| RequestError::Invalid("seq is out of range"))
+}
+
+/// Answer to `GET /v1/wait`: the inbox segments published after the given seq.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitResponse {
+    pub seqs: Vec<Seq>,
+}
+
+/// Who said a message in a model conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    User,
+    Assistant,
+}
+
+/// One block of a message, provider-neutral.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ContentBlock {
+    Text {
+        text: String,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        input: serde_json::Value,
+    },
+    ToolResult {
+        tool_use_id: String,
+        content: String,
+        is_error: bool,
+    },
+}
+
+/// One message of the conversation sent to the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: Vec<ContentBlock>,
+}
+
+/// A tool offered to the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    pub input_schema: serde_json::Value,
+}
+
+/// Body of `POST /v1/model`. No URL, model name or key: the control plane chooses those.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRequest {
+    pub system: String,
+    pub messages: Vec<ChatMessage>,
+    pub tools: Vec<ToolSpec>,
+    pub max_tokens: u32,
+}
+
+/// Why the model stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    EndTurn,
+    ToolUse,
+    MaxTokens,
+}
+
+/// Token counts of one model call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// Answer to `POST /v1/model`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelResponse {
+    pub content: Vec<ContentBlock>,
+    pub stop_reason: StopReason,
+    pub usage: Usage,
+}
+
+/// Body of `POST /v1/outbox`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxNotice {
+    pub seq: Seq,
+}
+
+/// Answer to `POST /v1/change-requests`: the request was filed for the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeRequestFiled {
+    pub id: crate::ids::ChangeId,
+}
+
+/// The one error body the agent ever sees. The detail stays on the trusted side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    pub error: RefusalCode,
+}
+
+/// Coarse refusal reasons an agent may learn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalCode {
+    Rejected,
+    BudgetExhausted,
+    Unavailable,
+}
+
+/// A request body an endpoint accepts: parsed only after its size is checked.
+pub trait RequestBody: DeserializeOwned {
+    const NAME: &'static str;
+    const MAX_BYTES: usize;
+    /// Limits that serde cannot express.
+    fn validate(&self) -> Result<(), RequestError>;
+}
+
+impl RequestBody for ModelRequest {
+    const NAME: &'static str = "model request";
+    const MAX_BYTES: usize = MAX_MODEL_REQUEST_BYTES;
+    fn validate(&self) -> Result<(), RequestError> {
+        if self.messages.is_empty() || self.messages.len() > MAX_MODEL_MESSAGES {
+            return Err(RequestError::Invalid("messages must number 1..=512"));
+        }
+        if self.tools.len() > MAX_MODEL_TOOLS {
+            return Err(RequestError::Invalid("too many tools"));
+        }
+        if self.system.len() > MAX_TEXT_BYTES {
+            return Err(RequestError::Invalid("system prompt too long"));
+        }
+        if self.max_tokens == 0 {
+            return Err(RequestError::Invalid("max_tokens must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+impl RequestBody for OutboxNotice {
+    const NAME: &'static str = "outbox notice";
+    const MAX_BYTES: usize = MAX_OUTBOX_NOTICE_BYTES;
+    fn validate(&self) -> Result<(), RequestError> {
+        Ok(())
+    }
+}
+
+impl RequestBody for ChangeRequest {
+    const NAME: &'static str = "change request";
+    const MAX_BYTES: usize = MAX_CHANGE_REQUEST_BYTES;
+    fn validate(&self) -> Result<(), RequestError> {
+        ChangeRequest::validate(self).map_err(RequestError::from)
+    }
+}
+
+/// Parses a request body: size first, then the closed type, then its limits.
+pub fn parse_body<T: RequestBody>(body: &[u8]) -> Result<T, RequestError> {
+    if body.len() > T::MAX_BYTES {
+        return Err(RequestError::TooLarge {
+            got: body.len(),
+            max: T::MAX_BYTES,
+        });
+    }
+    let value: T = serde_json::from_slice(body).map_err(|source| RequestError::Malformed {
+        what: T::NAME,
+        source,
+    })?;
+    value.validate()?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_query_accepts_only_a_decimal_seq() {
+        assert_eq!(parse_wait_query("after=0").unwrap(), Seq(0));
+        assert_eq!(
+            parse_wait_query("after=18446744073709551615").unwrap(),
+            Seq(u64::MAX)
+        );
+        for bad in [
+            "",
+            "after=",
+            "after=-1",
+            "after=1&session=b",
+            "after=18446744073709551616",
+            "before=1",
+            "after=0x10",
+        ] {
+            assert!(parse_wait_query(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn routes_are_closed() {
+        assert_eq!(Endpoint::route("POST", "/v1/model"), Some(Endpoint::Model));
+        assert_eq!(Endpoint::route("GET", "/v1/model"), None);
+        assert_eq!(Endpoint::route("POST", "/v1/model/../outbox"), None);
+    }
+
+    #[test]
+    fn a_model_request_cannot_carry_a_destination() {
+        let body = br#"{"system":"","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"tools":[],"max_tokens":10,"base_url":"http://169.254.169.254"}"#;
+        assert!(matches!(
+            parse_body::<ModelRequest>(body),
+            Err(RequestError::Malformed { .. })
+        ));
+        let ok = br#"{"system":"","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"tools":[],"max_tokens":10}"#;
+        assert!(parse_body::<ModelRequest>(ok).is_ok());
+    }
+
+    #[test]
+    fn size_is_checked_before_parsing() {
+        let body = vec![b'{'; MAX_OUTBOX_NOTICE_BYTES + 1];
+        assert!(matches!(
+            parse_body::<OutboxNotice>(&body),
+            Err(RequestError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_session_cannot_be_claimed() {
+        assert!(parse_body::<OutboxNotice>(br#"{"seq":3,"session":"other"}"#).is_err());
+        assert_eq!(
+            parse_body::<OutboxNotice>(br#"{"seq":3}"#).unwrap(),
+            OutboxNotice { seq: Seq(3) }
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! Opening SQLCipher databases with a raw 256-bit key (no passphrase KDF).
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags};
+use zeroize::Zeroizing;
+
+use crate::keys::SecretKey;
+
+/// Keys a fresh connection with `PRAGMA key = "x'<64 hex>'"`: SQLCipher uses the 32 bytes
+/// directly as the page-encryption key. Must be the first statement on the connection.
+pub(crate) fn apply_key(conn: &Connection, key: &SecretKey) -> rusqlite::Result<()> {
+    let hex_key = Zeroizing::new(hex::encode(key.expose_secret()));
+    let pragma = Zeroizing::new(format!("PRAGMA key = \"x'{}'\";", hex_key.as_str()));
+    conn.execute_batch(&pragma)
+}
+
+/// Opens `path` read-only as an immutable file: no locks, no journal, no writes, so a
+/// reader can never change a published segment.
+pub(crate) fn open_immutable(path: &Path) -> rusqlite::Result<Connection> {
+    let uri = format!("file:{}?mode=ro&immutable=1", uri_escape(path));
+    Connection::open_with_flags(
+        uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+}
+
+/// Opens (creating if needed) a database for writing, without URI interpretation.
+pub(crate) fn open_for_writing(path: &Path) -> rusqlite::Result<Connection> {
+    Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+}
+
+/// Percent-encodes every byte of a path except the unreserved ones and `/`, so a
+/// directory name holding `?`, `#` or `%` cannot change the URI's meaning.
+fn uri_escape(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_escape_neutralises_uri_syntax() {
+        assert_eq!(
+            uri_escape(Path::new("/a b/c?mode=rw#x%")),
+            "/a%20b/c%3Fmode%3Drw%23x%25"
+        );
+    }
+}
