@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use proptest::prelude::*;
 use queue_proto::agent::{InboxReader, OutboxWriter};
 use queue_proto::control::{InboxWriter, OutboxReader};
-use queue_proto::ids::{SessionId, Seq};
+use queue_proto::ids::{Seq, SessionId};
 use queue_proto::items::{
     AgentConfig, AssistantReply, InboxItem, Note, OutboxItem, ToolName, UserMessage,
 };
@@ -34,7 +34,14 @@ fn session(name: &str, master: &MasterKey) -> Session {
         fs::create_dir(&p).unwrap();
         p
     });
-    Session { id, keys, _root: root, inbox, outbox, private }
+    Session {
+        id,
+        keys,
+        _root: root,
+        inbox,
+        outbox,
+        private,
+    }
 }
 
 impl Session {
@@ -48,11 +55,21 @@ impl Session {
         OutboxWriter::new(self.outbox.clone(), self.id.clone(), &self.keys)
     }
     fn outbox_reader(&self) -> OutboxReader {
-        OutboxReader::new(self.outbox.clone(), self.private.clone(), self.id.clone(), &self.keys)
+        OutboxReader::new(
+            self.outbox.clone(),
+            self.private.clone(),
+            self.id.clone(),
+            &self.keys,
+        )
     }
     /// A reader of this session's outbox directory that believes it is `other`.
     fn reader_as(&self, other: &Session) -> OutboxReader {
-        OutboxReader::new(self.outbox.clone(), self.private.clone(), other.id.clone(), &other.keys)
+        OutboxReader::new(
+            self.outbox.clone(),
+            self.private.clone(),
+            other.id.clone(),
+            &other.keys,
+        )
     }
 }
 
@@ -69,7 +86,10 @@ fn user_message(text: &str) -> InboxItem {
 }
 
 fn reply(text: &str) -> OutboxItem {
-    OutboxItem::AssistantReply(AssistantReply { in_reply_to: 1, text: text.into() })
+    OutboxItem::AssistantReply(AssistantReply {
+        in_reply_to: 1,
+        text: text.into(),
+    })
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -108,10 +128,19 @@ fn inbox_and_outbox_round_trip() {
     assert_eq!(s.inbox_reader().list_after(Some(Seq(1))).unwrap(), vec![]);
     assert_eq!(s.inbox_reader().read(Seq(1)).unwrap(), items);
 
-    let out = vec![reply("hi"), OutboxItem::Note(Note { name: "n".into(), body: "b".into() })];
+    let out = vec![
+        reply("hi"),
+        OutboxItem::Note(Note {
+            name: "n".into(),
+            body: "b".into(),
+        }),
+    ];
     s.outbox_writer().publish(Seq(1), &out).unwrap();
     assert_eq!(s.outbox_reader().read(Seq(1)).unwrap(), out);
-    assert!(fs::read_dir(&s.private).unwrap().next().is_none(), "the private copy is removed");
+    assert!(
+        fs::read_dir(&s.private).unwrap().next().is_none(),
+        "the private copy is removed"
+    );
     s.outbox_reader().remove(Seq(1)).unwrap();
     assert_eq!(s.outbox_reader().list_after(None).unwrap(), vec![]);
 }
@@ -126,19 +155,31 @@ fn empty_segments_are_valid() {
 #[test]
 fn a_marker_never_reaches_the_disk_in_plaintext() {
     let s = session("marker", &master());
-    s.inbox_writer().publish(Seq(1), &[user_message(MARKER)]).unwrap();
+    s.inbox_writer()
+        .publish(Seq(1), &[user_message(MARKER)])
+        .unwrap();
     s.outbox_writer().publish(Seq(1), &[reply(MARKER)]).unwrap();
     s.outbox_reader().read(Seq(1)).unwrap();
-    let files: Vec<_> =
-        [&s.inbox, &s.outbox, &s.private].into_iter().flat_map(|d| all_files(d)).collect();
+    let files: Vec<_> = [&s.inbox, &s.outbox, &s.private]
+        .into_iter()
+        .flat_map(|d| all_files(d))
+        .collect();
     // Only the two published segments exist: no -journal, -wal or temp file was left.
-    let names: Vec<_> =
-        files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let names: Vec<_> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(names, ["0000000000000001.db", "0000000000000001.db"]);
     for f in files {
         let bytes = fs::read(&f).unwrap();
-        assert!(!contains(&bytes, MARKER.as_bytes()), "{f:?} holds the marker");
-        assert!(!contains(&bytes, b"SQLite format 3"), "{f:?} is not encrypted");
+        assert!(
+            !contains(&bytes, MARKER.as_bytes()),
+            "{f:?} holds the marker"
+        );
+        assert!(
+            !contains(&bytes, b"SQLite format 3"),
+            "{f:?} is not encrypted"
+        );
         assert!(!contains(&bytes, b"user_message") && !contains(&bytes, b"CREATE TABLE"));
     }
 }
@@ -161,15 +202,26 @@ fn wrong_keys_are_rejected() {
         assert!(err.to_string().contains("cannot be decrypted"));
     }
     // An inbox reader (inbox key) cannot read an outbox file either.
-    fs::copy(a.outbox.join(Seq(1).file_name()), a.inbox.join(Seq(1).file_name())).unwrap();
-    assert!(matches!(a.inbox_reader().read(Seq(1)), Err(SegmentError::Undecryptable { .. })));
+    fs::copy(
+        a.outbox.join(Seq(1).file_name()),
+        a.inbox.join(Seq(1).file_name()),
+    )
+    .unwrap();
+    assert!(matches!(
+        a.inbox_reader().read(Seq(1)),
+        Err(SegmentError::Undecryptable { .. })
+    ));
 }
 
 #[test]
 fn a_renamed_segment_is_rejected() {
     let s = session("renamed", &master());
     s.outbox_writer().publish(Seq(1), &[reply("x")]).unwrap();
-    fs::rename(s.outbox.join(Seq(1).file_name()), s.outbox.join(Seq(2).file_name())).unwrap();
+    fs::rename(
+        s.outbox.join(Seq(1).file_name()),
+        s.outbox.join(Seq(2).file_name()),
+    )
+    .unwrap();
     let err = s.outbox_reader().read(Seq(2)).unwrap_err();
     assert!(matches!(err, SegmentError::Misplaced { .. }), "{err}");
 }
@@ -177,7 +229,9 @@ fn a_renamed_segment_is_rejected() {
 #[test]
 fn every_flipped_page_and_any_truncation_is_rejected() {
     let s = session("flipped", &master());
-    s.outbox_writer().publish(Seq(1), &[reply(&"y".repeat(20_000)), reply("z")]).unwrap();
+    s.outbox_writer()
+        .publish(Seq(1), &[reply(&"y".repeat(20_000)), reply("z")])
+        .unwrap();
     let path = s.outbox.join(Seq(1).file_name());
     let good = fs::read(&path).unwrap();
     assert!(good.len() >= 4 * 4096, "several pages");
@@ -189,7 +243,10 @@ fn every_flipped_page_and_any_truncation_is_rejected() {
             fs::write(&path, &bad).unwrap();
             let err = s.outbox_reader().read(Seq(1)).unwrap_err();
             assert!(
-                matches!(err, SegmentError::Undecryptable { .. } | SegmentError::Corrupt { .. }),
+                matches!(
+                    err,
+                    SegmentError::Undecryptable { .. } | SegmentError::Corrupt { .. }
+                ),
                 "page {page} offset {off}: {err}"
             );
         }
@@ -208,7 +265,11 @@ fn every_flipped_page_and_any_truncation_is_rejected() {
         );
     }
     fs::write(&path, &good).unwrap();
-    assert_eq!(s.outbox_reader().read(Seq(1)).unwrap().len(), 2, "the untouched file still reads");
+    assert_eq!(
+        s.outbox_reader().read(Seq(1)).unwrap().len(),
+        2,
+        "the untouched file still reads"
+    );
 }
 
 /// Builds a segment the way an attacker holding the outbox key would: with SQLite
@@ -218,7 +279,8 @@ fn forge(s: &Session, seq: Seq, sql: &str) {
     let _ = fs::remove_file(&path);
     let conn = rusqlite::Connection::open(&path).unwrap();
     let key = hex::encode(s.keys.outbox.db.expose_secret());
-    conn.execute_batch(&format!("PRAGMA key = \"x'{key}'\";")).unwrap();
+    conn.execute_batch(&format!("PRAGMA key = \"x'{key}'\";"))
+        .unwrap();
     conn.execute_batch(sql).unwrap();
 }
 
@@ -227,7 +289,10 @@ fn standard_schema() -> String {
 }
 
 fn header(s: &Session, seq: Seq, count: i64) -> String {
-    format!("INSERT INTO segment VALUES (1, 1, '{}', 'outbox', {}, {count});", s.id, seq.0)
+    format!(
+        "INSERT INTO segment VALUES (1, 1, '{}', 'outbox', {}, {count});",
+        s.id, seq.0
+    )
 }
 
 #[test]
@@ -235,7 +300,11 @@ fn the_forging_helper_builds_readable_segments() {
     // Guards the hostile tests below: with nothing hostile added, a forged empty segment
     // reads fine, so each rejection below is caused by what that test adds.
     let s = session("forge-ok", &master());
-    forge(&s, Seq(1), &format!("{}{}", standard_schema(), header(&s, Seq(1), 0)));
+    forge(
+        &s,
+        Seq(1),
+        &format!("{}{}", standard_schema(), header(&s, Seq(1), 0)),
+    );
     assert_eq!(s.outbox_reader().read(Seq(1)).unwrap(), vec![]);
 }
 
@@ -252,7 +321,10 @@ fn hostile_schemas_are_rejected() {
                 base()
             ),
         ),
-        ("view", format!("{}CREATE VIEW v AS SELECT * FROM items;", base())),
+        (
+            "view",
+            format!("{}CREATE VIEW v AS SELECT * FROM items;", base()),
+        ),
         ("index", format!("{}CREATE INDEX i ON items(kind);", base())),
         (
             "items as a view",
@@ -270,7 +342,10 @@ fn hostile_schemas_are_rejected() {
                 header(&s, Seq(1), 0)
             ),
         ),
-        ("no tables", "CREATE TABLE other (x); DROP TABLE other;".to_owned()),
+        (
+            "no tables",
+            "CREATE TABLE other (x); DROP TABLE other;".to_owned(),
+        ),
     ];
     for (what, sql) in cases {
         forge(&s, Seq(1), &sql);
@@ -287,19 +362,43 @@ fn hostile_rows_are_rejected() {
     };
     let sealed_len = 24 + 16 + queue_proto::items::MAX_ITEM_BYTES + 1;
     let cases = [
-        ("garbage row", with("INSERT INTO items VALUES (0, 'assistant_reply', x'00');", 1)),
-        ("unknown kind", with("INSERT INTO items VALUES (0, 'shell', randomblob(64));", 1)),
-        ("inbox kind", with("INSERT INTO items VALUES (0, 'agent_config', randomblob(64));", 1)),
+        (
+            "garbage row",
+            with("INSERT INTO items VALUES (0, 'assistant_reply', x'00');", 1),
+        ),
+        (
+            "unknown kind",
+            with("INSERT INTO items VALUES (0, 'shell', randomblob(64));", 1),
+        ),
+        (
+            "inbox kind",
+            with(
+                "INSERT INTO items VALUES (0, 'agent_config', randomblob(64));",
+                1,
+            ),
+        ),
         (
             "oversized row",
-            with(&format!("INSERT INTO items VALUES (0, 'note', zeroblob({sealed_len}));"), 1),
+            with(
+                &format!("INSERT INTO items VALUES (0, 'note', zeroblob({sealed_len}));"),
+                1,
+            ),
         ),
         ("missing row", with("", 1)),
-        ("extra row", with("INSERT INTO items VALUES (0, 'note', randomblob(64));", 0)),
-        ("gap in indexes", with("INSERT INTO items VALUES (5, 'note', randomblob(64));", 1)),
+        (
+            "extra row",
+            with("INSERT INTO items VALUES (0, 'note', randomblob(64));", 0),
+        ),
+        (
+            "gap in indexes",
+            with("INSERT INTO items VALUES (5, 'note', randomblob(64));", 1),
+        ),
         ("negative count", with("", -1)),
         ("huge count", with("", 100_000)),
-        ("wrong format", with("", 0).replace("VALUES (1, 1,", "VALUES (1, 2,")),
+        (
+            "wrong format",
+            with("", 0).replace("VALUES (1, 1,", "VALUES (1, 2,"),
+        ),
         ("no header", standard_schema()),
         ("inbox header", with("", 0).replace("'outbox'", "'inbox'")),
         ("other session", with("", 0).replace("'rows'", "'other'")),
@@ -324,13 +423,17 @@ fn hostile_rows_are_rejected() {
 #[test]
 fn a_row_moved_between_segments_fails_to_open() {
     let s = session("moved", &master());
-    s.outbox_writer().publish(Seq(1), &[reply("from seq 1")]).unwrap();
+    s.outbox_writer()
+        .publish(Seq(1), &[reply("from seq 1")])
+        .unwrap();
     // Lift the sealed row out of seq 1 and plant it in an otherwise well-formed seq 2.
     let sealed: Vec<u8> = {
         let conn = rusqlite::Connection::open(s.outbox.join(Seq(1).file_name())).unwrap();
         let key = hex::encode(s.keys.outbox.db.expose_secret());
-        conn.execute_batch(&format!("PRAGMA key = \"x'{key}'\";")).unwrap();
-        conn.query_row("SELECT sealed FROM items", [], |r| r.get(0)).unwrap()
+        conn.execute_batch(&format!("PRAGMA key = \"x'{key}'\";"))
+            .unwrap();
+        conn.query_row("SELECT sealed FROM items", [], |r| r.get(0))
+            .unwrap()
     };
     forge(
         &s,
@@ -343,7 +446,10 @@ fn a_row_moved_between_segments_fails_to_open() {
         ),
     );
     let err = s.outbox_reader().read(Seq(2)).unwrap_err();
-    assert!(matches!(err, SegmentError::Envelope { index: 0, .. }), "{err}");
+    assert!(
+        matches!(err, SegmentError::Envelope { index: 0, .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -352,28 +458,47 @@ fn non_files_and_non_segments_are_rejected() {
     let path = s.outbox.join(Seq(1).file_name());
 
     fs::write(&path, b"this is not a database at all, just bytes").unwrap();
-    assert!(matches!(s.outbox_reader().read(Seq(1)), Err(SegmentError::Undecryptable { .. })));
+    assert!(matches!(
+        s.outbox_reader().read(Seq(1)),
+        Err(SegmentError::Undecryptable { .. })
+    ));
 
     fs::write(&path, vec![0u8; 8192]).unwrap();
-    assert!(matches!(s.outbox_reader().read(Seq(1)), Err(SegmentError::Undecryptable { .. })));
+    assert!(matches!(
+        s.outbox_reader().read(Seq(1)),
+        Err(SegmentError::Undecryptable { .. })
+    ));
 
     // A plaintext SQLite file with the right schema is not a segment either.
     fs::remove_file(&path).unwrap();
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch(&format!("{}{}", standard_schema(), header(&s, Seq(1), 0))).unwrap();
+    conn.execute_batch(&format!("{}{}", standard_schema(), header(&s, Seq(1), 0)))
+        .unwrap();
     drop(conn);
-    assert!(matches!(s.outbox_reader().read(Seq(1)), Err(SegmentError::Undecryptable { .. })));
+    assert!(matches!(
+        s.outbox_reader().read(Seq(1)),
+        Err(SegmentError::Undecryptable { .. })
+    ));
 
     // A symlink to a file the control plane can read but the agent cannot.
     fs::remove_file(&path).unwrap();
     std::os::unix::fs::symlink("/etc/hostname", &path).unwrap();
-    assert!(matches!(s.outbox_reader().read(Seq(1)), Err(SegmentError::NotRegularFile { .. })));
+    assert!(matches!(
+        s.outbox_reader().read(Seq(1)),
+        Err(SegmentError::NotRegularFile { .. })
+    ));
 
     // A FIFO: opening it must not block.
     fs::remove_file(&path).unwrap();
-    let status = std::process::Command::new("mkfifo").arg(&path).status().unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
     assert!(status.success());
-    assert!(matches!(s.outbox_reader().read(Seq(1)), Err(SegmentError::NotRegularFile { .. })));
+    assert!(matches!(
+        s.outbox_reader().read(Seq(1)),
+        Err(SegmentError::NotRegularFile { .. })
+    ));
 
     // A directory.
     fs::remove_file(&path).unwrap();
@@ -382,17 +507,34 @@ fn non_files_and_non_segments_are_rejected() {
 
     // A (sparse) file over the size cap is refused before anything is read.
     fs::remove_dir(&path).unwrap();
-    fs::File::create(&path).unwrap().set_len(MAX_SEGMENT_BYTES + 1).unwrap();
-    assert!(matches!(s.outbox_reader().read(Seq(1)), Err(SegmentError::TooLarge { .. })));
+    fs::File::create(&path)
+        .unwrap()
+        .set_len(MAX_SEGMENT_BYTES + 1)
+        .unwrap();
+    assert!(matches!(
+        s.outbox_reader().read(Seq(1)),
+        Err(SegmentError::TooLarge { .. })
+    ));
 
-    assert!(fs::read_dir(&s.private).unwrap().next().is_none(), "no private copy is left behind");
+    assert!(
+        fs::read_dir(&s.private).unwrap().next().is_none(),
+        "no private copy is left behind"
+    );
 }
 
 #[test]
 fn a_stale_temp_file_does_not_block_publishing() {
     let s = session("stale", &master());
-    fs::write(s.outbox.join(Seq(1).temp_file_name()), b"half-written by a crashed writer").unwrap();
-    assert_eq!(s.outbox_reader().list_after(None).unwrap(), vec![], "temp files are never listed");
+    fs::write(
+        s.outbox.join(Seq(1).temp_file_name()),
+        b"half-written by a crashed writer",
+    )
+    .unwrap();
+    assert_eq!(
+        s.outbox_reader().list_after(None).unwrap(),
+        vec![],
+        "temp files are never listed"
+    );
     s.outbox_writer().publish(Seq(1), &[reply("ok")]).unwrap();
     assert_eq!(s.outbox_reader().read(Seq(1)).unwrap(), vec![reply("ok")]);
     assert!(!s.outbox.join(Seq(1).temp_file_name()).exists());
