@@ -2,7 +2,7 @@
 //! items, SQLCipher against plain SQLite on the same code path (`InboxWriter::publish`,
 //! row envelopes included in both), interleaved so both see the same disk.
 //!
-//! Run: `cargo bench -p queue-proto --features control-plane,agent,bench-internals`
+//! Run: `cargo bench -p queue-proto --features control-plane,agent,plain-files`
 //! (or `scripts/bench-segments`). `BENCH_DIR` chooses the directory (default: the
 //! system temp dir); publishing fsyncs, so the disk under it matters.
 
@@ -42,8 +42,7 @@ fn main() {
         p
     });
     let encrypted = InboxWriter::new(dirs[0].clone(), id.clone(), &keys);
-    let plain =
-        InboxWriter::new(dirs[1].clone(), id, &keys).without_file_encryption_for_benchmarks();
+    let plain = InboxWriter::new(dirs[1].clone(), id, &keys).without_file_encryption();
 
     println!(
         "segment publish (write temp, fsync, rename, fsync dir); items are ~200-byte user messages"

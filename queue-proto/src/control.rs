@@ -43,8 +43,8 @@ impl InboxWriter {
 
     /// The same writer with SQLCipher turned off, for the benchmark's plain-SQLite
     /// comparison only.
-    #[cfg(feature = "bench-internals")]
-    pub fn without_file_encryption_for_benchmarks(mut self) -> Self {
+    #[cfg(feature = "plain-files")]
+    pub fn without_file_encryption(mut self) -> Self {
         self.cipher = FileCipher::Plain;
         self
     }
@@ -57,6 +57,7 @@ pub struct OutboxReader {
     private_dir: PathBuf,
     session: SessionId,
     keys: QueueKeys,
+    cipher: FileCipher,
 }
 
 impl OutboxReader {
@@ -69,6 +70,7 @@ impl OutboxReader {
             private_dir,
             session,
             keys: keys.outbox.clone(),
+            cipher: FileCipher::SqlCipher,
         }
     }
 
@@ -87,7 +89,15 @@ impl OutboxReader {
             direction: Direction::Outbox,
             seq,
         };
-        segment::read(&copy.path, place, &self.keys, FileCipher::SqlCipher)
+        segment::read(&copy.path, place, &self.keys, self.cipher)
+    }
+
+    /// The same reader expecting plain-SQLite files, so the fuzz targets can reach the
+    /// checks that lie behind decryption.
+    #[cfg(feature = "plain-files")]
+    pub fn without_file_encryption(mut self) -> Self {
+        self.cipher = FileCipher::Plain;
+        self
     }
 
     /// Removes segment `seq` after its items are durable in the control store.

@@ -115,12 +115,12 @@ pub(crate) struct Place<'a> {
     pub(crate) seq: Seq,
 }
 
-/// Whether the segment file is SQLCipher-encrypted. Only the benchmark turns it off, to
-/// measure the cost of encryption on the same code path.
+/// Whether the segment file is SQLCipher-encrypted. Only the benchmark and the fuzz
+/// targets (feature `plain-files`) turn it off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FileCipher {
     SqlCipher,
-    #[cfg_attr(not(feature = "bench-internals"), allow(dead_code))]
+    #[cfg_attr(not(feature = "plain-files"), allow(dead_code))]
     Plain,
 }
 
@@ -390,9 +390,11 @@ fn harden(
     keys: &QueueKeys,
     cipher: FileCipher,
 ) -> Result<(), SegmentError> {
-    if cipher == FileCipher::SqlCipher {
-        sqlcipher::apply_key(conn, &keys.db).map_err(sqlite_err("key", path))?;
+    match cipher {
+        FileCipher::SqlCipher => sqlcipher::apply_key(conn, &keys.db),
+        FileCipher::Plain => sqlcipher::silence_log(conn),
     }
+    .map_err(sqlite_err("key", path))?;
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)
         .map_err(sqlite_err("set defensive mode on", path))?;
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)

@@ -9,10 +9,24 @@ use crate::keys::SecretKey;
 
 /// Keys a fresh connection with `PRAGMA key = "x'<64 hex>'"`: SQLCipher uses the 32 bytes
 /// directly as the page-encryption key. Must be the first statement on the connection.
+///
+/// SQLCipher's own log is switched off first: it writes a line to stderr for every page
+/// that fails authentication, which would let an agent flood the control plane's log
+/// with a stream of bad segments. Failures are reported through our errors instead.
 pub(crate) fn apply_key(conn: &Connection, key: &SecretKey) -> rusqlite::Result<()> {
+    silence_log(conn)?;
     let hex_key = Zeroizing::new(hex::encode(key.expose_secret()));
     let pragma = Zeroizing::new(format!("PRAGMA key = \"x'{}'\";", hex_key.as_str()));
     conn.execute_batch(&pragma)
+}
+
+/// Turns off SQLCipher's process-wide logging to stderr.
+pub(crate) fn silence_log(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("PRAGMA cipher_log_level = NONE", [], |_| Ok(()))
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(()),
+            e => Err(e),
+        })
 }
 
 /// Opens `path` read-only as an immutable file: no locks, no journal, no writes, so a

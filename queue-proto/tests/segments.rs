@@ -1,6 +1,8 @@
 //! Segments from the attacker's side: what the files reveal, and what a reader does with
 //! files that are wrong, moved, damaged or built to hurt it.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -562,4 +564,41 @@ proptest! {
         s.outbox_writer().publish(Seq(seq), &items).unwrap();
         prop_assert_eq!(s.outbox_reader().read(Seq(seq)).unwrap(), items);
     }
+}
+
+/// A stream of undecryptable segments must not write to the control plane's stderr:
+/// SQLCipher logs every failed page there unless told not to. The test re-runs itself
+/// in a child process to capture that process's real stderr.
+#[test]
+fn bad_segments_do_not_flood_stderr() {
+    const CHILD: &str = "IRONCLAW_TEST_STDERR_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let m = master();
+        let (a, b) = (session("loud-a", &m), session("loud-b", &m));
+        a.outbox_writer().publish(Seq(1), &[reply("x")]).unwrap();
+        for _ in 0..20 {
+            assert!(a.reader_as(&b).read(Seq(1)).is_err());
+        }
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "bad_segments_do_not_flood_stderr",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("hmac") && !stderr.contains("ERROR"),
+        "stderr: {stderr}"
+    );
 }

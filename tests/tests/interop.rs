@@ -2,6 +2,8 @@
 //! PyNaCl), written from SECURITY.md alone, opens our segments with the master key and the
 //! session salt, and fails with another session's.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::Path;
 use std::process::{Command, Output};
 

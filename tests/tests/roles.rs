@@ -1,7 +1,9 @@
 //! The agent binary cannot contain an inbox writer: `sandbox-agent` is built on its own
-//! (`cargo build -p sandbox-agent`, as `scripts/build-agent` does), and in that build
+//! (`cargo build -p sandbox-agent`), and in that build
 //! `queue-proto` has the `agent` feature and not the `control-plane` feature that holds
 //! `InboxWriter`, `OutboxReader`, `MasterKey` and key derivation.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::process::Command;
 
