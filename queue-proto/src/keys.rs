@@ -14,8 +14,9 @@
 
 use std::fmt;
 
-use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
+#[cfg(any(feature = "agent", feature = "control-plane"))]
 use crate::ids::SessionId;
 
 /// Length of every key and salt, in bytes.
@@ -95,21 +96,6 @@ impl fmt::Debug for SecretKey {
     }
 }
 
-/// HKDF-SHA256 extract-then-expand (RFC 5869) into `okm`.
-pub(crate) fn hkdf_sha256(salt: &[u8], ikm: &[u8], info: &[u8], okm: &mut [u8]) {
-    let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(salt), ikm);
-    hk.expand(info, okm)
-        .expect("every caller asks for at most 255 * 32 bytes, the HKDF-SHA256 limit");
-}
-
-fn derive(salt: &[u8], ikm: &SecretKey, info: &[u8]) -> SecretKey {
-    let mut okm = [0u8; KEY_BYTES];
-    hkdf_sha256(salt, ikm.expose_secret(), info, &mut okm);
-    let key = SecretKey(okm);
-    okm.zeroize();
-    key
-}
-
 /// A session's random salt, stored in the control store. Destroying it destroys the
 /// session's keys.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
@@ -161,6 +147,7 @@ pub struct SessionKeys {
 pub const HANDOVER_MAGIC: &[u8; 8] = b"ICKEYS01";
 
 /// Length of the key handover: magic, one length byte, the session id, five keys.
+#[cfg(any(feature = "agent", feature = "control-plane"))]
 fn handover_len(session_len: usize) -> usize {
     HANDOVER_MAGIC.len() + 1 + session_len + 5 * KEY_BYTES
 }
@@ -170,9 +157,9 @@ impl SessionKeys {
     /// `"ICKEYS01" ‖ u8 len ‖ session id ‖ inbox-db ‖ inbox-envelope ‖ outbox-db ‖
     /// outbox-envelope ‖ agent-state`.
     #[cfg(feature = "control-plane")]
-    pub fn to_handover(&self, session: &SessionId) -> Zeroizing<Vec<u8>> {
+    pub fn to_handover(&self, session: &SessionId) -> zeroize::Zeroizing<Vec<u8>> {
         let id = session.as_str().as_bytes();
-        let mut out = Zeroizing::new(Vec::with_capacity(handover_len(id.len())));
+        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(handover_len(id.len())));
         out.extend_from_slice(HANDOVER_MAGIC);
         out.push(u8::try_from(id.len()).expect("session ids are at most 32 bytes"));
         out.extend_from_slice(id);
@@ -231,6 +218,21 @@ pub use master::*;
 #[cfg(feature = "control-plane")]
 mod master {
     use super::*;
+
+    /// HKDF-SHA256 extract-then-expand (RFC 5869) into `okm`.
+    pub(crate) fn hkdf_sha256(salt: &[u8], ikm: &[u8], info: &[u8], okm: &mut [u8]) {
+        let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(salt), ikm);
+        hk.expand(info, okm)
+            .expect("every caller asks for at most 255 * 32 bytes, the HKDF-SHA256 limit");
+    }
+
+    fn derive(salt: &[u8], ikm: &SecretKey, info: &[u8]) -> SecretKey {
+        let mut okm = [0u8; KEY_BYTES];
+        hkdf_sha256(salt, ikm.expose_secret(), info, &mut okm);
+        let key = SecretKey(okm);
+        okm.zeroize();
+        key
+    }
 
     /// The root of every key. Exists only in the control plane.
     #[derive(Clone, Debug)]
@@ -321,6 +323,7 @@ mod tests {
     }
 
     /// RFC 5869, appendix A, test cases 1–3 (the SHA-256 ones).
+    #[cfg(feature = "control-plane")]
     #[test]
     fn rfc5869_vectors() {
         let cases = [

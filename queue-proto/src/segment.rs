@@ -12,6 +12,12 @@
 //! SQLite VM steps, `quick_check`, an exact schema match, and every row parsed into closed
 //! types.
 
+// Without either role feature nothing in the crate publishes or reads segments.
+#![cfg_attr(
+    not(any(feature = "agent", feature = "control-plane")),
+    allow(dead_code)
+)]
+
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,11 @@
 //! Opening SQLCipher databases with a raw 256-bit key (no passphrase KDF).
 
+// Without either role feature nothing in the crate publishes or reads segments.
+#![cfg_attr(
+    not(any(feature = "agent", feature = "control-plane")),
+    allow(dead_code)
+)]
+
 use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags};
