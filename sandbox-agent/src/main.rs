@@ -6,14 +6,83 @@
 //! network, a read-only root, no capabilities and a non-root uid; its only way out is the
 //! proxy socket. It links `queue-proto` with the `agent` feature alone, so it holds an
 //! inbox reader and an outbox writer and nothing that could write its inbox or derive
-//! another session's keys. The agent loop arrives with issue 4; until then this binary
-//! exits with status 2.
+//! another session's keys.
+//!
+//! Start-up contract with the control plane: the session's keys arrive on stdin (the
+//! control plane writes them and closes the pipe); the agent checks them and its mounts,
+//! then prints `ready` on stdout. The model loop arrives with issue 4; until then a ready
+//! agent idles until it is stopped.
+//!
+//! Exit codes: 0 stopped cleanly, 1 an I/O failure at start, 3 a malformed key handover.
+//! (2 and 137 are left to runsc, which uses them for a sandbox killed by a limit.)
 
 #![forbid(unsafe_code)]
 
+use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use queue_proto::agent::InboxReader;
+use queue_proto::keys::SessionKeys;
+
+/// The key handover is a few hundred bytes; anything longer is refused unread.
+const MAX_HANDOVER_BYTES: u64 = 1024;
+
+/// Where the agent finds its queues. Inside the sandbox these are the fixed mount points;
+/// the development-only host runtime passes its own directories as arguments.
+struct Paths {
+    inbox: PathBuf,
+    outbox: PathBuf,
+}
+
+fn paths() -> Paths {
+    let mut args = std::env::args().skip(1);
+    match (args.next(), args.next()) {
+        (Some(inbox), Some(outbox)) => Paths {
+            inbox: inbox.into(),
+            outbox: outbox.into(),
+        },
+        _ => Paths {
+            inbox: "/inbox".into(),
+            outbox: "/outbox".into(),
+        },
+    }
+}
+
 fn main() -> ExitCode {
-    eprintln!("ironclaw-agent: the agent loop is not built yet");
-    ExitCode::from(2)
+    let mut handover = Vec::new();
+    if let Err(e) = std::io::stdin()
+        .take(MAX_HANDOVER_BYTES + 1)
+        .read_to_end(&mut handover)
+    {
+        eprintln!("ironclaw-agent: reading the key handover failed: {e}");
+        return ExitCode::from(1);
+    }
+    let keys = SessionKeys::from_handover(&handover);
+    handover.fill(0);
+    let (session, keys) = match keys {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("ironclaw-agent: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let paths = paths();
+    let inbox = InboxReader::new(paths.inbox, session, &keys);
+    if let Err(e) = inbox.list_after(None) {
+        eprintln!("ironclaw-agent: the inbox is not readable: {e}");
+        return ExitCode::from(1);
+    }
+    if let Err(e) = std::fs::create_dir_all(paths.outbox.join("state")) {
+        eprintln!("ironclaw-agent: the outbox is not writable: {e}");
+        return ExitCode::from(1);
+    }
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "ready").and_then(|()| out.flush()).is_err() {
+        return ExitCode::from(1);
+    }
+    drop(out);
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
 }

@@ -1,0 +1,487 @@
+//! The life of a session's sandbox: started on demand, stopped when idle, killed at a
+//! wall-clock cap, reaped, restarted after a crash with backoff, and — when gVisor kills
+//! it for hitting a memory or pids limit — reported as "killed by a limit" and left
+//! stopped until the next message, never restarted in a loop.
+//!
+//! The decisions are pure functions of the exit and the restart history
+//! ([`classify`], [`RestartHistory::after_exit`]), unit-tested without gVisor; the
+//! [`Manager`] applies them to real children.
+
+use std::collections::{HashMap, VecDeque};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use queue_proto::ids::SessionId;
+use queue_proto::keys::SessionKeys;
+use tokio::process::Child;
+use tokio::sync::{Mutex, mpsc};
+
+use super::SandboxSettings;
+use super::launch::{LaunchError, launch};
+use super::layout::{self, Layout};
+use super::runtime::{Runtime, RuntimeError, RuntimeKind};
+
+/// How a sandbox ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The control plane stopped it (idle, delete, shutdown).
+    Stopped,
+    /// Killed at the wall-clock cap.
+    WallClockCap,
+    /// gVisor killed it for a memory or pids limit (runsc exit 2 or 137).
+    KilledByLimit,
+    /// The agent exited by itself with status 0.
+    Exited,
+    /// Anything else: a non-zero status or a signal.
+    Crashed { code: Option<i32> },
+}
+
+/// Classifies an exit status the control plane did not cause itself.
+pub fn classify(kind: RuntimeKind, status: ExitStatus) -> Exit {
+    use std::os::unix::process::ExitStatusExt;
+    match (kind, status.code(), status.signal()) {
+        (_, Some(0), _) => Exit::Exited,
+        // runsc reports a sandbox that a limit killed as 2 (the sentry failed), or 137
+        // (SIGKILL, typically the OOM killer picking the sentry).
+        (RuntimeKind::Gvisor, Some(2 | 137), _) => Exit::KilledByLimit,
+        (_, code, _) => Exit::Crashed { code },
+    }
+}
+
+/// When and how often a crashed sandbox is restarted.
+#[derive(Debug, Clone, Copy)]
+pub struct RestartPolicy {
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+    /// More crashes than this within `window` and the session is given up on until
+    /// the next message after the window.
+    pub max_crashes: usize,
+    pub window: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+            max_crashes: 5,
+            window: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What to do after an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Stay stopped; start again on the next message.
+    StayStopped,
+    /// Restart by itself at this time.
+    RestartAt(Instant),
+    /// Too many crashes: stay stopped, and refuse to start until this time.
+    GiveUpUntil(Instant),
+}
+
+/// The recent crashes of one session.
+#[derive(Debug, Default, Clone)]
+pub struct RestartHistory {
+    crashes: VecDeque<Instant>,
+}
+
+impl RestartHistory {
+    /// Decides what follows `exit` at `now`.
+    pub fn after_exit(&mut self, exit: Exit, now: Instant, policy: &RestartPolicy) -> Next {
+        match exit {
+            // Nothing went wrong, or what went wrong would happen again at once: a
+            // limit kill restarts only when the person writes again, never in a loop.
+            Exit::Stopped | Exit::WallClockCap | Exit::Exited | Exit::KilledByLimit => {
+                Next::StayStopped
+            }
+            Exit::Crashed { .. } => {
+                while self
+                    .crashes
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > policy.window)
+                {
+                    self.crashes.pop_front();
+                }
+                self.crashes.push_back(now);
+                let n = self.crashes.len();
+                if n > policy.max_crashes {
+                    return Next::GiveUpUntil(now + policy.window);
+                }
+                let factor = 1u32 << (n - 1).min(16);
+                Next::RestartAt(
+                    now + policy
+                        .first_delay
+                        .saturating_mul(factor)
+                        .min(policy.max_delay),
+                )
+            }
+        }
+    }
+}
+
+/// Something the rest of the control plane must hear about: the user is told about
+/// limit kills and give-ups; everything goes to the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Started { session: SessionId },
+    Ended { session: SessionId, exit: Exit },
+    GaveUp { session: SessionId },
+}
+
+/// Why a sandbox could not be made to run.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("session {0} crashed too often and is paused")]
+    Paused(SessionId),
+    #[error("removing sandboxes left over from a previous run failed")]
+    Leftovers(#[source] RuntimeError),
+    #[error("installing the agent binary failed")]
+    Install(#[source] std::io::Error),
+}
+
+enum State {
+    Running {
+        child: Child,
+        started: Instant,
+        last_active: Instant,
+    },
+    Waiting {
+        restart_at: Instant,
+    },
+    Paused {
+        until: Instant,
+    },
+    Stopped,
+}
+
+struct Slot {
+    state: State,
+    history: RestartHistory,
+    keys: SessionKeys,
+}
+
+/// Supervises every session's sandbox.
+#[derive(Debug)]
+pub struct Manager {
+    runtime: Arc<dyn Runtime>,
+    settings: SandboxSettings,
+    layout: Layout,
+    slots: Mutex<HashMap<SessionId, Slot>>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Running { .. } => "running",
+            State::Waiting { .. } => "waiting to restart",
+            State::Paused { .. } => "paused",
+            State::Stopped => "stopped",
+        };
+        f.write_str(state)
+    }
+}
+
+impl Manager {
+    /// Installs the agent into the shared root, removes sandboxes left over from an
+    /// earlier run, and returns the manager with the receiver of its events.
+    pub fn new(
+        runtime: Arc<dyn Runtime>,
+        settings: SandboxSettings,
+    ) -> Result<(Arc<Manager>, mpsc::UnboundedReceiver<Event>), ManagerError> {
+        let layout = Layout::new(&settings.state_dir, &settings.run_dir);
+        layout::install_rootfs(&layout, &settings.agent_binary).map_err(ManagerError::Install)?;
+        for session in runtime
+            .leftovers(&layout)
+            .map_err(ManagerError::Leftovers)?
+        {
+            tracing::warn!(session = %session, "removing a sandbox left over from a previous run");
+            runtime
+                .destroy(&layout, &session)
+                .map_err(ManagerError::Leftovers)?;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let manager = Manager {
+            runtime,
+            settings,
+            layout,
+            slots: Mutex::new(HashMap::new()),
+            events: tx,
+        };
+        Ok((Arc::new(manager), rx))
+    }
+
+    /// The directory layout the sandboxes use.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Makes sure `session`'s sandbox runs (starting it if needed) and marks it active.
+    pub async fn ensure_running(
+        &self,
+        session: &SessionId,
+        keys: &SessionKeys,
+    ) -> Result<(), ManagerError> {
+        let mut slots = self.slots.lock().await;
+        let slot = slots.entry(session.clone()).or_insert_with(|| Slot {
+            state: State::Stopped,
+            history: RestartHistory::default(),
+            keys: keys.clone(),
+        });
+        slot.keys = keys.clone();
+        let now = Instant::now();
+        match &mut slot.state {
+            State::Running { last_active, .. } => {
+                *last_active = now;
+                return Ok(());
+            }
+            State::Paused { until } if now < *until => {
+                return Err(ManagerError::Paused(session.clone()));
+            }
+            _ => {}
+        }
+        self.start(session, slot).await
+    }
+
+    async fn start(&self, session: &SessionId, slot: &mut Slot) -> Result<(), ManagerError> {
+        let launched = launch(
+            self.runtime.as_ref(),
+            &self.settings,
+            &self.layout,
+            session,
+            &slot.keys,
+        )
+        .await;
+        match launched {
+            Ok(l) => {
+                slot.state = State::Running {
+                    child: l.child,
+                    started: l.started,
+                    last_active: Instant::now(),
+                };
+                let _ = self.events.send(Event::Started {
+                    session: session.clone(),
+                });
+                Ok(())
+            }
+            Err(e) => {
+                let exit = match &e {
+                    LaunchError::NotReady {
+                        status: Some(st), ..
+                    } => classify(self.runtime.kind(), *st),
+                    _ => Exit::Crashed { code: None },
+                };
+                self.after_exit(session, slot, exit, Instant::now());
+                Err(e.into())
+            }
+        }
+    }
+
+    fn after_exit(&self, session: &SessionId, slot: &mut Slot, exit: Exit, now: Instant) {
+        let _ = self.events.send(Event::Ended {
+            session: session.clone(),
+            exit,
+        });
+        slot.state = match slot.history.after_exit(exit, now, &self.settings.restart) {
+            Next::StayStopped => State::Stopped,
+            Next::RestartAt(t) => State::Waiting { restart_at: t },
+            Next::GiveUpUntil(t) => {
+                let _ = self.events.send(Event::GaveUp {
+                    session: session.clone(),
+                });
+                State::Paused { until: t }
+            }
+        };
+        match exit {
+            Exit::KilledByLimit => tracing::warn!(session = %session, "sandbox killed by a limit"),
+            Exit::Crashed { code } => tracing::warn!(session = %session, ?code, "sandbox crashed"),
+            _ => tracing::info!(session = %session, ?exit, "sandbox ended"),
+        }
+    }
+
+    /// Stops `session`'s sandbox if it runs.
+    pub async fn stop(&self, session: &SessionId) -> Result<(), RuntimeError> {
+        let mut slots = self.slots.lock().await;
+        if let Some(slot) = slots.get_mut(session) {
+            if let State::Running { child, .. } = &mut slot.state {
+                self.kill(session, child).await?;
+                self.after_exit(session, slot, Exit::Stopped, Instant::now());
+            }
+            slot.state = State::Stopped;
+        }
+        Ok(())
+    }
+
+    /// Stops every sandbox, for shutdown.
+    pub async fn stop_all(&self) {
+        let sessions: Vec<SessionId> = self.slots.lock().await.keys().cloned().collect();
+        for s in sessions {
+            if let Err(e) = self.stop(&s).await {
+                tracing::warn!(session = %s, error = %e, "stopping a sandbox failed");
+            }
+        }
+    }
+
+    async fn kill(&self, session: &SessionId, child: &mut Child) -> Result<(), RuntimeError> {
+        let destroyed = self.runtime.destroy(&self.layout, session);
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        destroyed
+    }
+
+    /// Whether `session`'s sandbox is running now.
+    pub async fn is_running(&self, session: &SessionId) -> bool {
+        matches!(
+            self.slots.lock().await.get(session),
+            Some(Slot {
+                state: State::Running { .. },
+                ..
+            })
+        )
+    }
+
+    /// One supervision pass: reap exits, stop idle sandboxes, kill those over the
+    /// wall-clock cap, restart crashed ones whose backoff has passed.
+    pub async fn tick(&self) {
+        let now = Instant::now();
+        let mut slots = self.slots.lock().await;
+        let sessions: Vec<SessionId> = slots.keys().cloned().collect();
+        for session in sessions {
+            let slot = slots.get_mut(&session).expect("listed above");
+            match &mut slot.state {
+                State::Running {
+                    child,
+                    started,
+                    last_active,
+                } => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        let exit = classify(self.runtime.kind(), status);
+                        // Make sure nothing of the sandbox outlives its agent.
+                        let _ = self.runtime.destroy(&self.layout, &session);
+                        self.after_exit(&session, slot, exit, now);
+                    } else if now.duration_since(*started) >= self.settings.wall_clock_cap {
+                        let _ = self.kill(&session, child).await;
+                        self.after_exit(&session, slot, Exit::WallClockCap, now);
+                    } else if now.duration_since(*last_active) >= self.settings.idle_timeout {
+                        let _ = self.kill(&session, child).await;
+                        self.after_exit(&session, slot, Exit::Stopped, now);
+                    }
+                }
+                State::Waiting { restart_at } if now >= *restart_at => {
+                    if let Err(e) = self.start(&session, slot).await {
+                        tracing::warn!(session = %session, error = %e, "restarting a sandbox failed");
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs [`tick`](Self::tick) every `period` until the manager is dropped elsewhere.
+    pub fn supervise(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(period);
+            loop {
+                interval.tick().await;
+                let Some(m) = weak.upgrade() else { return };
+                m.tick().await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn status(code: i32) -> ExitStatus {
+        ExitStatus::from_raw(code << 8)
+    }
+
+    #[test]
+    fn runsc_limit_exits_are_recognised() {
+        assert_eq!(
+            classify(RuntimeKind::Gvisor, status(2)),
+            Exit::KilledByLimit
+        );
+        assert_eq!(
+            classify(RuntimeKind::Gvisor, status(137)),
+            Exit::KilledByLimit
+        );
+        assert_eq!(classify(RuntimeKind::Gvisor, status(0)), Exit::Exited);
+        assert_eq!(
+            classify(RuntimeKind::Gvisor, status(1)),
+            Exit::Crashed { code: Some(1) }
+        );
+        assert_eq!(
+            classify(RuntimeKind::Host, status(2)),
+            Exit::Crashed { code: Some(2) }
+        );
+        assert_eq!(
+            classify(RuntimeKind::Host, ExitStatus::from_raw(9)),
+            Exit::Crashed { code: None }
+        );
+    }
+
+    #[test]
+    fn a_limit_kill_never_restarts_by_itself() {
+        let policy = RestartPolicy::default();
+        let mut h = RestartHistory::default();
+        let now = Instant::now();
+        for i in 0..100 {
+            assert_eq!(
+                h.after_exit(Exit::KilledByLimit, now + Duration::from_secs(i), &policy),
+                Next::StayStopped
+            );
+        }
+    }
+
+    #[test]
+    fn crashes_back_off_exponentially_then_give_up() {
+        let policy = RestartPolicy {
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(5),
+            max_crashes: 4,
+            window: Duration::from_secs(100),
+        };
+        let mut h = RestartHistory::default();
+        let t0 = Instant::now();
+        let delays: Vec<Next> = (0..5)
+            .map(|_| h.after_exit(Exit::Crashed { code: Some(1) }, t0, &policy))
+            .collect();
+        assert_eq!(
+            delays,
+            [
+                Next::RestartAt(t0 + Duration::from_secs(1)),
+                Next::RestartAt(t0 + Duration::from_secs(2)),
+                Next::RestartAt(t0 + Duration::from_secs(4)),
+                Next::RestartAt(t0 + Duration::from_secs(5)),
+                Next::GiveUpUntil(t0 + Duration::from_secs(100)),
+            ]
+        );
+        // Outside the window the history is forgotten.
+        let later = t0 + Duration::from_secs(1000);
+        assert_eq!(
+            h.after_exit(Exit::Crashed { code: Some(1) }, later, &policy),
+            Next::RestartAt(later + Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn clean_ends_stay_stopped() {
+        let mut h = RestartHistory::default();
+        for e in [Exit::Stopped, Exit::WallClockCap, Exit::Exited] {
+            assert_eq!(
+                h.after_exit(e, Instant::now(), &RestartPolicy::default()),
+                Next::StayStopped
+            );
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! One gVisor sandbox per session: where its files live ([`layout`]), how it is run
+//! ([`runtime`]: real `runsc`, or the development-only host runtime), how it is launched
+//! ([`launch`]), and how it lives and dies ([`lifecycle`]).
+
+pub mod launch;
+pub mod layout;
+pub mod lifecycle;
+pub mod runtime;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use runsc_config::Limits;
+
+/// Everything the control plane decides about its sandboxes.
+#[derive(Debug, Clone)]
+pub struct SandboxSettings {
+    /// Root of the state directory (sessions, bundles, runsc state, the shared rootfs).
+    pub state_dir: PathBuf,
+    /// Directory of the per-session socket directories; short, so socket paths stay
+    /// under the 108-byte limit.
+    pub run_dir: PathBuf,
+    /// The static agent binary to install into the shared read-only root.
+    pub agent_binary: PathBuf,
+    /// The unprivileged uid and gid the agent runs as.
+    pub uid: u32,
+    pub gid: u32,
+    pub limits: Limits,
+    /// How long a launched agent has to print `ready`.
+    pub ready_timeout: Duration,
+    /// A sandbox with no activity for this long is stopped.
+    pub idle_timeout: Duration,
+    /// A sandbox is killed after running this long, busy or not.
+    pub wall_clock_cap: Duration,
+    pub restart: lifecycle::RestartPolicy,
+}
+
+impl SandboxSettings {
+    /// Defaults for a state directory: `nobody`'s uid, the default limits, a 10-minute
+    /// idle stop and a 24-hour wall-clock cap.
+    pub fn new(state_dir: PathBuf, agent_binary: PathBuf) -> Self {
+        SandboxSettings {
+            run_dir: state_dir.join("run"),
+            state_dir,
+            agent_binary,
+            uid: 65534,
+            gid: 65534,
+            limits: Limits::default(),
+            ready_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(600),
+            wall_clock_cap: Duration::from_secs(24 * 3600),
+            restart: lifecycle::RestartPolicy::default(),
+        }
+    }
+}

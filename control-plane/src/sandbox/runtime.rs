@@ -1,0 +1,211 @@
+//! How a sandbox is run: the real `runsc` (gVisor), or the development-only host runtime,
+//! which runs the agent as a plain child process with no isolation at all.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use queue_proto::ids::SessionId;
+use runsc_config::{AGENT_PATH, container_id, runsc_run_args};
+use tokio::process::Command;
+
+use super::layout::Layout;
+
+/// The only `PATH` a runtime's child gets; nothing else of the control plane's
+/// environment is passed on.
+const CHILD_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Which runtime runs the sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// gVisor's `runsc`: the only isolating runtime.
+    Gvisor,
+    /// No isolation, for development only (`doctor` reports it as critical).
+    Host,
+}
+
+/// Errors from a runtime's housekeeping commands.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("running {command} failed")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {stderr}")]
+    Failed { command: String, stderr: String },
+}
+
+/// A way to run a session's agent. The launch sequence ([`super::launch`]) is the same for
+/// every runtime; only the command and the clean-up differ.
+pub trait Runtime: Send + Sync + std::fmt::Debug {
+    fn kind(&self) -> RuntimeKind;
+
+    /// The command that runs `session`'s agent from the bundle in `bundle_dir`, with a
+    /// cleared environment and all three standard streams piped.
+    fn command(&self, layout: &Layout, session: &SessionId, bundle_dir: &Path) -> Command;
+
+    /// Removes `session`'s sandbox and everything running in it, if any. Idempotent.
+    fn destroy(&self, layout: &Layout, session: &SessionId) -> Result<(), RuntimeError>;
+
+    /// Sessions whose sandboxes are left over from an earlier run of the control plane.
+    fn leftovers(&self, layout: &Layout) -> Result<Vec<SessionId>, RuntimeError>;
+}
+
+fn base_command(program: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_clear()
+        .env("PATH", CHILD_PATH)
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+fn run(program: &Path, args: &[String]) -> Result<std::process::Output, RuntimeError> {
+    let command = format!("{} {}", program.display(), args.join(" "));
+    std::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", CHILD_PATH)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| RuntimeError::Spawn { command, source })
+}
+
+/// gVisor: `runsc --network=none --host-uds=open --platform=ptrace run --bundle DIR ID`,
+/// with runsc's state under `<state>/runsc`.
+#[derive(Debug, Clone)]
+pub struct RunscRuntime {
+    pub runsc: PathBuf,
+}
+
+impl Default for RunscRuntime {
+    fn default() -> Self {
+        RunscRuntime {
+            runsc: "runsc".into(),
+        }
+    }
+}
+
+impl RunscRuntime {
+    fn global(layout: &Layout) -> String {
+        format!("--root={}", layout.runsc_root().display())
+    }
+}
+
+impl Runtime for RunscRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Gvisor
+    }
+
+    fn command(&self, layout: &Layout, session: &SessionId, bundle_dir: &Path) -> Command {
+        let mut cmd = base_command(&self.runsc);
+        cmd.args(runsc_run_args(&layout.runsc_root(), bundle_dir, session));
+        cmd
+    }
+
+    fn destroy(&self, layout: &Layout, session: &SessionId) -> Result<(), RuntimeError> {
+        let id = container_id(session);
+        // `delete --force` kills every process of the sandbox (sentry, gofer, the agent)
+        // and removes runsc's state; an unknown id is not an error worth reporting.
+        let out = run(
+            &self.runsc,
+            &[
+                Self::global(layout),
+                "delete".into(),
+                "--force".into(),
+                id.clone(),
+            ],
+        )?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success()
+            && !stderr.contains("does not exist")
+            && !stderr.contains("not found")
+        {
+            return Err(RuntimeError::Failed {
+                command: format!("runsc delete {id}"),
+                stderr: stderr.into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn leftovers(&self, layout: &Layout) -> Result<Vec<SessionId>, RuntimeError> {
+        if !layout.runsc_root().exists() {
+            return Ok(Vec::new());
+        }
+        let out = run(
+            &self.runsc,
+            &[Self::global(layout), "list".into(), "--quiet".into()],
+        )?;
+        if !out.status.success() {
+            return Err(RuntimeError::Failed {
+                command: "runsc list".into(),
+                stderr: String::from_utf8_lossy(&out.stderr).into(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("ironclaw-"))
+            .filter_map(|id| SessionId::try_from(id).ok())
+            .collect())
+    }
+}
+
+/// Development only: runs the agent binary from the shared root directly on the host, as
+/// the control plane's own user, with the session's directories as arguments. Nothing is
+/// isolated.
+#[derive(Debug, Clone, Default)]
+pub struct HostRuntime;
+
+impl HostRuntime {
+    fn agent(layout: &Layout) -> PathBuf {
+        layout.rootfs().join(AGENT_PATH.trim_start_matches('/'))
+    }
+
+    /// Host processes running our agent binary, found through `/proc/<pid>/exe`.
+    fn agent_pids(layout: &Layout) -> Vec<i32> {
+        let agent = Self::agent(layout);
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        procs
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+            .filter(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == agent)
+            })
+            .collect()
+    }
+}
+
+impl Runtime for HostRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Host
+    }
+
+    fn command(&self, layout: &Layout, session: &SessionId, _bundle_dir: &Path) -> Command {
+        let mut cmd = base_command(&Self::agent(layout));
+        cmd.arg(layout.inbox(session)).arg(layout.outbox(session));
+        cmd
+    }
+
+    fn destroy(&self, _layout: &Layout, _session: &SessionId) -> Result<(), RuntimeError> {
+        // The agent is our direct child; the lifecycle kills and reaps it.
+        Ok(())
+    }
+
+    fn leftovers(&self, layout: &Layout) -> Result<Vec<SessionId>, RuntimeError> {
+        // A host agent left by a killed control plane cannot tell us its session; kill it
+        // here, since nothing else will.
+        for pid in Self::agent_pids(layout) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        Ok(Vec::new())
+    }
+}
