@@ -22,6 +22,9 @@ use super::launch::{LaunchError, launch};
 use super::layout::{self, Layout};
 use super::runtime::{Runtime, RuntimeError, RuntimeKind};
 
+/// How long a killed sandbox's runtime child gets to exit by itself.
+const KILL_GRACE: Duration = Duration::from_secs(10);
+
 /// How a sandbox ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -327,11 +330,18 @@ impl Manager {
         }
     }
 
+    /// Ends a running sandbox: kill everything in it, let the runtime child exit (or
+    /// kill it after a grace period), reap it, remove what is left.
     async fn kill(&self, session: &SessionId, child: &mut Child) -> Result<(), RuntimeError> {
-        let destroyed = self.runtime.destroy(&self.layout, session);
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-        destroyed
+        self.runtime.kill(&self.layout, session);
+        if tokio::time::timeout(KILL_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        self.runtime.destroy(&self.layout, session)
     }
 
     /// Whether `session`'s sandbox is running now.

@@ -45,6 +45,10 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// cleared environment and all three standard streams piped.
     fn command(&self, layout: &Layout, session: &SessionId, bundle_dir: &Path) -> Command;
 
+    /// Asks `session`'s sandbox to end now (SIGKILL to everything in it); its runtime
+    /// child then exits by itself.
+    fn kill(&self, layout: &Layout, session: &SessionId);
+
     /// Removes `session`'s sandbox and everything running in it, if any. Idempotent.
     fn destroy(&self, layout: &Layout, session: &SessionId) -> Result<(), RuntimeError>;
 
@@ -107,10 +111,24 @@ impl Runtime for RunscRuntime {
         cmd
     }
 
+    fn kill(&self, layout: &Layout, session: &SessionId) {
+        let _ = run(
+            &self.runsc,
+            &[
+                Self::global(layout),
+                "kill".into(),
+                container_id(session),
+                "KILL".into(),
+            ],
+        );
+    }
+
     fn destroy(&self, layout: &Layout, session: &SessionId) -> Result<(), RuntimeError> {
         let id = container_id(session);
-        // `delete --force` kills every process of the sandbox (sentry, gofer, the agent)
-        // and removes runsc's state; an unknown id is not an error worth reporting.
+        // Kill first: `delete --force` on a running sandbox can time out waiting for it.
+        // Then delete removes what is left and runsc's state; an unknown id is not an
+        // error worth reporting.
+        self.kill(layout, session);
         let out = run(
             &self.runsc,
             &[
@@ -191,6 +209,10 @@ impl Runtime for HostRuntime {
         let mut cmd = base_command(&Self::agent(layout));
         cmd.arg(layout.inbox(session)).arg(layout.outbox(session));
         cmd
+    }
+
+    fn kill(&self, _layout: &Layout, _session: &SessionId) {
+        // The agent is our direct child; the lifecycle kills it.
     }
 
     fn destroy(&self, _layout: &Layout, _session: &SessionId) -> Result<(), RuntimeError> {

@@ -1,6 +1,12 @@
 //! `sandbox-probe`: a static binary that runs inside a session sandbox in place of the
 //! agent, launched the same way (same spec, keys through stdin), and reports what an
-//! attacker in control of the agent could see and do, as one JSON object on stdout.
+//! attacker in control of the agent could see and do. It writes one JSON object to
+//! `/outbox/probe.json`, then prints `ready` like the agent and waits to be stopped.
+//!
+//! Its orders come from `/inbox/probe.json`, written by the test: the loopback addresses
+//! that stand for "outside" (a TCP listener and a fake DNS server on the host, which the
+//! sandbox must not reach), and an optional bomb to set off after `ready`
+//! (`fork-bomb`, `memory-bomb`). Nothing it does sends traffic beyond this machine.
 //! The tests in `tests/tests/sandbox.rs` judge the report; they also run it under
 //! weakened specs to show each check fires.
 
@@ -31,27 +37,20 @@ fn errno_of(r: std::io::Result<()>) -> Value {
     }
 }
 
-/// The mount flags (`ST_RDONLY`, `ST_NOEXEC`, …) of the file system holding `path`.
-fn mount_flags(path: &str) -> Value {
-    match rustix::fs::statvfs(path) {
-        Ok(v) => {
-            use rustix::fs::StatVfsMountFlags as F;
-            let named = [
-                (F::RDONLY, "ro"),
-                (F::NOEXEC, "noexec"),
-                (F::NOSUID, "nosuid"),
-                (F::NODEV, "nodev"),
-            ];
-            json!(
-                named
-                    .iter()
-                    .filter(|(f, _)| v.f_flag.contains(*f))
-                    .map(|(_, n)| *n)
-                    .collect::<Vec<_>>()
-            )
+/// The per-mount options (`ro`, `noexec`, …) of each mount point, from mountinfo.
+fn mount_options() -> Value {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let (Some(point), Some(opts)) = (fields.get(4), fields.get(5)) {
+            out.insert(
+                (*point).to_owned(),
+                json!(opts.split(',').collect::<Vec<_>>()),
+            );
         }
-        Err(e) => json!(format!("error: {e}")),
     }
+    Value::Object(out)
 }
 
 fn status_field(status: &str, name: &str) -> String {
@@ -113,16 +112,27 @@ fn main() {
         .filter_map(|l| l.split(':').next().map(|n| n.trim().to_owned()))
         .collect();
 
-    let outside: SocketAddr = "1.1.1.1:443".parse().expect("literal address");
-    let tcp = TcpStream::connect_timeout(&outside, Duration::from_secs(2)).map(drop);
-    let dns = UdpSocket::bind("0.0.0.0:0").and_then(|s| {
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        // A DNS query for example.com, type A.
-        let query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03com\x00\x00\x01\x00\x01";
-        s.send_to(query, "8.8.8.8:53")?;
-        let mut buf = [0u8; 512];
-        s.recv_from(&mut buf).map(drop)
-    });
+    let orders: Value = fs::read("/inbox/probe.json")
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    let addr =
+        |name: &str| -> Option<SocketAddr> { orders[name].as_str().and_then(|a| a.parse().ok()) };
+    let tcp = match addr("tcp") {
+        Some(a) => TcpStream::connect_timeout(&a, Duration::from_secs(2)).map(drop),
+        None => Err(std::io::Error::other("no tcp target given")),
+    };
+    let dns = match addr("dns") {
+        Some(a) => UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            // A DNS query for example.com, type A.
+            let query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03com\x00\x00\x01\x00\x01";
+            s.send_to(query, a)?;
+            let mut buf = [0u8; 512];
+            s.recv_from(&mut buf).map(drop)
+        }),
+        None => Err(std::io::Error::other("no dns target given")),
+    };
 
     let mut files = Vec::new();
     let mut sockets = Vec::new();
@@ -144,6 +154,12 @@ fn main() {
             key_hits.push(f.display().to_string());
         }
     }
+    // The socket directory is searchable but not listable, so the known name is tried
+    // besides every socket the walk found.
+    let known = PathBuf::from("/run/ironclaw/proxy.sock");
+    if !sockets.contains(&known) {
+        sockets.push(known);
+    }
     let connectable: Vec<String> = sockets
         .iter()
         .filter(|s| UnixStream::connect(s).is_ok())
@@ -162,14 +178,7 @@ fn main() {
         "root_write": errno_of(fs::write("/probe-was-here", b"x")),
         "inbox_write": errno_of(fs::write("/inbox/probe-was-here", b"x")),
         "outbox_write": errno_of(fs::write("/outbox/probe-was-here", b"x").and_then(|()| fs::remove_file("/outbox/probe-was-here"))),
-        "mounts": {
-            "/": mount_flags("/"),
-            "/inbox": mount_flags("/inbox"),
-            "/outbox": mount_flags("/outbox"),
-            "/run/ironclaw": mount_flags("/run/ironclaw"),
-            "/tmp": mount_flags("/tmp"),
-        },
-        "mountinfo": fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        "mounts": mount_options(),
         "proxy_connect": errno_of(UnixStream::connect("/run/ironclaw/proxy.sock").map(drop)),
         "sockets_found": sockets.iter().map(|s| s.display().to_string()).collect::<Vec<_>>(),
         "socket_dir_write": errno_of(fs::write("/run/ironclaw/probe-was-here", b"x")),
@@ -188,6 +197,36 @@ fn main() {
         "argv": std::env::args().collect::<Vec<_>>(),
         "connectable_sockets": connectable,
     });
+    let _ = fs::write("/outbox/probe.json.tmp", report.to_string())
+        .and_then(|()| fs::rename("/outbox/probe.json.tmp", "/outbox/probe.json"));
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{report}");
+    let _ = writeln!(out, "ready").and_then(|()| out.flush());
+    drop(out);
+
+    match orders["bomb"].as_str() {
+        Some("fork-bomb") => fork_bomb(),
+        Some("memory-bomb") => memory_bomb(),
+        _ => {}
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Creates threads without end: under gVisor's ptrace platform each is a host thread, so
+/// this runs into the sandbox's pids limit.
+fn fork_bomb() {
+    loop {
+        let _ = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(|| std::thread::sleep(Duration::from_secs(3600)));
+    }
+}
+
+/// Allocates and touches memory without end, into the sandbox's memory limit.
+fn memory_bomb() {
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    loop {
+        hoard.push(vec![0x5a; 8 * 1024 * 1024]);
+    }
 }
