@@ -704,3 +704,60 @@ async fn bombs_end_only_their_own_session() {
     manager.stop(&quiet).await.unwrap();
     assert_eq!(rig.runsc_list(), "");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_sandboxes_stop_capped_ones_die_and_crashes_restart_with_backoff() {
+    let mut rig = Rig::new(&binary("IRONCLAW_PROBE_BIN"));
+    rig.settings.idle_timeout = Duration::from_secs(1);
+    rig.settings.wall_clock_cap = Duration::from_secs(3600);
+    rig.settings.restart.first_delay = Duration::from_millis(500);
+    let (idle, idle_keys) = session("idler");
+    rig.prepare(&idle, None);
+    let (manager, mut events) = rig.manager();
+    manager.ensure_running(&idle, &idle_keys).await.unwrap();
+    assert_eq!(
+        wait_for_exit(&manager, &mut events, &idle).await,
+        Exit::Stopped
+    );
+    assert!(!manager.is_running(&idle).await);
+    assert_eq!(rig.runsc_list(), "", "an idle stop leaves no sandbox");
+
+    // A crash is restarted by the supervisor after its backoff, without a new message.
+    let (crashy, crashy_keys) = session("crasher");
+    rig.prepare(&crashy, Some("crash"));
+    manager.ensure_running(&crashy, &crashy_keys).await.unwrap();
+    let exit = wait_for_exit(&manager, &mut events, &crashy).await;
+    assert_eq!(exit, Exit::Crashed { code: Some(1) });
+    rig.orders(&crashy, None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !manager.is_running(&crashy).await {
+        assert!(
+            Instant::now() < deadline,
+            "the crashed session was not restarted"
+        );
+        manager.tick().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    manager.stop(&crashy).await.unwrap();
+    drop(manager);
+
+    // The wall-clock cap ends a sandbox even while it is busy.
+    rig.settings.idle_timeout = Duration::from_secs(3600);
+    rig.settings.wall_clock_cap = Duration::from_secs(2);
+    let (busy, busy_keys) = session("busy");
+    rig.prepare(&busy, None);
+    let (manager, mut events) = rig.manager();
+    manager.ensure_running(&busy, &busy_keys).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let exit = loop {
+        manager.ensure_running(&busy, &busy_keys).await.unwrap(); // activity
+        manager.tick().await;
+        if let Ok(Event::Ended { exit, .. }) = events.try_recv() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(exit, Exit::WallClockCap);
+    assert_eq!(rig.runsc_list(), "");
+}

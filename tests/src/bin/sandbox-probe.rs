@@ -6,7 +6,7 @@
 //! Its orders come from `/inbox/probe.json`, written by the test: the loopback addresses
 //! that stand for "outside" (a TCP listener and a fake DNS server on the host, which the
 //! sandbox must not reach), and an optional bomb to set off after `ready`
-//! (`fork-bomb`, `memory-bomb`). Nothing it does sends traffic beyond this machine.
+//! (`fork-bomb`, `memory-bomb`), or a `crash` (exit 1) after `ready`. Nothing it does sends traffic beyond this machine.
 //! The tests in `tests/tests/sandbox.rs` judge the report; they also run it under
 //! weakened specs to show each check fires.
 
@@ -206,6 +206,7 @@ fn main() {
     match orders["bomb"].as_str() {
         Some("fork-bomb") => fork_bomb(),
         Some("memory-bomb") => memory_bomb(),
+        Some("crash") => std::process::exit(1),
         _ => {}
     }
     loop {
