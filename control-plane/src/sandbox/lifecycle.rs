@@ -344,6 +344,17 @@ impl Manager {
         self.runtime.destroy(&self.layout, session)
     }
 
+    /// The host pid of the runtime child of `session`'s running sandbox.
+    pub async fn pid(&self, session: &SessionId) -> Option<u32> {
+        match self.slots.lock().await.get(session) {
+            Some(Slot {
+                state: State::Running { child, .. },
+                ..
+            }) => child.id(),
+            _ => None,
+        }
+    }
+
     /// Whether `session`'s sandbox is running now.
     pub async fn is_running(&self, session: &SessionId) -> bool {
         matches!(
