@@ -277,10 +277,10 @@ async fn wait_for_exit(
     loop {
         manager.tick().await;
         while let Ok(e) = events.try_recv() {
-            if let Event::Ended { session, exit } = e {
-                if &session == s {
-                    return exit;
-                }
+            if let Event::Ended { session, exit } = e
+                && &session == s
+            {
+                return exit;
             }
         }
         assert!(Instant::now() < deadline, "session {s} did not end");
@@ -396,6 +396,7 @@ fn use_runc(a: &mut Vec<String>, rig: &Rig) {
 }
 
 /// The host's network: runsc's `--network=host`, and no network namespace of its own.
+#[allow(clippy::ptr_arg)] // shares the `Weaken` signature
 fn host_network(c: &mut Value, a: &mut Vec<String>, _: &Rig, _: &SessionKeys) {
     a[2] = "--network=host".into();
     c["linux"]["namespaces"]
@@ -550,7 +551,7 @@ async fn each_probe_fires_against_a_weakened_spec() {
                 let l = UnixListener::bind(dir.join("control.sock")).unwrap();
                 std::os::unix::fs::chown(dir.join("control.sock"), Some(65534), Some(65534))
                     .unwrap();
-                std::mem::forget(l);
+                Box::leak(Box::new(l)); // listening for the rest of the test
                 c["mounts"].as_array_mut().unwrap().push(json!({
                     "destination": "/run/other", "type": "bind", "source": dir, "options": ["rbind", "ro"]
                 }));
@@ -629,7 +630,7 @@ async fn kills_leave_no_orphan_after_the_next_start() {
         .args(["-KILL", &runsc_run.0.to_string()])
         .status()
         .unwrap();
-    std::mem::forget(manager); // the control plane never gets to clean up
+    drop(manager); // dropping cleans nothing up: the sandbox processes are left to chance
     std::thread::sleep(Duration::from_millis(300));
     let (manager, _events) = rig.manager();
     assert_eq!(rig.runsc_list(), "");

@@ -149,7 +149,7 @@ pub enum ManagerError {
 
 enum State {
     Running {
-        child: Child,
+        child: Box<Child>,
         started: Instant,
         last_active: Instant,
     },
@@ -174,7 +174,9 @@ pub struct Manager {
     runtime: Arc<dyn Runtime>,
     settings: SandboxSettings,
     layout: Layout,
-    slots: Mutex<HashMap<SessionId, Slot>>,
+    /// One lock per session, so a slow launch or stop holds up only its own session;
+    /// the map's own lock is held just long enough to find a slot.
+    slots: std::sync::Mutex<HashMap<SessionId, Arc<Mutex<Slot>>>>,
     events: mpsc::UnboundedSender<Event>,
 }
 
@@ -213,7 +215,7 @@ impl Manager {
             runtime,
             settings,
             layout,
-            slots: Mutex::new(HashMap::new()),
+            slots: std::sync::Mutex::new(HashMap::new()),
             events: tx,
         };
         Ok((Arc::new(manager), rx))
@@ -230,12 +232,18 @@ impl Manager {
         session: &SessionId,
         keys: &SessionKeys,
     ) -> Result<(), ManagerError> {
-        let mut slots = self.slots.lock().await;
-        let slot = slots.entry(session.clone()).or_insert_with(|| Slot {
-            state: State::Stopped,
-            history: RestartHistory::default(),
-            keys: keys.clone(),
-        });
+        let slot = self
+            .map()
+            .entry(session.clone())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Slot {
+                    state: State::Stopped,
+                    history: RestartHistory::default(),
+                    keys: keys.clone(),
+                }))
+            })
+            .clone();
+        let mut slot = slot.lock().await;
         slot.keys = keys.clone();
         let now = Instant::now();
         match &mut slot.state {
@@ -248,7 +256,18 @@ impl Manager {
             }
             _ => {}
         }
-        self.start(session, slot).await
+        self.start(session, &mut slot).await
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Arc<Mutex<Slot>>>> {
+        // A panic while holding this lock leaves the map itself intact.
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, session: &SessionId) -> Option<Arc<Mutex<Slot>>> {
+        self.map().get(session).cloned()
     }
 
     async fn start(&self, session: &SessionId, slot: &mut Slot) -> Result<(), ManagerError> {
@@ -263,7 +282,7 @@ impl Manager {
         match launched {
             Ok(l) => {
                 slot.state = State::Running {
-                    child: l.child,
+                    child: Box::new(l.child),
                     started: l.started,
                     last_active: Instant::now(),
                 };
@@ -309,11 +328,11 @@ impl Manager {
 
     /// Stops `session`'s sandbox if it runs.
     pub async fn stop(&self, session: &SessionId) -> Result<(), RuntimeError> {
-        let mut slots = self.slots.lock().await;
-        if let Some(slot) = slots.get_mut(session) {
+        if let Some(slot) = self.get(session) {
+            let mut slot = slot.lock().await;
             if let State::Running { child, .. } = &mut slot.state {
                 self.kill(session, child).await?;
-                self.after_exit(session, slot, Exit::Stopped, Instant::now());
+                self.after_exit(session, &mut slot, Exit::Stopped, Instant::now());
             }
             slot.state = State::Stopped;
         }
@@ -322,7 +341,7 @@ impl Manager {
 
     /// Stops every sandbox, for shutdown.
     pub async fn stop_all(&self) {
-        let sessions: Vec<SessionId> = self.slots.lock().await.keys().cloned().collect();
+        let sessions: Vec<SessionId> = self.map().keys().cloned().collect();
         for s in sessions {
             if let Err(e) = self.stop(&s).await {
                 tracing::warn!(session = %s, error = %e, "stopping a sandbox failed");
@@ -346,34 +365,37 @@ impl Manager {
 
     /// The host pid of the runtime child of `session`'s running sandbox.
     pub async fn pid(&self, session: &SessionId) -> Option<u32> {
-        match self.slots.lock().await.get(session) {
-            Some(Slot {
-                state: State::Running { child, .. },
-                ..
-            }) => child.id(),
+        let slot = self.get(session)?;
+        let slot = slot.lock().await;
+        match &slot.state {
+            State::Running { child, .. } => child.id(),
             _ => None,
         }
     }
 
     /// Whether `session`'s sandbox is running now.
     pub async fn is_running(&self, session: &SessionId) -> bool {
-        matches!(
-            self.slots.lock().await.get(session),
-            Some(Slot {
-                state: State::Running { .. },
-                ..
-            })
-        )
+        match self.get(session) {
+            Some(slot) => matches!(slot.lock().await.state, State::Running { .. }),
+            None => false,
+        }
     }
 
     /// One supervision pass: reap exits, stop idle sandboxes, kill those over the
-    /// wall-clock cap, restart crashed ones whose backoff has passed.
+    /// wall-clock cap, restart crashed ones whose backoff has passed. A session busy
+    /// launching or stopping is looked at again on the next pass.
     pub async fn tick(&self) {
         let now = Instant::now();
-        let mut slots = self.slots.lock().await;
-        let sessions: Vec<SessionId> = slots.keys().cloned().collect();
-        for session in sessions {
-            let slot = slots.get_mut(&session).expect("listed above");
+        let all: Vec<(SessionId, Arc<Mutex<Slot>>)> = self
+            .map()
+            .iter()
+            .map(|(s, slot)| (s.clone(), slot.clone()))
+            .collect();
+        for (session, slot) in all {
+            let Ok(mut slot) = slot.try_lock() else {
+                continue;
+            };
+            let slot = &mut *slot;
             match &mut slot.state {
                 State::Running {
                     child,
