@@ -23,6 +23,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use rusqlite::config::DbConfig;
+use rusqlite::limits::Limit;
 use rusqlite::{Connection, ErrorCode, params};
 use zeroize::Zeroizing;
 
@@ -42,6 +43,8 @@ pub const FORMAT_VERSION: i64 = 1;
 /// files crafted to make queries slow). Checked every [`PROGRESS_INTERVAL`] steps.
 pub const MAX_READ_VM_STEPS: u64 = 200_000_000;
 const PROGRESS_INTERVAL: i32 = 10_000;
+/// Largest string or blob SQLite may load while reading a segment: one sealed item.
+const MAX_VALUE_BYTES: i32 = (MAX_ITEM_BYTES + 64) as i32;
 
 /// The exact schema of a segment, as `sqlite_schema` rows `(type, name, tbl_name, sql)`.
 /// A file whose schema differs in any way — an extra table, a view, a trigger, an index,
@@ -217,7 +220,20 @@ pub(crate) fn publish<T: QueueItem>(
     }
     file.sync_all().map_err(io_err("fsync", &tmp))?;
     drop(file);
-    fs::rename(&tmp, &dest).map_err(io_err("rename", &tmp))?;
+    // A published segment is never replaced: the other side may have read it already.
+    // (The only writer of this directory is this process, so the check cannot race.)
+    if fs::symlink_metadata(&dest).is_ok() {
+        let _ = fs::remove_file(&tmp);
+        return Err(SegmentError::Io {
+            op: "publish over existing",
+            path: dest,
+            source: io::ErrorKind::AlreadyExists.into(),
+        });
+    }
+    if let Err(e) = fs::rename(&tmp, &dest) {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err("rename", &tmp)(e));
+    }
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("fsync directory", dir))?;
@@ -401,6 +417,18 @@ fn harden(
         FileCipher::Plain => sqlcipher::silence_log(conn),
     }
     .map_err(sqlite_err("key", path))?;
+    // Cap what SQLite will parse or load before anything is read: a hostile schema of
+    // huge statements or wide tables, or an oversized value, fails instead of costing
+    // memory. Our own schema and rows sit well inside these.
+    for (limit, value) in [
+        (Limit::SQLITE_LIMIT_SQL_LENGTH, 4096),
+        (Limit::SQLITE_LIMIT_COLUMN, 16),
+        (Limit::SQLITE_LIMIT_EXPR_DEPTH, 16),
+        (Limit::SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES),
+    ] {
+        conn.set_limit(limit, value)
+            .map_err(sqlite_err("limit", path))?;
+    }
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)
         .map_err(sqlite_err("set defensive mode on", path))?;
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)
@@ -431,6 +459,10 @@ fn classify(path: &Path, e: rusqlite::Error) -> SegmentError {
             detail: e.to_string(),
         },
         Some(ErrorCode::OperationInterrupted) => SegmentError::WorkLimit { path },
+        Some(ErrorCode::TooBig) => SegmentError::Row {
+            path,
+            detail: "a value is larger than allowed".into(),
+        },
         _ => SegmentError::Sqlite {
             op: "read",
             path,

@@ -602,3 +602,50 @@ fn bad_segments_do_not_flood_stderr() {
         "stderr: {stderr}"
     );
 }
+
+#[test]
+fn a_published_segment_is_never_replaced() {
+    let s = session("once", &master());
+    s.outbox_writer()
+        .publish(Seq(1), &[reply("first")])
+        .unwrap();
+    let err = s
+        .outbox_writer()
+        .publish(Seq(1), &[reply("second")])
+        .unwrap_err();
+    assert!(matches!(err, SegmentError::Io { .. }), "{err}");
+    assert_eq!(
+        s.outbox_reader().read(Seq(1)).unwrap(),
+        vec![reply("first")]
+    );
+    assert!(!s.outbox.join(Seq(1).temp_file_name()).exists());
+}
+
+#[test]
+fn oversized_schemas_are_refused_before_they_cost_memory() {
+    let s = session("wide", &master());
+    let columns: Vec<String> = (0..2000).map(|i| format!("c{i}")).collect();
+    let long_default = "x".repeat(10_000);
+    for sql in [
+        format!(
+            "{}CREATE TABLE wide ({});",
+            standard_schema(),
+            columns.join(", ")
+        ),
+        format!(
+            "{}CREATE TABLE long (a TEXT DEFAULT '{long_default}');",
+            standard_schema()
+        ),
+    ] {
+        forge(&s, Seq(1), &sql);
+        let err = s.outbox_reader().read(Seq(1)).unwrap_err();
+        assert!(
+            // Refused while parsing, before the schema comparison ever runs.
+            matches!(
+                err,
+                SegmentError::Sqlite { .. } | SegmentError::Corrupt { .. }
+            ),
+            "{err}"
+        );
+    }
+}

@@ -233,6 +233,14 @@ pub enum Violation {
     Environment(String),
     #[error("runsc argument {0} is missing or not allowed")]
     RunscArgument(String),
+    #[error("mount {0} has an option outside the allowed set: {1}")]
+    MountOption(String, String),
+    #[error("{what} is {found}, not the session's own {expected}")]
+    WrongPath {
+        what: &'static str,
+        found: String,
+        expected: String,
+    },
 }
 
 fn str_list(v: &Value) -> Vec<&str> {
@@ -245,10 +253,12 @@ fn positive(v: &Value) -> bool {
     v.as_u64().is_some_and(|n| n > 0)
 }
 
-/// Checks `config` and the runsc `args` against every invariant, returning all the
-/// violations found (empty means the pair is acceptable).
-pub fn check(config: &Value, args: &[String]) -> Vec<Violation> {
+/// Checks `config` and the runsc `args` for `spec`'s session against every invariant,
+/// returning all the violations found (empty means the pair is acceptable). Paths must be
+/// exactly the spec's: the root, every bind source and the cgroup.
+pub fn check(spec: &SandboxSpec, config: &Value, args: &[String]) -> Vec<Violation> {
     let mut v = Vec::new();
+    check_paths(spec, config, &mut v);
     let process = &config["process"];
 
     if config["root"]["readonly"] != json!(true) {
@@ -273,7 +283,10 @@ pub fn check(config: &Value, args: &[String]) -> Vec<Violation> {
     }
     let uid = process["user"]["uid"].as_u64();
     let gid = process["user"]["gid"].as_u64();
-    if uid.is_none_or(|u| u == 0) || gid.is_none_or(|g| g == 0) {
+    let extra_root_group = process["user"]["additionalGids"]
+        .as_array()
+        .is_some_and(|g| g.iter().any(|x| x.as_u64().is_none_or(|n| n == 0)));
+    if uid.is_none_or(|u| u == 0) || gid.is_none_or(|g| g == 0) || extra_root_group {
         v.push(Violation::RootUser);
     }
     for var in str_list(&process["env"]) {
@@ -286,7 +299,7 @@ pub fn check(config: &Value, args: &[String]) -> Vec<Violation> {
         v.push(Violation::Environment("(not a list of strings)".into()));
     }
     check_mounts(config, &mut v);
-    check_network(config, args, &mut v);
+    check_network(&spec.session, config, args, &mut v);
 
     let res = &config["linux"]["resources"];
     if !positive(&res["memory"]["limit"]) {
@@ -328,9 +341,14 @@ fn check_mounts(config: &Value, v: &mut Vec<Violation>) {
             v.push(Violation::ExtraMount(dest.clone()));
             continue;
         }
-        let options = str_list(&m["options"]);
-        let writable = !options.contains(&"ro");
-        if writable && !WRITABLE_MOUNT_OPTIONS.iter().all(|o| options.contains(o)) {
+        let flags = match MountFlags::of(&m["options"]) {
+            Ok(f) => f,
+            Err(bad) => {
+                v.push(Violation::MountOption(dest, bad));
+                continue;
+            }
+        };
+        if !flags.read_only && !flags.hardened() {
             v.push(Violation::WritableMountOptions(dest));
         }
     }
@@ -350,7 +368,7 @@ fn check_mounts(config: &Value, v: &mut Vec<Violation>) {
         }
     }
     for dest in [INBOX_MOUNT, SOCKET_MOUNT] {
-        if find(dest).is_some_and(|m| !str_list(&m["options"]).contains(&"ro")) {
+        if find(dest).is_some_and(|m| !MountFlags::of(&m["options"]).is_ok_and(|f| f.read_only)) {
             v.push(Violation::WritableInbox(dest));
         }
     }
@@ -362,7 +380,7 @@ fn check_mounts(config: &Value, v: &mut Vec<Violation>) {
     }
 }
 
-fn check_network(config: &Value, args: &[String], v: &mut Vec<Violation>) {
+fn check_network(session: &SessionId, config: &Value, args: &[String], v: &mut Vec<Violation>) {
     let namespaces = config["linux"]["namespaces"]
         .as_array()
         .cloned()
@@ -375,21 +393,104 @@ fn check_network(config: &Value, args: &[String], v: &mut Vec<Violation>) {
         )),
         Some(_) => {}
     }
-    for flag in REQUIRED_RUNSC_FLAGS {
-        if !args.iter().any(|a| a == flag) {
-            v.push(Violation::RunscArgument(flag.into()));
+    // The exact shape runsc_run_args produces: --root, the required flags, `run`,
+    // --bundle, the session's container id. Nothing else, in this order.
+    let root_ok = args.first().is_some_and(|a| {
+        a.strip_prefix("--root=")
+            .is_some_and(|p| p.starts_with('/'))
+    });
+    if !root_ok {
+        v.push(Violation::RunscArgument(
+            args.first().cloned().unwrap_or_else(|| "--root".into()),
+        ));
+    }
+    for (i, flag) in REQUIRED_RUNSC_FLAGS.iter().enumerate() {
+        if args.get(1 + i).map(String::as_str) != Some(*flag) {
+            v.push(Violation::RunscArgument((*flag).into()));
         }
     }
+    let tail = &args[args.len().min(1 + REQUIRED_RUNSC_FLAGS.len())..];
+    let tail_ok = tail.len() == 3
+        && tail[0] == "run"
+        && tail[1]
+            .strip_prefix("--bundle=")
+            .is_some_and(|p| p.starts_with('/'))
+        && tail[2] == container_id(session);
+    if !tail_ok {
+        v.push(Violation::RunscArgument(tail.join(" ")));
+    }
     for a in args {
-        let name = a.split('=').next().unwrap_or(a);
-        let allowed = REQUIRED_RUNSC_FLAGS.contains(&a.as_str())
-            || matches!(name, "--root" | "--bundle" | "run")
-            || !a.starts_with('-');
-        if !allowed {
-            v.push(Violation::RunscArgument(a.clone()));
-        }
-        if name == "--network" && a != "--network=none" {
+        if a.starts_with("--network") && a != "--network=none" {
             v.push(Violation::Network(a.clone()));
+        }
+    }
+}
+
+/// The effective flags of a mount after its options are applied in order (a later `rw`
+/// overrides an earlier `ro`). Options outside a small allowlist are refused.
+#[derive(Debug, Default)]
+struct MountFlags {
+    read_only: bool,
+    noexec: bool,
+    nosuid: bool,
+    nodev: bool,
+}
+
+impl MountFlags {
+    /// `noexec`, `nosuid` and `nodev` all in force.
+    fn hardened(&self) -> bool {
+        self.noexec && self.nosuid && self.nodev
+    }
+
+    fn of(options: &Value) -> Result<MountFlags, String> {
+        let mut f = MountFlags::default();
+        let Some(list) = options.as_array() else {
+            return Ok(f);
+        };
+        for o in list {
+            let o = o.as_str().ok_or_else(|| o.to_string())?;
+            match o {
+                "ro" => f.read_only = true,
+                "rw" => f.read_only = false,
+                "noexec" => f.noexec = true,
+                "nosuid" => f.nosuid = true,
+                "nodev" => f.nodev = true,
+                "rbind" | "bind" => {}
+                _ if o.starts_with("mode=") || o.starts_with("size=") => {}
+                _ => return Err(o.to_owned()),
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// The root, every bind source and the cgroup must be exactly the session's own.
+fn check_paths(spec: &SandboxSpec, config: &Value, v: &mut Vec<Violation>) {
+    let mut expect = |what: &'static str, found: &Value, expected: String| {
+        if found.as_str() != Some(expected.as_str()) {
+            v.push(Violation::WrongPath {
+                what,
+                found: found.to_string(),
+                expected,
+            });
+        }
+    };
+    let path = |p: &Path| p.display().to_string();
+    expect("the root", &config["root"]["path"], path(&spec.rootfs));
+    // Without its own cgroup path runsc applies no memory, pids or CPU limit at all.
+    expect(
+        "the cgroup path",
+        &config["linux"]["cgroupsPath"],
+        format!("/ironclaw/{}", container_id(&spec.session)),
+    );
+    let mounts = config["mounts"].as_array().cloned().unwrap_or_default();
+    for (what, dest, expected) in [
+        ("the /inbox source", INBOX_MOUNT, &spec.inbox_dir),
+        ("the /outbox source", OUTBOX_MOUNT, &spec.outbox_dir),
+        ("the /run/ironclaw source", SOCKET_MOUNT, &spec.socket_dir),
+    ] {
+        if let Some(m) = mounts.iter().find(|m| m["destination"] == json!(dest)) {
+            expect(what, &m["source"], path(expected));
         }
     }
 }
@@ -449,7 +550,10 @@ mod tests {
 
     #[test]
     fn the_generated_spec_passes() {
-        assert_eq!(check(&oci_config(&spec()).unwrap(), &args()), vec![]);
+        assert_eq!(
+            check(&spec(), &oci_config(&spec()).unwrap(), &args()),
+            vec![]
+        );
     }
 
     #[test]
@@ -621,6 +725,56 @@ mod tests {
                 |v| matches!(v, Violation::RunscArgument(_)),
             ),
             (
+                "ro then rw on the inbox",
+                |c, _| {
+                    c["mounts"][2]["options"]
+                        .as_array_mut()
+                        .unwrap()
+                        .push(json!("rw"))
+                },
+                |v| matches!(v, Violation::WritableInbox(_)),
+            ),
+            (
+                "noexec then exec on the outbox",
+                |c, _| {
+                    c["mounts"][3]["options"]
+                        .as_array_mut()
+                        .unwrap()
+                        .push(json!("exec"))
+                },
+                |v| matches!(v, Violation::MountOption(..)),
+            ),
+            (
+                "outbox bound to the state directory",
+                |c, _| c["mounts"][3]["source"] = json!("/var/lib/ironclaw"),
+                |v| matches!(v, Violation::WrongPath { .. }),
+            ),
+            (
+                "host root",
+                |c, _| c["root"]["path"] = json!("/"),
+                |v| matches!(v, Violation::WrongPath { .. }),
+            ),
+            (
+                "no cgroup path",
+                |c, _| {
+                    c["linux"].as_object_mut().unwrap().remove("cgroupsPath");
+                },
+                |v| matches!(v, Violation::WrongPath { .. }),
+            ),
+            (
+                "runsc do",
+                |_, a| {
+                    a.truncate(4);
+                    a.extend(["do".into(), "/bin/sh".into()]);
+                },
+                |v| matches!(v, Violation::RunscArgument(_)),
+            ),
+            (
+                "root supplementary group",
+                |c, _| c["process"]["user"]["additionalGids"] = json!([0]),
+                |v| *v == Violation::RootUser,
+            ),
+            (
                 "extra runsc flag",
                 |_, a| a.insert(1, "--debug".into()),
                 |v| matches!(v, Violation::RunscArgument(_)),
@@ -634,7 +788,7 @@ mod tests {
             let mut c = oci_config(&spec()).unwrap();
             let mut a = args();
             weaken(&mut c, &mut a);
-            let found = check(&c, &a);
+            let found = check(&spec(), &c, &a);
             assert!(found.iter().any(expected), "{what}: found {found:?}");
         }
     }
@@ -684,7 +838,7 @@ mod tests {
         fn every_generated_spec_passes_the_checker(s in arb_spec()) {
             let c = oci_config(&s).unwrap();
             let a = runsc_run_args(Path::new("/r"), Path::new("/b"), &s.session);
-            prop_assert_eq!(check(&c, &a), vec![]);
+            prop_assert_eq!(check(&s, &c, &a), vec![]);
         }
 
         #[test]
@@ -694,7 +848,7 @@ mod tests {
             let mut c = oci_config(&s).unwrap();
             let mut a = runsc_run_args(Path::new("/r"), Path::new("/b"), &s.session);
             weaken(&mut c, &mut a);
-            let found = check(&c, &a);
+            let found = check(&s, &c, &a);
             prop_assert!(found.iter().any(expected), "{}: {:?}", what, found);
         }
     }

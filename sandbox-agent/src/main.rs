@@ -50,7 +50,9 @@ fn paths() -> Paths {
 }
 
 fn main() -> ExitCode {
-    let mut handover = Vec::new();
+    // Sized up front so the buffer holding key bytes is never reallocated (which would
+    // leave an unwiped copy behind); wiped once decoded.
+    let mut handover = Vec::with_capacity(MAX_HANDOVER_BYTES as usize + 1);
     if let Err(e) = std::io::stdin()
         .take(MAX_HANDOVER_BYTES + 1)
         .read_to_end(&mut handover)

@@ -10,17 +10,22 @@ use std::time::Instant;
 use queue_proto::ids::SessionId;
 use queue_proto::keys::SessionKeys;
 use runsc_config::{SandboxSpec, Violation, check, oci_config, runsc_run_args};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdout};
 
 use super::SandboxSettings;
 use super::layout::{self, Layout};
 use super::runtime::{Runtime, RuntimeError};
 
+/// What a ready agent prints first.
+const READY_LINE: &[u8] = b"ready\n";
+/// How long a child that closed its stdout gets to exit.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Most stderr lines of one sandbox that reach the log, and their longest length: a
 /// hostile agent cannot flood the control plane's log.
 const MAX_LOGGED_STDERR_LINES: usize = 50;
-const MAX_LOGGED_LINE_CHARS: usize = 200;
+const MAX_LOGGED_LINE_BYTES: usize = 200;
 
 /// Why a launch failed. Every failure leaves no sandbox behind.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +129,7 @@ pub async fn launch(
     })?;
     let bundle_dir = layout.bundle(session);
     let violations = check(
+        &spec,
         &config,
         &runsc_run_args(&layout.runsc_root(), &bundle_dir, session),
     );
@@ -149,12 +155,12 @@ pub async fn launch(
     })?;
 
     // 4. Remove any stale sandbox with the same id.
-    runtime
-        .destroy(layout, session)
-        .map_err(|source| LaunchError::Stale {
+    super::runtime::blocking(|| runtime.destroy(layout, session)).map_err(|source| {
+        LaunchError::Stale {
             session: s(),
             source,
-        })?;
+        }
+    })?;
 
     // 5. Spawn with a cleared environment; the three pipes are its only inherited fds
     //    (everything else the control plane holds is close-on-exec).
@@ -194,40 +200,32 @@ pub async fn launch(
     }
     forward_stderr(&mut child, session);
 
-    // 7. Wait for `ready` on stdout, bounded by the ready timeout.
+    // 7. Wait for `ready` on stdout, bounded by the ready timeout and by length.
     let stdout = child.stdout.take().expect("stdout is piped");
-    let mut lines = BufReader::new(stdout);
-    let mut line = String::new();
-    let ready = tokio::time::timeout(settings.ready_timeout, lines.read_line(&mut line)).await;
-    match ready {
-        Ok(Ok(_)) if line.trim_end() == "ready" => {}
-        Ok(Ok(0)) | Ok(Err(_)) => {
-            let status = child.wait().await.ok();
-            let e = LaunchError::NotReady {
-                session: s(),
-                why: "it exited".into(),
-                status,
-            };
-            return fail(child, e).await;
-        }
-        Ok(Ok(_)) => {
-            let e = LaunchError::NotReady {
-                session: s(),
-                why: "it printed something else".into(),
-                status: None,
-            };
-            return fail(child, e).await;
-        }
-        Err(_) => {
-            let e = LaunchError::NotReady {
-                session: s(),
-                why: "timed out".into(),
-                status: None,
-            };
-            return fail(child, e).await;
-        }
+    let mut first = Vec::new();
+    let mut head = stdout.take(READY_LINE.len() as u64);
+    let ready = tokio::time::timeout(settings.ready_timeout, head.read_to_end(&mut first)).await;
+    let why = match ready {
+        Ok(Ok(_)) if first == READY_LINE => None,
+        Ok(Ok(n)) if n < READY_LINE.len() => Some("it exited"),
+        Ok(Ok(_)) => Some("it printed something else"),
+        Ok(Err(_)) => Some("its stdout failed"),
+        Err(_) => Some("timed out"),
+    };
+    if let Some(why) = why {
+        let status = match tokio::time::timeout(EXIT_GRACE, child.wait()).await {
+            Ok(Ok(status)) if why == "it exited" => Some(status),
+            _ => None,
+        };
+        let e = LaunchError::NotReady {
+            session: s(),
+            why: why.into(),
+            status,
+        };
+        return fail(child, e).await;
     }
-    drain(lines.into_inner());
+    let stdout = head.into_inner();
+    drain(stdout);
 
     // 8. Register and record: the caller owns the handle from here.
     tracing::info!(session = %session, runtime = ?runtime.kind(), ms = started.elapsed().as_millis() as u64, "sandbox ready");
@@ -238,25 +236,38 @@ pub async fn launch(
 async fn abandon(runtime: &dyn Runtime, layout: &Layout, session: &SessionId, mut child: Child) {
     let _ = child.start_kill();
     let _ = child.wait().await;
-    if let Err(e) = runtime.destroy(layout, session) {
+    if let Err(e) = super::runtime::blocking(|| runtime.destroy(layout, session)) {
         tracing::warn!(session = %session, error = %e, "removing a failed sandbox failed");
     }
 }
 
-/// Logs the first lines the sandbox writes to stderr, truncated, then discards the rest.
+/// Logs the first lines the sandbox writes to stderr, each cut short, then discards the
+/// rest. Reads through a fixed buffer: a line without end costs no memory.
 fn forward_stderr(child: &mut Child, session: &SessionId) {
-    let Some(stderr) = child.stderr.take() else {
+    let Some(mut stderr) = child.stderr.take() else {
         return;
     };
     let session = session.clone();
     tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
+        let mut buf = [0u8; 4096];
+        let mut line: Vec<u8> = Vec::with_capacity(MAX_LOGGED_LINE_BYTES);
         let mut logged = 0;
-        while let Ok(Some(line)) = lines.next_line().await {
-            if logged < MAX_LOGGED_STDERR_LINES {
-                let line: String = line.chars().take(MAX_LOGGED_LINE_CHARS).collect();
-                tracing::warn!(session = %session, line = %line, "sandbox stderr");
-                logged += 1;
+        while let Ok(n) = stderr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            if logged >= MAX_LOGGED_STDERR_LINES {
+                continue;
+            }
+            for &b in &buf[..n] {
+                if b == b'\n' {
+                    let text = String::from_utf8_lossy(&line);
+                    tracing::warn!(session = %session, line = %text, "sandbox stderr");
+                    line.clear();
+                    logged += 1;
+                } else if line.len() < MAX_LOGGED_LINE_BYTES {
+                    line.push(b);
+                }
             }
         }
     });

@@ -20,7 +20,7 @@ use tokio::sync::{Mutex, mpsc};
 use super::SandboxSettings;
 use super::launch::{LaunchError, launch};
 use super::layout::{self, Layout};
-use super::runtime::{Runtime, RuntimeError, RuntimeKind};
+use super::runtime::{Runtime, RuntimeError, RuntimeKind, blocking};
 
 /// How long a killed sandbox's runtime child gets to exit by itself.
 const KILL_GRACE: Duration = Duration::from_secs(10);
@@ -141,6 +141,8 @@ pub enum ManagerError {
     Launch(#[from] LaunchError),
     #[error("session {0} crashed too often and is paused")]
     Paused(SessionId),
+    #[error("session {0} has no keys to start with")]
+    NoKeys(SessionId),
     #[error("removing sandboxes left over from a previous run failed")]
     Leftovers(#[source] RuntimeError),
     #[error("installing the agent binary failed")]
@@ -165,7 +167,9 @@ enum State {
 struct Slot {
     state: State,
     history: RestartHistory,
-    keys: SessionKeys,
+    /// Held only while the sandbox runs or waits to be restarted; dropped (and wiped)
+    /// when it stops, so a stopped or deleted session's keys do not linger here.
+    keys: Option<SessionKeys>,
 }
 
 /// Supervises every session's sandbox.
@@ -239,12 +243,12 @@ impl Manager {
                 Arc::new(Mutex::new(Slot {
                     state: State::Stopped,
                     history: RestartHistory::default(),
-                    keys: keys.clone(),
+                    keys: None,
                 }))
             })
             .clone();
         let mut slot = slot.lock().await;
-        slot.keys = keys.clone();
+        slot.keys = Some(keys.clone());
         let now = Instant::now();
         match &mut slot.state {
             State::Running { last_active, .. } => {
@@ -271,12 +275,16 @@ impl Manager {
     }
 
     async fn start(&self, session: &SessionId, slot: &mut Slot) -> Result<(), ManagerError> {
+        let Some(keys) = slot.keys.clone() else {
+            slot.state = State::Stopped;
+            return Err(ManagerError::NoKeys(session.clone()));
+        };
         let launched = launch(
             self.runtime.as_ref(),
             &self.settings,
             &self.layout,
             session,
-            &slot.keys,
+            &keys,
         )
         .await;
         match launched {
@@ -319,6 +327,9 @@ impl Manager {
                 State::Paused { until: t }
             }
         };
+        if !matches!(slot.state, State::Waiting { .. }) {
+            slot.keys = None;
+        }
         match exit {
             Exit::KilledByLimit => tracing::warn!(session = %session, "sandbox killed by a limit"),
             Exit::Crashed { code } => tracing::warn!(session = %session, ?code, "sandbox crashed"),
@@ -326,17 +337,35 @@ impl Manager {
         }
     }
 
-    /// Stops `session`'s sandbox if it runs.
+    /// Stops `session`'s sandbox if it runs, and cancels a pending restart. A paused
+    /// session stays paused.
     pub async fn stop(&self, session: &SessionId) -> Result<(), RuntimeError> {
-        if let Some(slot) = self.get(session) {
-            let mut slot = slot.lock().await;
-            if let State::Running { child, .. } = &mut slot.state {
-                self.kill(session, child).await?;
+        let Some(slot) = self.get(session) else {
+            return Ok(());
+        };
+        let mut slot = slot.lock().await;
+        match &mut slot.state {
+            State::Running { child, .. } => {
+                let killed = self.kill(session, child).await;
+                // The child is reaped whatever `destroy` said: record the stop first.
                 self.after_exit(session, &mut slot, Exit::Stopped, Instant::now());
+                killed
             }
-            slot.state = State::Stopped;
+            State::Waiting { .. } => {
+                slot.state = State::Stopped;
+                slot.keys = None;
+                Ok(())
+            }
+            State::Paused { .. } | State::Stopped => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Stops `session`'s sandbox and forgets the session, keys and crash history
+    /// included (for session deletion).
+    pub async fn forget(&self, session: &SessionId) -> Result<(), RuntimeError> {
+        let stopped = self.stop(session).await;
+        self.map().remove(session);
+        stopped
     }
 
     /// Stops every sandbox, for shutdown.
@@ -352,7 +381,7 @@ impl Manager {
     /// Ends a running sandbox: kill everything in it, let the runtime child exit (or
     /// kill it after a grace period), reap it, remove what is left.
     async fn kill(&self, session: &SessionId, child: &mut Child) -> Result<(), RuntimeError> {
-        self.runtime.kill(&self.layout, session);
+        blocking(|| self.runtime.kill(&self.layout, session));
         if tokio::time::timeout(KILL_GRACE, child.wait())
             .await
             .is_err()
@@ -360,7 +389,7 @@ impl Manager {
             let _ = child.start_kill();
             let _ = child.wait().await;
         }
-        self.runtime.destroy(&self.layout, session)
+        blocking(|| self.runtime.destroy(&self.layout, session))
     }
 
     /// The host pid of the runtime child of `session`'s running sandbox.
@@ -405,7 +434,7 @@ impl Manager {
                     if let Ok(Some(status)) = child.try_wait() {
                         let exit = classify(self.runtime.kind(), status);
                         // Make sure nothing of the sandbox outlives its agent.
-                        let _ = self.runtime.destroy(&self.layout, &session);
+                        let _ = blocking(|| self.runtime.destroy(&self.layout, &session));
                         self.after_exit(&session, slot, exit, now);
                     } else if now.duration_since(*started) >= self.settings.wall_clock_cap {
                         let _ = self.kill(&session, child).await;

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use queue_proto::ids::SessionId;
 use runsc_config::{AGENT_PATH, container_id, runsc_run_args};
@@ -68,15 +69,49 @@ fn base_command(program: &Path) -> Command {
     cmd
 }
 
+/// How long one housekeeping command (`runsc kill`, `delete`, `list`) may take.
+const HOUSEKEEPING_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Runs a housekeeping command to completion, killing it at [`HOUSEKEEPING_TIMEOUT`].
 fn run(program: &Path, args: &[String]) -> Result<std::process::Output, RuntimeError> {
     let command = format!("{} {}", program.display(), args.join(" "));
-    std::process::Command::new(program)
+    let mut child = std::process::Command::new(program)
         .args(args)
         .env_clear()
         .env("PATH", CHILD_PATH)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| RuntimeError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    let deadline = Instant::now() + HOUSEKEEPING_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(RuntimeError::Failed {
+                    command,
+                    stderr: "timed out".into(),
+                });
+            }
+        }
+    }
+    child
+        .wait_with_output()
         .map_err(|source| RuntimeError::Spawn { command, source })
+}
+
+/// Runs blocking runtime housekeeping from async code without stalling the other tasks
+/// on this worker thread. Needs tokio's multi-threaded runtime, which the control plane
+/// uses.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
 }
 
 /// gVisor: `runsc --network=none --host-uds=open --platform=ptrace run --bundle DIR ID`,
