@@ -9,5 +9,6 @@
 
 #![deny(unsafe_code)]
 
+pub mod model;
 pub mod proxy;
 pub mod sandbox;

@@ -2,4 +2,5 @@
 //! only way out. [`server`] turns hostile bytes into closed requests and bounds what one
 //! agent can cost; what each endpoint does is behind [`server::SessionHandler`].
 
+pub mod budget;
 pub mod server;

@@ -1,0 +1,50 @@
+//! Model providers behind one trait. The proxy turns an agent's provider-neutral
+//! [`ModelRequest`] into a call to the configured provider, which adds its own
+//! credentials; the agent never chooses a URL or sees a key.
+//!
+//! So far: the offline [`demo::DemoProvider`]. The Anthropic Messages API and
+//! OpenAI-compatible providers arrive with the rest of issue 4.
+
+pub mod demo;
+
+use std::future::Future;
+
+use queue_proto::proxy::{ModelRequest, ModelResponse};
+
+/// Why a provider call failed. Retryable failures are retried by the caller with
+/// backoff before the user is told the model could not be reached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    #[error("the provider did not answer in time")]
+    Timeout,
+    #[error("the provider is overloaded or failing (status {status})")]
+    Unavailable {
+        status: u16,
+        retry_after_secs: Option<u64>,
+    },
+    #[error("the provider refused the request (status {status})")]
+    Refused { status: u16 },
+    #[error("the provider's answer could not be understood")]
+    BadAnswer,
+}
+
+impl ProviderError {
+    /// Whether trying again later may succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::Timeout | ProviderError::Unavailable { .. }
+        )
+    }
+}
+
+/// One configured model.
+pub trait Provider: Send + Sync + 'static {
+    /// A short name for logs and the audit trail.
+    fn name(&self) -> &'static str;
+    /// One model call.
+    fn complete(
+        &self,
+        request: &ModelRequest,
+    ) -> impl Future<Output = Result<ModelResponse, ProviderError>> + Send;
+}
