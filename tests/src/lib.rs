@@ -6,3 +6,5 @@
 //! hostile segments, wrong keys, and independent implementations of the on-disk format.
 
 #![forbid(unsafe_code)]
+
+pub mod fake_http;

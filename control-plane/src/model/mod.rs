@@ -2,10 +2,14 @@
 //! [`ModelRequest`] into a call to the configured provider, which adds its own
 //! credentials; the agent never chooses a URL or sees a key.
 //!
-//! So far: the offline [`demo::DemoProvider`]. The Anthropic Messages API and
-//! OpenAI-compatible providers arrive with the rest of issue 4.
+//! Providers: the Anthropic Messages API ([`anthropic`]), OpenAI-compatible chat
+//! completions ([`openai`], also Ollama, vLLM, llama.cpp) and the offline
+//! [`demo::DemoProvider`].
 
+pub mod anthropic;
 pub mod demo;
+pub mod http;
+pub mod openai;
 
 use std::future::Future;
 

@@ -1,0 +1,263 @@
+//! What every HTTP provider shares: an approved endpoint, the API key, a client that
+//! follows no redirect, bounded answers, and retries with backoff.
+
+use std::fmt;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::{StatusCode, Url};
+use zeroize::Zeroizing;
+
+use super::ProviderError;
+
+/// Largest provider answer read, in bytes.
+pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
+/// A model endpoint the operator approved: HTTPS, or plain HTTP to a loopback address
+/// (a local Ollama or llama.cpp server). The agent never supplies one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovedEndpoint(Url);
+
+/// Why an endpoint was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("{0} is not a URL")]
+    NotAUrl(String),
+    #[error("{0} is neither HTTPS nor a loopback address")]
+    NotHttps(String),
+    #[error("{0} carries credentials, a query or a fragment")]
+    Extras(String),
+}
+
+impl ApprovedEndpoint {
+    pub fn parse(base: &str) -> Result<Self, EndpointError> {
+        let url = Url::parse(base).map_err(|_| EndpointError::NotAUrl(base.into()))?;
+        let loopback = match url.host() {
+            Some(url::Host::Ipv4(a)) => a.is_loopback(),
+            Some(url::Host::Ipv6(a)) => a.is_loopback(),
+            Some(url::Host::Domain(d)) => d == "localhost",
+            None => false,
+        };
+        if !(url.scheme() == "https" || (url.scheme() == "http" && loopback)) {
+            return Err(EndpointError::NotHttps(base.into()));
+        }
+        if !url.username().is_empty()
+            || url.password().is_some()
+            || url.query().is_some()
+            || url.fragment().is_some()
+        {
+            return Err(EndpointError::Extras(base.into()));
+        }
+        Ok(ApprovedEndpoint(url))
+    }
+
+    /// The base URL joined with a fixed API path.
+    pub fn join(&self, path: &str) -> Url {
+        let mut url = self.0.clone();
+        let base = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{base}{path}"));
+        url
+    }
+}
+
+/// A provider's API key, read by the control plane only. Wiped on drop, never printed.
+#[derive(Clone)]
+pub struct ApiKey(Zeroizing<String>);
+
+impl ApiKey {
+    pub fn new(key: String) -> Self {
+        ApiKey(Zeroizing::new(key.trim().to_owned()))
+    }
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey([redacted])")
+    }
+}
+
+/// Retries of one call.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 3,
+            first_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(20),
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The HTTP client every provider uses: no redirects (a redirect is an answer, not a
+/// new destination), no proxy from the environment, rustls.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .expect("a client with a fixed configuration builds")
+}
+
+fn header(name: &'static str, value: &str) -> Result<(HeaderName, HeaderValue), ProviderError> {
+    let mut v = HeaderValue::from_str(value).map_err(|_| ProviderError::Refused { status: 0 })?;
+    v.set_sensitive(true);
+    Ok((HeaderName::from_static(name), v))
+}
+
+/// POSTs `body` to `url` with `headers`, retrying timeouts, 429 and 5xx with backoff
+/// (honouring `Retry-After`), and returns the answer's bytes.
+pub async fn post_json(
+    client: &reqwest::Client,
+    url: &Url,
+    headers: &[(&'static str, &str)],
+    body: &serde_json::Value,
+    retry: &RetryPolicy,
+) -> Result<Vec<u8>, ProviderError> {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        let (n, v) = header(name, value)?;
+        map.insert(n, v);
+    }
+    let mut last = ProviderError::Timeout;
+    for attempt in 0..retry.attempts.max(1) {
+        if attempt > 0 {
+            let backoff = retry
+                .first_delay
+                .saturating_mul(1 << (attempt - 1).min(10))
+                .min(retry.max_delay);
+            let wait = match &last {
+                ProviderError::Unavailable {
+                    retry_after_secs: Some(s),
+                    ..
+                } => Duration::from_secs(*s).min(retry.max_delay).max(backoff),
+                _ => backoff,
+            };
+            tokio::time::sleep(wait).await;
+        }
+        match once(client, url, &map, body, retry.request_timeout).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) if e.retryable() => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+async fn once(
+    client: &reqwest::Client,
+    url: &Url,
+    headers: &HeaderMap,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> Result<Vec<u8>, ProviderError> {
+    let sent = client
+        .post(url.clone())
+        .headers(headers.clone())
+        .json(body)
+        .timeout(timeout)
+        .send()
+        .await;
+    let mut resp = match sent {
+        Ok(r) => r,
+        Err(e) if e.is_timeout() => return Err(ProviderError::Timeout),
+        Err(_) => {
+            return Err(ProviderError::Unavailable {
+                status: 0,
+                retry_after_secs: None,
+            });
+        }
+    };
+    let status = resp.status();
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        let retry_after_secs = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        return Err(ProviderError::Unavailable {
+            status: status.as_u16(),
+            retry_after_secs,
+        });
+    }
+    if !status.is_success() {
+        // Includes every 3xx: redirects are not followed.
+        return Err(ProviderError::Refused {
+            status: status.as_u16(),
+        });
+    }
+    let mut out = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if out.len() + chunk.len() > MAX_ANSWER_BYTES {
+                    return Err(ProviderError::BadAnswer);
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(out),
+            Err(e) if e.is_timeout() => return Err(ProviderError::Timeout),
+            Err(_) => {
+                return Err(ProviderError::Unavailable {
+                    status: 0,
+                    retry_after_secs: None,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_https_or_loopback_endpoints_are_approved() {
+        for ok in [
+            "https://api.anthropic.com",
+            "http://127.0.0.1:11434",
+            "http://localhost:8080/v1",
+            "http://[::1]:1",
+        ] {
+            assert!(ApprovedEndpoint::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://api.example.com",
+            "http://10.0.0.1",
+            "http://169.254.169.254",
+            "ftp://x",
+            "https://user:pw@api.example.com",
+            "https://api.example.com/?x=1",
+            "not a url",
+        ] {
+            assert!(ApprovedEndpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn paths_are_joined_under_the_base() {
+        let e = ApprovedEndpoint::parse("http://127.0.0.1:9/prefix/").unwrap();
+        assert_eq!(
+            e.join("/v1/chat/completions").as_str(),
+            "http://127.0.0.1:9/prefix/v1/chat/completions"
+        );
+    }
+
+    #[test]
+    fn keys_are_not_printed() {
+        assert_eq!(
+            format!("{:?}", ApiKey::new("sk-secret".into())),
+            "ApiKey([redacted])"
+        );
+    }
+}
