@@ -11,6 +11,11 @@ use crate::items::{InboxItem, OutboxItem};
 use crate::keys::{QueueKeys, SessionKeys};
 use crate::segment::{self, FileCipher, MAX_SEGMENT_BYTES, Place, SegmentError};
 
+/// The published inbox seqs in `dir`, in order (for waking the agent).
+pub fn list_inbox(dir: &Path) -> Result<Vec<Seq>, SegmentError> {
+    segment::list_after(dir, None)
+}
+
 /// Publishes inbox segments for one session.
 #[derive(Debug)]
 pub struct InboxWriter {

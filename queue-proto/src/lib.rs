@@ -22,7 +22,7 @@ pub mod items;
 pub mod keys;
 pub mod proxy;
 pub mod segment;
-mod sqlcipher;
+pub mod sqlcipher;
 
 #[cfg(feature = "agent")]
 pub mod agent;

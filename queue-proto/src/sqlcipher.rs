@@ -26,6 +26,16 @@ pub(crate) fn apply_key(conn: &Connection, key: &SecretKey) -> rusqlite::Result<
     conn.execute_batch(&pragma)
 }
 
+/// Opens (creating if needed) a private SQLCipher database keyed with `key`, with the
+/// same log silencing and no temp files on disk. For a side's own state (the agent's
+/// notes and history), never for segments.
+pub fn open_private(path: &Path, key: &SecretKey) -> rusqlite::Result<Connection> {
+    let conn = open_for_writing(path)?;
+    apply_key(&conn, key)?;
+    conn.execute_batch("PRAGMA temp_store = MEMORY; PRAGMA journal_mode = DELETE;")?;
+    Ok(conn)
+}
+
 /// Turns off SQLCipher's process-wide logging to stderr.
 pub(crate) fn silence_log(conn: &Connection) -> rusqlite::Result<()> {
     conn.query_row("PRAGMA cipher_log_level = NONE", [], |_| Ok(()))

@@ -10,19 +10,22 @@
 //!
 //! Start-up contract with the control plane: the session's keys arrive on stdin (the
 //! control plane writes them and closes the pipe); the agent checks them and its mounts,
-//! then prints `ready` on stdout. The model loop arrives with issue 4; until then a ready
-//! agent idles until it is stopped.
+//! opens its own state, then prints `ready` on stdout and runs the loop in [`turn`].
 //!
-//! Exit codes: 0 stopped cleanly, 1 an I/O failure at start, 3 a malformed key handover.
+//! Exit codes: 0 stopped cleanly, 1 an I/O failure, 3 a malformed key handover.
 //! (2 and 137 are left to runsc, which uses them for a sandbox killed by a limit.)
 
 #![forbid(unsafe_code)]
+
+mod proxy_client;
+mod state;
+mod turn;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use queue_proto::agent::InboxReader;
+use queue_proto::agent::{InboxReader, OutboxWriter};
 use queue_proto::keys::SessionKeys;
 
 /// The key handover is a few hundred bytes; anything longer is refused unread.
@@ -33,18 +36,21 @@ const MAX_HANDOVER_BYTES: u64 = 1024;
 struct Paths {
     inbox: PathBuf,
     outbox: PathBuf,
+    socket: PathBuf,
 }
 
 fn paths() -> Paths {
     let mut args = std::env::args().skip(1);
-    match (args.next(), args.next()) {
-        (Some(inbox), Some(outbox)) => Paths {
+    match (args.next(), args.next(), args.next()) {
+        (Some(inbox), Some(outbox), Some(socket)) => Paths {
             inbox: inbox.into(),
             outbox: outbox.into(),
+            socket: socket.into(),
         },
         _ => Paths {
             inbox: "/inbox".into(),
             outbox: "/outbox".into(),
+            socket: "/run/ironclaw/proxy.sock".into(),
         },
     }
 }
@@ -70,21 +76,40 @@ fn main() -> ExitCode {
         }
     };
     let paths = paths();
-    let inbox = InboxReader::new(paths.inbox, session, &keys);
+    let inbox = InboxReader::new(paths.inbox, session.clone(), &keys);
     if let Err(e) = inbox.list_after(None) {
         eprintln!("ironclaw-agent: the inbox is not readable: {e}");
         return ExitCode::from(1);
     }
-    if let Err(e) = std::fs::create_dir_all(paths.outbox.join("state")) {
+    let state_dir = paths.outbox.join("state");
+    if let Err(e) = std::fs::create_dir_all(&state_dir) {
         eprintln!("ironclaw-agent: the outbox is not writable: {e}");
         return ExitCode::from(1);
     }
+    let state = match state::State::open(&state_dir.join("agent.db"), &keys.agent_state) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ironclaw-agent: opening the agent state failed: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut agent = turn::Agent {
+        inbox,
+        outbox: OutboxWriter::new(paths.outbox, session, &keys),
+        proxy: proxy_client::ProxyClient::new(&paths.socket),
+        state,
+    };
+    drop(keys);
     let mut out = std::io::stdout().lock();
     if writeln!(out, "ready").and_then(|()| out.flush()).is_err() {
         return ExitCode::from(1);
     }
     drop(out);
-    loop {
-        std::thread::sleep(std::time::Duration::from_secs(3600));
+    match agent.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ironclaw-agent: stopped: {e}");
+            ExitCode::from(1)
+        }
     }
 }

@@ -242,7 +242,9 @@ impl Runtime for HostRuntime {
 
     fn command(&self, layout: &Layout, session: &SessionId, _bundle_dir: &Path) -> Command {
         let mut cmd = base_command(&Self::agent(layout));
-        cmd.arg(layout.inbox(session)).arg(layout.outbox(session));
+        cmd.arg(layout.inbox(session))
+            .arg(layout.outbox(session))
+            .arg(runsc_config::socket_path(&layout.socket_dir(session)));
         cmd
     }
 

@@ -1,0 +1,229 @@
+//! What the proxy endpoints do for one session: wake the agent when its inbox grows,
+//! forward model calls to the configured provider within the session's budgets, take in
+//! published outbox segments as hostile input, and pass change requests to the gateway.
+//! Everything that must reach the rest of the control plane leaves as a [`SessionEvent`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use queue_proto::control::OutboxReader;
+use queue_proto::ids::{ChangeId, Seq, SessionId};
+use queue_proto::items::{ChangeRequest, OutboxItem};
+use queue_proto::proxy::{
+    ChangeRequestFiled, ModelRequest, ModelResponse, OutboxNotice, WaitResponse,
+};
+use tokio::sync::{Mutex, mpsc, watch};
+
+use super::budget::{BudgetMeter, Budgets};
+use super::server::{Refused, SessionHandler};
+use crate::model::{Provider, ProviderError};
+
+/// Something the proxy saw that the rest of the control plane acts on.
+#[derive(Debug)]
+pub enum SessionEvent {
+    /// Items from a published outbox segment, already validated.
+    Outbox {
+        session: SessionId,
+        seq: Seq,
+        items: Vec<OutboxItem>,
+    },
+    /// A model call that was made (for the audit trail).
+    ModelCall {
+        session: SessionId,
+        provider: &'static str,
+        input_tokens: u64,
+        output_tokens: u64,
+        bytes_sent: u64,
+    },
+    /// A model call that failed or was refused: the person must be told.
+    ModelFailed { session: SessionId, reason: String },
+    /// A segment or request the proxy refused (for the audit trail).
+    Refused {
+        session: SessionId,
+        what: &'static str,
+        detail: String,
+    },
+    /// The agent asks for a change; the gateway decides.
+    ChangeRequested {
+        session: SessionId,
+        id: ChangeId,
+        request: ChangeRequest,
+    },
+}
+
+/// Tells a waiting agent that its inbox grew.
+#[derive(Debug, Clone)]
+pub struct InboxSignal(Arc<watch::Sender<Option<Seq>>>);
+
+impl InboxSignal {
+    /// Call after publishing inbox segment `seq`.
+    pub fn published(&self, seq: Seq) {
+        self.0.send_if_modified(|latest| {
+            let newer = latest.is_none_or(|l| seq > l);
+            if newer {
+                *latest = Some(seq);
+            }
+            newer
+        });
+    }
+}
+
+/// The endpoints' behaviour for one session.
+#[derive(Debug)]
+pub struct SessionProxy<P> {
+    session: SessionId,
+    inbox_dir: PathBuf,
+    outbox: OutboxReader,
+    provider: Arc<P>,
+    budget: Mutex<BudgetMeter>,
+    latest: watch::Receiver<Option<Seq>>,
+    wait_timeout: Duration,
+    events: mpsc::UnboundedSender<SessionEvent>,
+}
+
+impl<P: Provider> SessionProxy<P> {
+    /// A session's proxy behaviour, and the signal to call when its inbox grows.
+    pub fn new(
+        session: SessionId,
+        inbox_dir: PathBuf,
+        outbox: OutboxReader,
+        provider: Arc<P>,
+        budgets: Budgets,
+        wait_timeout: Duration,
+        events: mpsc::UnboundedSender<SessionEvent>,
+    ) -> (Self, InboxSignal) {
+        let latest = queue_proto::control::list_inbox(&inbox_dir)
+            .ok()
+            .and_then(|s| s.last().copied());
+        let (tx, rx) = watch::channel(latest);
+        let proxy = SessionProxy {
+            session,
+            inbox_dir,
+            outbox,
+            provider,
+            budget: Mutex::new(BudgetMeter::new(budgets)),
+            latest: rx,
+            wait_timeout,
+            events,
+        };
+        (proxy, InboxSignal(Arc::new(tx)))
+    }
+
+    fn emit(&self, event: SessionEvent) {
+        let _ = self.events.send(event);
+    }
+
+    fn refuse(&self, what: &'static str, detail: String, refusal: Refused) -> Refused {
+        self.emit(SessionEvent::Refused {
+            session: self.session.clone(),
+            what,
+            detail,
+        });
+        refusal
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl<P: Provider> SessionHandler for SessionProxy<P> {
+    async fn wait(&self, after: Seq) -> Result<WaitResponse, Refused> {
+        let mut latest = self.latest.clone();
+        let newer = |l: &Option<Seq>| l.is_some_and(|l| l > after);
+        let _ = tokio::time::timeout(self.wait_timeout, latest.wait_for(newer)).await;
+        let seqs = queue_proto::control::list_inbox(&self.inbox_dir)
+            .map_err(|e| self.refuse("wait", e.to_string(), Refused::UNAVAILABLE))?
+            .into_iter()
+            .filter(|s| *s > after)
+            .collect();
+        Ok(WaitResponse { seqs })
+    }
+
+    async fn model(&self, request: ModelRequest) -> Result<ModelResponse, Refused> {
+        let bytes = serde_json::to_vec(&request).map_or(0, |b| b.len() as u64);
+        if let Err(e) = self.budget.lock().await.admit(now_ms(), bytes) {
+            let failed = SessionEvent::ModelFailed {
+                session: self.session.clone(),
+                reason: e.to_string(),
+            };
+            self.emit(failed);
+            return Err(self.refuse("model", e.to_string(), Refused::BUDGET));
+        }
+        match self.provider.complete(&request).await {
+            Ok(response) => {
+                let u = response.usage;
+                self.budget
+                    .lock()
+                    .await
+                    .record_tokens(now_ms(), u.input_tokens + u.output_tokens);
+                self.emit(SessionEvent::ModelCall {
+                    session: self.session.clone(),
+                    provider: self.provider.name(),
+                    input_tokens: u.input_tokens,
+                    output_tokens: u.output_tokens,
+                    bytes_sent: bytes,
+                });
+                Ok(response)
+            }
+            Err(e) => {
+                let reason = match e {
+                    ProviderError::Refused { .. } | ProviderError::BadAnswer => {
+                        format!("the model refused or garbled the request: {e}")
+                    }
+                    _ => format!("the model could not be reached: {e}"),
+                };
+                self.emit(SessionEvent::ModelFailed {
+                    session: self.session.clone(),
+                    reason,
+                });
+                Err(self.refuse("model", e.to_string(), Refused::UNAVAILABLE))
+            }
+        }
+    }
+
+    async fn outbox(&self, notice: OutboxNotice) -> Result<(), Refused> {
+        match self.outbox.read(notice.seq) {
+            Ok(items) => {
+                self.emit(SessionEvent::Outbox {
+                    session: self.session.clone(),
+                    seq: notice.seq,
+                    items,
+                });
+                self.outbox
+                    .remove(notice.seq)
+                    .map_err(|e| self.refuse("outbox", e.to_string(), Refused::UNAVAILABLE))
+            }
+            Err(e) => {
+                let _ = self.outbox.remove(notice.seq);
+                Err(self.refuse("outbox", e.to_string(), Refused::REJECTED))
+            }
+        }
+    }
+
+    async fn change_request(&self, request: ChangeRequest) -> Result<ChangeRequestFiled, Refused> {
+        let mut n = [0u8; 8];
+        if getrandom::getrandom(&mut n).is_err() {
+            return Err(self.refuse(
+                "change request",
+                "no randomness for an id".into(),
+                Refused::UNAVAILABLE,
+            ));
+        }
+        let id =
+            ChangeId::try_from(format!("c{}", hex_lower(&n)).as_str()).expect("hex ids are valid");
+        self.emit(SessionEvent::ChangeRequested {
+            session: self.session.clone(),
+            id: id.clone(),
+            request,
+        });
+        Ok(ChangeRequestFiled { id })
+    }
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

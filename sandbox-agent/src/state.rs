@@ -1,0 +1,133 @@
+//! The agent's own durable state, in an SQLCipher database under `/outbox/state` keyed
+//! with the agent-state key: its cursors, its configuration, its notes and its
+//! conversation memory. Nothing here crosses to the control plane except through
+//! outbox segments.
+
+use std::path::Path;
+
+use queue_proto::ids::Seq;
+use queue_proto::items::AgentConfig;
+use queue_proto::keys::SecretKey;
+use queue_proto::proxy::ChatMessage;
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// How many past messages go into each model call.
+pub(crate) const HISTORY_MESSAGES: usize = 40;
+
+#[derive(Debug)]
+pub(crate) struct State {
+    conn: Connection,
+}
+
+impl State {
+    pub(crate) fn open(path: &Path, key: &SecretKey) -> rusqlite::Result<State> {
+        let conn = queue_proto::sqlcipher::open_private(path, key)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS cursor (id INTEGER PRIMARY KEY CHECK (id = 1), inbox INTEGER NOT NULL, outbox INTEGER NOT NULL);
+             INSERT OR IGNORE INTO cursor VALUES (1, 0, 0);
+             CREATE TABLE IF NOT EXISTS config (id INTEGER PRIMARY KEY CHECK (id = 1), json TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS notes (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS history (id INTEGER PRIMARY KEY AUTOINCREMENT, json TEXT NOT NULL);",
+        )?;
+        Ok(State { conn })
+    }
+
+    /// The last inbox seq fully handled (0: none; segments start at 1).
+    pub(crate) fn inbox_cursor(&self) -> rusqlite::Result<Seq> {
+        self.conn
+            .query_row("SELECT inbox FROM cursor", [], |r| r.get::<_, i64>(0))
+            .map(|v| Seq(v as u64))
+    }
+
+    /// The next outbox seq to publish.
+    pub(crate) fn next_outbox(&self) -> rusqlite::Result<Seq> {
+        self.conn
+            .query_row("SELECT outbox FROM cursor", [], |r| r.get::<_, i64>(0))
+            .map(|v| Seq(v as u64 + 1))
+    }
+
+    /// Records that inbox `inbox` is handled and outbox `outbox` is published.
+    pub(crate) fn advance(&self, inbox: Seq, outbox: Option<Seq>) -> rusqlite::Result<()> {
+        self.conn
+            .execute("UPDATE cursor SET inbox = ?1", params![inbox.0 as i64])?;
+        if let Some(o) = outbox {
+            self.conn
+                .execute("UPDATE cursor SET outbox = ?1", params![o.0 as i64])?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn config(&self) -> rusqlite::Result<Option<AgentConfig>> {
+        let json: Option<String> = self
+            .conn
+            .query_row("SELECT json FROM config", [], |r| r.get(0))
+            .optional()?;
+        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    pub(crate) fn set_config(&self, config: &AgentConfig) -> rusqlite::Result<()> {
+        let json = serde_json::to_string(config).expect("configs serialise");
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO config VALUES (1, ?1)",
+                params![json],
+            )
+            .map(drop)
+    }
+
+    pub(crate) fn write_note(&self, name: &str, body: &str) -> rusqlite::Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO notes VALUES (?1, ?2)",
+                params![name, body],
+            )
+            .map(drop)
+    }
+
+    pub(crate) fn read_note(&self, name: &str) -> rusqlite::Result<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT body FROM notes WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()
+    }
+
+    pub(crate) fn note_names(&self) -> rusqlite::Result<Vec<String>> {
+        let mut stmt = self.conn.prepare("SELECT name FROM notes ORDER BY name")?;
+        stmt.query_map([], |r| r.get(0))?.collect()
+    }
+
+    pub(crate) fn remember(&self, message: &ChatMessage) -> rusqlite::Result<()> {
+        let json = serde_json::to_string(message).expect("messages serialise");
+        self.conn
+            .execute("INSERT INTO history (json) VALUES (?1)", params![json])
+            .map(drop)
+    }
+
+    /// The most recent messages, oldest first, starting at a user message.
+    pub(crate) fn recent(&self) -> rusqlite::Result<Vec<ChatMessage>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT json FROM history ORDER BY id DESC LIMIT ?1")?;
+        let rows: Vec<String> = stmt
+            .query_map(params![HISTORY_MESSAGES as i64], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut messages: Vec<ChatMessage> = rows
+            .iter()
+            .rev()
+            .filter_map(|j| serde_json::from_str(j).ok())
+            .collect();
+        // A window that opens on a tool result or an assistant turn confuses providers.
+        while messages.first().is_some_and(|m| {
+            m.role != queue_proto::proxy::Role::User
+                || m.content
+                    .iter()
+                    .any(|b| matches!(b, queue_proto::proxy::ContentBlock::ToolResult { .. }))
+        }) {
+            messages.remove(0);
+        }
+        Ok(messages)
+    }
+}

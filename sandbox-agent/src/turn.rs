@@ -1,0 +1,315 @@
+//! The agent loop: wait for inbox segments, run a turn per user message (model calls
+//! through the proxy, tool calls, a cap on steps), publish what the turn produced as
+//! one outbox segment, and tell the proxy. No tool can change the agent's
+//! instructions, tools or limits: those arrive only in an `agent_config` item.
+
+use queue_proto::agent::{InboxReader, OutboxWriter};
+use queue_proto::ids::Seq;
+use queue_proto::items::{
+    AgentConfig, AssistantReply, ChangeRequest, InboxItem, Note, OutboxItem, ScheduleRequest,
+    ToolName, UserMessage,
+};
+use queue_proto::proxy::{
+    ChatMessage, ContentBlock, ModelRequest, ModelResponse, Role, ToolSpec, WaitResponse,
+};
+use serde_json::{Value, json};
+
+use crate::proxy_client::ProxyClient;
+use crate::state::State;
+
+/// Tokens asked for per model call.
+const MAX_TOKENS: u32 = 1024;
+/// What the person is told when the model cannot be used.
+pub(crate) const MODEL_FAILURE_REPLY: &str =
+    "Sorry, the model could not be reached, so I cannot answer right now. Please try again later.";
+
+/// Everything the loop works with.
+#[derive(Debug)]
+pub(crate) struct Agent {
+    pub(crate) inbox: InboxReader,
+    pub(crate) outbox: OutboxWriter,
+    pub(crate) proxy: ProxyClient,
+    pub(crate) state: State,
+}
+
+/// Why the loop stopped.
+#[derive(Debug)]
+pub(crate) enum LoopError {
+    Proxy(std::io::Error),
+    State(rusqlite::Error),
+    Segment(queue_proto::segment::SegmentError),
+}
+
+impl std::fmt::Display for LoopError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoopError::Proxy(e) => write!(f, "the proxy failed: {e}"),
+            LoopError::State(e) => write!(f, "the agent state failed: {e}"),
+            LoopError::Segment(e) => write!(f, "a segment failed: {e}"),
+        }
+    }
+}
+
+impl Agent {
+    /// Runs until the sandbox is stopped or something unrecoverable happens.
+    pub(crate) fn run(&mut self) -> Result<(), LoopError> {
+        loop {
+            let after = self.state.inbox_cursor().map_err(LoopError::State)?;
+            let answer = self
+                .proxy
+                .call("GET", &format!("/v1/wait?after={}", after.0), None)
+                .map_err(LoopError::Proxy)?;
+            let Ok(WaitResponse { seqs }) = serde_json::from_slice(&answer.body) else {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                continue;
+            };
+            for seq in seqs.into_iter().filter(|s| *s > after) {
+                self.handle_segment(seq)?;
+            }
+        }
+    }
+
+    fn handle_segment(&mut self, seq: Seq) -> Result<(), LoopError> {
+        let items = self.inbox.read(seq).map_err(LoopError::Segment)?;
+        let mut out = Vec::new();
+        for item in items {
+            match item {
+                InboxItem::AgentConfig(c) => self.state.set_config(&c).map_err(LoopError::State)?,
+                InboxItem::UserMessage(m) => out.extend(self.turn(&m)?),
+            }
+        }
+        let published = if out.is_empty() {
+            None
+        } else {
+            let o = self.state.next_outbox().map_err(LoopError::State)?;
+            self.outbox.publish(o, &out).map_err(LoopError::Segment)?;
+            Some(o)
+        };
+        self.state
+            .advance(seq, published)
+            .map_err(LoopError::State)?;
+        if let Some(o) = published {
+            let body = serde_json::to_vec(&json!({ "seq": o.0 })).expect("json");
+            self.proxy
+                .call("POST", "/v1/outbox", Some(&body))
+                .map_err(LoopError::Proxy)?;
+        }
+        Ok(())
+    }
+
+    /// One user message: model calls and tool calls until the model ends its turn or
+    /// the step cap is reached. Returns the outbox items it produced.
+    fn turn(&mut self, message: &UserMessage) -> Result<Vec<OutboxItem>, LoopError> {
+        let config = self
+            .state
+            .config()
+            .map_err(LoopError::State)?
+            .unwrap_or_else(default_config);
+        let mut messages = self.state.recent().map_err(LoopError::State)?;
+        let user = ChatMessage {
+            role: Role::User,
+            content: vec![ContentBlock::Text {
+                text: message.text.clone(),
+            }],
+        };
+        self.state.remember(&user).map_err(LoopError::State)?;
+        messages.push(user);
+        let mut out = Vec::new();
+        let mut replied = false;
+        for _ in 0..config.max_steps_per_turn {
+            let request = ModelRequest {
+                system: config.instructions.clone(),
+                messages: messages.clone(),
+                tools: tool_specs(&config.tools),
+                max_tokens: MAX_TOKENS,
+            };
+            let body = serde_json::to_vec(&request).expect("json");
+            let answer = self
+                .proxy
+                .call("POST", "/v1/model", Some(&body))
+                .map_err(LoopError::Proxy)?;
+            let Ok(response) = serde_json::from_slice::<ModelResponse>(&answer.body)
+                .map_err(drop)
+                .and_then(|r| if answer.status == 200 { Ok(r) } else { Err(()) })
+            else {
+                out.push(reply(message, MODEL_FAILURE_REPLY));
+                return Ok(out);
+            };
+            let assistant = ChatMessage {
+                role: Role::Assistant,
+                content: response.content.clone(),
+            };
+            self.state.remember(&assistant).map_err(LoopError::State)?;
+            messages.push(assistant);
+            let mut results = Vec::new();
+            for block in &response.content {
+                if let ContentBlock::ToolUse { id, name, input } = block {
+                    let (content, is_error) =
+                        self.tool(&config, message, name, input, &mut out, &mut replied);
+                    results.push(ContentBlock::ToolResult {
+                        tool_use_id: id.clone(),
+                        content,
+                        is_error,
+                    });
+                }
+            }
+            if results.is_empty() {
+                // The model answered in plain text: that is the reply.
+                let text: Vec<&str> = response
+                    .content
+                    .iter()
+                    .filter_map(|b| {
+                        if let ContentBlock::Text { text } = b {
+                            Some(text.as_str())
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
+                if !replied && !text.is_empty() {
+                    out.push(reply(message, &text.join("\n")));
+                }
+                return Ok(out);
+            }
+            let results = ChatMessage {
+                role: Role::User,
+                content: results,
+            };
+            self.state.remember(&results).map_err(LoopError::State)?;
+            messages.push(results);
+        }
+        if !replied {
+            out.push(reply(
+                message,
+                "I stopped after too many steps without an answer.",
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Runs one tool call; returns its result text and whether it failed.
+    fn tool(
+        &mut self,
+        config: &AgentConfig,
+        message: &UserMessage,
+        name: &str,
+        input: &Value,
+        out: &mut Vec<OutboxItem>,
+        replied: &mut bool,
+    ) -> (String, bool) {
+        let Some(tool) = config.tools.iter().copied().find(|t| tool_name(*t) == name) else {
+            return (format!("there is no tool named {name}"), true);
+        };
+        let text = |field: &str| input[field].as_str().map(str::to_owned);
+        match tool {
+            ToolName::Reply => match text("text") {
+                Some(t) => {
+                    out.push(reply(message, &t));
+                    *replied = true;
+                    ("sent".into(), false)
+                }
+                None => ("reply needs a text".into(), true),
+            },
+            ToolName::NoteWrite => match (text("name"), text("body")) {
+                (Some(n), Some(b)) => match self.state.write_note(&n, &b) {
+                    Ok(()) => {
+                        out.push(OutboxItem::Note(Note { name: n, body: b }));
+                        ("saved".into(), false)
+                    }
+                    Err(e) => (format!("saving failed: {e}"), true),
+                },
+                _ => ("note_write needs a name and a body".into(), true),
+            },
+            ToolName::NoteRead => match text("name").map(|n| self.state.read_note(&n)) {
+                Some(Ok(Some(body))) => (body, false),
+                Some(Ok(None)) => ("no such note".into(), true),
+                Some(Err(e)) => (format!("reading failed: {e}"), true),
+                None => ("note_read needs a name".into(), true),
+            },
+            ToolName::NoteList => match self.state.note_names() {
+                Ok(names) => (names.join("\n"), false),
+                Err(e) => (format!("listing failed: {e}"), true),
+            },
+            ToolName::Schedule => match (input["at"].as_i64(), text("text")) {
+                (Some(at), Some(t)) => {
+                    out.push(OutboxItem::ScheduleRequest(ScheduleRequest { at, text: t }));
+                    ("the control plane will deliver it".into(), false)
+                }
+                _ => ("schedule needs at (Unix seconds) and text".into(), true),
+            },
+            ToolName::RequestChange => {
+                let Ok(request) = serde_json::from_value::<ChangeRequest>(input.clone()) else {
+                    return ("request_change needs target, after and reason".into(), true);
+                };
+                let body = serde_json::to_vec(&request).expect("json");
+                match self.proxy.call("POST", "/v1/change-requests", Some(&body)) {
+                    Ok(a) if a.status == 200 => (
+                        format!("filed: {}", String::from_utf8_lossy(&a.body)),
+                        false,
+                    ),
+                    Ok(a) => (format!("refused ({})", a.status), true),
+                    Err(e) => (format!("could not file it: {e}"), true),
+                }
+            }
+        }
+    }
+}
+
+fn reply(message: &UserMessage, text: &str) -> OutboxItem {
+    let text: String = text.chars().take(16 * 1024).collect();
+    OutboxItem::AssistantReply(AssistantReply {
+        in_reply_to: message.message_id,
+        text,
+    })
+}
+
+/// Until the control plane sends a configuration: replies only, a few steps.
+fn default_config() -> AgentConfig {
+    AgentConfig {
+        version: 0,
+        instructions: String::new(),
+        tools: vec![ToolName::Reply],
+        max_steps_per_turn: 4,
+    }
+}
+
+fn tool_name(t: ToolName) -> &'static str {
+    match t {
+        ToolName::Reply => "reply",
+        ToolName::NoteWrite => "note_write",
+        ToolName::NoteRead => "note_read",
+        ToolName::NoteList => "note_list",
+        ToolName::Schedule => "schedule",
+        ToolName::RequestChange => "request_change",
+    }
+}
+
+fn tool_specs(tools: &[ToolName]) -> Vec<ToolSpec> {
+    let string = json!({ "type": "string" });
+    tools
+        .iter()
+        .map(|t| {
+            let (description, properties, required): (&str, Value, Vec<&str>) = match t {
+                ToolName::Reply => ("Send a message to the person.", json!({ "text": string }), vec!["text"]),
+                ToolName::NoteWrite => ("Save a note.", json!({ "name": string, "body": string }), vec!["name", "body"]),
+                ToolName::NoteRead => ("Read a saved note.", json!({ "name": string }), vec!["name"]),
+                ToolName::NoteList => ("List saved notes.", json!({}), vec![]),
+                ToolName::Schedule => (
+                    "Ask for a reminder to be sent to the person at a time (Unix seconds).",
+                    json!({ "at": { "type": "integer" }, "text": string }),
+                    vec!["at", "text"],
+                ),
+                ToolName::RequestChange => (
+                    "Ask a human operator to change what you are or can do.",
+                    json!({ "target": string, "after": string, "reason": string }),
+                    vec!["target", "after", "reason"],
+                ),
+            };
+            ToolSpec {
+                name: tool_name(*t).into(),
+                description: description.into(),
+                input_schema: json!({ "type": "object", "properties": properties, "required": required }),
+            }
+        })
+        .collect()
+}
