@@ -127,7 +127,18 @@ async fn main() {
     let mut settings = SandboxSettings::new(dir.path().join("state"), agent.clone());
     settings.run_dir = dir.path().join("run");
     let (manager, _events) =
-        Manager::new(Arc::new(RunscRuntime::default()), settings).expect("manager");
+        Manager::new(Arc::new(RunscRuntime::default()), settings.clone()).expect("manager");
+    // Each session gets a proxy socket that accepts and never answers, so a started
+    // agent sits idle in its first `wait`, as it does between messages.
+    let mut proxies = Vec::new();
+    let mut with_socket = |id: &SessionId| {
+        let layout = manager.layout();
+        control_plane::sandbox::layout::prepare_session(layout, id, settings.uid, settings.gid)
+            .expect("dirs");
+        let sock = runsc_config::socket_path(&layout.socket_dir(id));
+        proxies.push(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
+        std::os::unix::fs::chown(&sock, Some(settings.uid), Some(settings.gid)).expect("chown");
+    };
 
     // Cold start through the real launch path, interleaved with raw runsc runs of a
     // trivial static binary.
@@ -136,6 +147,7 @@ async fn main() {
     let (mut cold, mut raw) = (Vec::new(), Vec::new());
     for i in 0..COLD_RUNS {
         let (id, keys) = session(i);
+        with_socket(&id);
         let t = Instant::now();
         manager.ensure_running(&id, &keys).await.expect("start");
         cold.push(t.elapsed());
@@ -174,6 +186,7 @@ async fn main() {
     let mut ids = Vec::new();
     for i in 0..IDLE_SESSIONS {
         let (id, keys) = session(100 + i);
+        with_socket(&id);
         manager.ensure_running(&id, &keys).await.expect("start");
         ids.push(id);
     }

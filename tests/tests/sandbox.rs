@@ -120,14 +120,20 @@ impl Rig {
 
     /// Prepares a session's directories, its probe orders and a listening proxy socket.
     fn prepare(&mut self, s: &SessionId, bomb: Option<&str>) {
-        layout::prepare_session(&self.layout, s, self.settings.uid, self.settings.gid).unwrap();
+        self.proxy_socket(s);
         self.orders(s, bomb);
+        let _ = std::fs::remove_file(self.layout.outbox(s).join("probe.json"));
+    }
+
+    /// Prepares a session's directories and a proxy socket that accepts connections
+    /// and never answers: a real agent's first `wait` then simply blocks.
+    fn proxy_socket(&mut self, s: &SessionId) {
+        layout::prepare_session(&self.layout, s, self.settings.uid, self.settings.gid).unwrap();
         let sock = runsc_config::socket_path(&self.layout.socket_dir(s));
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).unwrap();
         std::os::unix::fs::chown(&sock, Some(self.settings.uid), Some(self.settings.gid)).unwrap();
         self._proxies.push(listener);
-        let _ = std::fs::remove_file(self.layout.outbox(s).join("probe.json"));
     }
 
     fn orders(&self, s: &SessionId, bomb: Option<&str>) {
@@ -312,8 +318,9 @@ async fn keys_reach_the_agent_only_through_stdin() {
     if !in_process_with_canary_env("keys_reach_the_agent_only_through_stdin") {
         return;
     }
-    let rig = Rig::new(&binary("IRONCLAW_AGENT_BIN"));
+    let mut rig = Rig::new(&binary("IRONCLAW_AGENT_BIN"));
     let (s, keys) = session("stdin-only");
+    rig.proxy_socket(&s);
     let (manager, _events) = rig.manager();
     // The real agent prints `ready` only after it decoded its keys from stdin.
     manager.ensure_running(&s, &keys).await.unwrap();
@@ -598,8 +605,9 @@ fn in_process_with_canary_env(test: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kills_leave_no_orphan_after_the_next_start() {
-    let rig = Rig::new(&binary("IRONCLAW_AGENT_BIN"));
+    let mut rig = Rig::new(&binary("IRONCLAW_AGENT_BIN"));
     let (s, keys) = session("orphans");
+    rig.proxy_socket(&s);
 
     // Killing the agent: runsc kills the container's process; the manager reaps it and
     // removes the sandbox.
