@@ -49,9 +49,46 @@ struct Rig {
     id: SessionId,
     keys: SessionKeys,
     events: mpsc::UnboundedReceiver<SessionEvent>,
+    /// Every byte the agent received from the proxy.
+    seen: Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 async fn rig<P: Provider>(name: &str, provider: P) -> Rig {
+    rig_with(name, provider, Budgets::default()).await
+}
+
+/// Relays the agent's socket to the real proxy socket, keeping a copy of every byte the
+/// agent receives, so a test can scan all the agent ever saw from the proxy.
+fn relay(
+    agent_side: tokio::net::UnixListener,
+    proxy_side: PathBuf,
+    seen: Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::spawn(async move {
+        while let Ok((agent, _)) = agent_side.accept().await {
+            let Ok(proxy) = tokio::net::UnixStream::connect(&proxy_side).await else {
+                continue;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let (mut ar, mut aw) = agent.into_split();
+                let (mut pr, mut pw) = proxy.into_split();
+                let up = tokio::spawn(async move { tokio::io::copy(&mut ar, &mut pw).await });
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = pr.read(&mut buf).await {
+                    if n == 0 || aw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+                up.abort();
+            });
+        }
+    });
+}
+
+async fn rig_with<P: Provider>(name: &str, provider: P, budgets: Budgets) -> Rig {
     let dir = tempfile::Builder::new()
         .prefix("ice2e")
         .tempdir_in("/tmp")
@@ -69,10 +106,14 @@ async fn rig<P: Provider>(name: &str, provider: P) -> Rig {
     );
     layout::prepare_session(&layout, &id, settings.uid, settings.gid).unwrap();
 
-    // The control plane's side: the proxy on the session's socket.
+    // The control plane's side: the proxy, reached by the agent through a recording relay.
     let sock = runsc_config::socket_path(&layout.socket_dir(&id));
-    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let agent_side = tokio::net::UnixListener::bind(&sock).unwrap();
     std::os::unix::fs::chown(&sock, Some(settings.uid), Some(settings.gid)).unwrap();
+    let inner = dir.path().join("proxy-inner.sock");
+    let listener = tokio::net::UnixListener::bind(&inner).unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    relay(agent_side, inner, seen.clone());
     let (tx, events) = mpsc::unbounded_channel();
     let outbox = OutboxReader::new(layout.outbox(&id), layout.private(&id), id.clone(), &keys);
     let (proxy, signal) = SessionProxy::new(
@@ -80,7 +121,7 @@ async fn rig<P: Provider>(name: &str, provider: P) -> Rig {
         layout.inbox(&id),
         outbox,
         Arc::new(provider),
-        Budgets::default(),
+        budgets,
         Duration::from_secs(30),
         tx,
     );
@@ -117,6 +158,7 @@ async fn rig<P: Provider>(name: &str, provider: P) -> Rig {
         id,
         keys,
         events,
+        seen,
     }
 }
 
@@ -247,6 +289,15 @@ async fn a_user_message_becomes_tool_calls_and_a_reply_with_anthropic() {
         scanned += 1;
     }
     assert!(scanned >= 2, "the agent state and the inbox were scanned");
+    let seen = r.seen.lock().unwrap().clone();
+    assert!(
+        seen.windows(6).any(|w| w == b"reply\"" || w == b"Noted"),
+        "the relay saw the model's answers"
+    );
+    assert!(
+        !seen.windows(API_KEY.len()).any(|w| w == API_KEY.as_bytes()),
+        "the API key reached the agent"
+    );
     assert!(r.layout.outbox(&r.id).join("state/agent.db").is_file());
     r.manager.stop(&r.id).await.unwrap();
     drop(r.dir);
@@ -313,4 +364,60 @@ async fn when_the_model_is_down_the_person_is_told() {
     assert!(r.manager.is_running(&r.id).await, "the agent carries on");
     r.manager.stop(&r.id).await.unwrap();
     let _ = &r.keys;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exhausted_budget_is_refused_and_the_person_is_told() {
+    let fake = FakeHttp::start(anthropic_script()).await;
+    let provider = Anthropic::new(
+        ApprovedEndpoint::parse(&fake.base()).unwrap(),
+        "m".into(),
+        ApiKey::new(API_KEY.into()),
+    );
+    let none_left = Budgets {
+        requests_per_minute: 0,
+        ..Budgets::default()
+    };
+    let mut r = rig_with("e2e-budget", provider, none_left).await;
+    let (items, others) = r.outbox().await;
+    let [OutboxItem::AssistantReply(reply)] = items.as_slice() else {
+        panic!("{items:?}")
+    };
+    assert!(reply.text.starts_with(FAILURE_REPLY), "{}", reply.text);
+    assert!(
+        others
+            .iter()
+            .any(|e| matches!(e, SessionEvent::Refused { what: "model", .. })),
+        "the refusal is recorded"
+    );
+    assert!(fake.received().is_empty(), "nothing reached the provider");
+    r.manager.stop(&r.id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_that_never_stops_calling_tools_is_cut_off_at_the_step_cap() {
+    let looping = |i: usize| {
+        Scripted::json(json!({
+            "content": [{"type": "tool_use", "id": format!("t{i}"), "name": "note_read", "input": {"name": "x"}}],
+            "stop_reason": "tool_use", "usage": {"input_tokens": 1, "output_tokens": 1}
+        }))
+    };
+    let fake = FakeHttp::start((0..20).map(looping).collect()).await;
+    let provider = Anthropic::new(
+        ApprovedEndpoint::parse(&fake.base()).unwrap(),
+        "m".into(),
+        ApiKey::new(API_KEY.into()),
+    );
+    let mut r = rig("e2e-steps", provider).await;
+    let (items, _) = r.outbox().await;
+    let [OutboxItem::AssistantReply(reply)] = items.as_slice() else {
+        panic!("{items:?}")
+    };
+    assert!(reply.text.contains("too many steps"), "{}", reply.text);
+    assert_eq!(
+        fake.received().len(),
+        6,
+        "max_steps_per_turn of the approved configuration"
+    );
+    r.manager.stop(&r.id).await.unwrap();
 }

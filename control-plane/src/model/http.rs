@@ -64,9 +64,53 @@ impl ApprovedEndpoint {
 #[derive(Clone)]
 pub struct ApiKey(Zeroizing<String>);
 
+/// Why an API key file was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("reading the API key file {path} failed")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the API key file {path} is empty, larger than 4 KiB, or not one line of text")]
+    Malformed { path: std::path::PathBuf },
+    #[error(
+        "the API key file {path} is readable by other users (mode {mode:o}); make it 0600 or 0400"
+    )]
+    Exposed { path: std::path::PathBuf, mode: u32 },
+}
+
 impl ApiKey {
     pub fn new(key: String) -> Self {
         ApiKey(Zeroizing::new(key.trim().to_owned()))
+    }
+
+    /// Reads the key from `api_key_file`: one line, at most 4 KiB, not readable by
+    /// group or others.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, KeyFileError> {
+        use std::os::unix::fs::PermissionsExt;
+        let read = |source| KeyFileError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let mode = std::fs::metadata(path).map_err(read)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyFileError::Exposed {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        let text = Zeroizing::new(std::fs::read(path).map_err(read)?);
+        let malformed = || KeyFileError::Malformed {
+            path: path.to_owned(),
+        };
+        let text = std::str::from_utf8(&text).map_err(|_| malformed())?;
+        let key = text.trim();
+        if key.is_empty() || text.len() > 4096 || key.contains(['\n', '\r']) {
+            return Err(malformed());
+        }
+        Ok(ApiKey::new(key.to_owned()))
     }
     pub(crate) fn expose(&self) -> &str {
         &self.0
@@ -251,6 +295,38 @@ mod tests {
             e.join("/v1/chat/completions").as_str(),
             "http://127.0.0.1:9/prefix/v1/chat/completions"
         );
+    }
+
+    #[test]
+    fn key_files_must_be_private_single_lines() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.key");
+        let write = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("sk-abc\n", 0o600);
+        assert_eq!(ApiKey::from_file(&path).unwrap().expose(), "sk-abc");
+        write("sk-abc\n", 0o644);
+        assert!(matches!(
+            ApiKey::from_file(&path),
+            Err(KeyFileError::Exposed { .. })
+        ));
+        for bad in ["", "\n", "a\nb\n"] {
+            write(bad, 0o400);
+            assert!(
+                matches!(
+                    ApiKey::from_file(&path),
+                    Err(KeyFileError::Malformed { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            ApiKey::from_file(&dir.path().join("missing")),
+            Err(KeyFileError::Read { .. })
+        ));
     }
 
     #[test]
