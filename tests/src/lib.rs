@@ -8,3 +8,17 @@
 #![forbid(unsafe_code)]
 
 pub mod fake_http;
+
+/// Every regular file under `dir`, recursively (nothing if `dir` is missing).
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+    out
+}

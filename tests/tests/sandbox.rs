@@ -334,7 +334,7 @@ async fn keys_reach_the_agent_only_through_stdin() {
         rig.layout.outbox(&s),
         rig.layout.socket_dir(&s),
     ] {
-        for f in walk(&dir) {
+        for f in tests::files_under(&dir) {
             let bytes = std::fs::read(&f).unwrap_or_default();
             scanned += 1;
             assert!(
@@ -363,21 +363,6 @@ async fn keys_reach_the_agent_only_through_stdin() {
     }
     assert!(scanned >= 2);
     manager.stop(&s).await.unwrap();
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else if p.is_file() {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// Weakens a good config and runsc command line (the session's keys at hand).
