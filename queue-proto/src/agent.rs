@@ -63,6 +63,12 @@ impl OutboxWriter {
         }
     }
 
+    /// Published outbox seqs still waiting to be taken in (the control plane removes
+    /// each one it has ingested).
+    pub fn pending(&self) -> Result<Vec<Seq>, SegmentError> {
+        segment::list_after(&self.dir, None)
+    }
+
     /// Publishes `items` as outbox segment `seq`.
     pub fn publish(&self, seq: Seq, items: &[OutboxItem]) -> Result<PathBuf, SegmentError> {
         let place = Place {

@@ -13,6 +13,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 /// How many past messages go into each model call.
 pub(crate) const HISTORY_MESSAGES: usize = 40;
+/// Most bytes of history sent with a model call.
+pub(crate) const MAX_HISTORY_BYTES: usize = 512 * 1024;
 
 #[derive(Debug)]
 pub(crate) struct State {
@@ -106,6 +108,20 @@ impl State {
             .map(drop)
     }
 
+    /// Keeps an assistant message and the tool results that answer it, in one
+    /// transaction.
+    pub(crate) fn remember_pair(
+        &self,
+        call: &ChatMessage,
+        results: &ChatMessage,
+    ) -> rusqlite::Result<()> {
+        self.conn.execute_batch("BEGIN")?;
+        let kept = self.remember(call).and_then(|()| self.remember(results));
+        self.conn
+            .execute_batch(if kept.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+        kept
+    }
+
     /// The most recent messages, oldest first, starting at a user message.
     pub(crate) fn recent(&self) -> rusqlite::Result<Vec<ChatMessage>> {
         let mut stmt = self
@@ -120,14 +136,25 @@ impl State {
             .filter_map(|j| serde_json::from_str(j).ok())
             .collect();
         // A window that opens on a tool result or an assistant turn confuses providers.
-        while messages.first().is_some_and(|m| {
-            m.role != queue_proto::proxy::Role::User
-                || m.content
-                    .iter()
-                    .any(|b| matches!(b, queue_proto::proxy::ContentBlock::ToolResult { .. }))
-        }) {
+        while messages.first().is_some_and(not_an_opening) {
             messages.remove(0);
+        }
+        // Keep the model request well under the proxy's 1 MiB limit: drop the oldest
+        // messages until the history fits, never opening on an answer.
+        while serde_json::to_vec(&messages).map_or(0, |b| b.len()) > MAX_HISTORY_BYTES {
+            messages.remove(0);
+            while messages.first().is_some_and(not_an_opening) {
+                messages.remove(0);
+            }
         }
         Ok(messages)
     }
+}
+
+/// A window that opens on an assistant turn or a tool result confuses providers.
+fn not_an_opening(m: &ChatMessage) -> bool {
+    m.role != queue_proto::proxy::Role::User
+        || m.content
+            .iter()
+            .any(|b| matches!(b, queue_proto::proxy::ContentBlock::ToolResult { .. }))
 }

@@ -53,6 +53,11 @@ impl std::fmt::Display for LoopError {
 impl Agent {
     /// Runs until the sandbox is stopped or something unrecoverable happens.
     pub(crate) fn run(&mut self) -> Result<(), LoopError> {
+        // Segments published before a crash or a failed notice are announced again; the
+        // control plane takes each seq in once.
+        for seq in self.outbox.pending().map_err(LoopError::Segment)? {
+            self.announce(seq)?;
+        }
         loop {
             let after = self.state.inbox_cursor().map_err(LoopError::State)?;
             let answer = self
@@ -89,12 +94,18 @@ impl Agent {
             .advance(seq, published)
             .map_err(LoopError::State)?;
         if let Some(o) = published {
-            let body = serde_json::to_vec(&json!({ "seq": o.0 })).expect("json");
-            self.proxy
-                .call("POST", "/v1/outbox", Some(&body))
-                .map_err(LoopError::Proxy)?;
+            self.announce(o)?;
         }
         Ok(())
+    }
+
+    /// Tells the proxy that outbox segment `seq` is published.
+    fn announce(&self, seq: Seq) -> Result<(), LoopError> {
+        let body = serde_json::to_vec(&json!({ "seq": seq.0 })).expect("json");
+        self.proxy
+            .call("POST", "/v1/outbox", Some(&body))
+            .map_err(LoopError::Proxy)
+            .map(drop)
     }
 
     /// One user message: model calls and tool calls until the model ends its turn or
@@ -135,12 +146,24 @@ impl Agent {
                 out.push(reply(message, MODEL_FAILURE_REPLY));
                 return Ok(out);
             };
+            let content: Vec<ContentBlock> = response
+                .content
+                .iter()
+                .filter(|b| !matches!(b, ContentBlock::Text { text } if text.trim().is_empty()))
+                .cloned()
+                .collect();
+            if content.is_empty() {
+                // Nothing said and nothing called: the turn is over. An empty message
+                // kept in the history would make every later call invalid.
+                if !replied {
+                    out.push(reply(message, "I have no answer to that."));
+                }
+                return Ok(out);
+            }
             let assistant = ChatMessage {
                 role: Role::Assistant,
-                content: response.content.clone(),
+                content,
             };
-            self.state.remember(&assistant).map_err(LoopError::State)?;
-            messages.push(assistant);
             let mut results = Vec::new();
             for block in &response.content {
                 if let ContentBlock::ToolUse { id, name, input } = block {
@@ -154,6 +177,8 @@ impl Agent {
                 }
             }
             if results.is_empty() {
+                self.state.remember(&assistant).map_err(LoopError::State)?;
+                messages.push(assistant);
                 // The model answered in plain text: that is the reply.
                 let text: Vec<&str> = response
                     .content
@@ -171,11 +196,16 @@ impl Agent {
                 }
                 return Ok(out);
             }
+            // A tool call and its results are kept together or not at all, so the
+            // history never holds a call without its answer.
             let results = ChatMessage {
                 role: Role::User,
                 content: results,
             };
-            self.state.remember(&results).map_err(LoopError::State)?;
+            self.state
+                .remember_pair(&assistant, &results)
+                .map_err(LoopError::State)?;
+            messages.push(assistant);
             messages.push(results);
         }
         if !replied {
@@ -211,13 +241,20 @@ impl Agent {
                 None => ("reply needs a text".into(), true),
             },
             ToolName::NoteWrite => match (text("name"), text("body")) {
-                (Some(n), Some(b)) => match self.state.write_note(&n, &b) {
-                    Ok(()) => {
-                        out.push(OutboxItem::Note(Note { name: n, body: b }));
-                        ("saved".into(), false)
+                (Some(n), Some(b)) => {
+                    let note = OutboxItem::Note(Note {
+                        name: n.clone(),
+                        body: b.clone(),
+                    });
+                    let (text, failed) = queue(out, note, "saved");
+                    if failed {
+                        return (text, failed);
                     }
-                    Err(e) => (format!("saving failed: {e}"), true),
-                },
+                    match self.state.write_note(&n, &b) {
+                        Ok(()) => (text, false),
+                        Err(e) => (format!("saving failed: {e}"), true),
+                    }
+                }
                 _ => ("note_write needs a name and a body".into(), true),
             },
             ToolName::NoteRead => match text("name").map(|n| self.state.read_note(&n)) {
@@ -231,10 +268,11 @@ impl Agent {
                 Err(e) => (format!("listing failed: {e}"), true),
             },
             ToolName::Schedule => match (input["at"].as_i64(), text("text")) {
-                (Some(at), Some(t)) => {
-                    out.push(OutboxItem::ScheduleRequest(ScheduleRequest { at, text: t }));
-                    ("the control plane will deliver it".into(), false)
-                }
+                (Some(at), Some(t)) => queue(
+                    out,
+                    OutboxItem::ScheduleRequest(ScheduleRequest { at, text: t }),
+                    "the control plane will deliver it",
+                ),
                 _ => ("schedule needs at (Unix seconds) and text".into(), true),
             },
             ToolName::RequestChange => {
@@ -252,6 +290,19 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+/// Queues `item` if it is valid; otherwise tells the model why, so one oversized note
+/// cannot sink the whole segment.
+fn queue(out: &mut Vec<OutboxItem>, item: OutboxItem, ok: &str) -> (String, bool) {
+    use queue_proto::items::QueueItem;
+    match item.encode() {
+        Ok(_) => {
+            out.push(item);
+            (ok.into(), false)
+        }
+        Err(e) => (format!("refused: {e}"), true),
     }
 }
 

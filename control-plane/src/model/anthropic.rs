@@ -59,7 +59,16 @@ pub fn body(model: &str, request: &ModelRequest) -> Value {
                 Role::User => "user",
                 Role::Assistant => "assistant",
             };
-            json!({ "role": role, "content": m.content.iter().map(block).collect::<Vec<_>>() })
+            {
+                // Anthropic refuses empty text blocks.
+                let content: Vec<Value> = m
+                    .content
+                    .iter()
+                    .filter(|b| !matches!(b, ContentBlock::Text { text } if text.is_empty()))
+                    .map(block)
+                    .collect();
+                json!({ "role": role, "content": content })
+            }
         })
         .collect();
     let mut body =

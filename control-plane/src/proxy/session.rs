@@ -74,9 +74,13 @@ impl InboxSignal {
 pub struct SessionProxy<P> {
     session: SessionId,
     inbox_dir: PathBuf,
-    outbox: OutboxReader,
+    /// Ingestion holds this lock from read to removal, one segment at a time; the value
+    /// is the last seq taken in, and only a later seq is accepted.
+    outbox: Arc<Mutex<(OutboxReader, Option<Seq>)>>,
     provider: Arc<P>,
-    budget: Mutex<BudgetMeter>,
+    budget: Arc<Mutex<BudgetMeter>>,
+    /// One model call in flight per session.
+    model_gate: Arc<tokio::sync::Semaphore>,
     latest: watch::Receiver<Option<Seq>>,
     wait_timeout: Duration,
     events: mpsc::UnboundedSender<SessionEvent>,
@@ -100,9 +104,10 @@ impl<P: Provider> SessionProxy<P> {
         let proxy = SessionProxy {
             session,
             inbox_dir,
-            outbox,
+            outbox: Arc::new(Mutex::new((outbox, None))),
             provider,
-            budget: Mutex::new(BudgetMeter::new(budgets)),
+            budget: Arc::new(Mutex::new(BudgetMeter::new(budgets))),
+            model_gate: Arc::new(tokio::sync::Semaphore::new(1)),
             latest: rx,
             wait_timeout,
             events,
@@ -124,6 +129,9 @@ impl<P: Provider> SessionProxy<P> {
     }
 }
 
+/// The most output tokens one model call may ask for.
+pub const MAX_TOKENS_PER_CALL: u32 = 8192;
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -143,7 +151,12 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
         Ok(WaitResponse { seqs })
     }
 
-    async fn model(&self, request: ModelRequest) -> Result<ModelResponse, Refused> {
+    async fn model(&self, mut request: ModelRequest) -> Result<ModelResponse, Refused> {
+        // One call at a time per session, and no more output than the cap.
+        let Ok(permit) = self.model_gate.clone().acquire_owned().await else {
+            return Err(Refused::UNAVAILABLE);
+        };
+        request.max_tokens = request.max_tokens.min(MAX_TOKENS_PER_CALL);
         let bytes = serde_json::to_vec(&request).map_or(0, |b| b.len() as u64);
         if let Err(e) = self.budget.lock().await.admit(now_ms(), bytes) {
             let failed = SessionEvent::ModelFailed {
@@ -153,52 +166,88 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
             self.emit(failed);
             return Err(self.refuse("model", e.to_string(), Refused::BUDGET));
         }
-        match self.provider.complete(&request).await {
-            Ok(response) => {
-                let u = response.usage;
-                self.budget
-                    .lock()
-                    .await
-                    .record_tokens(now_ms(), u.input_tokens + u.output_tokens);
-                self.emit(SessionEvent::ModelCall {
-                    session: self.session.clone(),
-                    provider: self.provider.name(),
-                    input_tokens: u.input_tokens,
-                    output_tokens: u.output_tokens,
+        // The call runs in its own task: if the agent hangs up or the handler times out,
+        // the call is still charged and recorded when it ends.
+        let (provider, budget, events, session) = (
+            self.provider.clone(),
+            self.budget.clone(),
+            self.events.clone(),
+            self.session.clone(),
+        );
+        let call = tokio::spawn(async move {
+            let result = provider.complete(&request).await;
+            // A failed call may still have been billed: charge its whole allowance.
+            let tokens = match &result {
+                Ok(r) => (r.usage.input_tokens + r.usage.output_tokens).max(1),
+                Err(_) => u64::from(request.max_tokens),
+            };
+            budget.lock().await.record_tokens(now_ms(), tokens);
+            let event = match &result {
+                Ok(r) => SessionEvent::ModelCall {
+                    session: session.clone(),
+                    provider: provider.name(),
+                    input_tokens: r.usage.input_tokens,
+                    output_tokens: r.usage.output_tokens,
                     bytes_sent: bytes,
-                });
-                Ok(response)
-            }
-            Err(e) => {
-                let reason = match e {
-                    ProviderError::Refused { .. } | ProviderError::BadAnswer => {
-                        format!("the model refused or garbled the request: {e}")
-                    }
-                    _ => format!("the model could not be reached: {e}"),
-                };
-                self.emit(SessionEvent::ModelFailed {
-                    session: self.session.clone(),
-                    reason,
-                });
-                Err(self.refuse("model", e.to_string(), Refused::UNAVAILABLE))
-            }
+                },
+                Err(e) => SessionEvent::ModelFailed {
+                    session: session.clone(),
+                    reason: match e {
+                        ProviderError::Refused { .. } | ProviderError::BadAnswer => {
+                            format!("the model refused or garbled the request: {e}")
+                        }
+                        _ => format!("the model could not be reached: {e}"),
+                    },
+                },
+            };
+            let _ = events.send(event);
+            drop(permit);
+            result
+        });
+        match call.await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(self.refuse("model", e.to_string(), Refused::UNAVAILABLE)),
+            Err(_) => Err(Refused::UNAVAILABLE),
         }
     }
 
     async fn outbox(&self, notice: OutboxNotice) -> Result<(), Refused> {
-        match self.outbox.read(notice.seq) {
+        // Parsing a hostile file is blocking work: keep it off the async workers, and
+        // take one segment at a time per session, each seq once, in order.
+        let guard = self.outbox.clone().lock_owned().await;
+        if guard.1.is_some_and(|last| notice.seq <= last) {
+            return Err(self.refuse(
+                "outbox",
+                format!("seq {} was already taken in", notice.seq),
+                Refused::REJECTED,
+            ));
+        }
+        let (guard, read) = tokio::task::spawn_blocking(move || {
+            let read = guard.0.read(notice.seq);
+            (guard, read)
+        })
+        .await
+        .map_err(|_| Refused::UNAVAILABLE)?;
+        let mut guard = guard;
+        match read {
             Ok(items) => {
+                guard.1 = Some(notice.seq);
                 self.emit(SessionEvent::Outbox {
                     session: self.session.clone(),
                     seq: notice.seq,
                     items,
                 });
-                self.outbox
+                guard
+                    .0
                     .remove(notice.seq)
                     .map_err(|e| self.refuse("outbox", e.to_string(), Refused::UNAVAILABLE))
             }
             Err(e) => {
-                let _ = self.outbox.remove(notice.seq);
+                // A segment that fails validation is hostile or broken: drop it. An I/O
+                // failure on our side leaves it for the agent to announce again.
+                if !matches!(e, queue_proto::segment::SegmentError::Io { .. }) {
+                    let _ = guard.0.remove(notice.seq);
+                }
                 Err(self.refuse("outbox", e.to_string(), Refused::REJECTED))
             }
         }

@@ -1,0 +1,99 @@
+//! The session proxy's outbox ingestion: each seq is taken in once and in order, a
+//! replayed or re-published seq is refused, and a hostile segment is refused and dropped.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use control_plane::model::demo::DemoProvider;
+use control_plane::proxy::budget::Budgets;
+use control_plane::proxy::server::{Refused, SessionHandler};
+use control_plane::proxy::session::{SessionEvent, SessionProxy};
+use queue_proto::agent::OutboxWriter;
+use queue_proto::control::OutboxReader;
+use queue_proto::ids::{Seq, SessionId};
+use queue_proto::items::{AssistantReply, OutboxItem};
+use queue_proto::keys::{MasterKey, SessionSalt, derive_session_keys};
+use queue_proto::proxy::OutboxNotice;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_outbox_seq_is_taken_in_once_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let [inbox, outbox, private] = ["inbox.d", "outbox.d", "private"].map(|d| {
+        let p = dir.path().join(d);
+        std::fs::create_dir(&p).unwrap();
+        p
+    });
+    let id = SessionId::try_from("ingest").unwrap();
+    let keys = derive_session_keys(
+        &MasterKey::generate().unwrap(),
+        &id,
+        &SessionSalt::generate().unwrap(),
+    );
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let reader = OutboxReader::new(outbox.clone(), private, id.clone(), &keys);
+    let (proxy, _signal) = SessionProxy::new(
+        id.clone(),
+        inbox,
+        reader,
+        Arc::new(DemoProvider),
+        Budgets::default(),
+        Duration::from_secs(1),
+        tx,
+    );
+    let writer = OutboxWriter::new(outbox.clone(), id, &keys);
+    let reply = |t: &str| {
+        OutboxItem::AssistantReply(AssistantReply {
+            in_reply_to: 1,
+            text: t.into(),
+        })
+    };
+
+    writer.publish(Seq(2), &[reply("first")]).unwrap();
+    proxy.outbox(OutboxNotice { seq: Seq(2) }).await.unwrap();
+    assert!(matches!(
+        events.try_recv(),
+        Ok(SessionEvent::Outbox { seq: Seq(2), .. })
+    ));
+    assert!(
+        !outbox.join(Seq(2).file_name()).exists(),
+        "an ingested segment is removed"
+    );
+
+    // The agent publishes seq 2 again, and an older seq 1: both refused, nothing emitted.
+    writer.publish(Seq(2), &[reply("again")]).unwrap();
+    writer.publish(Seq(1), &[reply("older")]).unwrap();
+    for seq in [Seq(2), Seq(1)] {
+        assert_eq!(
+            proxy.outbox(OutboxNotice { seq }).await,
+            Err(Refused::REJECTED)
+        );
+    }
+    assert!(matches!(
+        events.try_recv(),
+        Ok(SessionEvent::Refused { what: "outbox", .. })
+    ));
+    assert!(matches!(
+        events.try_recv(),
+        Ok(SessionEvent::Refused { what: "outbox", .. })
+    ));
+    assert!(events.try_recv().is_err(), "no items were emitted twice");
+
+    // A hostile file at the next seq is refused and dropped; a good one after it is taken.
+    std::fs::write(outbox.join(Seq(3).file_name()), b"not a segment").unwrap();
+    assert_eq!(
+        proxy.outbox(OutboxNotice { seq: Seq(3) }).await,
+        Err(Refused::REJECTED)
+    );
+    assert!(!outbox.join(Seq(3).file_name()).exists());
+    writer.publish(Seq(4), &[reply("next")]).unwrap();
+    proxy.outbox(OutboxNotice { seq: Seq(4) }).await.unwrap();
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        if let SessionEvent::Outbox { seq, .. } = e {
+            seen.push(seq);
+        }
+    }
+    assert_eq!(seen, [Seq(4)]);
+}
