@@ -48,7 +48,7 @@ struct Rig {
     manager: Arc<Manager>,
     id: SessionId,
     keys: SessionKeys,
-    events: mpsc::UnboundedReceiver<SessionEvent>,
+    events: mpsc::Receiver<SessionEvent>,
     /// Every byte the agent received from the proxy.
     seen: Arc<std::sync::Mutex<Vec<u8>>>,
 }
@@ -114,7 +114,7 @@ async fn rig_with<P: Provider>(name: &str, provider: P, budgets: Budgets) -> Rig
     let listener = tokio::net::UnixListener::bind(&inner).unwrap();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     relay(agent_side, inner, seen.clone());
-    let (tx, events) = mpsc::unbounded_channel();
+    let (tx, events) = mpsc::channel(control_plane::proxy::session::EVENT_QUEUE);
     let outbox = OutboxReader::new(layout.outbox(&id), layout.private(&id), id.clone(), &keys);
     let (proxy, signal) = SessionProxy::new(
         id.clone(),

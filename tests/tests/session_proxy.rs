@@ -31,7 +31,7 @@ async fn each_outbox_seq_is_taken_in_once_and_in_order() {
         &id,
         &SessionSalt::generate().unwrap(),
     );
-    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut events) = tokio::sync::mpsc::channel(control_plane::proxy::session::EVENT_QUEUE);
     let reader = OutboxReader::new(outbox.clone(), private, id.clone(), &keys);
     let (proxy, _signal) = SessionProxy::new(
         id.clone(),
@@ -96,4 +96,48 @@ async fn each_outbox_seq_is_taken_in_once_and_in_order() {
         }
     }
     assert_eq!(seen, [Seq(4)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_change_requests_is_refused_once_the_queue_is_full() {
+    use control_plane::proxy::session::EVENT_QUEUE;
+    use queue_proto::items::{ChangeRequest, ChangeTarget};
+    let dir = tempfile::tempdir().unwrap();
+    let id = SessionId::try_from("flood").unwrap();
+    let keys = derive_session_keys(
+        &MasterKey::generate().unwrap(),
+        &id,
+        &SessionSalt::generate().unwrap(),
+    );
+    let (tx, mut events) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+    let reader = OutboxReader::new(dir.path().into(), dir.path().into(), id.clone(), &keys);
+    let (proxy, _) = SessionProxy::new(
+        id,
+        dir.path().into(),
+        reader,
+        Arc::new(DemoProvider),
+        Budgets::default(),
+        Duration::from_secs(1),
+        tx,
+    );
+    let request = ChangeRequest {
+        target: ChangeTarget::Tools,
+        after: "[\"shell\"]".into(),
+        reason: "x".repeat(1000),
+    };
+    let mut refused = 0;
+    for _ in 0..EVENT_QUEUE + 100 {
+        if proxy.change_request(request.clone()).await == Err(Refused::UNAVAILABLE) {
+            refused += 1;
+        }
+    }
+    assert_eq!(
+        refused, 100,
+        "beyond the queue every request is refused, none silently lost"
+    );
+    let mut queued = 0;
+    while events.try_recv().is_ok() {
+        queued += 1;
+    }
+    assert_eq!(queued, EVENT_QUEUE);
 }

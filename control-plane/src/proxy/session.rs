@@ -83,7 +83,9 @@ pub struct SessionProxy<P> {
     model_gate: Arc<tokio::sync::Semaphore>,
     latest: watch::Receiver<Option<Seq>>,
     wait_timeout: Duration,
-    events: mpsc::UnboundedSender<SessionEvent>,
+    /// Bounded: an agent cannot grow the control plane's memory by producing events
+    /// faster than they are consumed.
+    events: mpsc::Sender<SessionEvent>,
 }
 
 impl<P: Provider> SessionProxy<P> {
@@ -95,7 +97,7 @@ impl<P: Provider> SessionProxy<P> {
         provider: Arc<P>,
         budgets: Budgets,
         wait_timeout: Duration,
-        events: mpsc::UnboundedSender<SessionEvent>,
+        events: mpsc::Sender<SessionEvent>,
     ) -> (Self, InboxSignal) {
         let latest = queue_proto::control::list_inbox(&inbox_dir)
             .ok()
@@ -116,7 +118,10 @@ impl<P: Provider> SessionProxy<P> {
     }
 
     fn emit(&self, event: SessionEvent) {
-        let _ = self.events.send(event);
+        // Records only: when the consumer is behind they are dropped, not queued.
+        if self.events.try_send(event).is_err() {
+            tracing::debug!(session = %self.session, "session event dropped: consumer is behind");
+        }
     }
 
     fn refuse(&self, what: &'static str, detail: String, refusal: Refused) -> Refused {
@@ -128,6 +133,9 @@ impl<P: Provider> SessionProxy<P> {
         refusal
     }
 }
+
+/// How many events a session's proxy may have waiting for the consumer.
+pub const EVENT_QUEUE: usize = 256;
 
 /// The most output tokens one model call may ask for.
 pub const MAX_TOKENS_PER_CALL: u32 = 8192;
@@ -200,7 +208,7 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
                     },
                 },
             };
-            let _ = events.send(event);
+            let _ = events.try_send(event);
             drop(permit);
             result
         });
@@ -215,6 +223,10 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
         // Parsing a hostile file is blocking work: keep it off the async workers, and
         // take one segment at a time per session, each seq once, in order.
         let guard = self.outbox.clone().lock_owned().await;
+        // Room for the items must exist before the segment is taken in and removed.
+        let Ok(slot) = self.events.clone().try_reserve_owned() else {
+            return Err(Refused::UNAVAILABLE);
+        };
         if guard.1.is_some_and(|last| notice.seq <= last) {
             return Err(self.refuse(
                 "outbox",
@@ -232,7 +244,7 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
         match read {
             Ok(items) => {
                 guard.1 = Some(notice.seq);
-                self.emit(SessionEvent::Outbox {
+                slot.send(SessionEvent::Outbox {
                     session: self.session.clone(),
                     seq: notice.seq,
                     items,
@@ -264,11 +276,15 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
         }
         let id =
             ChangeId::try_from(format!("c{}", hex_lower(&n)).as_str()).expect("hex ids are valid");
-        self.emit(SessionEvent::ChangeRequested {
+        let event = SessionEvent::ChangeRequested {
             session: self.session.clone(),
             id: id.clone(),
             request,
-        });
+        };
+        // A request that cannot be queued is refused, never silently lost.
+        if self.events.try_send(event).is_err() {
+            return Err(Refused::UNAVAILABLE);
+        }
         Ok(ChangeRequestFiled { id })
     }
 }
