@@ -216,6 +216,14 @@ fn anthropic_script() -> Vec<Scripted> {
     ]
 }
 
+/// An Anthropic provider pointed at `fake`, retrying quickly.
+fn anthropic(fake: &FakeHttp, model: &str) -> Anthropic {
+    let endpoint = ApprovedEndpoint::parse(&fake.base()).unwrap();
+    let mut provider = Anthropic::new(endpoint, model.into(), ApiKey::new(API_KEY.into()));
+    provider.retry = fast();
+    provider
+}
+
 fn fast() -> RetryPolicy {
     RetryPolicy {
         attempts: 2,
@@ -228,12 +236,7 @@ fn fast() -> RetryPolicy {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_user_message_becomes_tool_calls_and_a_reply_with_anthropic() {
     let fake = FakeHttp::start(anthropic_script()).await;
-    let mut provider = Anthropic::new(
-        ApprovedEndpoint::parse(&fake.base()).unwrap(),
-        "claude-test".into(),
-        ApiKey::new(API_KEY.into()),
-    );
-    provider.retry = fast();
+    let provider = anthropic(&fake, "claude-test");
     let mut r = rig("e2e-anthropic", provider).await;
     let (items, _) = r.outbox().await;
     assert_eq!(
@@ -330,12 +333,7 @@ async fn the_same_pipeline_with_an_openai_compatible_server() {
 async fn when_the_model_is_down_the_person_is_told() {
     // Every answer is a 503.
     let fake = FakeHttp::start((0..10).map(|_| Scripted::status(503)).collect()).await;
-    let mut provider = Anthropic::new(
-        ApprovedEndpoint::parse(&fake.base()).unwrap(),
-        "m".into(),
-        ApiKey::new(API_KEY.into()),
-    );
-    provider.retry = fast();
+    let provider = anthropic(&fake, "m");
     let mut r = rig("e2e-down", provider).await;
     let (items, others) = r.outbox().await;
     let [OutboxItem::AssistantReply(reply)] = items.as_slice() else {
@@ -356,11 +354,7 @@ async fn when_the_model_is_down_the_person_is_told() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_exhausted_budget_is_refused_and_the_person_is_told() {
     let fake = FakeHttp::start(anthropic_script()).await;
-    let provider = Anthropic::new(
-        ApprovedEndpoint::parse(&fake.base()).unwrap(),
-        "m".into(),
-        ApiKey::new(API_KEY.into()),
-    );
+    let provider = anthropic(&fake, "m");
     let none_left = Budgets {
         requests_per_minute: 0,
         ..Budgets::default()
@@ -390,11 +384,7 @@ async fn a_model_that_never_stops_calling_tools_is_cut_off_at_the_step_cap() {
         }))
     };
     let fake = FakeHttp::start((0..20).map(looping).collect()).await;
-    let provider = Anthropic::new(
-        ApprovedEndpoint::parse(&fake.base()).unwrap(),
-        "m".into(),
-        ApiKey::new(API_KEY.into()),
-    );
+    let provider = anthropic(&fake, "m");
     let mut r = rig("e2e-steps", provider).await;
     let (items, _) = r.outbox().await;
     let [OutboxItem::AssistantReply(reply)] = items.as_slice() else {

@@ -45,6 +45,26 @@ fn user(text: &str) -> ChatMessage {
     }
 }
 
+/// The second request of a tool-use exchange: the user's message, the model's tool
+/// call, and the tool's result.
+fn follow_up(call: &[ContentBlock], tool_use_id: &str) -> ModelRequest {
+    request(vec![
+        user("remember milk"),
+        ChatMessage {
+            role: Role::Assistant,
+            content: call.to_vec(),
+        },
+        ChatMessage {
+            role: Role::User,
+            content: vec![ContentBlock::ToolResult {
+                tool_use_id: tool_use_id.into(),
+                content: "saved".into(),
+                is_error: false,
+            }],
+        },
+    ])
+}
+
 fn anthropic(fake: &FakeHttp) -> Anthropic {
     let mut p = Anthropic::new(
         ApprovedEndpoint::parse(&fake.base()).unwrap(),
@@ -96,21 +116,7 @@ async fn anthropic_tool_use_round_trip() {
         ("toolu_1", "note_write", &json!("milk"))
     );
 
-    let follow_up = request(vec![
-        user("remember milk"),
-        ChatMessage {
-            role: Role::Assistant,
-            content: first.content.clone(),
-        },
-        ChatMessage {
-            role: Role::User,
-            content: vec![ContentBlock::ToolResult {
-                tool_use_id: "toolu_1".into(),
-                content: "saved".into(),
-                is_error: false,
-            }],
-        },
-    ]);
+    let follow_up = follow_up(&first.content, "toolu_1");
     let second = p.complete(&follow_up).await.unwrap();
     assert_eq!(second.stop_reason, StopReason::EndTurn);
 
@@ -169,21 +175,7 @@ async fn openai_tool_calls_round_trip_with_string_arguments() {
             input: json!({"name": "milk"})
         }]
     );
-    let follow_up = request(vec![
-        user("remember milk"),
-        ChatMessage {
-            role: Role::Assistant,
-            content: first.content.clone(),
-        },
-        ChatMessage {
-            role: Role::User,
-            content: vec![ContentBlock::ToolResult {
-                tool_use_id: "call_1".into(),
-                content: "saved".into(),
-                is_error: false,
-            }],
-        },
-    ]);
+    let follow_up = follow_up(&first.content, "call_1");
     let second = p.complete(&follow_up).await.unwrap();
     assert_eq!(
         second.content,

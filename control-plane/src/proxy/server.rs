@@ -75,10 +75,7 @@ impl Refused {
         status: StatusCode::BAD_REQUEST,
         code: RefusalCode::Rejected,
     };
-    pub const FORBIDDEN: Refused = Refused {
-        status: StatusCode::FORBIDDEN,
-        code: RefusalCode::Rejected,
-    };
+
     pub const BUDGET: Refused = Refused {
         status: StatusCode::TOO_MANY_REQUESTS,
         code: RefusalCode::BudgetExhausted,
