@@ -4,11 +4,22 @@
 //!
 //! The only trusted component: runs as root, holds the master key, talks to chat apps and
 //! starts one gVisor sandbox per session. Everything that arrives from a chat app, a
-//! sandbox or the network is untrusted. So far it holds the sandbox lifecycle
-//! ([`sandbox`]); the service, channels, proxy and gateway arrive with later issues.
+//! sandbox or the network is untrusted.
+//!
+//! [`state`] is the state directory and `init`; [`config`] the bootstrap file; [`store`]
+//! the encrypted control store with its [`audit`] trail; [`service`] ties the chat
+//! [`channels`], the per-session [`sandbox`]es and [`proxy`]s and the [`model`]
+//! providers together for `serve`; [`admin`] is the local socket the CLI talks to.
 
 #![deny(unsafe_code)]
 
+pub mod admin;
+pub mod audit;
+pub mod channels;
+pub mod config;
 pub mod model;
 pub mod proxy;
 pub mod sandbox;
+pub mod service;
+pub mod state;
+pub mod store;

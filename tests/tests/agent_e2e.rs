@@ -173,7 +173,10 @@ impl Rig {
                 .expect("an outbox segment in time")
                 .unwrap();
             match e {
-                SessionEvent::Outbox { items, seq, .. } => {
+                SessionEvent::Outbox {
+                    items, seq, stored, ..
+                } => {
+                    stored.send(()).unwrap();
                     assert_eq!(seq, Seq(1));
                     return (items, others);
                 }

@@ -1,5 +1,6 @@
 //! The session proxy's outbox ingestion: each seq is taken in once and in order, a
 //! replayed or re-published seq is refused, and a hostile segment is refused and dropped.
+//! A segment is removed only once the consumer has stored its items.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -31,7 +32,7 @@ async fn each_outbox_seq_is_taken_in_once_and_in_order() {
         &id,
         &SessionSalt::generate().unwrap(),
     );
-    let (tx, mut events) = tokio::sync::mpsc::channel(control_plane::proxy::session::EVENT_QUEUE);
+    let (tx, events) = tokio::sync::mpsc::channel(control_plane::proxy::session::EVENT_QUEUE);
     let reader = OutboxReader::new(outbox.clone(), private, id.clone(), &keys);
     let (proxy, _signal) = SessionProxy::new(
         id.clone(),
@@ -42,6 +43,9 @@ async fn each_outbox_seq_is_taken_in_once_and_in_order() {
         Duration::from_secs(1),
         tx,
     );
+    // The consumer stores nothing until told to, then confirms every outbox segment.
+    let storing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut log = consume(events, storing.clone());
     let writer = OutboxWriter::new(outbox.clone(), id, &keys);
     let reply = |t: &str| {
         OutboxItem::AssistantReply(AssistantReply {
@@ -50,15 +54,20 @@ async fn each_outbox_seq_is_taken_in_once_and_in_order() {
         })
     };
 
+    // Not confirmed as stored: refused, and the segment stays for a later announce.
     writer.publish(Seq(2), &[reply("first")]).unwrap();
+    assert_eq!(
+        proxy.outbox(OutboxNotice { seq: Seq(2) }).await,
+        Err(Refused::UNAVAILABLE)
+    );
+    assert!(outbox.join(Seq(2).file_name()).exists());
+    assert_eq!(log.recv().await.unwrap(), "outbox 2 (not stored)");
+    storing.store(true, std::sync::atomic::Ordering::SeqCst);
     proxy.outbox(OutboxNotice { seq: Seq(2) }).await.unwrap();
-    assert!(matches!(
-        events.try_recv(),
-        Ok(SessionEvent::Outbox { seq: Seq(2), .. })
-    ));
+    assert_eq!(log.recv().await.unwrap(), "outbox 2");
     assert!(
         !outbox.join(Seq(2).file_name()).exists(),
-        "an ingested segment is removed"
+        "a stored segment is removed"
     );
 
     // The agent publishes seq 2 again, and an older seq 1: both refused, nothing emitted.
@@ -69,16 +78,8 @@ async fn each_outbox_seq_is_taken_in_once_and_in_order() {
             proxy.outbox(OutboxNotice { seq }).await,
             Err(Refused::REJECTED)
         );
+        assert_eq!(log.recv().await.unwrap(), "refused outbox");
     }
-    assert!(matches!(
-        events.try_recv(),
-        Ok(SessionEvent::Refused { what: "outbox", .. })
-    ));
-    assert!(matches!(
-        events.try_recv(),
-        Ok(SessionEvent::Refused { what: "outbox", .. })
-    ));
-    assert!(events.try_recv().is_err(), "no items were emitted twice");
 
     // A hostile file at the next seq is refused and dropped; a good one after it is taken.
     std::fs::write(outbox.join(Seq(3).file_name()), b"not a segment").unwrap();
@@ -86,16 +87,38 @@ async fn each_outbox_seq_is_taken_in_once_and_in_order() {
         proxy.outbox(OutboxNotice { seq: Seq(3) }).await,
         Err(Refused::REJECTED)
     );
+    assert_eq!(log.recv().await.unwrap(), "refused outbox");
     assert!(!outbox.join(Seq(3).file_name()).exists());
     writer.publish(Seq(4), &[reply("next")]).unwrap();
     proxy.outbox(OutboxNotice { seq: Seq(4) }).await.unwrap();
-    let mut seen = Vec::new();
-    while let Ok(e) = events.try_recv() {
-        if let SessionEvent::Outbox { seq, .. } = e {
-            seen.push(seq);
+    assert_eq!(log.recv().await.unwrap(), "outbox 4");
+    assert!(log.try_recv().is_err(), "no items were emitted twice");
+}
+
+/// Answers outbox events as stored when `storing` is set, and logs every event.
+fn consume(
+    mut events: tokio::sync::mpsc::Receiver<SessionEvent>,
+    storing: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            let line = match e {
+                SessionEvent::Outbox { seq, stored, .. } => {
+                    if storing.load(std::sync::atomic::Ordering::SeqCst) {
+                        stored.send(()).unwrap();
+                        format!("outbox {}", seq.0)
+                    } else {
+                        format!("outbox {} (not stored)", seq.0)
+                    }
+                }
+                SessionEvent::Refused { what, .. } => format!("refused {what}"),
+                other => format!("{other:?}"),
+            };
+            let _ = tx.send(line);
         }
-    }
-    assert_eq!(seen, [Seq(4)]);
+    });
+    rx
 }
 
 #[tokio::test(flavor = "multi_thread")]

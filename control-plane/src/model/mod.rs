@@ -52,3 +52,29 @@ pub trait Provider: Send + Sync + 'static {
         request: &ModelRequest,
     ) -> impl Future<Output = Result<ModelResponse, ProviderError>> + Send;
 }
+
+/// The provider chosen by the configuration.
+#[derive(Debug)]
+pub enum AnyProvider {
+    Anthropic(anthropic::Anthropic),
+    OpenAi(openai::OpenAiCompatible),
+    Demo(demo::DemoProvider),
+}
+
+impl Provider for AnyProvider {
+    fn name(&self) -> &'static str {
+        match self {
+            AnyProvider::Anthropic(p) => p.name(),
+            AnyProvider::OpenAi(p) => p.name(),
+            AnyProvider::Demo(p) => p.name(),
+        }
+    }
+
+    async fn complete(&self, request: &ModelRequest) -> Result<ModelResponse, ProviderError> {
+        match self {
+            AnyProvider::Anthropic(p) => p.complete(request).await,
+            AnyProvider::OpenAi(p) => p.complete(request).await,
+            AnyProvider::Demo(p) => p.complete(request).await,
+        }
+    }
+}

@@ -13,7 +13,7 @@ use queue_proto::items::{ChangeRequest, OutboxItem};
 use queue_proto::proxy::{
     ChangeRequestFiled, ModelRequest, ModelResponse, OutboxNotice, WaitResponse,
 };
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
 use super::budget::{BudgetMeter, Budgets};
 use super::server::{Refused, SessionHandler};
@@ -22,11 +22,14 @@ use crate::model::{Provider, ProviderError};
 /// Something the proxy saw that the rest of the control plane acts on.
 #[derive(Debug)]
 pub enum SessionEvent {
-    /// Items from a published outbox segment, already validated.
+    /// Items from a published outbox segment, already validated. The segment is
+    /// removed only after the consumer sends on `stored` (its items are durable); if it
+    /// does not, the segment stays for the agent to announce again.
     Outbox {
         session: SessionId,
         seq: Seq,
         items: Vec<OutboxItem>,
+        stored: oneshot::Sender<()>,
     },
     /// A model call that was made (for the audit trail).
     ModelCall {
@@ -137,6 +140,9 @@ impl<P: Provider> SessionProxy<P> {
 /// How many events a session's proxy may have waiting for the consumer.
 pub const EVENT_QUEUE: usize = 256;
 
+/// How long the consumer may take to store an outbox segment's items.
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(8);
+
 /// The most output tokens one model call may ask for.
 pub const MAX_TOKENS_PER_CALL: u32 = 8192;
 
@@ -243,12 +249,20 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
         let mut guard = guard;
         match read {
             Ok(items) => {
-                guard.1 = Some(notice.seq);
+                let (stored, was_stored) = oneshot::channel();
                 slot.send(SessionEvent::Outbox {
                     session: self.session.clone(),
                     seq: notice.seq,
                     items,
+                    stored,
                 });
+                if !matches!(
+                    tokio::time::timeout(STORE_TIMEOUT, was_stored).await,
+                    Ok(Ok(()))
+                ) {
+                    return Err(Refused::UNAVAILABLE);
+                }
+                guard.1 = Some(notice.seq);
                 guard
                     .0
                     .remove(notice.seq)

@@ -1,0 +1,448 @@
+//! The bootstrap configuration, `<state-dir>/config.toml`: parsed into closed types
+//! (unknown keys are errors, so a typo never silently means "default"), with the safe
+//! defaults `ironclaw init` writes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use queue_proto::items::{AgentConfig, MAX_INSTRUCTIONS_BYTES, ToolName};
+use serde::Deserialize;
+
+use crate::model::http::{ApprovedEndpoint, EndpointError};
+use crate::proxy::budget::Budgets;
+
+/// The largest configuration file read.
+pub const MAX_CONFIG_BYTES: u64 = 256 * 1024;
+
+/// Why a configuration was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the configuration {path} failed")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the configuration {path} is larger than {MAX_CONFIG_BYTES} bytes")]
+    TooLarge { path: PathBuf },
+    #[error("the configuration {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("model.base_url is not an approved endpoint")]
+    Endpoint(#[source] EndpointError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub agent: AgentSection,
+    #[serde(default)]
+    pub sandbox: SandboxSection,
+    #[serde(default)]
+    pub budgets: BudgetSection,
+    #[serde(default)]
+    pub delivery: DeliverySection,
+    #[serde(default)]
+    pub channels: Channels,
+    #[serde(default)]
+    pub operators: Operators,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    Anthropic,
+    Openai,
+    Demo,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub provider: ProviderKind,
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    pub instructions: String,
+    pub tools: Vec<ToolName>,
+    pub max_steps_per_turn: u32,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            instructions: "You are a careful personal assistant. Answer the person through the \
+                reply tool. Keep notes of what they ask you to remember."
+                .into(),
+            tools: vec![
+                ToolName::Reply,
+                ToolName::NoteWrite,
+                ToolName::NoteRead,
+                ToolName::NoteList,
+                ToolName::Schedule,
+                ToolName::RequestChange,
+            ],
+            max_steps_per_turn: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeChoice {
+    Gvisor,
+    Host,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxSection {
+    pub runtime: RuntimeChoice,
+    pub memory_mib: u64,
+    pub idle_stop_secs: u64,
+    /// The static agent binary; by default `ironclaw-agent` next to `ironclaw`.
+    pub agent_binary: Option<PathBuf>,
+    /// The `runsc` binary; by default found on `PATH`.
+    pub runsc: Option<PathBuf>,
+}
+
+impl Default for SandboxSection {
+    fn default() -> Self {
+        SandboxSection {
+            runtime: RuntimeChoice::Gvisor,
+            memory_mib: 256,
+            idle_stop_secs: 600,
+            agent_binary: None,
+            runsc: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetSection {
+    pub requests_per_minute: u32,
+    pub tokens_per_day: u64,
+    pub bytes_per_day: u64,
+}
+
+impl Default for BudgetSection {
+    fn default() -> Self {
+        let b = Budgets::default();
+        BudgetSection {
+            requests_per_minute: b.requests_per_minute,
+            tokens_per_day: b.tokens_per_day,
+            bytes_per_day: b.bytes_per_day,
+        }
+    }
+}
+
+/// How long a message may wait for an answer, and how hard delivery is tried.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySection {
+    /// A message published to an agent and unanswered this long fails, with a notice.
+    pub reply_timeout_secs: u64,
+    /// Messages waiting for an agent per session; more are refused with a notice.
+    pub max_waiting_per_session: u32,
+    /// Attempts to hand a reply to a chat app before it is dead-lettered.
+    pub max_delivery_attempts: u32,
+}
+
+impl Default for DeliverySection {
+    fn default() -> Self {
+        DeliverySection {
+            reply_timeout_secs: 300,
+            max_waiting_per_session: 50,
+            max_delivery_attempts: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Channels {
+    pub telegram: Option<TelegramConfig>,
+    pub bridge: Option<BridgeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelegramConfig {
+    pub token_file: PathBuf,
+    #[serde(default = "default_telegram_api")]
+    pub api_base: String,
+    pub allowed_users: Vec<i64>,
+    /// Seconds a `getUpdates` call is held open by Telegram.
+    #[serde(default = "default_poll_secs")]
+    pub poll_timeout_secs: u64,
+}
+
+fn default_telegram_api() -> String {
+    "https://api.telegram.org".into()
+}
+fn default_poll_secs() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Loopback or a Tailscale address only.
+    pub listen: SocketAddr,
+    pub token_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Operators {
+    #[serde(default)]
+    pub telegram: Vec<i64>,
+    #[serde(default = "root_only")]
+    pub unix_uids: Vec<u32>,
+    #[serde(default)]
+    pub tailnet: Vec<String>,
+}
+
+fn root_only() -> Vec<u32> {
+    vec![0]
+}
+
+impl Default for Operators {
+    fn default() -> Self {
+        Operators {
+            telegram: Vec::new(),
+            unix_uids: root_only(),
+            tailnet: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        use std::io::Read;
+        let read = |source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(read)?;
+        let mut text = String::new();
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(read)?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: path.to_owned(),
+            });
+        }
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and checks configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.message().to_owned(),
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        match self.model.provider {
+            ProviderKind::Demo => {}
+            ProviderKind::Anthropic | ProviderKind::Openai => {
+                let Some(base) = &self.model.base_url else {
+                    return invalid("model.base_url is required for this provider");
+                };
+                ApprovedEndpoint::parse(base).map_err(ConfigError::Endpoint)?;
+                if self.model.model.as_deref().is_none_or(str::is_empty) {
+                    return invalid("model.model is required for this provider");
+                }
+                if self.model.provider == ProviderKind::Anthropic
+                    && self.model.api_key_file.is_none()
+                {
+                    return invalid("model.api_key_file is required for anthropic");
+                }
+            }
+        }
+        if self.agent.instructions.len() > MAX_INSTRUCTIONS_BYTES {
+            return invalid("agent.instructions is longer than 64 KiB");
+        }
+        if !(1..=64).contains(&self.agent.max_steps_per_turn) {
+            return invalid("agent.max_steps_per_turn must be between 1 and 64");
+        }
+        if !self.agent.tools.contains(&ToolName::Reply) {
+            return invalid("agent.tools must include \"reply\", or no answer can reach anyone");
+        }
+        if !(64..=65536).contains(&self.sandbox.memory_mib) {
+            return invalid("sandbox.memory_mib must be between 64 and 65536");
+        }
+        if self.sandbox.idle_stop_secs == 0 {
+            return invalid("sandbox.idle_stop_secs must be at least 1");
+        }
+        if self.delivery.reply_timeout_secs == 0 || self.delivery.max_delivery_attempts == 0 {
+            return invalid("delivery timeouts and attempts must be at least 1");
+        }
+        if self.delivery.max_waiting_per_session == 0 {
+            return invalid("delivery.max_waiting_per_session must be at least 1");
+        }
+        if let Some(t) = &self.channels.telegram {
+            if t.allowed_users.is_empty() {
+                return invalid(
+                    "channels.telegram.allowed_users is empty: nobody could talk to the assistant",
+                );
+            }
+            ApprovedEndpoint::parse(&t.api_base).map_err(ConfigError::Endpoint)?;
+            if !(1..=50).contains(&t.poll_timeout_secs) {
+                return invalid("channels.telegram.poll_timeout_secs must be between 1 and 50");
+            }
+        }
+        if let Some(b) = &self.channels.bridge
+            && !bridge_address_allowed(b.listen.ip())
+        {
+            return invalid("channels.bridge.listen must be a loopback or Tailscale address");
+        }
+        Ok(())
+    }
+
+    /// The agent configuration sent to every sandbox.
+    pub fn agent_config(&self) -> AgentConfig {
+        AgentConfig {
+            version: 1,
+            instructions: self.agent.instructions.clone(),
+            tools: self.agent.tools.clone(),
+            max_steps_per_turn: self.agent.max_steps_per_turn,
+        }
+    }
+
+    pub fn budgets(&self) -> Budgets {
+        Budgets {
+            requests_per_minute: self.budgets.requests_per_minute,
+            tokens_per_day: self.budgets.tokens_per_day,
+            bytes_per_day: self.budgets.bytes_per_day,
+        }
+    }
+
+    pub fn reply_timeout(&self) -> Duration {
+        Duration::from_secs(self.delivery.reply_timeout_secs)
+    }
+}
+
+/// Loopback, or inside Tailscale's ranges (100.64.0.0/10, fd7a:115c:a1e0::/48).
+pub fn bridge_address_allowed(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback() || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            v6.is_loopback() || (s[0] == 0xfd7a && s[1] == 0x115c && s[2] == 0xa1e0)
+        }
+    }
+}
+
+/// The file `ironclaw init` writes: the offline demo model, gVisor, the console channel
+/// only, root as the one operator.
+pub const DEFAULT_CONFIG: &str = r#"# IronClaw configuration (bootstrap). See README.md, "Configuration".
+# Every key below is checked at start; an unknown key is an error.
+
+[model]
+# "demo" is offline and scripted: every reply says it is not an AI.
+# For Anthropic:
+#   provider = "anthropic"
+#   base_url = "https://api.anthropic.com"
+#   model = "claude-sonnet-4-5"
+#   api_key_file = "/etc/ironclaw/model.key"   # mode 0600; never enters a sandbox
+# For an OpenAI-compatible server such as Ollama:
+#   provider = "openai"
+#   base_url = "http://127.0.0.1:11434"         # plain HTTP only on loopback
+#   model = "llama3.1"
+provider = "demo"
+
+[sandbox]
+runtime = "gvisor"          # "gvisor" | "host" (development only, no isolation)
+memory_mib = 256
+idle_stop_secs = 600
+
+[delivery]
+reply_timeout_secs = 300    # an unanswered message fails with a notice after this
+max_waiting_per_session = 50
+max_delivery_attempts = 8
+
+# [channels.telegram]
+# token_file = "/etc/ironclaw/telegram.token"
+# api_base = "https://api.telegram.org"
+# allowed_users = [123456789]
+
+# [channels.bridge]         # HTTP API for other chat apps
+# listen = "127.0.0.1:8787" # loopback or a Tailscale address only
+# token_file = "/etc/ironclaw/bridge.token"
+
+[operators]
+unix_uids = [0]
+# telegram = [123456789]
+# tailnet = ["alice@example.com"]
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_file_parses_to_the_demo_model_under_gvisor() {
+        let c = Config::parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(c.model.provider, ProviderKind::Demo);
+        assert_eq!(c.sandbox.runtime, RuntimeChoice::Gvisor);
+        assert!(c.channels.telegram.is_none());
+        assert_eq!(c.operators.unix_uids, vec![0]);
+    }
+
+    #[test]
+    fn unknown_keys_and_unsafe_values_are_errors() {
+        let bad = [
+            "[model]\nprovider = \"demo\"\nprovder = \"x\"\n",
+            "[model]\nprovider = \"skynet\"\n",
+            "[model]\nprovider = \"openai\"\nbase_url = \"http://10.0.0.5:11434\"\nmodel = \"m\"\n",
+            "[model]\nprovider = \"anthropic\"\nbase_url = \"https://api.anthropic.com\"\nmodel = \"m\"\n",
+            "[model]\nprovider = \"demo\"\n[channels.telegram]\ntoken_file = \"/t\"\nallowed_users = []\n",
+            "[model]\nprovider = \"demo\"\n[channels.bridge]\nlisten = \"0.0.0.0:8787\"\ntoken_file = \"/t\"\n",
+            "[model]\nprovider = \"demo\"\n[agent]\ntools = [\"note_write\"]\n",
+            "[model]\nprovider = \"demo\"\n[sandbox]\nruntime = \"none\"\n",
+        ];
+        for text in bad {
+            assert!(Config::parse(text).is_err(), "accepted: {text}");
+        }
+    }
+
+    #[test]
+    fn bridge_addresses_are_loopback_or_tailnet() {
+        for ok in ["127.0.0.1", "::1", "100.64.0.1", "100.127.255.254", "fd7a:115c:a1e0::1"] {
+            assert!(bridge_address_allowed(ok.parse().unwrap()), "{ok}");
+        }
+        for bad in ["0.0.0.0", "192.168.1.2", "100.128.0.1", "100.63.255.255", "::"] {
+            assert!(!bridge_address_allowed(bad.parse().unwrap()), "{bad}");
+        }
+    }
+}

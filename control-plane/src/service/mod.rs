@@ -1,0 +1,612 @@
+//! `serve`: the control plane as one running service. It routes each chat to its
+//! session, stores every accepted message before anything else happens to it, publishes
+//! inbox segments from the store, keeps one sandbox and one proxy per live session,
+//! takes replies in from the proxies and queues them for the channels, and sweeps for
+//! messages that must fail with a notice (no reply in time, a sandbox stopped by a
+//! limit). Every message it accepts ends answered, failed with a notice, refused with a
+//! notice, or dead-lettered where the operator sees it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use queue_proto::control::{InboxWriter, OutboxReader};
+use queue_proto::ids::{Seq, SessionId};
+use queue_proto::items::{InboxItem, UserMessage};
+use queue_proto::keys::{MasterKey, SessionKeys, derive_session_keys};
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ProviderKind, RuntimeChoice};
+use crate::model::AnyProvider;
+use crate::model::anthropic::Anthropic;
+use crate::model::demo::DemoProvider;
+use crate::model::http::{ApiKey, ApprovedEndpoint};
+use crate::model::openai::OpenAiCompatible;
+use crate::proxy::server::{ProxyLimits, serve};
+use crate::proxy::session::{EVENT_QUEUE, InboxSignal, SessionEvent, SessionProxy};
+use crate::sandbox::SandboxSettings;
+use crate::sandbox::layout;
+use crate::sandbox::lifecycle::{Event, Exit, Manager, ManagerError};
+use crate::sandbox::runtime::{HostRuntime, RunscRuntime, Runtime, blocking};
+use crate::state::{StateDir, now_secs};
+use crate::store::{Accepted, Inbound, SessionSummary, Store, StoreError, Waiting};
+
+/// Fixed notices sent to the person. None of them quotes the message.
+pub mod notice {
+    pub const TOO_MANY: &str = "Too many of your messages are waiting for the assistant; this one \
+        was not passed on. Please wait for a reply, then send it again.";
+    pub const TIMEOUT: &str = "Sorry, the assistant did not answer your message in time.";
+    pub const LIMIT: &str = "Sorry, the assistant was stopped because it reached a resource \
+        limit while working on your message.";
+    pub const UNAVAILABLE: &str = "Sorry, the assistant could not be started for your message. \
+        The operator can see what went wrong.";
+    pub const TOO_LONG: &str = "This message is too long for the assistant (at most 64 KiB of \
+        text); it was not passed on.";
+    pub const NOT_ALLOWED: &str = "This assistant is private. Your message was not passed on.";
+    pub const NOT_TEXT: &str = "Only text messages can be passed to the assistant.";
+}
+
+/// How often the sweeper looks for timeouts, due timers and unpublished messages.
+pub const SWEEP_PERIOD: Duration = Duration::from_millis(500);
+
+/// Why the service failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the model provider could not be set up: {0}")]
+    Provider(String),
+    #[error("the sandbox manager could not start")]
+    Manager(#[source] ManagerError),
+    #[error("the agent binary {0} does not exist; build it with scripts/build-static")]
+    NoAgent(PathBuf),
+    #[error("preparing session {session} failed")]
+    Prepare {
+        session: SessionId,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("session {0} does not exist")]
+    NoSession(SessionId),
+    #[error("session {session} belongs to the {channel} channel")]
+    WrongChannel { session: SessionId, channel: String },
+    #[error("publishing an inbox segment for {session} failed")]
+    Publish {
+        session: SessionId,
+        #[source]
+        source: Box<queue_proto::segment::SegmentError>,
+    },
+}
+
+/// One live session: its keys, its proxy and the task that consumes its events.
+struct Live {
+    keys: SessionKeys,
+    signal: InboxSignal,
+    /// Taking a batch and writing its segment happen under this lock, so segments
+    /// appear in seq order.
+    publish: tokio::sync::Mutex<()>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Live")
+    }
+}
+
+/// The running control plane.
+#[derive(Debug)]
+pub struct Service {
+    config: Config,
+    state: StateDir,
+    master: MasterKey,
+    store: std::sync::Mutex<Store>,
+    manager: Arc<Manager>,
+    provider: Arc<AnyProvider>,
+    settings: SandboxSettings,
+    limits: ProxyLimits,
+    live: std::sync::Mutex<HashMap<SessionId, Arc<Live>>>,
+    /// Bumped whenever replies are queued, so delivery workers and waiting clients look.
+    outbound: watch::Sender<u64>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Builds the configured model provider. The API key is read here, by the control plane.
+pub fn provider(config: &Config) -> Result<AnyProvider, ServiceError> {
+    let m = &config.model;
+    let endpoint = || {
+        let base = m.base_url.as_deref().unwrap_or_default();
+        ApprovedEndpoint::parse(base).map_err(|e| ServiceError::Provider(e.to_string()))
+    };
+    let key = |required: bool| -> Result<Option<ApiKey>, ServiceError> {
+        match &m.api_key_file {
+            Some(p) => ApiKey::from_file(p)
+                .map(Some)
+                .map_err(|e| ServiceError::Provider(e.to_string())),
+            None if required => Err(ServiceError::Provider("an api_key_file is required".into())),
+            None => Ok(None),
+        }
+    };
+    let model = m.model.clone().unwrap_or_default();
+    Ok(match m.provider {
+        ProviderKind::Demo => AnyProvider::Demo(DemoProvider),
+        ProviderKind::Anthropic => {
+            let key = key(true)?.expect("required keys are present");
+            AnyProvider::Anthropic(Anthropic::new(endpoint()?, model, key))
+        }
+        ProviderKind::Openai => AnyProvider::OpenAi(OpenAiCompatible::new(endpoint()?, model, key(false)?)),
+    })
+}
+
+/// The agent binary: the configured path, `$IRONCLAW_AGENT_BIN`, or `ironclaw-agent`
+/// next to this executable.
+pub fn agent_binary(config: &Config) -> PathBuf {
+    if let Some(p) = &config.sandbox.agent_binary {
+        return p.clone();
+    }
+    if let Some(p) = std::env::var_os("IRONCLAW_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("ironclaw-agent")))
+        .unwrap_or_else(|| PathBuf::from("ironclaw-agent"))
+}
+
+impl Service {
+    /// Opens the store, recovers from however the last run ended, and starts the
+    /// supervisor, the sweeper and every session that has work waiting.
+    pub async fn start(
+        config: Config,
+        state: StateDir,
+        master: MasterKey,
+    ) -> Result<Arc<Service>, ServiceError> {
+        let runtime: Arc<dyn Runtime> = match config.sandbox.runtime {
+            RuntimeChoice::Gvisor => Arc::new(match &config.sandbox.runsc {
+                Some(p) => RunscRuntime { runsc: p.clone() },
+                None => RunscRuntime::default(),
+            }),
+            RuntimeChoice::Host => {
+                tracing::warn!("sandbox.runtime = \"host\": agents run WITHOUT isolation (development only)");
+                Arc::new(HostRuntime)
+            }
+        };
+        let provider = Arc::new(provider(&config)?);
+        let agent = agent_binary(&config);
+        if !agent.is_file() {
+            return Err(ServiceError::NoAgent(agent));
+        }
+        let mut settings = SandboxSettings::new(state.root.clone(), agent);
+        settings.run_dir = state.run_dir();
+        settings.limits.memory_bytes = config.sandbox.memory_mib * 1024 * 1024;
+        settings.idle_timeout = Duration::from_secs(config.sandbox.idle_stop_secs);
+        let mut store = blocking(|| Store::open(&state.store(), &master))?;
+        let lost = store.recover_in_flight(now_secs())?;
+        if lost > 0 {
+            tracing::warn!(count = lost, "replies in flight at the last stop are dead-lettered, not resent");
+        }
+        store.record("service_started", &json!({ "provider": provider.as_ref().name_str() }), now_secs())?;
+        let (manager, sandbox_events) = blocking(|| Manager::new(runtime, settings.clone()))
+            .map_err(ServiceError::Manager)?;
+        let service = Arc::new(Service {
+            config,
+            state,
+            master,
+            store: std::sync::Mutex::new(store),
+            manager,
+            provider,
+            settings,
+            limits: ProxyLimits::default(),
+            live: std::sync::Mutex::new(HashMap::new()),
+            outbound: watch::channel(0).0,
+            tasks: std::sync::Mutex::new(Vec::new()),
+        });
+        let supervisor = service.manager.supervise(Duration::from_millis(500));
+        let events = tokio::spawn(sandbox_events_loop(Arc::downgrade(&service), sandbox_events));
+        let sweeper = tokio::spawn(sweep_loop(Arc::downgrade(&service)));
+        service.tasks().extend([supervisor, events, sweeper]);
+        service.recover().await;
+        Ok(service)
+    }
+
+    fn tasks(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the store, off the async workers.
+    pub fn db<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        blocking(|| f(&mut self.store.lock().unwrap_or_else(|p| p.into_inner())))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn state(&self) -> &StateDir {
+        &self.state
+    }
+
+    /// Wakes whoever waits for replies.
+    pub fn outbound_changed(&self) {
+        self.outbound.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that changes whenever replies are queued.
+    pub fn watch_outbound(&self) -> watch::Receiver<u64> {
+        self.outbound.subscribe()
+    }
+
+    /// After a restart: publish again any segment the store says was published but
+    /// whose file is missing, start sessions with unanswered messages, and publish what
+    /// was received but not yet published.
+    async fn recover(self: &Arc<Self>) {
+        let sessions = match self.db(|s| s.session_names()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "listing sessions for recovery failed");
+                return;
+            }
+        };
+        for id in sessions {
+            let published = match self.db(|s| s.published(&id)) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(session = %id, error = %e, "reading published messages failed");
+                    continue;
+                }
+            };
+            if published.is_empty() {
+                continue;
+            }
+            let live = match self.ensure_live(&id) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(session = %id, error = %e, "recovering a session failed");
+                    continue;
+                }
+            };
+            for (seq, batch) in &published {
+                let path = self.manager.layout().inbox(&id).join(seq.file_name());
+                if !path.exists()
+                    && let Err(e) = self.write_segment(&id, &live.keys, *seq, batch)
+                {
+                    tracing::error!(session = %id, error = %e, "republishing a segment failed");
+                }
+                live.signal.published(*seq);
+            }
+            self.run_sandbox(&id, &live).await;
+        }
+        self.publish_all_received().await;
+    }
+
+    async fn publish_all_received(self: &Arc<Self>) {
+        match self.db(|s| s.sessions_with_received()) {
+            Ok(ids) => {
+                for id in ids {
+                    self.publish(&id).await;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "listing sessions with waiting messages failed"),
+        }
+    }
+
+    /// Accepts a message for `session` from `channel`'s `chat`: stored first (with the
+    /// channel's cursor, if any, in the same transaction), then published.
+    pub async fn submit(
+        self: &Arc<Self>,
+        session: &SessionId,
+        inbound: &Inbound,
+        cursor: Option<(&str, &str)>,
+    ) -> Result<Accepted, ServiceError> {
+        let now = now_secs();
+        let row = self.db(|s| s.bind(session, &inbound.channel, &inbound.chat, now))?;
+        if row.channel != inbound.channel || row.chat != inbound.chat {
+            return Err(ServiceError::WrongChannel {
+                session: session.clone(),
+                channel: row.channel,
+            });
+        }
+        let max = self.config.delivery.max_waiting_per_session;
+        let accepted = self.db(|s| s.accept(session, inbound, max, notice::TOO_MANY, cursor))?;
+        match accepted {
+            Accepted::Stored(_) => self.publish(session).await,
+            Accepted::Refused(_) => self.outbound_changed(),
+            Accepted::Duplicate => {}
+        }
+        Ok(accepted)
+    }
+
+    /// Publishes every received message of `session` and makes sure its sandbox runs.
+    /// Failures end in the store (messages failed with a notice), never in the caller.
+    pub async fn publish(self: &Arc<Self>, id: &SessionId) {
+        let live = match self.ensure_live(id) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(session = %id, error = %e, "a session could not be prepared");
+                self.fail_session(id, "the session could not be prepared", notice::UNAVAILABLE);
+                return;
+            }
+        };
+        {
+            let _order = live.publish.lock().await;
+            loop {
+                let batch = match self.db(|s| s.take_batch(id, now_secs())) {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(session = %id, error = %e, "taking messages to publish failed");
+                        return;
+                    }
+                };
+                let (seq, msgs) = batch;
+                if let Err(e) = self.write_segment(id, &live.keys, seq, &msgs) {
+                    tracing::error!(session = %id, error = %e, "publishing an inbox segment failed");
+                    self.fail_session(id, "publishing failed", notice::UNAVAILABLE);
+                    return;
+                }
+                live.signal.published(seq);
+            }
+        }
+        self.run_sandbox(id, &live).await;
+    }
+
+    async fn run_sandbox(&self, id: &SessionId, live: &Live) {
+        if let Err(e) = self.manager.ensure_running(id, &live.keys).await {
+            tracing::warn!(session = %id, error = %e, "the sandbox could not be started");
+            let reason = match e {
+                ManagerError::Paused(_) => "the session is paused after repeated crashes",
+                _ => "the sandbox could not be started",
+            };
+            self.fail_session(id, reason, notice::UNAVAILABLE);
+        }
+    }
+
+    fn fail_session(&self, id: &SessionId, reason: &str, text: &str) {
+        match self.db(|s| s.fail_waiting(id, reason, text, now_secs())) {
+            Ok(n) if n > 0 => self.outbound_changed(),
+            Ok(_) => {}
+            Err(e) => tracing::error!(session = %id, error = %e, "failing waiting messages failed"),
+        }
+    }
+
+    fn write_segment(
+        &self,
+        id: &SessionId,
+        keys: &SessionKeys,
+        seq: Seq,
+        msgs: &[Waiting],
+    ) -> Result<(), ServiceError> {
+        // Every segment carries the approved agent configuration, so a fresh sandbox
+        // never answers with another one.
+        let mut items = vec![InboxItem::AgentConfig(self.config.agent_config())];
+        items.extend(msgs.iter().map(|m| {
+            InboxItem::UserMessage(UserMessage {
+                message_id: m.id as u64,
+                received_at: m.received_at,
+                text: m.text.clone(),
+            })
+        }));
+        let writer = InboxWriter::new(self.manager.layout().inbox(id), id.clone(), keys);
+        blocking(|| writer.publish(seq, &items))
+            .map(|_| ())
+            .map_err(|source| ServiceError::Publish {
+                session: id.clone(),
+                source: Box::new(source),
+            })
+    }
+
+    /// The live parts of `id`, started if needed: directories, keys, the proxy on its
+    /// socket, and the consumer of its events.
+    fn ensure_live(self: &Arc<Self>, id: &SessionId) -> Result<Arc<Live>, ServiceError> {
+        if let Some(l) = self.live_map().get(id) {
+            return Ok(l.clone());
+        }
+        let row = self
+            .db(|s| s.session(id))?
+            .ok_or_else(|| ServiceError::NoSession(id.clone()))?;
+        let keys = derive_session_keys(&self.master, id, &row.salt);
+        let layout = self.manager.layout();
+        let prepare = |source| ServiceError::Prepare {
+            session: id.clone(),
+            source,
+        };
+        let listener = blocking(|| -> std::io::Result<tokio::net::UnixListener> {
+            layout::prepare_session(layout, id, self.settings.uid, self.settings.gid)?;
+            let sock = runsc_config::socket_path(&layout.socket_dir(id));
+            match std::fs::remove_file(&sock) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            let listener = std::os::unix::net::UnixListener::bind(&sock)?;
+            std::os::unix::fs::chown(&sock, Some(self.settings.uid), Some(self.settings.gid))?;
+            listener.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(listener)
+        })
+        .map_err(prepare)?;
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let outbox = OutboxReader::new(layout.outbox(id), layout.private(id), id.clone(), &keys);
+        let (proxy, signal) = SessionProxy::new(
+            id.clone(),
+            layout.inbox(id),
+            outbox,
+            self.provider.clone(),
+            self.config.budgets(),
+            self.limits.wait_timeout,
+            tx,
+        );
+        let server = tokio::spawn(serve(listener, id.clone(), Arc::new(proxy), self.limits));
+        let consumer = tokio::spawn(session_events_loop(Arc::downgrade(self), rx));
+        let live = Arc::new(Live {
+            keys,
+            signal,
+            publish: tokio::sync::Mutex::new(()),
+            tasks: vec![server, consumer],
+        });
+        let mut map = self.live_map();
+        // Another caller may have raced us here; keep the first.
+        Ok(map.entry(id.clone()).or_insert(live).clone())
+    }
+
+    fn live_map(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Arc<Live>>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every session's counts.
+    pub fn sessions(&self) -> Result<Vec<SessionSummary>, ServiceError> {
+        Ok(self.db(|s| s.summaries())?)
+    }
+
+    /// Deletes a session: stop its sandbox and proxy, destroy its salt (so its keys can
+    /// never be derived again), remove its files.
+    pub async fn delete_session(&self, id: &SessionId) -> Result<SessionSummary, ServiceError> {
+        if self.db(|s| s.session(id))?.is_none() {
+            return Err(ServiceError::NoSession(id.clone()));
+        }
+        if let Err(e) = self.manager.forget(id).await {
+            tracing::warn!(session = %id, error = %e, "stopping a deleted session's sandbox failed");
+        }
+        self.live_map().remove(id);
+        let summary = self
+            .db(|s| s.delete_session(id, now_secs()))?
+            .ok_or_else(|| ServiceError::NoSession(id.clone()))?;
+        let layout = self.manager.layout();
+        for dir in [layout.session_dir(id), layout.socket_dir(id)] {
+            if let Err(e) = blocking(|| std::fs::remove_dir_all(&dir))
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(session = %id, error = %e, "removing a deleted session's files failed");
+            }
+        }
+        self.outbound_changed();
+        Ok(summary)
+    }
+
+    /// Stops every sandbox and task, for shutdown.
+    pub async fn shutdown(&self) {
+        for t in self.tasks().drain(..) {
+            t.abort();
+        }
+        self.manager.stop_all().await;
+        self.live_map().clear();
+        let _ = self.db(|s| s.record("service_stopped", &json!({}), now_secs()));
+    }
+
+    async fn on_session_event(&self, event: SessionEvent) {
+        let now = now_secs();
+        match event {
+            SessionEvent::Outbox { session, seq, items, stored } => {
+                match self.db(|s| s.ingest(&session, seq, &items, now)) {
+                    Ok(done) => {
+                        let _ = stored.send(());
+                        if done.dropped_replies > 0 {
+                            tracing::warn!(session = %session, count = done.dropped_replies,
+                                "replies to unknown or settled messages were dropped");
+                        }
+                        if done.replies > 0 || done.timers > 0 {
+                            self.outbound_changed();
+                        }
+                    }
+                    Err(e) => tracing::error!(session = %session, error = %e, "storing an outbox segment failed"),
+                }
+            }
+            SessionEvent::ModelCall { session, provider, input_tokens, output_tokens, bytes_sent } => {
+                self.audit("model_call", json!({ "session": session.as_str(), "provider": provider,
+                    "input_tokens": input_tokens, "output_tokens": output_tokens, "bytes": bytes_sent }));
+            }
+            SessionEvent::ModelFailed { session, reason } => {
+                self.audit("model_failed", json!({ "session": session.as_str(), "reason": reason }));
+            }
+            SessionEvent::Refused { session, what, detail } => {
+                let detail: String = detail.chars().take(256).collect();
+                self.audit("proxy_refused", json!({ "session": session.as_str(), "what": what, "detail": detail }));
+            }
+            SessionEvent::ChangeRequested { session, id, request } => {
+                self.audit("change_requested", json!({ "session": session.as_str(), "change": id.as_str(),
+                    "target": request.target, "bytes": request.after.len() }));
+            }
+        }
+    }
+
+    fn audit(&self, kind: &str, detail: serde_json::Value) {
+        if let Err(e) = self.db(|s| s.record(kind, &detail, now_secs())) {
+            tracing::error!(kind, error = %e, "writing an audit entry failed");
+        }
+    }
+
+    async fn on_sandbox_event(&self, event: Event) {
+        match event {
+            Event::Started { session } => self.audit("sandbox_started", json!({ "session": session.as_str() })),
+            Event::Ended { session, exit } => {
+                self.audit("sandbox_ended", json!({ "session": session.as_str(), "exit": format!("{exit:?}") }));
+                if exit == Exit::KilledByLimit {
+                    self.fail_session(&session, "the sandbox was killed by a limit", notice::LIMIT);
+                }
+            }
+            Event::GaveUp { session } => {
+                self.audit("sandbox_paused", json!({ "session": session.as_str() }));
+                self.fail_session(&session, "the sandbox crashed repeatedly", notice::UNAVAILABLE);
+            }
+        }
+    }
+
+    async fn sweep(self: &Arc<Self>) {
+        let now = now_secs();
+        let timeout = self.config.reply_timeout().as_secs() as i64;
+        let mut changed = false;
+        match self.db(|s| s.expire(now - timeout, notice::TIMEOUT, now)) {
+            Ok(n) => changed |= n > 0,
+            Err(e) => tracing::error!(error = %e, "expiring unanswered messages failed"),
+        }
+        match self.db(|s| s.fire_timers(now)) {
+            Ok(n) => changed |= n > 0,
+            Err(e) => tracing::error!(error = %e, "firing timers failed"),
+        }
+        if changed {
+            self.outbound_changed();
+        }
+        self.publish_all_received().await;
+    }
+}
+
+impl AnyProvider {
+    fn name_str(&self) -> &'static str {
+        use crate::model::Provider;
+        self.name()
+    }
+}
+
+async fn session_events_loop(service: std::sync::Weak<Service>, mut rx: mpsc::Receiver<SessionEvent>) {
+    while let Some(event) = rx.recv().await {
+        let Some(s) = service.upgrade() else { return };
+        s.on_session_event(event).await;
+    }
+}
+
+async fn sandbox_events_loop(service: std::sync::Weak<Service>, mut rx: mpsc::UnboundedReceiver<Event>) {
+    while let Some(event) = rx.recv().await {
+        let Some(s) = service.upgrade() else { return };
+        s.on_sandbox_event(event).await;
+    }
+}
+
+async fn sweep_loop(service: std::sync::Weak<Service>) {
+    let mut interval = tokio::time::interval(SWEEP_PERIOD);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(s) = service.upgrade() else { return };
+        s.sweep().await;
+    }
+}
