@@ -1,0 +1,243 @@
+//! The local admin socket (`<state>/run/admin.sock`, mode 0600): the CLI's way to a
+//! running `serve`. Each connection carries one JSON request line and gets one JSON
+//! response line. The peer's uid, as the kernel reports it (`SO_PEERCRED`), must be one
+//! of the configured `operators.unix_uids`; the request never names its sender.
+//!
+//! The console channel lives here too: `send` stores the text as a message of the
+//! console chat named after its session, waits until the message is settled, and
+//! returns every reply waiting for that chat, which it then acknowledges.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use queue_proto::ids::SessionId;
+use queue_proto::items::MAX_TEXT_BYTES;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+use crate::service::Service;
+use crate::state::now_secs;
+use crate::store::{Accepted, Inbound, SessionSummary};
+
+/// The console channel's name in the store.
+pub const CONSOLE: &str = "console";
+
+/// The largest request line read.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+/// How long a client has to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest `send` may wait for a reply.
+pub const MAX_WAIT_SECS: u64 = 3600;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Send {
+        session: String,
+        text: String,
+        wait_secs: u64,
+    },
+    SessionsList,
+    SessionsDelete {
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    /// The message's state when `send` stopped waiting, and the replies it collected.
+    Replies {
+        message: i64,
+        state: String,
+        replies: Vec<String>,
+    },
+    Sessions(Vec<SessionSummary>),
+    Deleted(SessionSummary),
+    Error(String),
+}
+
+/// Why a client request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(
+        "cannot reach the service at {path}; is `ironclaw serve` running with this state directory?"
+    )]
+    Connect {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the service failed")]
+    Io(#[from] std::io::Error),
+    #[error("the service sent an answer that could not be read")]
+    BadAnswer,
+}
+
+/// Sends one request and reads the answer (the CLI side).
+pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response, AdminError> {
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(path).map_err(|source| AdminError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(req).map_err(|_| AdminError::BadAnswer)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .take(64 * 1024 * 1024)
+        .read_line(&mut answer)?;
+    serde_json::from_str(&answer).map_err(|_| AdminError::BadAnswer)
+}
+
+/// Binds the admin socket (replacing a stale one), owner-only.
+pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(listener)
+}
+
+/// Serves the admin socket until the task is aborted.
+pub async fn serve(service: Arc<Service>, listener: tokio::net::UnixListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(service, stream).await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn connection(service: Arc<Service>, stream: tokio::net::UnixStream) -> std::io::Result<()> {
+    let uid = stream.peer_cred()?.uid();
+    let (read, mut write) = stream.into_split();
+    let answer = if !service.config().operators.unix_uids.contains(&uid) {
+        tracing::warn!(uid, "admin socket: refused a peer that is not an operator");
+        Response::Error("this user is not an operator (operators.unix_uids)".into())
+    } else {
+        let mut line = Vec::new();
+        let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1);
+        let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+        match read {
+            Err(_) => Response::Error("no request in time".into()),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => {
+                Response::Error("the request is larger than 256 KiB".into())
+            }
+            Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => handle(&service, req).await,
+                Err(e) => Response::Error(format!("malformed request: {e}")),
+            },
+        }
+    };
+    let mut bytes = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    write.write_all(&bytes).await
+}
+
+async fn handle(service: &Arc<Service>, req: Request) -> Response {
+    match req {
+        Request::Send {
+            session,
+            text,
+            wait_secs,
+        } => match console_send(service, &session, text, wait_secs.min(MAX_WAIT_SECS)).await {
+            Ok(r) => r,
+            Err(e) => Response::Error(e),
+        },
+        Request::SessionsList => match service.sessions() {
+            Ok(s) => Response::Sessions(s),
+            Err(e) => Response::Error(e.to_string()),
+        },
+        Request::SessionsDelete { name } => {
+            let Ok(id) = SessionId::try_from(name.as_str()) else {
+                return Response::Error(format!("{name:?} is not a valid session name"));
+            };
+            match service.delete_session(&id).await {
+                Ok(s) => Response::Deleted(s),
+                Err(e) => Response::Error(e.to_string()),
+            }
+        }
+    }
+}
+
+async fn console_send(
+    service: &Arc<Service>,
+    session: &str,
+    text: String,
+    wait_secs: u64,
+) -> Result<Response, String> {
+    let id = SessionId::try_from(session).map_err(|_| {
+        format!("{session:?} is not a valid session name (a-z, 0-9, _ and -, at most 32)")
+    })?;
+    if text.len() > MAX_TEXT_BYTES {
+        return Err("the message is longer than 64 KiB; nothing was sent".into());
+    }
+    if text.trim().is_empty() {
+        return Err("the message is empty; nothing was sent".into());
+    }
+    let inbound = Inbound {
+        channel: CONSOLE.into(),
+        chat: id.as_str().into(),
+        external_id: None,
+        text,
+        received_at: now_secs(),
+    };
+    let mut changes = service.watch_outbound();
+    let message = match service.submit(&id, &inbound, None).await {
+        Ok(Accepted::Stored(m) | Accepted::Refused(m)) => m,
+        Ok(Accepted::Duplicate) => return Err("duplicate message".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
+    loop {
+        let state = service
+            .db(|s| s.message_state(message))
+            .map_err(|e| e.to_string())?
+            .unwrap_or_else(|| "dead".into());
+        let settled = !matches!(state.as_str(), "received" | "published");
+        if settled || tokio::time::Instant::now() >= deadline {
+            // Every reply waiting for this chat, earlier ones included; then acknowledged.
+            let pending = service
+                .db(|s| s.pending_for(CONSOLE, Some(id.as_str()), 0, 1000))
+                .map_err(|e| e.to_string())?;
+            if let Some(last) = pending.last() {
+                let upto = last.id;
+                service
+                    .db(|s| s.acknowledge(CONSOLE, Some(id.as_str()), upto))
+                    .map_err(|e| e.to_string())?;
+            }
+            return Ok(Response::Replies {
+                message,
+                state,
+                replies: pending.into_iter().map(|o| o.text).collect(),
+            });
+        }
+        let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
+    }
+}

@@ -148,9 +148,21 @@ mod tests {
         add(&mut conn, 5);
         assert_eq!(verify(&conn), Ok(5));
         let tampers = [
-            ("UPDATE audit SET detail = '{\"i\":9}' WHERE seq = 3", ChainError::Hash { seq: 3 }),
-            ("DELETE FROM audit WHERE seq = 2", ChainError::Gap { seq: 3, expected: 2 }),
-            ("UPDATE audit SET at = at + 1 WHERE seq = 5", ChainError::Hash { seq: 5 }),
+            (
+                "UPDATE audit SET detail = '{\"i\":9}' WHERE seq = 3",
+                ChainError::Hash { seq: 3 },
+            ),
+            (
+                "DELETE FROM audit WHERE seq = 2",
+                ChainError::Gap {
+                    seq: 3,
+                    expected: 2,
+                },
+            ),
+            (
+                "UPDATE audit SET at = at + 1 WHERE seq = 5",
+                ChainError::Hash { seq: 5 },
+            ),
         ];
         for (sql, want) in tampers {
             let mut conn = store();

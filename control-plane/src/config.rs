@@ -438,10 +438,22 @@ mod tests {
 
     #[test]
     fn bridge_addresses_are_loopback_or_tailnet() {
-        for ok in ["127.0.0.1", "::1", "100.64.0.1", "100.127.255.254", "fd7a:115c:a1e0::1"] {
+        for ok in [
+            "127.0.0.1",
+            "::1",
+            "100.64.0.1",
+            "100.127.255.254",
+            "fd7a:115c:a1e0::1",
+        ] {
             assert!(bridge_address_allowed(ok.parse().unwrap()), "{ok}");
         }
-        for bad in ["0.0.0.0", "192.168.1.2", "100.128.0.1", "100.63.255.255", "::"] {
+        for bad in [
+            "0.0.0.0",
+            "192.168.1.2",
+            "100.128.0.1",
+            "100.63.255.255",
+            "::",
+        ] {
             assert!(!bridge_address_allowed(bad.parse().unwrap()), "{bad}");
         }
     }

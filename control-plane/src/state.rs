@@ -46,7 +46,9 @@ pub enum StateError {
     },
     #[error("the master key {path} is not 64 hex digits or 32 bytes")]
     MalformedKey { path: PathBuf },
-    #[error("the master key {path} is readable or writable by others (mode {mode:o}); make it 0400")]
+    #[error(
+        "the master key {path} is readable or writable by others (mode {mode:o}); make it 0400"
+    )]
     ExposedKey { path: PathBuf, mode: u32 },
     #[error("no randomness for a new master key")]
     Random,
@@ -150,7 +152,9 @@ pub fn read_master_key(path: &Path) -> Result<MasterKey, StateError> {
     if bytes.len() == KEY_BYTES {
         key.copy_from_slice(&bytes);
     } else {
-        let text = std::str::from_utf8(&bytes).map_err(|_| malformed())?.trim_end();
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| malformed())?
+            .trim_end();
         hex::decode_to_slice(text, key.as_mut_slice()).map_err(|_| malformed())?;
     }
     Ok(MasterKey::from_bytes(*key))
@@ -180,7 +184,9 @@ mod tests {
     #[test]
     fn init_creates_a_private_directory_and_refuses_a_second_time() {
         let dir = tempfile::tempdir().unwrap();
-        let state = StateDir { root: dir.path().join("s") };
+        let state = StateDir {
+            root: dir.path().join("s"),
+        };
         state.init().unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
         assert_eq!(mode(&state.root), 0o700);
@@ -200,10 +206,16 @@ mod tests {
         let p = dir.path().join("k");
         fs::write(&p, "00".repeat(32)).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(read_master_key(&p), Err(StateError::ExposedKey { .. })));
+        assert!(matches!(
+            read_master_key(&p),
+            Err(StateError::ExposedKey { .. })
+        ));
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         assert!(read_master_key(&p).is_ok());
         fs::write(&p, "zz").unwrap();
-        assert!(matches!(read_master_key(&p), Err(StateError::MalformedKey { .. })));
+        assert!(matches!(
+            read_master_key(&p),
+            Err(StateError::MalformedKey { .. })
+        ));
     }
 }

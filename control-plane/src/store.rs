@@ -13,7 +13,7 @@ use std::path::Path;
 
 use queue_proto::ids::{Seq, SessionId};
 use queue_proto::items::OutboxItem;
-use queue_proto::keys::{SessionSalt, derive_control_store_key, MasterKey};
+use queue_proto::keys::{MasterKey, SessionSalt, derive_control_store_key};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde_json::json;
 
@@ -202,12 +202,11 @@ impl Store {
             source,
         };
         let key = derive_control_store_key(master);
-        let conn = queue_proto::sqlcipher::open_private(path, &key).map_err(open)?;
+        let conn = queue_proto::sqlcipher::open_keyed(path, &key).map_err(open)?;
         // WAL survives a killed process; secure_delete overwrites freed content, so a
         // deleted session's salt does not linger in free pages.
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA secure_delete = ON;
-             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA secure_delete = ON;",
         )
         .map_err(open)?;
         conn.execute_batch(SCHEMA).map_err(open)?;
@@ -226,7 +225,12 @@ impl Store {
     }
 
     /// Appends an audit entry on its own (an event with no other state change).
-    pub fn record(&mut self, kind: &str, detail: &serde_json::Value, now: i64) -> Result<(), StoreError> {
+    pub fn record(
+        &mut self,
+        kind: &str,
+        detail: &serde_json::Value,
+        now: i64,
+    ) -> Result<(), StoreError> {
         let tx = self.tx()?;
         audit::append(&tx, now, kind, detail)?;
         tx.commit()?;
@@ -240,7 +244,9 @@ impl Store {
 
     /// Every session's name.
     pub fn session_names(&self) -> Result<Vec<SessionId>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT name FROM sessions ORDER BY name")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name FROM sessions ORDER BY name")?;
         let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
         names
             .map(|n| SessionId::try_from(n?.as_str()).map_err(|_| StoreError::BadSession))
@@ -259,7 +265,9 @@ impl Store {
             return Ok(row);
         }
         let salt = SessionSalt::generate().map_err(|_| {
-            StoreError::Query(rusqlite::Error::InvalidParameterName("no randomness".into()))
+            StoreError::Query(rusqlite::Error::InvalidParameterName(
+                "no randomness".into(),
+            ))
         })?;
         let tx = self.tx()?;
         tx.execute(
@@ -335,12 +343,24 @@ impl Store {
         audit::append(
             &tx,
             m.received_at,
-            if state == "refused" { "message_refused" } else { "message_accepted" },
+            if state == "refused" {
+                "message_refused"
+            } else {
+                "message_accepted"
+            },
             &json!({ "message": id, "session": session.as_str(), "channel": m.channel,
                      "bytes": m.text.len(), "reason": reason }),
         )?;
         if state == "refused" {
-            queue_outbound(&tx, &m.channel, &m.chat, Some(session), Some(id), "notice", refusal_notice)?;
+            queue_outbound(
+                &tx,
+                &m.channel,
+                &m.chat,
+                Some(session),
+                Some(id),
+                "notice",
+                refusal_notice,
+            )?;
             tx.commit()?;
             return Ok(Accepted::Refused(id));
         }
@@ -383,6 +403,19 @@ impl Store {
         }
         tx.commit()?;
         Ok(inserted == 1)
+    }
+
+    /// The state of message `id` (`received`, `published`, `answered`, `failed`,
+    /// `refused`, `dead`), if it exists.
+    pub fn message_state(&self, id: i64) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT state FROM messages WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// The channel's stored cursor (the Telegram offset).
@@ -518,7 +551,15 @@ impl Store {
                         params![id],
                     )?;
                     answered_here.push(id);
-                    queue_outbound(&tx, &row.channel, &row.chat, Some(session), Some(id), "reply", &r.text)?;
+                    queue_outbound(
+                        &tx,
+                        &row.channel,
+                        &row.chat,
+                        Some(session),
+                        Some(id),
+                        "reply",
+                        &r.text,
+                    )?;
                     out.replies += 1;
                 }
                 OutboxItem::ScheduleRequest(s) => {
@@ -561,7 +602,12 @@ impl Store {
         now: i64,
     ) -> Result<u32, StoreError> {
         let tx = self.tx()?;
-        let msgs = waiting(&tx, session, "state IN ('received', 'published')", usize::MAX)?;
+        let msgs = waiting(
+            &tx,
+            session,
+            "state IN ('received', 'published')",
+            usize::MAX,
+        )?;
         let n = fail(&tx, session, &msgs, reason, notice, now)?;
         tx.commit()?;
         Ok(n)
@@ -604,14 +650,23 @@ impl Store {
             [],
         )?;
         if n > 0 {
-            audit::append(&tx, now, "delivery_dead_lettered", &json!({ "count": n, "reason": "in flight at a crash" }))?;
+            audit::append(
+                &tx,
+                now,
+                "delivery_dead_lettered",
+                &json!({ "count": n, "reason": "in flight at a crash" }),
+            )?;
         }
         tx.commit()?;
         Ok(n as u32)
     }
 
     /// The oldest reply due on a push channel, marked as being sent.
-    pub fn next_outbound(&mut self, channel: &str, now: i64) -> Result<Option<Outbound>, StoreError> {
+    pub fn next_outbound(
+        &mut self,
+        channel: &str,
+        now: i64,
+    ) -> Result<Option<Outbound>, StoreError> {
         let tx = self.tx()?;
         let row = tx
             .query_row(
@@ -667,7 +722,12 @@ impl Store {
                     "UPDATE outbound SET state = 'dead', reason = ?2 WHERE id = ?1",
                     params![id, reason],
                 )?;
-                audit::append(&tx, now, "delivery_dead_lettered", &json!({ "outbound": id, "reason": reason }))?;
+                audit::append(
+                    &tx,
+                    now,
+                    "delivery_dead_lettered",
+                    &json!({ "outbound": id, "reason": reason }),
+                )?;
             }
         }
         tx.commit()?;
@@ -693,7 +753,12 @@ impl Store {
     }
 
     /// A pull channel's client acknowledges everything up to `upto`.
-    pub fn acknowledge(&mut self, channel: &str, chat: Option<&str>, upto: i64) -> Result<u64, StoreError> {
+    pub fn acknowledge(
+        &mut self,
+        channel: &str,
+        chat: Option<&str>,
+        upto: i64,
+    ) -> Result<u64, StoreError> {
         let n = self.conn.execute(
             "UPDATE outbound SET state = 'sent', text = '' WHERE channel = ?1 AND (?2 IS NULL OR chat = ?2)
              AND state = 'pending' AND id <= ?3",
@@ -710,12 +775,22 @@ impl Store {
              WHERE t.due_at <= ?1 ORDER BY t.id LIMIT 256",
         )?;
         let due: Vec<(i64, String, String, String, String)> = stmt
-            .query_map(params![now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+            .query_map(params![now], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
             .collect::<rusqlite::Result<_>>()?;
         drop(stmt);
         for (id, session, text, channel, chat) in &due {
             let s = SessionId::try_from(session.as_str()).map_err(|_| StoreError::BadSession)?;
-            queue_outbound(&tx, channel, chat, Some(&s), None, "reminder", &format!("Reminder: {text}"))?;
+            queue_outbound(
+                &tx,
+                channel,
+                chat,
+                Some(&s),
+                None,
+                "reminder",
+                &format!("Reminder: {text}"),
+            )?;
             tx.execute("DELETE FROM timers WHERE id = ?1", params![id])?;
         }
         tx.commit()?;
@@ -733,7 +808,12 @@ impl Store {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<rusqlite::Result<_>>()?;
         for (name, channel, chat) in rows {
-            let mut s = SessionSummary { name: name.clone(), channel, chat, ..Default::default() };
+            let mut s = SessionSummary {
+                name: name.clone(),
+                channel,
+                chat,
+                ..Default::default()
+            };
             self.count_into(&mut s, Some(&name))?;
             out.push(s);
         }
@@ -746,10 +826,12 @@ impl Store {
     }
 
     fn count_into(&self, s: &mut SessionSummary, session: Option<&str>) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT state, count(*) FROM messages WHERE session IS ?1 GROUP BY state",
-        )?;
-        for row in stmt.query_map(params![session], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT state, count(*) FROM messages WHERE session IS ?1 GROUP BY state")?;
+        for row in stmt.query_map(params![session], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })? {
             let (state, n) = row?;
             let n = n as u64;
             match state.as_str() {
@@ -760,10 +842,12 @@ impl Store {
                 _ => s.dead_lettered += n,
             }
         }
-        let mut stmt = self.conn.prepare(
-            "SELECT state, count(*) FROM outbound WHERE session IS ?1 GROUP BY state",
-        )?;
-        for row in stmt.query_map(params![session], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT state, count(*) FROM outbound WHERE session IS ?1 GROUP BY state")?;
+        for row in stmt.query_map(params![session], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })? {
             let (state, n) = row?;
             match state.as_str() {
                 "pending" | "sending" => s.replies_waiting += n as u64,
@@ -777,15 +861,29 @@ impl Store {
     /// Deletes `session`: its row and salt (so its keys can never be derived again),
     /// its messages, replies, timers and records, with an audit entry. Returns its
     /// counts as they were.
-    pub fn delete_session(&mut self, session: &SessionId, now: i64) -> Result<Option<SessionSummary>, StoreError> {
-        let Some(summary) = self.summaries()?.into_iter().find(|s| s.name == session.as_str()) else {
+    pub fn delete_session(
+        &mut self,
+        session: &SessionId,
+        now: i64,
+    ) -> Result<Option<SessionSummary>, StoreError> {
+        let Some(summary) = self
+            .summaries()?
+            .into_iter()
+            .find(|s| s.name == session.as_str())
+        else {
             return Ok(None);
         };
         let tx = self.tx()?;
         for table in ["messages", "outbound", "timers", "ingested"] {
-            tx.execute(&format!("DELETE FROM {table} WHERE session = ?1"), params![session.as_str()])?;
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE session = ?1"),
+                params![session.as_str()],
+            )?;
         }
-        tx.execute("DELETE FROM sessions WHERE name = ?1", params![session.as_str()])?;
+        tx.execute(
+            "DELETE FROM sessions WHERE name = ?1",
+            params![session.as_str()],
+        )?;
         audit::append(
             &tx,
             now,
@@ -795,7 +893,8 @@ impl Store {
         )?;
         tx.commit()?;
         // Fold the WAL back so the old pages (salt included) leave it.
-        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(Some(summary))
     }
 }
@@ -831,13 +930,22 @@ fn set_cursor(tx: &Transaction<'_>, cursor: Option<(&str, &str)>) -> rusqlite::R
     Ok(())
 }
 
-fn waiting(conn: &Connection, session: &SessionId, cond: &str, limit: usize) -> rusqlite::Result<Vec<Waiting>> {
+fn waiting(
+    conn: &Connection,
+    session: &SessionId,
+    cond: &str,
+    limit: usize,
+) -> rusqlite::Result<Vec<Waiting>> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let mut stmt = conn.prepare(&format!(
         "SELECT id, text, received_at FROM messages WHERE session = ?1 AND {cond} ORDER BY id LIMIT ?2"
     ))?;
     let rows = stmt.query_map(params![session.as_str(), limit], |r| {
-        Ok(Waiting { id: r.get(0)?, text: r.get(1)?, received_at: r.get(2)? })
+        Ok(Waiting {
+            id: r.get(0)?,
+            text: r.get(1)?,
+            received_at: r.get(2)?,
+        })
     })?;
     rows.collect()
 }
@@ -858,7 +966,15 @@ fn fail(
             "UPDATE messages SET state = 'failed', text = '', reason = ?2 WHERE id = ?1",
             params![m.id, reason],
         )?;
-        queue_outbound(tx, &row.channel, &row.chat, Some(session), Some(m.id), "notice", notice)?;
+        queue_outbound(
+            tx,
+            &row.channel,
+            &row.chat,
+            Some(session),
+            Some(m.id),
+            "notice",
+            notice,
+        )?;
     }
     if !msgs.is_empty() {
         audit::append(

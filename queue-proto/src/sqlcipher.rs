@@ -30,9 +30,18 @@ pub(crate) fn apply_key(conn: &Connection, key: &SecretKey) -> rusqlite::Result<
 /// same log silencing and no temp files on disk. For a side's own state (the agent's
 /// notes and history), never for segments.
 pub fn open_private(path: &Path, key: &SecretKey) -> rusqlite::Result<Connection> {
+    let conn = open_keyed(path, key)?;
+    conn.execute_batch("PRAGMA journal_mode = DELETE;")?;
+    Ok(conn)
+}
+
+/// Opens (creating if needed) a private SQLCipher database keyed with `key`, leaving
+/// its journal mode as the file has it, so a second connection can open a database
+/// another process holds in WAL mode.
+pub fn open_keyed(path: &Path, key: &SecretKey) -> rusqlite::Result<Connection> {
     let conn = open_for_writing(path)?;
     apply_key(&conn, key)?;
-    conn.execute_batch("PRAGMA temp_store = MEMORY; PRAGMA journal_mode = DELETE;")?;
+    conn.execute_batch("PRAGMA temp_store = MEMORY; PRAGMA busy_timeout = 5000;")?;
     Ok(conn)
 }
 

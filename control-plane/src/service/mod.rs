@@ -145,7 +145,9 @@ pub fn provider(config: &Config) -> Result<AnyProvider, ServiceError> {
             let key = key(true)?.expect("required keys are present");
             AnyProvider::Anthropic(Anthropic::new(endpoint()?, model, key))
         }
-        ProviderKind::Openai => AnyProvider::OpenAi(OpenAiCompatible::new(endpoint()?, model, key(false)?)),
+        ProviderKind::Openai => {
+            AnyProvider::OpenAi(OpenAiCompatible::new(endpoint()?, model, key(false)?))
+        }
     })
 }
 
@@ -178,7 +180,9 @@ impl Service {
                 None => RunscRuntime::default(),
             }),
             RuntimeChoice::Host => {
-                tracing::warn!("sandbox.runtime = \"host\": agents run WITHOUT isolation (development only)");
+                tracing::warn!(
+                    "sandbox.runtime = \"host\": agents run WITHOUT isolation (development only)"
+                );
                 Arc::new(HostRuntime)
             }
         };
@@ -194,11 +198,18 @@ impl Service {
         let mut store = blocking(|| Store::open(&state.store(), &master))?;
         let lost = store.recover_in_flight(now_secs())?;
         if lost > 0 {
-            tracing::warn!(count = lost, "replies in flight at the last stop are dead-lettered, not resent");
+            tracing::warn!(
+                count = lost,
+                "replies in flight at the last stop are dead-lettered, not resent"
+            );
         }
-        store.record("service_started", &json!({ "provider": provider.as_ref().name_str() }), now_secs())?;
-        let (manager, sandbox_events) = blocking(|| Manager::new(runtime, settings.clone()))
-            .map_err(ServiceError::Manager)?;
+        store.record(
+            "service_started",
+            &json!({ "provider": provider.as_ref().name_str() }),
+            now_secs(),
+        )?;
+        let (manager, sandbox_events) =
+            blocking(|| Manager::new(runtime, settings.clone())).map_err(ServiceError::Manager)?;
         let service = Arc::new(Service {
             config,
             state,
@@ -213,7 +224,10 @@ impl Service {
             tasks: std::sync::Mutex::new(Vec::new()),
         });
         let supervisor = service.manager.supervise(Duration::from_millis(500));
-        let events = tokio::spawn(sandbox_events_loop(Arc::downgrade(&service), sandbox_events));
+        let events = tokio::spawn(sandbox_events_loop(
+            Arc::downgrade(&service),
+            sandbox_events,
+        ));
         let sweeper = tokio::spawn(sweep_loop(Arc::downgrade(&service)));
         service.tasks().extend([supervisor, events, sweeper]);
         service.recover().await;
@@ -225,7 +239,10 @@ impl Service {
     }
 
     /// Runs `f` on the store, off the async workers.
-    pub fn db<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub fn db<T>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         blocking(|| f(&mut self.store.lock().unwrap_or_else(|p| p.into_inner())))
     }
 
@@ -506,35 +523,63 @@ impl Service {
     async fn on_session_event(&self, event: SessionEvent) {
         let now = now_secs();
         match event {
-            SessionEvent::Outbox { session, seq, items, stored } => {
-                match self.db(|s| s.ingest(&session, seq, &items, now)) {
-                    Ok(done) => {
-                        let _ = stored.send(());
-                        if done.dropped_replies > 0 {
-                            tracing::warn!(session = %session, count = done.dropped_replies,
+            SessionEvent::Outbox {
+                session,
+                seq,
+                items,
+                stored,
+            } => match self.db(|s| s.ingest(&session, seq, &items, now)) {
+                Ok(done) => {
+                    let _ = stored.send(());
+                    if done.dropped_replies > 0 {
+                        tracing::warn!(session = %session, count = done.dropped_replies,
                                 "replies to unknown or settled messages were dropped");
-                        }
-                        if done.replies > 0 || done.timers > 0 {
-                            self.outbound_changed();
-                        }
                     }
-                    Err(e) => tracing::error!(session = %session, error = %e, "storing an outbox segment failed"),
+                    if done.replies > 0 || done.timers > 0 {
+                        self.outbound_changed();
+                    }
                 }
-            }
-            SessionEvent::ModelCall { session, provider, input_tokens, output_tokens, bytes_sent } => {
+                Err(e) => {
+                    tracing::error!(session = %session, error = %e, "storing an outbox segment failed")
+                }
+            },
+            SessionEvent::ModelCall {
+                session,
+                provider,
+                input_tokens,
+                output_tokens,
+                bytes_sent,
+            } => {
                 self.audit("model_call", json!({ "session": session.as_str(), "provider": provider,
                     "input_tokens": input_tokens, "output_tokens": output_tokens, "bytes": bytes_sent }));
             }
             SessionEvent::ModelFailed { session, reason } => {
-                self.audit("model_failed", json!({ "session": session.as_str(), "reason": reason }));
+                self.audit(
+                    "model_failed",
+                    json!({ "session": session.as_str(), "reason": reason }),
+                );
             }
-            SessionEvent::Refused { session, what, detail } => {
+            SessionEvent::Refused {
+                session,
+                what,
+                detail,
+            } => {
                 let detail: String = detail.chars().take(256).collect();
-                self.audit("proxy_refused", json!({ "session": session.as_str(), "what": what, "detail": detail }));
+                self.audit(
+                    "proxy_refused",
+                    json!({ "session": session.as_str(), "what": what, "detail": detail }),
+                );
             }
-            SessionEvent::ChangeRequested { session, id, request } => {
-                self.audit("change_requested", json!({ "session": session.as_str(), "change": id.as_str(),
-                    "target": request.target, "bytes": request.after.len() }));
+            SessionEvent::ChangeRequested {
+                session,
+                id,
+                request,
+            } => {
+                self.audit(
+                    "change_requested",
+                    json!({ "session": session.as_str(), "change": id.as_str(),
+                    "target": request.target, "bytes": request.after.len() }),
+                );
             }
         }
     }
@@ -547,16 +592,25 @@ impl Service {
 
     async fn on_sandbox_event(&self, event: Event) {
         match event {
-            Event::Started { session } => self.audit("sandbox_started", json!({ "session": session.as_str() })),
+            Event::Started { session } => {
+                self.audit("sandbox_started", json!({ "session": session.as_str() }))
+            }
             Event::Ended { session, exit } => {
-                self.audit("sandbox_ended", json!({ "session": session.as_str(), "exit": format!("{exit:?}") }));
+                self.audit(
+                    "sandbox_ended",
+                    json!({ "session": session.as_str(), "exit": format!("{exit:?}") }),
+                );
                 if exit == Exit::KilledByLimit {
                     self.fail_session(&session, "the sandbox was killed by a limit", notice::LIMIT);
                 }
             }
             Event::GaveUp { session } => {
                 self.audit("sandbox_paused", json!({ "session": session.as_str() }));
-                self.fail_session(&session, "the sandbox crashed repeatedly", notice::UNAVAILABLE);
+                self.fail_session(
+                    &session,
+                    "the sandbox crashed repeatedly",
+                    notice::UNAVAILABLE,
+                );
             }
         }
     }
@@ -587,14 +641,20 @@ impl AnyProvider {
     }
 }
 
-async fn session_events_loop(service: std::sync::Weak<Service>, mut rx: mpsc::Receiver<SessionEvent>) {
+async fn session_events_loop(
+    service: std::sync::Weak<Service>,
+    mut rx: mpsc::Receiver<SessionEvent>,
+) {
     while let Some(event) = rx.recv().await {
         let Some(s) = service.upgrade() else { return };
         s.on_session_event(event).await;
     }
 }
 
-async fn sandbox_events_loop(service: std::sync::Weak<Service>, mut rx: mpsc::UnboundedReceiver<Event>) {
+async fn sandbox_events_loop(
+    service: std::sync::Weak<Service>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+) {
     while let Some(event) = rx.recv().await {
         let Some(s) = service.upgrade() else { return };
         s.on_sandbox_event(event).await;

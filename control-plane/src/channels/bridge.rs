@@ -1,0 +1,307 @@
+//! The bridge: an HTTP API through which other chat apps reach the assistant, bound to
+//! loopback or a Tailscale address only, every request carrying the bearer token from
+//! `token_file` (compared in constant time).
+//!
+//! ```text
+//! POST /v1/messages   {"chat": "<a-z0-9_->", "text": "...", "id": "<optional client id>"}
+//!                     → 202 {"message": N, "state": "accepted" | "refused" | "duplicate"}
+//! GET  /v1/replies?after=K[&wait=S]
+//!                     acknowledges every reply up to K, then returns those after K
+//!                     (long-polled up to S ≤ 60 seconds)
+//!                     → 200 {"replies": [{"id", "chat", "kind", "in_reply_to", "text"}]}
+//! ```
+//! Errors are `{"error": "..."}` with 400, 401, 404, 405, 413 or 503. A chat `c` is the
+//! session `br-c`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use queue_proto::ids::SessionId;
+use queue_proto::items::MAX_TEXT_BYTES;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use super::ChannelError;
+use crate::config::BridgeConfig;
+use crate::model::http::ApiKey;
+use crate::service::Service;
+use crate::state::now_secs;
+use crate::store::{Accepted, Inbound};
+
+/// The channel's name in the store.
+pub const CHANNEL: &str = "bridge";
+/// The largest request body read (JSON escaping can make 64 KiB of text longer).
+pub const MAX_BODY_BYTES: usize = 512 * 1024;
+/// Connections served at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The longest long-poll.
+pub const MAX_WAIT_SECS: u64 = 60;
+/// Replies returned by one poll, at most.
+const MAX_REPLIES: usize = 100;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostMessage {
+    chat: String,
+    text: String,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+/// The session of bridge chat `chat`, if the chat name is acceptable.
+pub fn session_for(chat: &str) -> Option<SessionId> {
+    let ok = !chat.is_empty()
+        && chat.len() <= 29
+        && chat
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    ok.then(|| SessionId::try_from(format!("br-{chat}").as_str()).ok())
+        .flatten()
+}
+
+/// Binds the listener and serves it in a task.
+pub fn start(service: Arc<Service>, cfg: &BridgeConfig) -> Result<JoinHandle<()>, ChannelError> {
+    let token = ApiKey::from_file(&cfg.token_file).map_err(|source| ChannelError::Token {
+        channel: CHANNEL,
+        path: cfg.token_file.clone(),
+        source,
+    })?;
+    let listen = |source| ChannelError::Listen {
+        addr: cfg.listen,
+        source,
+    };
+    let std_listener = std::net::TcpListener::bind(cfg.listen).map_err(listen)?;
+    std_listener.set_nonblocking(true).map_err(listen)?;
+    let listener = tokio::net::TcpListener::from_std(std_listener).map_err(listen)?;
+    tracing::info!(addr = %cfg.listen, "bridge listening");
+    Ok(tokio::spawn(serve(service, listener, Arc::new(token))))
+}
+
+async fn serve(service: Arc<Service>, listener: tokio::net::TcpListener, token: Arc<ApiKey>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let (service, token) = (service.clone(), token.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let (service, token) = (service.clone(), token.clone());
+                async move { Ok::<_, Infallible>(respond(&service, &token, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            drop(permit);
+        });
+    }
+}
+
+fn reply(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    reply(status, &json!({ "error": message }))
+}
+
+fn authorised(req: &Request<Incoming>, token: &ApiKey) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    given.ct_eq(token.expose().as_bytes()).into()
+}
+
+async fn respond(
+    service: &Arc<Service>,
+    token: &ApiKey,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if !authorised(&req, token) {
+        return error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+    }
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/v1/messages") => post_message(service, req).await,
+        (&Method::GET, "/v1/replies") => get_replies(service, &req).await,
+        (_, "/v1/messages" | "/v1/replies") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+async fn post_message(service: &Arc<Service>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the message is longer than 64 KiB of text",
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return too_large();
+    }
+    let body = Limited::new(req.into_body(), MAX_BODY_BYTES);
+    let bytes = match tokio::time::timeout(Duration::from_secs(10), body.collect()).await {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(_)) => return too_large(),
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body did not arrive in time",
+            );
+        }
+    };
+    let msg: PostMessage = match serde_json::from_slice(&bytes) {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("malformed message: {e}")),
+    };
+    let Some(session) = session_for(&msg.chat) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "chat must be 1-29 of a-z, 0-9, _ and -",
+        );
+    };
+    if msg.text.len() > MAX_TEXT_BYTES {
+        return too_large();
+    }
+    if msg.text.trim().is_empty() {
+        return error(StatusCode::BAD_REQUEST, "the message is empty");
+    }
+    if msg
+        .id
+        .as_ref()
+        .is_some_and(|id| id.is_empty() || id.len() > 64)
+    {
+        return error(StatusCode::BAD_REQUEST, "id must be 1-64 characters");
+    }
+    let inbound = Inbound {
+        channel: CHANNEL.into(),
+        chat: msg.chat.clone(),
+        external_id: msg.id.map(|id| format!("{}/{id}", msg.chat)),
+        text: msg.text,
+        received_at: now_secs(),
+    };
+    match service.submit(&session, &inbound, None).await {
+        Ok(Accepted::Stored(id)) => reply(
+            StatusCode::ACCEPTED,
+            &json!({ "message": id, "state": "accepted" }),
+        ),
+        Ok(Accepted::Refused(id)) => reply(
+            StatusCode::ACCEPTED,
+            &json!({ "message": id, "state": "refused" }),
+        ),
+        Ok(Accepted::Duplicate) => reply(StatusCode::ACCEPTED, &json!({ "state": "duplicate" })),
+        Err(e) => {
+            tracing::error!(error = %e, "storing a bridge message failed");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the message could not be stored; send it again",
+            )
+        }
+    }
+}
+
+fn query_number(query: &str, name: &str) -> Result<Option<u64>, ()> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or(())?;
+        if k == name {
+            return v.parse().map(Some).map_err(|_| ());
+        }
+        if k != "after" && k != "wait" {
+            return Err(());
+        }
+    }
+    Ok(None)
+}
+
+async fn get_replies(service: &Arc<Service>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let query = req.uri().query().unwrap_or("");
+    let (Ok(after), Ok(wait)) = (query_number(query, "after"), query_number(query, "wait")) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the query takes after=N and wait=S only",
+        );
+    };
+    let after = i64::try_from(after.unwrap_or(0)).unwrap_or(i64::MAX);
+    let wait = Duration::from_secs(wait.unwrap_or(0).min(MAX_WAIT_SECS));
+    if after > 0
+        && let Err(e) = service.db(|s| s.acknowledge(CHANNEL, None, after))
+    {
+        tracing::error!(error = %e, "acknowledging bridge replies failed");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "try again");
+    }
+    let mut changes = service.watch_outbound();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let pending = match service.db(|s| s.pending_for(CHANNEL, None, after, MAX_REPLIES)) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "reading bridge replies failed");
+                return error(StatusCode::SERVICE_UNAVAILABLE, "try again");
+            }
+        };
+        if !pending.is_empty() || tokio::time::Instant::now() >= deadline {
+            let replies: Vec<Value> = pending
+                .into_iter()
+                .map(|o| {
+                    json!({ "id": o.id, "chat": o.chat, "kind": o.kind,
+                                 "in_reply_to": o.message_id, "text": o.text })
+                })
+                .collect();
+            return reply(StatusCode::OK, &json!({ "replies": replies }));
+        }
+        let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_names_map_to_sessions_only_when_safe() {
+        assert_eq!(session_for("family").unwrap().as_str(), "br-family");
+        for bad in ["", "Family", "../x", "a.b", "x y", &"a".repeat(30)] {
+            assert!(session_for(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_replies_query_is_closed() {
+        assert_eq!(query_number("after=5&wait=2", "after"), Ok(Some(5)));
+        assert_eq!(query_number("wait=2", "after"), Ok(None));
+        assert!(query_number("after=-1", "after").is_err());
+        assert!(query_number("session=x", "after").is_err());
+    }
+}

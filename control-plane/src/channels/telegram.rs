@@ -1,0 +1,470 @@
+//! Telegram Bot API: long-poll `getUpdates` (only `message` updates asked for), replies
+//! with `sendMessage`. The offset sent to Telegram (which confirms every earlier
+//! update) only moves past an update once the store holds it, in the same transaction
+//! as the message. Senders not in `allowed_users` get one fixed refusal (at most one an
+//! hour each) and never reach an agent; only private chats are served, so no reply is
+//! shown to people who were not allowed to ask.
+//!
+//! The bot token is part of every URL: errors are reported without their URL, and
+//! nothing here logs a URL.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use queue_proto::ids::SessionId;
+use queue_proto::items::MAX_TEXT_BYTES;
+use serde_json::{Value, json};
+
+use super::{Channel, ChannelError, split_message};
+use crate::config::TelegramConfig;
+use crate::model::http::{ApiKey, ApprovedEndpoint};
+use crate::service::{Service, notice};
+use crate::state::now_secs;
+use crate::store::{Delivered, Inbound};
+
+/// The channel's name in the store.
+pub const CHANNEL: &str = "telegram";
+/// Telegram's limit on one message, in UTF-16 code units.
+pub const MAX_MESSAGE_UNITS: usize = 4096;
+/// The largest `getUpdates` answer read; a larger one is asked for again one update at
+/// a time, and a single update larger than this is skipped and recorded.
+pub const MAX_UPDATES_BYTES: usize = 16 * 1024 * 1024;
+/// The largest answer to any other call.
+const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+/// Refusals sent to one unknown sender, at most one per this period.
+const REFUSAL_PERIOD: Duration = Duration::from_secs(3600);
+/// The longest wait between attempts to reach Telegram while it is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A configured bot.
+pub struct Telegram {
+    api: ApprovedEndpoint,
+    token: ApiKey,
+    client: reqwest::Client,
+    allowed: Vec<i64>,
+    poll_timeout: u64,
+    refused_at: std::sync::Mutex<HashMap<i64, Instant>>,
+}
+
+impl std::fmt::Debug for Telegram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telegram")
+            .field("api", &self.api)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a Bot API call failed.
+#[derive(Debug)]
+enum CallError {
+    /// Not reached, or no answer in time (details withheld: they hold the URL).
+    Network,
+    /// The answer was larger than allowed; its first bytes.
+    TooLarge(Vec<u8>),
+    /// Telegram answered `ok: false`, or with a non-JSON error.
+    Status {
+        code: u16,
+        retry_after: Option<u64>,
+        description: String,
+    },
+}
+
+/// The session of a Telegram chat: `tg-<id>`, `tg-n<id>` for negative ids.
+pub fn session_for(chat: i64) -> SessionId {
+    let name = if chat < 0 {
+        format!("tg-n{}", chat.unsigned_abs())
+    } else {
+        format!("tg-{chat}")
+    };
+    SessionId::try_from(name.as_str()).expect("tg- and at most 20 digits is a valid session id")
+}
+
+impl Telegram {
+    pub fn new(cfg: &TelegramConfig) -> Result<Telegram, ChannelError> {
+        let token = ApiKey::from_file(&cfg.token_file).map_err(|source| ChannelError::Token {
+            channel: CHANNEL,
+            path: cfg.token_file.clone(),
+            source,
+        })?;
+        let api = ApprovedEndpoint::parse(&cfg.api_base)
+            .expect("the configuration check accepted api_base");
+        Ok(Telegram {
+            api,
+            token,
+            client: crate::model::http::client(),
+            allowed: cfg.allowed_users.clone(),
+            poll_timeout: cfg.poll_timeout_secs,
+            refused_at: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        body: &Value,
+        timeout: Duration,
+        cap: usize,
+    ) -> Result<Value, CallError> {
+        let url = self
+            .api
+            .join(&format!("/bot{}/{method}", self.token.expose()));
+        let sent = self
+            .client
+            .post(url)
+            .json(body)
+            .timeout(timeout)
+            .send()
+            .await;
+        let mut resp = sent.map_err(|_| CallError::Network)?;
+        let status = resp.status().as_u16();
+        let mut bytes = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if bytes.len() + chunk.len() > cap {
+                        bytes.extend_from_slice(&chunk[..chunk.len().min(4096)]);
+                        bytes.truncate(4096);
+                        return Err(CallError::TooLarge(bytes));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(_) => return Err(CallError::Network),
+            }
+        }
+        let answer: Value = serde_json::from_slice(&bytes).map_err(|_| CallError::Status {
+            code: status,
+            retry_after: None,
+            description: "an answer that is not JSON".into(),
+        })?;
+        if answer.get("ok") == Some(&Value::Bool(true)) {
+            return Ok(answer.get("result").cloned().unwrap_or(Value::Null));
+        }
+        Err(CallError::Status {
+            code: answer
+                .get("error_code")
+                .and_then(Value::as_u64)
+                .map_or(status, |c| c as u16),
+            retry_after: answer
+                .pointer("/parameters/retry_after")
+                .and_then(Value::as_u64),
+            description: answer
+                .get("description")
+                .and_then(Value::as_str)
+                .unwrap_or("no description")
+                .chars()
+                .take(200)
+                .collect(),
+        })
+    }
+
+    /// Whether an unknown sender may be sent the refusal now.
+    fn may_refuse(&self, user: i64) -> bool {
+        let mut map = self.refused_at.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if map.len() > 10_000 {
+            map.retain(|_, t| now.duration_since(*t) < REFUSAL_PERIOD);
+        }
+        match map.get(&user) {
+            Some(t) if now.duration_since(*t) < REFUSAL_PERIOD => false,
+            _ => {
+                map.insert(user, now);
+                true
+            }
+        }
+    }
+}
+
+impl Channel for Telegram {
+    fn name(&self) -> &'static str {
+        CHANNEL
+    }
+
+    async fn deliver(&self, chat: &str, text: &str) -> Delivered {
+        let Ok(chat_id) = chat.parse::<i64>() else {
+            return Delivered::Failed("not a Telegram chat id".into());
+        };
+        let parts = split_message(text, MAX_MESSAGE_UNITS);
+        for (i, part) in parts.iter().enumerate() {
+            let body = json!({ "chat_id": chat_id, "text": part });
+            let mut backoff = Duration::from_millis(500);
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let result = self
+                    .call(
+                        "sendMessage",
+                        &body,
+                        Duration::from_secs(30),
+                        MAX_ANSWER_BYTES,
+                    )
+                    .await;
+                let err = match result {
+                    Ok(_) => break,
+                    Err(e) => e,
+                };
+                // Parts already sent are never sent again: past the first part, keep
+                // trying here rather than hand the whole reply back for a retry.
+                let give_up = tries >= 5;
+                match err {
+                    CallError::Status {
+                        code: 429,
+                        retry_after,
+                        ..
+                    } => {
+                        let wait = retry_after.unwrap_or(1);
+                        if i == 0 && (wait > 60 || give_up) {
+                            return Delivered::Retry(wait);
+                        }
+                        tokio::time::sleep(Duration::from_secs(wait.min(60))).await;
+                    }
+                    CallError::Status {
+                        code, description, ..
+                    } if code < 500 => {
+                        return Delivered::Failed(format!(
+                            "telegram refused it ({code}): {description}"
+                        ));
+                    }
+                    _ if give_up && i == 0 => return Delivered::Retry(10),
+                    _ if give_up => {
+                        return Delivered::Failed(
+                            "only partly delivered: Telegram stopped answering".into(),
+                        );
+                    }
+                    _ => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(8));
+                    }
+                }
+            }
+        }
+        Delivered::Sent
+    }
+}
+
+/// Long-polls `getUpdates` until the task is aborted, reconnecting after outages.
+pub async fn poll(service: Arc<Service>, tg: Arc<Telegram>) {
+    let stored = service.db(|s| s.cursor(CHANNEL)).ok().flatten();
+    let mut offset: i64 = stored.and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut limit = 100;
+    let mut backoff = Duration::from_secs(1);
+    let mut failing = false;
+    loop {
+        let body = json!({
+            "offset": offset,
+            "limit": limit,
+            "timeout": tg.poll_timeout,
+            "allowed_updates": ["message"],
+        });
+        let timeout = Duration::from_secs(tg.poll_timeout + 15);
+        let result = tg
+            .call("getUpdates", &body, timeout, MAX_UPDATES_BYTES)
+            .await;
+        let error = match result {
+            Ok(Value::Array(updates)) => {
+                if failing {
+                    tracing::info!("telegram reachable again");
+                }
+                failing = false;
+                backoff = Duration::from_secs(1);
+                limit = 100;
+                for u in updates {
+                    match handle(&service, &tg, &u, offset).await {
+                        Ok(Some(next)) => offset = next,
+                        Ok(None) => {}
+                        // Not stored: the offset stays, the update comes again.
+                        Err(()) => {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            Ok(_) => "an answer that is not a list of updates".to_owned(),
+            Err(CallError::TooLarge(prefix)) => {
+                if limit > 1 {
+                    limit = 1;
+                    continue;
+                }
+                match first_update_id(&prefix) {
+                    Some(id) if id >= offset => {
+                        let next = (id + 1).to_string();
+                        let skipped = service.db(|s| {
+                            s.refuse(
+                                CHANNEL,
+                                "",
+                                Some(&id.to_string()),
+                                MAX_UPDATES_BYTES,
+                                "update larger than 16 MiB",
+                                None,
+                                Some((CHANNEL, &next)),
+                                now_secs(),
+                            )
+                        });
+                        if skipped.is_ok() {
+                            tracing::warn!(update = id, "skipped an update larger than 16 MiB");
+                            offset = id + 1;
+                            continue;
+                        }
+                        "an oversized update that could not be recorded".to_owned()
+                    }
+                    _ => "an oversized answer without an update id".to_owned(),
+                }
+            }
+            Err(CallError::Status {
+                code: 429,
+                retry_after,
+                ..
+            }) => {
+                tokio::time::sleep(Duration::from_secs(retry_after.unwrap_or(5).min(300))).await;
+                continue;
+            }
+            Err(CallError::Status {
+                code, description, ..
+            }) => format!("status {code}: {description}"),
+            Err(CallError::Network) => "not reachable".to_owned(),
+        };
+        if !failing {
+            tracing::warn!(problem = %error, "telegram getUpdates failed; retrying with backoff");
+        }
+        failing = true;
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// The `update_id` at the start of a `getUpdates` answer, read without parsing it whole.
+fn first_update_id(prefix: &[u8]) -> Option<i64> {
+    let text = String::from_utf8_lossy(prefix);
+    let at = text.find("\"update_id\"")? + "\"update_id\"".len();
+    let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Stores one update (or records why it is refused) with the next offset. Returns the
+/// next offset, `None` for an update to skip, or `Err` if the store failed.
+async fn handle(
+    service: &Arc<Service>,
+    tg: &Telegram,
+    u: &Value,
+    offset: i64,
+) -> Result<Option<i64>, ()> {
+    let Some(update_id) = u.get("update_id").and_then(Value::as_i64) else {
+        return Ok(None);
+    };
+    if update_id < offset {
+        return Ok(None);
+    }
+    let next = (update_id + 1).to_string();
+    let cursor = Some((CHANNEL, next.as_str()));
+    let ext = update_id.to_string();
+    let msg = u.get("message");
+    let from = msg
+        .and_then(|m| m.pointer("/from/id"))
+        .and_then(Value::as_i64);
+    let chat = msg
+        .and_then(|m| m.pointer("/chat/id"))
+        .and_then(Value::as_i64);
+    let private = msg
+        .and_then(|m| m.pointer("/chat/type"))
+        .and_then(Value::as_str)
+        == Some("private");
+    let text = msg.and_then(|m| m.get("text")).and_then(Value::as_str);
+    let bytes = text.map_or(0, str::len);
+    let now = now_secs();
+    let refuse = |chat: String, reason: &'static str, notice: Option<&'static str>| {
+        service.db(|s| {
+            s.refuse(
+                CHANNEL,
+                &chat,
+                Some(&ext),
+                bytes,
+                reason,
+                notice,
+                cursor,
+                now,
+            )
+        })
+    };
+    let refused = match (from, chat) {
+        (Some(from), Some(chat)) if !tg.allowed.contains(&from) => {
+            let n = tg.may_refuse(from).then_some(notice::NOT_ALLOWED);
+            Some(refuse(chat.to_string(), "sender not in allowed_users", n))
+        }
+        (Some(_), Some(chat)) if !private => {
+            Some(refuse(chat.to_string(), "not a private chat", None))
+        }
+        (Some(_), Some(chat)) if text.is_none() => Some(refuse(
+            chat.to_string(),
+            "not a text message",
+            Some(notice::NOT_TEXT),
+        )),
+        (Some(_), Some(chat)) if bytes > MAX_TEXT_BYTES => Some(refuse(
+            chat.to_string(),
+            "longer than 64 KiB",
+            Some(notice::TOO_LONG),
+        )),
+        (Some(_), Some(_)) => None,
+        _ => Some(refuse(
+            String::new(),
+            "malformed or unsupported update",
+            None,
+        )),
+    };
+    if let Some(result) = refused {
+        return match result {
+            Ok(noticed) => {
+                if noticed {
+                    service.outbound_changed();
+                }
+                Ok(Some(update_id + 1))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "recording a refused update failed");
+                Err(())
+            }
+        };
+    }
+    let chat = chat.expect("matched above");
+    let inbound = Inbound {
+        channel: CHANNEL.into(),
+        chat: chat.to_string(),
+        external_id: Some(ext.clone()),
+        text: text.expect("matched above").to_owned(),
+        received_at: now,
+    };
+    match service.submit(&session_for(chat), &inbound, cursor).await {
+        Ok(_) => Ok(Some(update_id + 1)),
+        Err(e) => {
+            tracing::error!(error = %e, "storing a telegram message failed");
+            Err(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_named_after_the_chat() {
+        assert_eq!(session_for(42).as_str(), "tg-42");
+        assert_eq!(session_for(-1001234).as_str(), "tg-n1001234");
+        assert_eq!(session_for(i64::MIN).as_str(), "tg-n9223372036854775808");
+    }
+
+    #[test]
+    fn the_first_update_id_is_found_in_a_truncated_answer() {
+        assert_eq!(
+            first_update_id(br#"{"ok":true,"result":[{"update_id": 991,"message":{"te"#),
+            Some(991)
+        );
+        assert_eq!(
+            first_update_id(br#"{"ok":true,"result":[{"message":"#),
+            None
+        );
+    }
+}
