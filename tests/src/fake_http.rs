@@ -76,25 +76,48 @@ pub struct FakeHttp {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// How a fake answers one request.
+pub type Handler = Arc<
+    dyn Fn(Received) -> std::pin::Pin<Box<dyn std::future::Future<Output = Scripted> + Send>>
+        + Send
+        + Sync,
+>;
+
 impl FakeHttp {
     /// Starts a fake on 127.0.0.1 with `script`; once the script is used up it answers 500.
     pub async fn start(script: Vec<Scripted>) -> FakeHttp {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("bound");
         let state = Arc::new(Mutex::new(State {
             script: script.into(),
             received: Vec::new(),
         }));
         let shared = state.clone();
+        let handler: Handler = Arc::new(move |_| {
+            let next = shared.lock().expect("fake state").script.pop_front();
+            Box::pin(async move { next.unwrap_or_else(|| Scripted::status(500)) })
+        });
+        Self::with_state(handler, state).await
+    }
+
+    /// Starts a fake on 127.0.0.1 that answers every request with `handler`.
+    pub async fn serve(handler: Handler) -> FakeHttp {
+        Self::with_state(handler, Arc::new(Mutex::new(State::default()))).await
+    }
+
+    async fn with_state(handler: Handler, state: Arc<Mutex<State>>) -> FakeHttp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("bound");
+        let shared = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let state = shared.clone();
+                let handler = handler.clone();
                 tokio::spawn(async move {
                     let service =
                         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                             let state = state.clone();
+                            let handler = handler.clone();
                             async move {
                                 let (parts, body) = req.into_parts();
                                 let body = body
@@ -117,12 +140,12 @@ impl FakeHttp {
                                         .collect(),
                                     body,
                                 };
-                                let next = {
-                                    let mut st = state.lock().expect("fake state");
-                                    st.received.push(received);
-                                    st.script.pop_front()
-                                };
-                                let s = next.unwrap_or_else(|| Scripted::status(500));
+                                state
+                                    .lock()
+                                    .expect("fake state")
+                                    .received
+                                    .push(received.clone());
+                                let s = handler(received).await;
                                 let mut resp = Response::new(Full::new(Bytes::from(s.body)));
                                 *resp.status_mut() =
                                     StatusCode::from_u16(s.status).expect("valid status");
@@ -144,6 +167,11 @@ impl FakeHttp {
             }
         });
         FakeHttp { addr, state, task }
+    }
+
+    /// Forgets the requests recorded so far (a long run need not keep them all).
+    pub fn clear_received(&self) {
+        self.state.lock().expect("fake state").received.clear();
     }
 
     /// `http://127.0.0.1:PORT`.

@@ -8,6 +8,9 @@
 #![forbid(unsafe_code)]
 
 pub mod fake_http;
+pub mod fake_model;
+pub mod fake_telegram;
+pub mod service;
 
 /// Every regular file under `dir`, recursively (nothing if `dir` is missing).
 pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -60,8 +60,8 @@ impl std::fmt::Debug for Telegram {
 enum CallError {
     /// Not reached, or no answer in time (details withheld: they hold the URL).
     Network,
-    /// The answer was larger than allowed; its first bytes.
-    TooLarge(Vec<u8>),
+    /// The answer was larger than allowed; the first update's id, if one was found.
+    TooLarge(Option<i64>),
     /// Telegram answered `ok: false`, or with a non-JSON error.
     Status {
         code: u16,
@@ -119,19 +119,30 @@ impl Telegram {
         let mut resp = sent.map_err(|_| CallError::Network)?;
         let status = resp.status().as_u16();
         let mut bytes = Vec::new();
+        let mut scanner: Option<FirstUpdateId> = None;
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
-                    if bytes.len() + chunk.len() > cap {
-                        bytes.extend_from_slice(&chunk[..chunk.len().min(4096)]);
-                        bytes.truncate(4096);
-                        return Err(CallError::TooLarge(bytes));
+                    if let Some(scan) = scanner.as_mut() {
+                        scan.feed(&chunk);
+                    } else if bytes.len() + chunk.len() > cap {
+                        // Too large to keep: read on without keeping it, looking only
+                        // for the first update's id so that update can be skipped.
+                        let mut scan = FirstUpdateId::default();
+                        scan.feed(&bytes);
+                        scan.feed(&chunk);
+                        bytes = Vec::new();
+                        scanner = Some(scan);
+                    } else {
+                        bytes.extend_from_slice(&chunk);
                     }
-                    bytes.extend_from_slice(&chunk);
                 }
                 Ok(None) => break,
                 Err(_) => return Err(CallError::Network),
             }
+        }
+        if let Some(scan) = scanner {
+            return Err(CallError::TooLarge(scan.found));
         }
         let answer: Value = serde_json::from_slice(&bytes).map_err(|_| CallError::Status {
             code: status,
@@ -283,12 +294,12 @@ pub async fn poll(service: Arc<Service>, tg: Arc<Telegram>) {
                 continue;
             }
             Ok(_) => "an answer that is not a list of updates".to_owned(),
-            Err(CallError::TooLarge(prefix)) => {
+            Err(CallError::TooLarge(first)) => {
                 if limit > 1 {
                     limit = 1;
                     continue;
                 }
-                match first_update_id(&prefix) {
+                match first {
                     Some(id) if id >= offset => {
                         let next = (id + 1).to_string();
                         let skipped = service.db(|s| {
@@ -335,13 +346,91 @@ pub async fn poll(service: Arc<Service>, tg: Arc<Telegram>) {
     }
 }
 
-/// The `update_id` at the start of a `getUpdates` answer, read without parsing it whole.
-fn first_update_id(prefix: &[u8]) -> Option<i64> {
-    let text = String::from_utf8_lossy(prefix);
-    let at = text.find("\"update_id\"")? + "\"update_id\"".len();
-    let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
+/// Finds the `update_id` of the first update in a `getUpdates` answer fed in pieces,
+/// keeping nothing but a few bytes of state: it follows JSON strings and nesting, and
+/// reads the number after the key `update_id` of the first object inside `result`.
+#[derive(Debug, Default)]
+struct FirstUpdateId {
+    depth: u32,
+    in_string: bool,
+    escape: bool,
+    /// Inside the first update (depth 3), whether the next string is a key.
+    expect_key: bool,
+    key: Vec<u8>,
+    reading_key: bool,
+    last_key_is_id: bool,
+    number: String,
+    reading_number: bool,
+    updates_seen: u32,
+    found: Option<i64>,
+}
+
+impl FirstUpdateId {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.found.is_some() || self.updates_seen > 1 {
+                return;
+            }
+            self.step(b);
+        }
+    }
+
+    fn step(&mut self, b: u8) {
+        if self.in_string {
+            if self.escape {
+                self.escape = false;
+            } else if b == b'\\' {
+                self.escape = true;
+            } else if b == b'"' {
+                self.in_string = false;
+                if self.reading_key {
+                    self.reading_key = false;
+                    self.last_key_is_id = self.key == b"update_id";
+                }
+            } else if self.reading_key && self.key.len() < 16 {
+                self.key.push(b);
+            }
+            return;
+        }
+        if self.reading_number {
+            if b.is_ascii_digit() || (b == b'-' && self.number.is_empty()) {
+                self.number.push(char::from(b));
+                return;
+            }
+            if !b.is_ascii_whitespace() || !self.number.is_empty() {
+                self.reading_number = false;
+                self.found = self.number.parse().ok();
+                return;
+            }
+        }
+        match b {
+            b'"' => {
+                self.in_string = true;
+                self.reading_key = self.depth == 3 && self.expect_key;
+                self.key.clear();
+            }
+            b'{' | b'[' => {
+                self.depth += 1;
+                if self.depth == 3 {
+                    self.updates_seen += 1;
+                    self.expect_key = b == b'{';
+                }
+            }
+            b'}' | b']' => self.depth = self.depth.saturating_sub(1),
+            b':' if self.depth == 3 => {
+                self.expect_key = false;
+                if self.last_key_is_id {
+                    self.reading_number = true;
+                    self.number.clear();
+                }
+            }
+            b',' if self.depth == 3 => {
+                self.expect_key = true;
+                self.last_key_is_id = false;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Stores one update (or records why it is refused) with the next offset. Returns the
@@ -456,15 +545,32 @@ mod tests {
         assert_eq!(session_for(i64::MIN).as_str(), "tg-n9223372036854775808");
     }
 
+    fn scan(parts: &[&str]) -> Option<i64> {
+        let mut f = FirstUpdateId::default();
+        for p in parts {
+            f.feed(p.as_bytes());
+        }
+        f.found
+    }
+
     #[test]
-    fn the_first_update_id_is_found_in_a_truncated_answer() {
+    fn the_first_update_id_is_found_in_a_stream_whatever_the_key_order() {
         assert_eq!(
-            first_update_id(br#"{"ok":true,"result":[{"update_id": 991,"message":{"te"#),
+            scan(&[r#"{"ok":true,"result":[{"update_id": 991,"message":{"te"#]),
             Some(991)
         );
         assert_eq!(
-            first_update_id(br#"{"ok":true,"result":[{"message":"#),
+            scan(&[
+                r#"{"ok":true,"result":[{"message":{"update_id":1,"text":"\"update_id\": 5 "#,
+                r#"x"},"update_id":"#,
+                "77}]}"
+            ]),
+            Some(77)
+        );
+        assert_eq!(
+            scan(&[r#"{"result":[{"message":{}},{"update_id":3}]}"#]),
             None
         );
+        assert_eq!(scan(&[r#"{"ok":true,"result":[{"message":"#]), None);
     }
 }

@@ -1,0 +1,230 @@
+//! A loopback fake of the Telegram Bot API: `getUpdates` with Telegram's offset rule
+//! (asking with offset N confirms, and forgets, every update below N) and long polling,
+//! `sendMessage` recorded per chat. It can be taken down, rate-limit sends with 429 and
+//! `retry_after`, and serve any raw update a test builds, malformed ones included.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use crate::fake_http::{FakeHttp, Handler, Scripted};
+
+#[derive(Debug, Default)]
+struct State {
+    token: String,
+    /// Updates not yet confirmed, in id order.
+    updates: Vec<Value>,
+    next_id: i64,
+    /// Every offset the client asked with.
+    offsets: Vec<i64>,
+    /// Every `allowed_updates` the client sent.
+    allowed_updates: Vec<Value>,
+    /// Delivered messages: (chat id, text).
+    sent: Vec<(i64, String)>,
+    rate_limited_sends: u32,
+    retry_after: u64,
+    down: bool,
+    unauthorised_calls: u32,
+}
+
+/// A running fake Telegram.
+#[derive(Debug)]
+pub struct FakeTelegram {
+    pub http: FakeHttp,
+    state: Arc<Mutex<State>>,
+    arrived: Arc<Notify>,
+}
+
+fn ok(result: Value) -> Scripted {
+    Scripted::json(json!({ "ok": true, "result": result }))
+}
+
+fn fail(status: u16, description: &str, retry_after: Option<u64>) -> Scripted {
+    let mut body = json!({ "ok": false, "error_code": status, "description": description });
+    if let Some(r) = retry_after {
+        body["parameters"] = json!({ "retry_after": r });
+    }
+    let mut s = Scripted::json(body);
+    s.status = status;
+    s
+}
+
+impl FakeTelegram {
+    /// Starts a fake bot whose token is `token`.
+    pub async fn start(token: &str) -> FakeTelegram {
+        let state = Arc::new(Mutex::new(State {
+            token: token.into(),
+            next_id: 1000,
+            ..State::default()
+        }));
+        let arrived = Arc::new(Notify::new());
+        let (st, notify) = (state.clone(), arrived.clone());
+        let handler: Handler = Arc::new(move |req| {
+            let (st, notify) = (st.clone(), notify.clone());
+            Box::pin(async move { answer(&st, &notify, req).await })
+        });
+        let http = FakeHttp::serve(handler).await;
+        FakeTelegram {
+            http,
+            state,
+            arrived,
+        }
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("fake telegram state")
+    }
+
+    /// Queues an update built by `f` from its update id; returns the id.
+    pub fn push_raw(&self, f: impl FnOnce(i64) -> Value) -> i64 {
+        let id = {
+            let mut st = self.st();
+            let id = st.next_id;
+            st.next_id += 1;
+            let update = f(id);
+            st.updates.push(update);
+            id
+        };
+        self.arrived.notify_waiters();
+        id
+    }
+
+    /// Queues a private text message from `user` (whose chat id is the same number).
+    pub fn push_text(&self, user: i64, text: &str) -> i64 {
+        self.push_raw(|id| {
+            json!({ "update_id": id, "message": {
+                "message_id": id, "date": 1_790_000_000,
+                "from": { "id": user, "is_bot": false, "first_name": "T" },
+                "chat": { "id": user, "type": "private" },
+                "text": text } })
+        })
+    }
+
+    /// Every message sent to `chat`.
+    pub fn sent_to(&self, chat: i64) -> Vec<String> {
+        self.st()
+            .sent
+            .iter()
+            .filter(|(c, _)| *c == chat)
+            .map(|(_, t)| t.clone())
+            .collect()
+    }
+
+    /// Every message sent, with its chat.
+    pub fn sent(&self) -> Vec<(i64, String)> {
+        self.st().sent.clone()
+    }
+
+    /// Every offset `getUpdates` was called with.
+    pub fn offsets(&self) -> Vec<i64> {
+        self.st().offsets.clone()
+    }
+
+    /// Every `allowed_updates` value sent.
+    pub fn allowed_updates(&self) -> Vec<Value> {
+        self.st().allowed_updates.clone()
+    }
+
+    /// Updates not yet confirmed by an offset past them.
+    pub fn unconfirmed(&self) -> usize {
+        self.st().updates.len()
+    }
+
+    /// Answers every call with 502 while `down`.
+    pub fn set_down(&self, down: bool) {
+        self.st().down = down;
+    }
+
+    /// The next `n` sends get 429 with `retry_after` seconds.
+    pub fn rate_limit_sends(&self, n: u32, retry_after: u64) {
+        let mut st = self.st();
+        st.rate_limited_sends = n;
+        st.retry_after = retry_after;
+    }
+
+    /// Calls made with a wrong token.
+    pub fn unauthorised_calls(&self) -> u32 {
+        self.st().unauthorised_calls
+    }
+
+    /// Waits until `pred` holds of the sent messages, or `limit` passes.
+    pub async fn wait_for(&self, limit: Duration, pred: impl Fn(&[(i64, String)]) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if pred(&self.st().sent) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn answer(
+    state: &Mutex<State>,
+    arrived: &Notify,
+    req: crate::fake_http::Received,
+) -> Scripted {
+    let (token, down) = {
+        let st = state.lock().expect("state");
+        (st.token.clone(), st.down)
+    };
+    if down {
+        return Scripted::status(502);
+    }
+    let Some(method) = req.path.strip_prefix(&format!("/bot{token}/")) else {
+        state.lock().expect("state").unauthorised_calls += 1;
+        return fail(401, "Unauthorized", None);
+    };
+    let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+    match method {
+        "getUpdates" => {
+            let offset = body.get("offset").and_then(Value::as_i64).unwrap_or(0);
+            let limit = body.get("limit").and_then(Value::as_u64).unwrap_or(100) as usize;
+            let timeout = body.get("timeout").and_then(Value::as_u64).unwrap_or(0);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout.min(5));
+            {
+                let mut st = state.lock().expect("state");
+                st.offsets.push(offset);
+                st.allowed_updates
+                    .push(body.get("allowed_updates").cloned().unwrap_or(Value::Null));
+            }
+            loop {
+                let notified = arrived.notified();
+                let batch: Vec<Value> = {
+                    let mut st = state.lock().expect("state");
+                    // Telegram's rule: an offset confirms every update below it.
+                    st.updates
+                        .retain(|u| u["update_id"].as_i64().unwrap_or(0) >= offset);
+                    st.updates.iter().take(limit).cloned().collect()
+                };
+                if !batch.is_empty() || tokio::time::Instant::now() >= deadline {
+                    return ok(Value::Array(batch));
+                }
+                let _ = tokio::time::timeout_at(deadline, notified).await;
+            }
+        }
+        "sendMessage" => {
+            let mut st = state.lock().expect("state");
+            if st.rate_limited_sends > 0 {
+                st.rate_limited_sends -= 1;
+                let r = st.retry_after;
+                return fail(429, &format!("Too Many Requests: retry after {r}"), Some(r));
+            }
+            let chat = body.get("chat_id").and_then(Value::as_i64);
+            let text = body.get("text").and_then(Value::as_str);
+            match (chat, text) {
+                (Some(c), Some(t)) if !t.is_empty() && t.encode_utf16().count() <= 4096 => {
+                    st.sent.push((c, t.to_owned()));
+                    ok(json!({ "message_id": st.sent.len(), "chat": { "id": c }, "text": t }))
+                }
+                _ => fail(400, "Bad Request: message text is empty or too long", None),
+            }
+        }
+        _ => fail(404, "Not Found", None),
+    }
+}

@@ -1,0 +1,211 @@
+//! Runs the real `ironclaw` binary as a separate process on a state directory of its
+//! own, so tests can talk to it as an operator would, kill it with SIGKILL and start it
+//! again. The binary is `$IRONCLAW_BIN` (set by scripts/test), else the workspace's
+//! debug build.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use control_plane::admin::{self, Request, Response};
+use control_plane::sandbox::layout::Layout;
+use control_plane::sandbox::runtime::{RunscRuntime, Runtime};
+use control_plane::store::SessionSummary;
+
+/// The `ironclaw` binary under test.
+pub fn ironclaw_bin() -> PathBuf {
+    std::env::var_os("IRONCLAW_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ironclaw"),
+        PathBuf::from,
+    )
+}
+
+/// The static agent binary (`$IRONCLAW_AGENT_BIN`, set by scripts/test).
+pub fn agent_bin() -> PathBuf {
+    PathBuf::from(
+        std::env::var_os("IRONCLAW_AGENT_BIN").expect("IRONCLAW_AGENT_BIN is set by scripts/test"),
+    )
+}
+
+/// One state directory and the `serve` running on it (if any).
+#[derive(Debug)]
+pub struct Serve {
+    pub dir: tempfile::TempDir,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Serve {
+    /// `ironclaw init` on a fresh directory, then `config` written as its configuration.
+    pub fn init(config: &str) -> Serve {
+        let dir = tempfile::Builder::new()
+            .prefix("icsv")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let state = dir.path().join("s");
+        let out = Command::new(ironclaw_bin())
+            .args(["init", "--state-dir"])
+            .arg(&state)
+            .output()
+            .expect("run ironclaw init");
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(state.join("config.toml"), config).expect("write config");
+        let log = dir.path().join("serve.log");
+        Serve {
+            dir,
+            state,
+            log,
+            child: None,
+        }
+    }
+
+    /// A private (0600) file in the test directory holding `text`.
+    pub fn secret_file(&self, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.dir.path().join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .expect("create secret file");
+        std::io::Write::write_all(&mut f, text.as_bytes()).expect("write secret file");
+        p
+    }
+
+    /// Starts `serve` and waits until its admin socket answers.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
+        let child = Command::new(ironclaw_bin())
+            .args(["serve", "--state-dir"])
+            .arg(&self.state)
+            .env("IRONCLAW_AGENT_BIN", agent_bin())
+            .env("IRONCLAW_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ironclaw serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("serve exited at start ({status}):\n{}", self.log_text());
+            }
+            if matches!(
+                self.request(&Request::SessionsList),
+                Ok(Response::Sessions(_))
+            ) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("serve did not come up:\n{}", self.log_text());
+    }
+
+    /// The pid of the running `serve`.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let pid = rustix::process::Pid::from_raw(c.id() as i32).expect("a child pid");
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    pub fn request(&self, req: &Request) -> Result<Response, admin::AdminError> {
+        admin::request(
+            &self.state.join("run/admin.sock"),
+            req,
+            Duration::from_secs(300),
+        )
+    }
+
+    /// `ironclaw send`: the replies, or the error.
+    pub fn send(
+        &self,
+        session: &str,
+        text: &str,
+        wait_secs: u64,
+    ) -> Result<(String, Vec<String>), String> {
+        let req = Request::Send {
+            session: session.into(),
+            text: text.into(),
+            wait_secs,
+        };
+        match self.request(&req).map_err(|e| e.to_string())? {
+            Response::Replies { state, replies, .. } => Ok((state, replies)),
+            Response::Error(e) => Err(e),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
+    pub fn sessions(&self) -> Vec<SessionSummary> {
+        match self.request(&Request::SessionsList).expect("sessions list") {
+            Response::Sessions(s) => s,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// Runs the CLI against this state directory.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(ironclaw_bin())
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output()
+            .expect("run ironclaw")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if self.stop().is_none() {
+            self.kill9();
+        }
+        // Sandboxes a killed serve left behind.
+        let layout = Layout::new(&self.state, &self.state.join("run"));
+        let runtime = RunscRuntime::default();
+        for s in runtime.leftovers(&layout).unwrap_or_default() {
+            runtime.kill(&layout, &s);
+            let _ = runtime.destroy(&layout, &s);
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! The whole service, run as the real `ironclaw serve` process under real gVisor, with
+//! loopback fakes of Telegram's Bot API and of an OpenAI-compatible model: messages in
+//! through Telegram, the bridge and the console reach a sandboxed agent and its replies
+//! come back; hostile or oversized input is refused clearly while others are served;
+//! nothing from a conversation is left in plaintext under the state directory.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use control_plane::service::notice;
+use serde_json::{Value, json};
+use tests::fake_model::{ECHO, start_echo_model};
+use tests::fake_telegram::FakeTelegram;
+use tests::service::Serve;
+
+const TG_TOKEN: &str = "123456:tg-token-e5c0ffee51";
+const BRIDGE_TOKEN: &str = "bridge-token-77af0c12d9";
+const USER: i64 = 4242;
+const FLOODER: i64 = 777;
+const STRANGER: i64 = 666;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A configuration with the fake model, the fake Telegram and the bridge.
+fn config(s: &Serve, model: &str, telegram: &str, bridge_port: u16, extra: &str) -> String {
+    let tg = s.secret_file("tg.token", TG_TOKEN);
+    let br = s.secret_file("bridge.token", BRIDGE_TOKEN);
+    format!(
+        r#"
+[model]
+provider = "openai"
+base_url = "{model}"
+model = "fake-echo"
+
+[sandbox]
+runtime = "gvisor"
+
+[channels.telegram]
+token_file = "{tg}"
+api_base = "{telegram}"
+allowed_users = [{USER}, {FLOODER}]
+poll_timeout_secs = 1
+
+[channels.bridge]
+listen = "127.0.0.1:{bridge_port}"
+token_file = "{br}"
+{extra}
+"#,
+        tg = tg.display(),
+        br = br.display(),
+    )
+}
+
+/// One HTTP/1.1 request on a fresh connection: the status and the body.
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) and close before the whole body is written.
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(Vec::new(), |i| out[i + 4..].to_vec());
+    (status, body)
+}
+
+fn post(port: u16, token: &str, body: &Value) -> (u16, Value) {
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/messages",
+        Some(token),
+        body.to_string().as_bytes(),
+    );
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+fn summary<'a>(
+    list: &'a [control_plane::store::SessionSummary],
+    name: &str,
+) -> &'a control_plane::store::SessionSummary {
+    list.iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no session {name} in {list:?}"))
+}
+
+#[test]
+fn telegram_bridge_and_console_reach_the_sandboxed_agent_and_leave_nothing_in_plaintext() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
+    let model = rt.block_on(start_echo_model());
+    let mut s = Serve::init("");
+    let port = free_port();
+    std::fs::write(
+        s.state.join("config.toml"),
+        config(&s, &model.base(), &tg.http.base(), port, ""),
+    )
+    .unwrap();
+    s.start();
+
+    // Telegram: an update from an allowed user; the reply arrives through sendMessage.
+    tg.push_text(USER, "hello via telegram MARKER-TG-5d1");
+    let want = format!("{ECHO}hello via telegram MARKER-TG-5d1");
+    assert!(
+        rt.block_on(tg.wait_for(Duration::from_secs(90), |sent| {
+            sent.iter().any(|(c, t)| *c == USER && *t == want)
+        })),
+        "no reply at the fake Telegram; sent: {:?}\n{}",
+        tg.sent(),
+        s.log_text()
+    );
+    assert!(
+        tg.allowed_updates()
+            .iter()
+            .all(|a| *a == json!(["message"]))
+    );
+    assert_eq!(tg.unauthorised_calls(), 0);
+
+    // The console: `send` prints the reply.
+    let (state, replies) = s
+        .send("console", "hello via console MARKER-CON-8e2", 90)
+        .unwrap();
+    assert_eq!(
+        (state.as_str(), replies),
+        (
+            "answered",
+            vec![format!("{ECHO}hello via console MARKER-CON-8e2")]
+        )
+    );
+
+    // The bridge: post, long-poll the reply, acknowledge it.
+    let (status, posted) = post(
+        port,
+        BRIDGE_TOKEN,
+        &json!({ "chat": "family", "text": "hello via bridge MARKER-BR-3f7" }),
+    );
+    assert_eq!(
+        (status, posted["state"].as_str()),
+        (202, Some("accepted")),
+        "{posted}"
+    );
+    let (status, body) = http(port, "GET", "/v1/replies?wait=60", Some(BRIDGE_TOKEN), b"");
+    let got: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 200);
+    let replies = got["replies"].as_array().unwrap();
+    assert_eq!(replies.len(), 1, "{got}");
+    assert_eq!(
+        replies[0]["text"],
+        format!("{ECHO}hello via bridge MARKER-BR-3f7")
+    );
+    assert_eq!(replies[0]["chat"], "family");
+    assert_eq!(replies[0]["in_reply_to"], posted["message"]);
+    let id = replies[0]["id"].as_i64().unwrap();
+    let (_, body) = http(
+        port,
+        "GET",
+        &format!("/v1/replies?after={id}"),
+        Some(BRIDGE_TOKEN),
+        b"",
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["replies"],
+        json!([]),
+        "acknowledged replies are not sent again"
+    );
+
+    // Each chat has its own session, and every message is accounted for.
+    let list = s.sessions();
+    for name in [format!("tg-{USER}"), "console".into(), "br-family".into()] {
+        let one = summary(&list, &name);
+        assert_eq!(
+            (
+                one.answered,
+                one.pending,
+                one.failed,
+                one.dead_lettered,
+                one.replies_waiting
+            ),
+            (1, 0, 0, 0, 0),
+            "{one:?}"
+        );
+    }
+
+    // Deleting a session stops it, destroys its keys and removes its files.
+    let console_dir = s.state.join("sessions/console");
+    assert!(console_dir.exists());
+    let out = s.cli(&["sessions", "delete", "console"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!console_dir.exists());
+    assert!(!s.state.join("run/console").exists());
+    assert!(s.sessions().iter().all(|x| x.name != "console"));
+
+    // A clean stop; then nothing from the conversation is readable anywhere under the
+    // state directory, and the log holds neither content nor tokens.
+    let status = s.stop().unwrap();
+    assert!(status.success(), "serve did not stop cleanly: {status}");
+    let markers = [
+        "MARKER-TG-5d1",
+        "MARKER-CON-8e2",
+        "MARKER-BR-3f7",
+        "hello via",
+    ];
+    let files = tests::files_under(&s.state);
+    assert!(
+        files.len() > 5,
+        "the scan sees the state directory: {files:?}"
+    );
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        for m in markers {
+            assert!(
+                !bytes.windows(m.len()).any(|w| w == m.as_bytes()),
+                "{m} in plaintext in {}",
+                f.display()
+            );
+        }
+    }
+    let log = s.log_text();
+    for secret in markers.iter().chain(&[TG_TOKEN, BRIDGE_TOKEN, "tg-token"]) {
+        assert!(!log.contains(secret), "{secret} in the service log");
+    }
+    let verify = s.cli(&["audit", "verify"]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let export = String::from_utf8(s.cli(&["audit", "export"]).stdout).unwrap();
+    assert!(export.contains("\"session_deleted\""));
+    assert!(
+        !export.contains("MARKER"),
+        "the audit trail holds metadata, never content"
+    );
+}
+
+#[test]
+fn bad_input_gets_clear_handling_and_others_are_still_served() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
+    let model = rt.block_on(start_echo_model());
+    let mut s = Serve::init("");
+    let port = free_port();
+    let extra = "[delivery]\nmax_waiting_per_session = 5\n";
+    std::fs::write(
+        s.state.join("config.toml"),
+        config(&s, &model.base(), &tg.http.base(), port, extra),
+    )
+    .unwrap();
+    s.start();
+
+    // Unknown senders: one fixed refusal, whatever they send; nothing reaches an agent.
+    for i in 0..3 {
+        tg.push_text(STRANGER, &format!("let me in STRANGER-{i}"));
+    }
+    // Malformed and unsupported updates.
+    let from = json!({ "id": USER, "is_bot": false, "first_name": "T" });
+    let chat = json!({ "id": USER, "type": "private" });
+    tg.push_raw(|id| json!({ "update_id": id, "edited_message": { "text": "x" } }));
+    tg.push_raw(
+        |id| json!({ "update_id": id, "message": { "from": from, "chat": chat, "sticker": {} } }),
+    );
+    tg.push_raw(
+        |id| json!({ "update_id": id, "message": { "from": from, "chat": chat, "text": 5 } }),
+    );
+    tg.push_raw(|id| json!({ "update_id": id, "message": { "from": from, "text": "no chat" } }));
+    tg.push_raw(|id| json!({ "update_id": id, "message": { "from": from, "chat": { "id": -100, "type": "group" }, "text": "in a group" } }));
+    tg.push_raw(|_| json!({ "message": "no update id" }));
+    tg.push_raw(|id| json!({ "update_id": id, "message": [1, 2, 3] }));
+    // A 10 MB message, and an update too large to read at all.
+    let ten_mb = "x".repeat(10 * 1024 * 1024);
+    tg.push_text(USER, &ten_mb);
+    let huge = tg.push_raw(|id| json!({ "update_id": id, "message": { "from": from, "chat": chat, "text": "y".repeat(20 * 1024 * 1024) } }));
+    // A flood from one chat while another user talks.
+    for i in 0..30 {
+        tg.push_text(FLOODER, &format!("flood {i}"));
+    }
+    tg.push_text(USER, "still there?");
+
+    let want = format!("{ECHO}still there?");
+    assert!(
+        rt.block_on(tg.wait_for(Duration::from_secs(120), |sent| {
+            sent.iter().any(|(c, t)| *c == USER && *t == want)
+        })),
+        "the ordinary user was not served; sent: {:?}\n{}",
+        tg.sent()
+            .iter()
+            .map(|(c, t)| (c, t.chars().take(60).collect::<String>()))
+            .collect::<Vec<_>>(),
+        s.log_text()
+    );
+    // Every flood message ends answered or refused with a notice, none lost.
+    let all_settled =
+        |sent: &[(i64, String)]| sent.iter().filter(|(c, _)| *c == FLOODER).count() >= 30;
+    assert!(
+        rt.block_on(tg.wait_for(Duration::from_secs(120), all_settled)),
+        "{:?}",
+        tg.sent_to(FLOODER)
+    );
+    let flood = tg.sent_to(FLOODER);
+    let answered = flood.iter().filter(|t| t.starts_with(ECHO)).count();
+    let refused = flood.iter().filter(|t| *t == notice::TOO_MANY).count();
+    assert_eq!(answered + refused, 30, "{flood:?}");
+    assert!(refused > 0, "the flood went past the per-session limit");
+    let list = s.sessions();
+    let f = summary(&list, &format!("tg-{FLOODER}"));
+    assert_eq!(
+        (f.answered, f.refused, f.pending),
+        (answered as u64, refused as u64, 0)
+    );
+
+    assert_eq!(
+        tg.sent_to(STRANGER),
+        vec![notice::NOT_ALLOWED.to_owned()],
+        "one fixed refusal"
+    );
+    assert!(
+        list.iter().all(|x| x.name != format!("tg-{STRANGER}")),
+        "strangers get no session"
+    );
+    let user = tg.sent_to(USER);
+    assert!(user.contains(&notice::TOO_LONG.to_owned()), "{user:?}");
+    assert!(user.contains(&notice::NOT_TEXT.to_owned()), "{user:?}");
+    let model_saw = model
+        .received()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for never in ["STRANGER-", "in a group", "xxxxxxxxxx", "yyyyyyyyyy"] {
+        assert!(!model_saw.contains(never), "{never} reached the model");
+    }
+    // The Telegram offset moved past everything, the oversized update included.
+    assert!(
+        rt.block_on(async {
+            for _ in 0..100 {
+                if tg.unconfirmed() == 0 {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        }),
+        "updates left unconfirmed"
+    );
+    assert!(tg.offsets().iter().any(|o| *o > huge));
+    assert!(
+        s.log_text()
+            .contains("skipped an update larger than 16 MiB")
+    );
+
+    // The bridge: oversized, unauthorised and malformed requests.
+    let big = json!({ "chat": "c", "text": ten_mb }).to_string();
+    assert_eq!(
+        http(
+            port,
+            "POST",
+            "/v1/messages",
+            Some(BRIDGE_TOKEN),
+            big.as_bytes()
+        )
+        .0,
+        413
+    );
+    assert_eq!(
+        post(port, "wrong-token", &json!({ "chat": "c", "text": "hi" })).0,
+        401
+    );
+    assert_eq!(http(port, "POST", "/v1/messages", None, b"{}").0, 401);
+    assert_eq!(
+        http(
+            port,
+            "POST",
+            "/v1/messages",
+            Some(BRIDGE_TOKEN),
+            b"{not json"
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        post(
+            port,
+            BRIDGE_TOKEN,
+            &json!({ "chat": "../etc", "text": "hi" })
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        post(
+            port,
+            BRIDGE_TOKEN,
+            &json!({ "chat": "c", "text": "hi", "session": "tg-4242" })
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        http(
+            port,
+            "GET",
+            "/v1/replies?session=console",
+            Some(BRIDGE_TOKEN),
+            b""
+        )
+        .0,
+        400
+    );
+    // The console: an oversized message is an error, not a crash.
+    assert!(s.send("console", &"z".repeat(70 * 1024), 5).is_err());
+    assert!(s.send("Not A Name", "hi", 5).is_err());
+
+    // Still up, still answering.
+    let (state, replies) = s.send("console", "are you up?", 90).unwrap();
+    assert_eq!(
+        (state.as_str(), replies),
+        ("answered", vec![format!("{ECHO}are you up?")])
+    );
+    assert!(s.pid().is_some());
+}
