@@ -379,13 +379,19 @@ impl Service {
     }
 
     async fn run_sandbox(&self, id: &SessionId, live: &Live) {
-        if let Err(e) = self.manager.ensure_running(id, &live.keys).await {
-            tracing::warn!(session = %id, error = %e, "the sandbox could not be started");
-            let reason = match e {
-                ManagerError::Paused(_) => "the session is paused after repeated crashes",
-                _ => "the sandbox could not be started",
-            };
-            self.fail_session(id, reason, notice::UNAVAILABLE);
+        match self.manager.ensure_running(id, &live.keys).await {
+            Ok(()) => {}
+            // Repeated crashes: the person is told now rather than after the timeout.
+            Err(ManagerError::Paused(_)) => self.fail_session(
+                id,
+                "the session is paused after repeated crashes",
+                notice::UNAVAILABLE,
+            ),
+            // A failed launch counts as a crash: the supervisor retries with backoff and
+            // pauses the session (failing its messages) if it keeps failing.
+            Err(e) => {
+                tracing::warn!(session = %id, error = %e, "the sandbox could not be started; the supervisor retries")
+            }
         }
     }
 
