@@ -22,6 +22,10 @@ use crate::service::Service;
 use crate::state::now_secs;
 use crate::store::{Accepted, Inbound, SessionSummary};
 
+/// Session name prefixes the other channels own.
+const TELEGRAM_PREFIX: &str = "tg-";
+const BRIDGE_PREFIX: &str = "br-";
+
 /// The console channel's name in the store.
 pub const CONSOLE: &str = "console";
 
@@ -195,6 +199,9 @@ async fn console_send(
     let id = SessionId::try_from(session).map_err(|_| {
         format!("{session:?} is not a valid session name (a-z, 0-9, _ and -, at most 32)")
     })?;
+    if [TELEGRAM_PREFIX, BRIDGE_PREFIX].iter().any(|p| id.as_str().starts_with(p)) {
+        return Err(format!("{session:?}: names starting tg- or br- belong to the Telegram and bridge channels"));
+    }
     if text.len() > MAX_TEXT_BYTES {
         return Err("the message is longer than 64 KiB; nothing was sent".into());
     }

@@ -1014,3 +1014,193 @@ fn outbound_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Outbound> {
         attempts: r.get(6)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use queue_proto::items::{AssistantReply, ScheduleRequest};
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.db"), &MasterKey::generate().unwrap()).unwrap();
+        (dir, s)
+    }
+
+    fn id(name: &str) -> SessionId {
+        SessionId::try_from(name).unwrap()
+    }
+
+    fn inbound(chat: &str, ext: Option<&str>, text: &str) -> Inbound {
+        Inbound {
+            channel: "telegram".into(),
+            chat: chat.into(),
+            external_id: ext.map(str::to_owned),
+            text: text.into(),
+            received_at: 100,
+        }
+    }
+
+    fn reply(to: i64, text: &str) -> OutboxItem {
+        OutboxItem::AssistantReply(AssistantReply {
+            in_reply_to: to as u64,
+            text: text.into(),
+        })
+    }
+
+    fn accept(s: &mut Store, session: &str, ext: Option<&str>, max: u32) -> Accepted {
+        let sid = id(session);
+        s.bind(&sid, "telegram", session, 1).unwrap();
+        s.accept(
+            &sid,
+            &inbound(session, ext, "hi"),
+            max,
+            "busy",
+            Some(("telegram", "9")),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_message_is_stored_once_and_refused_beyond_the_waiting_limit() {
+        let (_d, mut s) = store();
+        assert!(matches!(
+            accept(&mut s, "a", Some("1"), 2),
+            Accepted::Stored(_)
+        ));
+        assert_eq!(accept(&mut s, "a", Some("1"), 2), Accepted::Duplicate);
+        assert!(matches!(
+            accept(&mut s, "a", Some("2"), 2),
+            Accepted::Stored(_)
+        ));
+        let Accepted::Refused(m) = accept(&mut s, "a", Some("3"), 2) else {
+            panic!("the third waiting message is refused");
+        };
+        assert_eq!(s.message_state(m).unwrap().as_deref(), Some("refused"));
+        assert_eq!(s.cursor("telegram").unwrap().as_deref(), Some("9"));
+        let notice = s.pending_for("telegram", Some("a"), 0, 10).unwrap();
+        assert_eq!(notice.len(), 1);
+        assert_eq!(
+            (notice[0].kind.as_str(), notice[0].text.as_str()),
+            ("notice", "busy")
+        );
+    }
+
+    #[test]
+    fn replies_settle_only_their_own_sessions_published_messages_once() {
+        let (_d, mut s) = store();
+        let Accepted::Stored(m1) = accept(&mut s, "a", None, 10) else {
+            panic!()
+        };
+        let Accepted::Stored(other) = accept(&mut s, "b", None, 10) else {
+            panic!()
+        };
+        let (seq, batch) = s.take_batch(&id("a"), 5).unwrap().unwrap();
+        assert_eq!((seq, batch.len()), (Seq(1), 1));
+        assert!(s.take_batch(&id("a"), 5).unwrap().is_none());
+        assert_eq!(s.published(&id("a")).unwrap()[0].0, Seq(1));
+
+        // Session a answers its message, and tries to answer b's and an unknown one.
+        let items = [
+            reply(m1, "one"),
+            reply(m1, "two"),
+            reply(other, "x"),
+            reply(9999, "y"),
+        ];
+        let got = s.ingest(&id("a"), Seq(1), &items, 6).unwrap();
+        assert_eq!((got.replies, got.dropped_replies), (2, 2));
+        assert_eq!(s.message_state(m1).unwrap().as_deref(), Some("answered"));
+        assert_eq!(s.message_state(other).unwrap().as_deref(), Some("received"));
+        // The same segment again, or a later one answering the same message: nothing new.
+        assert!(s.ingest(&id("a"), Seq(1), &items, 7).unwrap().duplicate);
+        assert_eq!(
+            s.ingest(&id("a"), Seq(2), &[reply(m1, "again")], 7)
+                .unwrap()
+                .replies,
+            0
+        );
+        let out: Vec<String> = s
+            .pending_for("telegram", Some("a"), 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.text)
+            .collect();
+        assert_eq!(out, ["one", "two"]);
+    }
+
+    #[test]
+    fn unanswered_messages_fail_with_a_notice_and_in_flight_replies_are_not_resent() {
+        let (_d, mut s) = store();
+        let Accepted::Stored(m) = accept(&mut s, "a", None, 10) else {
+            panic!()
+        };
+        s.take_batch(&id("a"), 10).unwrap();
+        assert_eq!(
+            s.expire(10, "late", 50).unwrap(),
+            0,
+            "published at 10: not before 10"
+        );
+        assert_eq!(s.expire(11, "late", 50).unwrap(), 1);
+        assert_eq!(s.message_state(m).unwrap().as_deref(), Some("failed"));
+        let o = s.next_outbound("telegram", 50).unwrap().unwrap();
+        assert_eq!(o.text, "late");
+        // The service dies while handing it over: after the restart it is dead, not pending.
+        assert_eq!(s.recover_in_flight(60).unwrap(), 1);
+        assert!(s.next_outbound("telegram", 60).unwrap().is_none());
+        let sum = &s.summaries().unwrap()[0];
+        assert_eq!(
+            (sum.failed, sum.replies_dead, sum.replies_waiting),
+            (1, 1, 0)
+        );
+    }
+
+    #[test]
+    fn deliveries_retry_then_die_and_timers_fire_once() {
+        let (_d, mut s) = store();
+        let sid = id("a");
+        s.bind(&sid, "telegram", "a", 1).unwrap();
+        let timer = OutboxItem::ScheduleRequest(ScheduleRequest {
+            at: 500,
+            text: "call mum".into(),
+        });
+        assert_eq!(s.ingest(&sid, Seq(1), &[timer], 1).unwrap().timers, 1);
+        assert_eq!(s.fire_timers(499).unwrap(), 0);
+        assert_eq!(s.fire_timers(500).unwrap(), 1);
+        assert_eq!(s.fire_timers(501).unwrap(), 0);
+        let o = s.next_outbound("telegram", 500).unwrap().unwrap();
+        assert_eq!(o.text, "Reminder: call mum");
+        s.delivered(o.id, &Delivered::Retry(30), 2, 500).unwrap();
+        assert!(
+            s.next_outbound("telegram", 529).unwrap().is_none(),
+            "not before its retry time"
+        );
+        let o = s.next_outbound("telegram", 530).unwrap().unwrap();
+        s.delivered(o.id, &Delivered::Retry(30), 2, 530).unwrap();
+        assert!(
+            s.next_outbound("telegram", 10_000).unwrap().is_none(),
+            "dead after 2 attempts"
+        );
+        assert_eq!(s.summaries().unwrap()[0].replies_dead, 1);
+    }
+
+    #[test]
+    fn deleting_a_session_removes_its_salt_and_records() {
+        let (_d, mut s) = store();
+        accept(&mut s, "a", None, 10);
+        accept(&mut s, "b", None, 10);
+        let gone = s.delete_session(&id("a"), 9).unwrap().unwrap();
+        assert_eq!(gone.pending, 1);
+        assert!(s.session(&id("a")).unwrap().is_none());
+        assert!(s.session(&id("b")).unwrap().is_some());
+        let left: i64 = s
+            .connection()
+            .query_row(
+                "SELECT count(*) FROM messages WHERE session = 'a'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(left, 0);
+        assert!(s.delete_session(&id("a"), 9).unwrap().is_none());
+        assert_eq!(crate::audit::verify(s.connection()).unwrap(), 6);
+    }
+}

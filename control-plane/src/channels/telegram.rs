@@ -527,6 +527,14 @@ async fn handle(
     };
     match service.submit(&session_for(chat), &inbound, cursor).await {
         Ok(_) => Ok(Some(update_id + 1)),
+        // Not a store failure: this update can never be stored, so it is refused and
+        // passed, rather than holding up every update after it.
+        Err(e @ crate::service::ServiceError::WrongChannel { .. }) => {
+            tracing::error!(error = %e, "a telegram chat's session name is taken");
+            refuse(chat.to_string(), "session name taken by another channel", None)
+                .map(|_| Some(update_id + 1))
+                .map_err(|_| ())
+        }
         Err(e) => {
             tracing::error!(error = %e, "storing a telegram message failed");
             Err(())
