@@ -199,8 +199,13 @@ async fn console_send(
     let id = SessionId::try_from(session).map_err(|_| {
         format!("{session:?} is not a valid session name (a-z, 0-9, _ and -, at most 32)")
     })?;
-    if [TELEGRAM_PREFIX, BRIDGE_PREFIX].iter().any(|p| id.as_str().starts_with(p)) {
-        return Err(format!("{session:?}: names starting tg- or br- belong to the Telegram and bridge channels"));
+    if [TELEGRAM_PREFIX, BRIDGE_PREFIX]
+        .iter()
+        .any(|p| id.as_str().starts_with(p))
+    {
+        return Err(format!(
+            "{session:?}: names starting tg- or br- belong to the Telegram and bridge channels"
+        ));
     }
     if text.len() > MAX_TEXT_BYTES {
         return Err("the message is longer than 64 KiB; nothing was sent".into());

@@ -62,6 +62,7 @@ fn parse(raw: Vec<String>) -> Result<Args, String> {
                 );
             }
             "--json" => args.json = true,
+            "--version" | "-V" => args.rest.push("version".into()),
             "--" => args.rest.extend(it.by_ref()),
             s if s.starts_with("--") => return Err(format!("unknown option {s}")),
             _ => args.rest.push(a),
@@ -78,7 +79,7 @@ fn main() -> ExitCode {
     let state = StateDir::choose(args.state_dir.clone());
     let words: Vec<&str> = args.rest.iter().map(String::as_str).collect();
     let result = match words.as_slice() {
-        ["--version"] | ["version"] => {
+        ["version"] => {
             println!("ironclaw {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
         }

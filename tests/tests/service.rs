@@ -452,7 +452,11 @@ fn telegram_outages_rate_limits_and_long_replies_are_ridden_out() {
     let model = rt.block_on(start_echo_model());
     let mut s = Serve::init("");
     let port = free_port();
-    std::fs::write(s.state.join("config.toml"), config(&s, &model.base(), &tg.http.base(), port, "")).unwrap();
+    std::fs::write(
+        s.state.join("config.toml"),
+        config(&s, &model.base(), &tg.http.base(), port, ""),
+    )
+    .unwrap();
     s.start();
 
     // Telegram is down for a while: getUpdates fails, then recovers on its own.
@@ -463,7 +467,9 @@ fn telegram_outages_rate_limits_and_long_replies_are_ridden_out() {
     tg.set_down(false);
     let want = format!("{ECHO}sent during the outage");
     assert!(
-        rt.block_on(tg.wait_for(Duration::from_secs(90), |sent| sent.iter().any(|(_, t)| *t == want))),
+        rt.block_on(tg.wait_for(Duration::from_secs(90), |sent| {
+            sent.iter().any(|(_, t)| *t == want)
+        })),
         "no reply after the outage\n{}",
         s.log_text()
     );
@@ -474,15 +480,32 @@ fn telegram_outages_rate_limits_and_long_replies_are_ridden_out() {
     let started = std::time::Instant::now();
     tg.push_text(USER, "rate limited");
     let want = format!("{ECHO}rate limited");
-    assert!(rt.block_on(tg.wait_for(Duration::from_secs(90), |sent| sent.iter().any(|(_, t)| *t == want))));
-    assert!(started.elapsed() >= Duration::from_secs(2), "retry_after was honoured");
+    assert!(rt.block_on(tg.wait_for(Duration::from_secs(90), |sent| {
+        sent.iter().any(|(_, t)| *t == want)
+    })));
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "retry_after was honoured"
+    );
     assert_eq!(tg.sent_to(USER).iter().filter(|t| **t == want).count(), 1);
 
     // A reply longer than Telegram's 4096-character limit arrives in pieces, all of it.
     let long = "word ".repeat(1500);
     tg.push_text(USER, &long);
     let whole = format!("{ECHO}{long}");
-    let arrived = |sent: &[(i64, String)]| sent.iter().map(|(_, t)| t.as_str()).collect::<String>().contains(&whole);
-    assert!(rt.block_on(tg.wait_for(Duration::from_secs(90), arrived)), "the long reply did not arrive whole");
-    assert!(tg.sent_to(USER).iter().all(|t| t.encode_utf16().count() <= 4096));
+    let arrived = |sent: &[(i64, String)]| {
+        sent.iter()
+            .map(|(_, t)| t.as_str())
+            .collect::<String>()
+            .contains(&whole)
+    };
+    assert!(
+        rt.block_on(tg.wait_for(Duration::from_secs(90), arrived)),
+        "the long reply did not arrive whole"
+    );
+    assert!(
+        tg.sent_to(USER)
+            .iter()
+            .all(|t| t.encode_utf16().count() <= 4096)
+    );
 }

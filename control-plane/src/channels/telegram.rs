@@ -531,9 +531,13 @@ async fn handle(
         // passed, rather than holding up every update after it.
         Err(e @ crate::service::ServiceError::WrongChannel { .. }) => {
             tracing::error!(error = %e, "a telegram chat's session name is taken");
-            refuse(chat.to_string(), "session name taken by another channel", None)
-                .map(|_| Some(update_id + 1))
-                .map_err(|_| ())
+            refuse(
+                chat.to_string(),
+                "session name taken by another channel",
+                None,
+            )
+            .map(|_| Some(update_id + 1))
+            .map_err(|_| ())
         }
         Err(e) => {
             tracing::error!(error = %e, "storing a telegram message failed");
