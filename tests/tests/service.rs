@@ -106,19 +106,44 @@ fn summary<'a>(
         .unwrap_or_else(|| panic!("no session {name} in {list:?}"))
 }
 
+/// A running `serve` with the fake model, the fake Telegram and the bridge.
+struct Rig {
+    rt: tokio::runtime::Runtime,
+    tg: FakeTelegram,
+    model: tests::fake_http::FakeHttp,
+    s: Serve,
+    port: u16,
+}
+
+impl Rig {
+    fn start(extra: &str) -> Rig {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
+        let model = rt.block_on(start_echo_model());
+        let mut s = Serve::init("");
+        let port = free_port();
+        let text = config(&s, &model.base(), &tg.http.base(), port, extra);
+        std::fs::write(s.state.join("config.toml"), text).unwrap();
+        s.start();
+        Rig {
+            rt,
+            tg,
+            model,
+            s,
+            port,
+        }
+    }
+}
+
 #[test]
 fn telegram_bridge_and_console_reach_the_sandboxed_agent_and_leave_nothing_in_plaintext() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
-    let model = rt.block_on(start_echo_model());
-    let mut s = Serve::init("");
-    let port = free_port();
-    std::fs::write(
-        s.state.join("config.toml"),
-        config(&s, &model.base(), &tg.http.base(), port, ""),
-    )
-    .unwrap();
-    s.start();
+    let Rig {
+        rt,
+        tg,
+        model: _model,
+        mut s,
+        port,
+    } = Rig::start("");
 
     // Telegram: an update from an allowed user; the reply arrives through sendMessage.
     tg.push_text(USER, "hello via telegram MARKER-TG-5d1");
@@ -261,18 +286,13 @@ fn telegram_bridge_and_console_reach_the_sandboxed_agent_and_leave_nothing_in_pl
 
 #[test]
 fn bad_input_gets_clear_handling_and_others_are_still_served() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
-    let model = rt.block_on(start_echo_model());
-    let mut s = Serve::init("");
-    let port = free_port();
-    let extra = "[delivery]\nmax_waiting_per_session = 5\n";
-    std::fs::write(
-        s.state.join("config.toml"),
-        config(&s, &model.base(), &tg.http.base(), port, extra),
-    )
-    .unwrap();
-    s.start();
+    let Rig {
+        rt,
+        tg,
+        model,
+        s,
+        port,
+    } = Rig::start("[delivery]\nmax_waiting_per_session = 5\n");
 
     // Unknown senders: one fixed refusal, whatever they send; nothing reaches an agent.
     for i in 0..3 {
@@ -447,17 +467,13 @@ fn bad_input_gets_clear_handling_and_others_are_still_served() {
 
 #[test]
 fn telegram_outages_rate_limits_and_long_replies_are_ridden_out() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
-    let model = rt.block_on(start_echo_model());
-    let mut s = Serve::init("");
-    let port = free_port();
-    std::fs::write(
-        s.state.join("config.toml"),
-        config(&s, &model.base(), &tg.http.base(), port, ""),
-    )
-    .unwrap();
-    s.start();
+    let Rig {
+        rt,
+        tg,
+        model: _model,
+        s,
+        port: _,
+    } = Rig::start("");
 
     // Telegram is down for a while: getUpdates fails, then recovers on its own.
     tg.set_down(true);
