@@ -106,10 +106,8 @@ impl Serve {
             {
                 panic!("serve exited at start ({status}):\n{}", self.log_text());
             }
-            if matches!(
-                self.request(&Request::SessionsList),
-                Ok(Response::Sessions(_))
-            ) {
+            // Any answer means the admin socket is up (a refusal included).
+            if self.request(&Request::SessionsList).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -525,3 +525,22 @@ fn telegram_outages_rate_limits_and_long_replies_are_ridden_out() {
             .all(|t| t.encode_utf16().count() <= 4096)
     );
 }
+
+#[test]
+fn the_admin_socket_serves_operators_only() {
+    // The socket is 0600 and root's; the peer check is what stops a root process that
+    // is not a configured operator. Root (uid 0) is left out of the operators here.
+    let mut s = Serve::init("[model]\nprovider = \"demo\"\n\n[operators]\nunix_uids = [4321]\n");
+    s.start();
+    let refused = s.send("console", "hello", 5).unwrap_err();
+    assert!(refused.contains("not an operator"), "{refused}");
+    let out = s.cli(&["sessions", "list"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an operator"));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(s.state.join("run/admin.sock"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+}
