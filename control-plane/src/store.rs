@@ -488,6 +488,20 @@ impl Store {
         Ok(seqs)
     }
 
+    /// The lowest inbox seq still needed by `session`: that of its oldest published,
+    /// unsettled message, else the next seq to be used. Segments below it are done.
+    pub fn inbox_needed_from(&self, session: &SessionId) -> Result<Seq, StoreError> {
+        let seq: i64 = self.conn.query_row(
+            "SELECT coalesce(
+                 (SELECT min(inbox_seq) FROM messages WHERE session = ?1 AND state = 'published'),
+                 (SELECT next_inbox_seq FROM sessions WHERE name = ?1),
+                 0)",
+            params![session.as_str()],
+            |r| r.get(0),
+        )?;
+        Ok(Seq(seq as u64))
+    }
+
     /// Sessions holding received messages not yet published.
     pub fn sessions_with_received(&self) -> Result<Vec<SessionId>, StoreError> {
         let mut stmt = self.conn.prepare(

@@ -228,6 +228,11 @@ fn telegram_bridge_and_console_reach_the_sandboxed_agent_and_leave_nothing_in_pl
         );
     }
 
+    // Settled messages leave nothing in the inbox: segments are removed once answered.
+    let inbox = s.state.join(format!("sessions/tg-{USER}/inbox.d"));
+    assert!(inbox.is_dir());
+    assert_eq!(tests::files_under(&inbox), Vec::<std::path::PathBuf>::new());
+
     // Deleting a session stops it, destroys its keys and removes its files.
     let console_dir = s.state.join("sessions/console");
     assert!(console_dir.exists());

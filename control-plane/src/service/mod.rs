@@ -544,6 +544,7 @@ impl Service {
                     if done.replies > 0 || done.timers > 0 {
                         self.outbound_changed();
                     }
+                    self.prune_inbox(&session);
                 }
                 Err(e) => {
                     tracing::error!(session = %session, error = %e, "storing an outbox segment failed")
@@ -588,6 +589,29 @@ impl Service {
                 );
             }
         }
+    }
+
+    /// Removes inbox segments whose messages are all settled, so a session's inbox
+    /// holds only what its agent may still need.
+    fn prune_inbox(&self, id: &SessionId) {
+        let needed = match self.db(|s| s.inbox_needed_from(id)) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(session = %id, error = %e, "reading the inbox low-water mark failed");
+                return;
+            }
+        };
+        let dir = self.manager.layout().inbox(id);
+        blocking(|| {
+            for seq in queue_proto::control::list_inbox(&dir).unwrap_or_default() {
+                if seq >= needed {
+                    break;
+                }
+                if let Err(e) = std::fs::remove_file(dir.join(seq.file_name())) {
+                    tracing::warn!(session = %id, error = %e, "removing a settled inbox segment failed");
+                }
+            }
+        });
     }
 
     fn audit(&self, kind: &str, detail: serde_json::Value) {
