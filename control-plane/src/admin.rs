@@ -93,12 +93,21 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response
     stream.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(req).map_err(|_| AdminError::BadAnswer)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    // A refused or oversized request may be answered before all of it is written:
+    // read the answer anyway.
+    let written = stream.write_all(&line);
     let mut answer = String::new();
-    BufReader::new(stream)
+    let read = BufReader::new(stream)
         .take(64 * 1024 * 1024)
-        .read_line(&mut answer)?;
-    serde_json::from_str(&answer).map_err(|_| AdminError::BadAnswer)
+        .read_line(&mut answer);
+    match serde_json::from_str(&answer) {
+        Ok(a) => Ok(a),
+        Err(_) => {
+            written?;
+            read?;
+            Err(AdminError::BadAnswer)
+        }
+    }
 }
 
 /// Binds the admin socket (replacing a stale one), owner-only.
@@ -140,13 +149,15 @@ pub async fn serve(service: Arc<Service>, listener: tokio::net::UnixListener) {
 async fn connection(service: Arc<Service>, stream: tokio::net::UnixStream) -> std::io::Result<()> {
     let uid = stream.peer_cred()?.uid();
     let (read, mut write) = stream.into_split();
+    // The request is read (bounded, within a time limit) before anyone is refused, so
+    // the client is never cut off mid-write and always gets the reason.
+    let mut line = Vec::new();
+    let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1);
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
     let answer = if !service.config().operators.unix_uids.contains(&uid) {
         tracing::warn!(uid, "admin socket: refused a peer that is not an operator");
         Response::Error("this user is not an operator (operators.unix_uids)".into())
     } else {
-        let mut line = Vec::new();
-        let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1);
-        let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
         match read {
             Err(_) => Response::Error("no request in time".into()),
             Ok(Err(e)) => return Err(e),

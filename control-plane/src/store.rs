@@ -319,10 +319,12 @@ impl Store {
             params![session.as_str()],
             |r| r.get(0),
         )?;
-        let (state, text, reason) = if waiting >= i64::from(max_waiting) {
-            ("refused", "", Some("too many messages waiting"))
+        // A refused message keeps no external id: the person is told to send it again,
+        // and the same id must then be accepted.
+        let (state, text, reason, external_id) = if waiting >= i64::from(max_waiting) {
+            ("refused", "", Some("too many messages waiting"), None)
         } else {
-            ("received", m.text.as_str(), None)
+            ("received", m.text.as_str(), None, m.external_id.as_deref())
         };
         tx.execute(
             "INSERT INTO messages (session, channel, chat, external_id, text, bytes, received_at, state, reason)
@@ -331,7 +333,7 @@ impl Store {
                 session.as_str(),
                 m.channel,
                 m.chat,
-                m.external_id,
+                external_id,
                 text,
                 m.text.len() as i64,
                 m.received_at,
@@ -538,10 +540,15 @@ impl Store {
         for item in items {
             match item {
                 OutboxItem::AssistantReply(r) => {
+                    // An empty reply would count as an answer while showing nothing.
                     let Ok(id) = i64::try_from(r.in_reply_to) else {
                         out.dropped_replies += 1;
                         continue;
                     };
+                    if r.text.trim().is_empty() {
+                        out.dropped_replies += 1;
+                        continue;
+                    }
                     let state: Option<String> = tx
                         .query_row(
                             "SELECT state FROM messages WHERE id = ?1 AND session = ?2",
@@ -606,8 +613,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Fails every waiting message of `session` (published, or received if `all`) with
-    /// a notice to the person: the sandbox was stopped by a limit, or gave up.
+    /// Fails every waiting message of `session` (received or published) with a notice
+    /// to the person: the sandbox was stopped by a limit, or gave up.
     pub fn fail_waiting(
         &mut self,
         session: &SessionId,
@@ -724,7 +731,10 @@ impl Store {
             Delivered::Retry(after) if attempts < i64::from(max_attempts) => {
                 tx.execute(
                     "UPDATE outbound SET state = 'pending', next_attempt_at = ?2 WHERE id = ?1",
-                    params![id, now + *after as i64],
+                    params![
+                        id,
+                        now.saturating_add(i64::try_from(*after).unwrap_or(i64::MAX))
+                    ],
                 )?;
             }
             Delivered::Retry(_) | Delivered::Failed(_) => {
@@ -1090,6 +1100,11 @@ mod tests {
             panic!("the third waiting message is refused");
         };
         assert_eq!(s.message_state(m).unwrap().as_deref(), Some("refused"));
+        // Told to send it again, the person can: the refused id is not kept.
+        assert!(matches!(
+            accept(&mut s, "a", Some("3"), 10),
+            Accepted::Stored(_)
+        ));
         assert_eq!(s.cursor("telegram").unwrap().as_deref(), Some("9"));
         let notice = s.pending_for("telegram", Some("a"), 0, 10).unwrap();
         assert_eq!(notice.len(), 1);
@@ -1124,6 +1139,7 @@ mod tests {
         assert_eq!((got.replies, got.dropped_replies), (2, 2));
         assert_eq!(s.message_state(m1).unwrap().as_deref(), Some("answered"));
         assert_eq!(s.message_state(other).unwrap().as_deref(), Some("received"));
+        // An empty reply is no answer.
         // The same segment again, or a later one answering the same message: nothing new.
         assert!(s.ingest(&id("a"), Seq(1), &items, 7).unwrap().duplicate);
         assert_eq!(
@@ -1139,6 +1155,15 @@ mod tests {
             .map(|o| o.text)
             .collect();
         assert_eq!(out, ["one", "two"]);
+
+        // An empty reply is no answer: the message stays waiting.
+        let Accepted::Stored(m2) = accept(&mut s, "a", None, 10) else {
+            panic!()
+        };
+        assert_eq!(s.take_batch(&id("a"), 8).unwrap().unwrap().0, Seq(2));
+        let got = s.ingest(&id("a"), Seq(3), &[reply(m2, " \n ")], 9).unwrap();
+        assert_eq!((got.replies, got.dropped_replies), (0, 1));
+        assert_eq!(s.message_state(m2).unwrap().as_deref(), Some("published"));
     }
 
     #[test]

@@ -90,11 +90,29 @@ fn bad(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
 }
 
+/// Whether `e` says the proxy closed the connection (so it never saw the request, or
+/// never began to answer it): only then may the request be sent again. A timeout is not
+/// such a sign: the proxy may be working on it.
+fn closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected
+    )
+}
+
 /// Sends one request and reads its answer; also says whether the connection may be kept.
 fn exchange(conn: &mut BufReader<UnixStream>, request: &[u8]) -> Result<(Answer, bool), Failure> {
-    conn.get_mut()
-        .write_all(request)
-        .map_err(Failure::BeforeAnswer)?;
+    let early = |e: io::Error| {
+        if closed(&e) {
+            Failure::BeforeAnswer(e)
+        } else {
+            Failure::During(e)
+        }
+    };
+    conn.get_mut().write_all(request).map_err(early)?;
     let mut head = Vec::new();
     loop {
         let mut line = Vec::new();
@@ -103,7 +121,7 @@ fn exchange(conn: &mut BufReader<UnixStream>, request: &[u8]) -> Result<(Answer,
             .read_until(b'\n', &mut line)
             .map_err(|e| {
                 if head.is_empty() {
-                    Failure::BeforeAnswer(e)
+                    early(e)
                 } else {
                     Failure::During(e)
                 }
@@ -111,7 +129,7 @@ fn exchange(conn: &mut BufReader<UnixStream>, request: &[u8]) -> Result<(Answer,
         if n == 0 {
             let e = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed");
             return Err(if head.is_empty() {
-                Failure::BeforeAnswer(e)
+                early(e)
             } else {
                 Failure::During(e)
             });

@@ -23,9 +23,10 @@ pub(crate) struct State {
 
 impl State {
     pub(crate) fn open(path: &Path, key: &SecretKey) -> rusqlite::Result<State> {
-        let conn = queue_proto::sqlcipher::open_private(path, key)?;
-        // The agent is this database's only user: an exclusive lock lets WAL keep its
-        // index in memory (no shared-memory file), and a commit appends to the log
+        let conn = queue_proto::sqlcipher::open_keyed(path, key)?;
+        // The agent is this database's only user: an exclusive lock, taken before WAL is
+        // switched on, lets WAL keep its index in memory (no shared-memory file), and
+        // the journal mode is left as the file has it. A commit appends to the log
         // without a sync. Each sync is a round trip through gVisor's gofer; a crash of
         // the box loses nothing committed, and a lost cursor only makes the agent handle
         // a segment again, which the control plane de-duplicates.

@@ -75,7 +75,17 @@ impl Agent {
     }
 
     fn handle_segment(&mut self, seq: Seq) -> Result<(), LoopError> {
-        let items = self.inbox.read(seq).map_err(LoopError::Segment)?;
+        let items = match self.inbox.read(seq) {
+            Ok(items) => items,
+            // The control plane removes a segment once all its messages are settled
+            // (answered, or failed after a timeout): nothing is left to do for it.
+            Err(queue_proto::segment::SegmentError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return self.state.advance(seq, None).map_err(LoopError::State);
+            }
+            Err(e) => return Err(LoopError::Segment(e)),
+        };
         let mut out = Vec::new();
         for item in items {
             match item {

@@ -34,6 +34,10 @@ pub const MAX_UPDATES_BYTES: usize = 16 * 1024 * 1024;
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// Refusals sent to one unknown sender, at most one per this period.
 const REFUSAL_PERIOD: Duration = Duration::from_secs(3600);
+/// Attempts to send one part of a reply before giving up on it for now.
+const SEND_TRIES: u32 = 5;
+/// The longest `retry_after` believed; a larger one is clamped to this.
+const MAX_RETRY_AFTER_SECS: u64 = 3600;
 /// The longest wait between attempts to reach Telegram while it is unreachable.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -58,8 +62,10 @@ impl std::fmt::Debug for Telegram {
 /// How a Bot API call failed.
 #[derive(Debug)]
 enum CallError {
-    /// Not reached, or no answer in time (details withheld: they hold the URL).
+    /// Not reached: the request was not sent (details withheld: they hold the URL).
     Network,
+    /// Sent, but no whole answer came back: whether Telegram acted on it is unknown.
+    Uncertain,
     /// The answer was larger than allowed; the first update's id, if one was found.
     TooLarge(Option<i64>),
     /// Telegram answered `ok: false`, or with a non-JSON error.
@@ -116,7 +122,13 @@ impl Telegram {
             .timeout(timeout)
             .send()
             .await;
-        let mut resp = sent.map_err(|_| CallError::Network)?;
+        let mut resp = sent.map_err(|e| {
+            if e.is_connect() {
+                CallError::Network
+            } else {
+                CallError::Uncertain
+            }
+        })?;
         let status = resp.status().as_u16();
         let mut bytes = Vec::new();
         let mut scanner: Option<FirstUpdateId> = None;
@@ -138,7 +150,7 @@ impl Telegram {
                     }
                 }
                 Ok(None) => break,
-                Err(_) => return Err(CallError::Network),
+                Err(_) => return Err(CallError::Uncertain),
             }
         }
         if let Some(scan) = scanner {
@@ -200,9 +212,7 @@ impl Channel for Telegram {
         for (i, part) in parts.iter().enumerate() {
             let body = json!({ "chat_id": chat_id, "text": part });
             let mut backoff = Duration::from_millis(500);
-            let mut tries = 0;
-            loop {
-                tries += 1;
+            for tries in 1.. {
                 let result = self
                     .call(
                         "sendMessage",
@@ -215,39 +225,47 @@ impl Channel for Telegram {
                     Ok(_) => break,
                     Err(e) => e,
                 };
-                // Parts already sent are never sent again: past the first part, keep
-                // trying here rather than hand the whole reply back for a retry.
-                let give_up = tries >= 5;
-                match err {
+                // Parts already sent are never sent again, and a part that may have
+                // arrived is not sent twice: such a reply is dead-lettered instead.
+                let give_up = |why: &str| {
+                    if i == 0 {
+                        Delivered::Failed(why.to_owned())
+                    } else {
+                        Delivered::Failed(format!("only partly delivered: {why}"))
+                    }
+                };
+                let wait = match err {
+                    CallError::Uncertain | CallError::TooLarge(_) => {
+                        return give_up(
+                            "sent, but Telegram's answer did not arrive; not sent again",
+                        );
+                    }
+                    CallError::Status {
+                        code, description, ..
+                    } if code < 500 && code != 429 => {
+                        return give_up(&format!("telegram refused it ({code}): {description}"));
+                    }
                     CallError::Status {
                         code: 429,
                         retry_after,
                         ..
                     } => {
-                        let wait = retry_after.unwrap_or(1);
-                        if i == 0 && (wait > 60 || give_up) {
-                            return Delivered::Retry(wait);
-                        }
-                        tokio::time::sleep(Duration::from_secs(wait.min(60))).await;
+                        Duration::from_secs(retry_after.unwrap_or(1).clamp(1, MAX_RETRY_AFTER_SECS))
                     }
-                    CallError::Status {
-                        code, description, ..
-                    } if code < 500 => {
-                        return Delivered::Failed(format!(
-                            "telegram refused it ({code}): {description}"
-                        ));
+                    CallError::Status { .. } | CallError::Network => backoff,
+                };
+                if tries >= SEND_TRIES {
+                    // Nothing of this reply has arrived yet: the worker tries it later.
+                    if i == 0 {
+                        return Delivered::Retry(wait.as_secs().max(10));
                     }
-                    _ if give_up && i == 0 => return Delivered::Retry(10),
-                    _ if give_up => {
-                        return Delivered::Failed(
-                            "only partly delivered: Telegram stopped answering".into(),
-                        );
-                    }
-                    _ => {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(8));
-                    }
+                    return give_up("Telegram stopped accepting it");
                 }
+                if wait > Duration::from_secs(60) && i == 0 {
+                    return Delivered::Retry(wait.as_secs());
+                }
+                tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
+                backoff = (backoff * 2).min(Duration::from_secs(8));
             }
         }
         Delivered::Sent
@@ -300,7 +318,7 @@ pub async fn poll(service: Arc<Service>, tg: Arc<Telegram>) {
                     continue;
                 }
                 match first {
-                    Some(id) if id >= offset => {
+                    Some(id) if id >= offset && id < i64::MAX => {
                         let next = (id + 1).to_string();
                         let skipped = service.db(|s| {
                             s.refuse(
@@ -335,7 +353,7 @@ pub async fn poll(service: Arc<Service>, tg: Arc<Telegram>) {
             Err(CallError::Status {
                 code, description, ..
             }) => format!("status {code}: {description}"),
-            Err(CallError::Network) => "not reachable".to_owned(),
+            Err(CallError::Network | CallError::Uncertain) => "not reachable".to_owned(),
         };
         if !failing {
             tracing::warn!(problem = %error, "telegram getUpdates failed; retrying with backoff");
@@ -444,7 +462,7 @@ async fn handle(
     let Some(update_id) = u.get("update_id").and_then(Value::as_i64) else {
         return Ok(None);
     };
-    if update_id < offset {
+    if update_id < offset || update_id == i64::MAX {
         return Ok(None);
     }
     let next = (update_id + 1).to_string();
@@ -479,12 +497,13 @@ async fn handle(
         })
     };
     let refused = match (from, chat) {
+        // Nothing is said in a group: others there were not allowed to ask.
+        (Some(_), Some(chat)) if !private => {
+            Some(refuse(chat.to_string(), "not a private chat", None))
+        }
         (Some(from), Some(chat)) if !tg.allowed.contains(&from) => {
             let n = tg.may_refuse(from).then_some(notice::NOT_ALLOWED);
             Some(refuse(chat.to_string(), "sender not in allowed_users", n))
-        }
-        (Some(_), Some(chat)) if !private => {
-            Some(refuse(chat.to_string(), "not a private chat", None))
         }
         (Some(_), Some(chat)) if text.is_none() => Some(refuse(
             chat.to_string(),

@@ -39,7 +39,8 @@ pub enum SessionEvent {
         output_tokens: u64,
         bytes_sent: u64,
     },
-    /// A model call that failed or was refused: the person must be told.
+    /// A model call that failed or was refused (for the audit trail). The agent tells
+    /// the person; if it stays silent, the message fails with a notice at its timeout.
     ModelFailed { session: SessionId, reason: String },
     /// A segment or request the proxy refused (for the audit trail).
     Refused {

@@ -71,6 +71,8 @@ pub enum ServiceError {
     },
     #[error("session {0} does not exist")]
     NoSession(SessionId),
+    #[error("session {0} is being deleted")]
+    Deleting(SessionId),
     #[error("session {session} belongs to the {channel} channel")]
     WrongChannel { session: SessionId, channel: String },
     #[error("publishing an inbox segment for {session} failed")]
@@ -88,6 +90,8 @@ struct Live {
     /// Taking a batch and writing its segment happen under this lock, so segments
     /// appear in seq order.
     publish: tokio::sync::Mutex<()>,
+    /// Set (under `publish`) when the session is deleted: nothing starts it again.
+    deleted: std::sync::atomic::AtomicBool,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -117,6 +121,10 @@ pub struct Service {
     settings: SandboxSettings,
     limits: ProxyLimits,
     live: std::sync::Mutex<HashMap<SessionId, Arc<Live>>>,
+    /// Held while a session's live parts are created.
+    creating: std::sync::Mutex<()>,
+    /// Sessions being deleted: nothing may bring them back to life meanwhile.
+    deleting: std::sync::Mutex<std::collections::HashSet<SessionId>>,
     /// Bumped whenever replies are queued, so delivery workers and waiting clients look.
     outbound: watch::Sender<u64>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -220,6 +228,8 @@ impl Service {
             settings,
             limits: ProxyLimits::default(),
             live: std::sync::Mutex::new(HashMap::new()),
+            creating: std::sync::Mutex::new(()),
+            deleting: std::sync::Mutex::new(std::collections::HashSet::new()),
             outbound: watch::channel(0).0,
             tasks: std::sync::Mutex::new(Vec::new()),
         });
@@ -228,9 +238,12 @@ impl Service {
             Arc::downgrade(&service),
             sandbox_events,
         ));
-        let sweeper = tokio::spawn(sweep_loop(Arc::downgrade(&service)));
-        service.tasks().extend([supervisor, events, sweeper]);
+        service.tasks().extend([supervisor, events]);
+        // Recovery first, then the sweeper: the two would otherwise publish the same
+        // sessions at once.
         service.recover().await;
+        let sweeper = tokio::spawn(sweep_loop(Arc::downgrade(&service)));
+        service.tasks().push(sweeper);
         Ok(service)
     }
 
@@ -293,6 +306,7 @@ impl Service {
                     continue;
                 }
             };
+            let _order = live.publish.lock().await;
             for (seq, batch) in &published {
                 let path = self.manager.layout().inbox(&id).join(seq.file_name());
                 if !path.exists()
@@ -349,31 +363,35 @@ impl Service {
     pub async fn publish(self: &Arc<Self>, id: &SessionId) {
         let live = match self.ensure_live(id) {
             Ok(l) => l,
+            Err(ServiceError::Deleting(_)) => return,
             Err(e) => {
                 tracing::error!(session = %id, error = %e, "a session could not be prepared");
                 self.fail_session(id, "the session could not be prepared", notice::UNAVAILABLE);
                 return;
             }
         };
-        {
-            let _order = live.publish.lock().await;
-            loop {
-                let batch = match self.db(|s| s.take_batch(id, now_secs())) {
-                    Ok(Some(b)) => b,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::error!(session = %id, error = %e, "taking messages to publish failed");
-                        return;
-                    }
-                };
-                let (seq, msgs) = batch;
-                if let Err(e) = self.write_segment(id, &live.keys, seq, &msgs) {
-                    tracing::error!(session = %id, error = %e, "publishing an inbox segment failed");
-                    self.fail_session(id, "publishing failed", notice::UNAVAILABLE);
+        // Held until the sandbox runs: segments appear in seq order, and a deletion
+        // (which takes this lock) never races a start.
+        let _order = live.publish.lock().await;
+        if live.deleted.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        loop {
+            let batch = match self.db(|s| s.take_batch(id, now_secs())) {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(session = %id, error = %e, "taking messages to publish failed");
                     return;
                 }
-                live.signal.published(seq);
+            };
+            let (seq, msgs) = batch;
+            if let Err(e) = self.write_segment(id, &live.keys, seq, &msgs) {
+                tracing::error!(session = %id, error = %e, "publishing an inbox segment failed");
+                self.fail_session(id, "publishing failed", notice::UNAVAILABLE);
+                return;
             }
+            live.signal.published(seq);
         }
         self.run_sandbox(id, &live).await;
     }
@@ -435,6 +453,15 @@ impl Service {
         if let Some(l) = self.live_map().get(id) {
             return Ok(l.clone());
         }
+        // One creator at a time: two would each bind the socket, and the loser's
+        // unlink would leave the winner listening on a name nobody can reach.
+        let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        if self.deleting().contains(id) {
+            return Err(ServiceError::Deleting(id.clone()));
+        }
+        if let Some(l) = self.live_map().get(id) {
+            return Ok(l.clone());
+        }
         let row = self
             .db(|s| s.session(id))?
             .ok_or_else(|| ServiceError::NoSession(id.clone()))?;
@@ -475,11 +502,15 @@ impl Service {
             keys,
             signal,
             publish: tokio::sync::Mutex::new(()),
+            deleted: std::sync::atomic::AtomicBool::new(false),
             tasks: vec![server, consumer],
         });
-        let mut map = self.live_map();
-        // Another caller may have raced us here; keep the first.
-        Ok(map.entry(id.clone()).or_insert(live).clone())
+        self.live_map().insert(id.clone(), live.clone());
+        Ok(live)
+    }
+
+    fn deleting(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SessionId>> {
+        self.deleting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn live_map(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Arc<Live>>> {
@@ -497,6 +528,29 @@ impl Service {
         if self.db(|s| s.session(id))?.is_none() {
             return Err(ServiceError::NoSession(id.clone()));
         }
+        {
+            let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.deleting().insert(id.clone()) {
+                return Err(ServiceError::Deleting(id.clone()));
+            }
+        }
+        let result = self.delete_marked(id).await;
+        self.deleting().remove(id);
+        result
+    }
+
+    async fn delete_marked(&self, id: &SessionId) -> Result<SessionSummary, ServiceError> {
+        // No publish is under way once this lock is ours, and none starts the sandbox
+        // again afterwards.
+        let live = self.live_map().get(id).cloned();
+        let _order = match &live {
+            Some(l) => {
+                let guard = l.publish.lock().await;
+                l.deleted.store(true, std::sync::atomic::Ordering::SeqCst);
+                Some(guard)
+            }
+            None => None,
+        };
         if let Err(e) = self.manager.forget(id).await {
             tracing::warn!(session = %id, error = %e, "stopping a deleted session's sandbox failed");
         }
