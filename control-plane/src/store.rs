@@ -203,10 +203,13 @@ impl Store {
         };
         let key = derive_control_store_key(master);
         let conn = queue_proto::sqlcipher::open_keyed(path, &key).map_err(open)?;
-        // WAL survives a killed process; secure_delete overwrites freed content, so a
-        // deleted session's salt does not linger in free pages.
+        // Every commit that changes what the outside world is told (a message accepted,
+        // the Telegram offset, a reply taken in or being sent) is synced (WAL with
+        // synchronous FULL), so not even a power cut can undo what was confirmed; only
+        // audit-only entries skip the sync (see `record`). secure_delete overwrites
+        // freed content, so a deleted session's salt does not linger in free pages.
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA secure_delete = ON;",
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON;",
         )
         .map_err(open)?;
         conn.execute_batch(SCHEMA).map_err(open)?;
@@ -231,9 +234,16 @@ impl Store {
         detail: &serde_json::Value,
         now: i64,
     ) -> Result<(), StoreError> {
-        let tx = self.tx()?;
-        audit::append(&tx, now, kind, detail)?;
-        tx.commit()?;
+        // An entry that only records is not worth a sync of its own: the next synced
+        // commit carries it to the disk.
+        self.conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+        let done = (|| {
+            let tx = self.tx()?;
+            audit::append(&tx, now, kind, detail)?;
+            tx.commit()
+        })();
+        self.conn.execute_batch("PRAGMA synchronous = FULL")?;
+        done?;
         Ok(())
     }
 
