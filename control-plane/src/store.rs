@@ -236,15 +236,24 @@ impl Store {
     ) -> Result<(), StoreError> {
         // An entry that only records is not worth a sync of its own: the next synced
         // commit carries it to the disk.
-        self.conn.execute_batch("PRAGMA synchronous = NORMAL")?;
-        let done = (|| {
-            let tx = self.tx()?;
+        self.unsynced(|conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             audit::append(&tx, now, kind, detail)?;
             tx.commit()
-        })();
+        })
+    }
+
+    /// Runs `f` with commits that are not synced: for changes whose loss in a power cut
+    /// costs nothing that matters (an audit-only entry, a repeated delivery to a client
+    /// that de-duplicates by id).
+    fn unsynced<T>(
+        &mut self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        self.conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+        let done = f(&mut self.conn);
         self.conn.execute_batch("PRAGMA synchronous = FULL")?;
-        done?;
-        Ok(())
+        Ok(done?)
     }
 
     /// The session `name`, if it exists.
@@ -793,11 +802,14 @@ impl Store {
         chat: Option<&str>,
         upto: i64,
     ) -> Result<u64, StoreError> {
-        let n = self.conn.execute(
-            "UPDATE outbound SET state = 'sent', text = '' WHERE channel = ?1 AND (?2 IS NULL OR chat = ?2)
-             AND state = 'pending' AND id <= ?3",
-            params![channel, chat, upto],
-        )?;
+        // Lost in a power cut, the replies are only offered again: clients go by id.
+        let n = self.unsynced(|conn| {
+            conn.execute(
+                "UPDATE outbound SET state = 'sent', text = '' WHERE channel = ?1 AND (?2 IS NULL OR chat = ?2)
+                 AND state = 'pending' AND id <= ?3",
+                params![channel, chat, upto],
+            )
+        })?;
         Ok(n as u64)
     }
 

@@ -69,13 +69,23 @@ impl OutboxWriter {
         segment::list_after(&self.dir, None)
     }
 
-    /// Publishes `items` as outbox segment `seq`.
+    /// Publishes `items` as outbox segment `seq`: atomically, but not fsynced. Each sync
+    /// is a round trip through gVisor's gofer, and the control plane does not rely on
+    /// the agent's segments surviving a power cut: a message whose reply is lost there
+    /// stays unanswered and fails with a notice at its timeout.
     pub fn publish(&self, seq: Seq, items: &[OutboxItem]) -> Result<PathBuf, SegmentError> {
         let place = Place {
             session: &self.session,
             direction: Direction::Outbox,
             seq,
         };
-        segment::publish(&self.dir, place, &self.keys, FileCipher::SqlCipher, items)
+        segment::publish(
+            &self.dir,
+            place,
+            &self.keys,
+            FileCipher::SqlCipher,
+            segment::Durability::Unsynced,
+            items,
+        )
     }
 }

@@ -43,7 +43,14 @@ impl InboxWriter {
             direction: Direction::Inbox,
             seq,
         };
-        segment::publish(&self.dir, place, &self.keys, self.cipher, items)
+        segment::publish(
+            &self.dir,
+            place,
+            &self.keys,
+            self.cipher,
+            segment::Durability::Synced,
+            items,
+        )
     }
 
     /// The same writer with SQLCipher turned off, for the benchmark's plain-SQLite

@@ -153,12 +153,23 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Seg
 }
 
 /// Publishes `items` as segment `place.seq` in `dir`: build `.tmp-<seq>`, fsync it, rename
+/// Whether a published segment is made durable before `publish` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// The file and the directory entry are fsynced: a power cut cannot take it back.
+    Synced,
+    /// Atomic (built under a temporary name, then renamed) but not fsynced: survives
+    /// any process crash, not a power cut.
+    Unsynced,
+}
+
 /// it to `<seq>.db`, fsync `dir`. Returns the published path.
 pub(crate) fn publish<T: QueueItem>(
     dir: &Path,
     place: Place<'_>,
     keys: &QueueKeys,
     cipher: FileCipher,
+    durability: Durability,
     items: &[T],
 ) -> Result<PathBuf, SegmentError> {
     debug_assert_eq!(place.direction, T::DIRECTION);
@@ -203,13 +214,13 @@ pub(crate) fn publish<T: QueueItem>(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("remove stale", &tmp)(e)),
     }
-    let written = write_db(&tmp, place, keys, cipher, &rows);
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    let file = fs::File::open(&tmp).map_err(io_err("reopen", &tmp))?;
-    let len = file.metadata().map_err(io_err("stat", &tmp))?.len();
+    let len = match write_db(&tmp, place, keys, cipher, &rows) {
+        Ok(len) => len,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     if len > MAX_SEGMENT_BYTES {
         let _ = fs::remove_file(&tmp);
         return Err(SegmentError::TooLarge {
@@ -218,8 +229,11 @@ pub(crate) fn publish<T: QueueItem>(
             max: MAX_SEGMENT_BYTES,
         });
     }
-    file.sync_all().map_err(io_err("fsync", &tmp))?;
-    drop(file);
+    if durability == Durability::Synced {
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("fsync", &tmp))?;
+    }
     // A published segment is never replaced: the other side may have read it already.
     // (The only writer of this directory is this process, so the check cannot race.)
     if fs::symlink_metadata(&dest).is_ok() {
@@ -234,9 +248,11 @@ pub(crate) fn publish<T: QueueItem>(
         let _ = fs::remove_file(&tmp);
         return Err(io_err("rename", &tmp)(e));
     }
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))?;
+    if durability == Durability::Synced {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("fsync directory", dir))?;
+    }
     Ok(dest)
 }
 
@@ -246,11 +262,15 @@ fn write_db(
     keys: &QueueKeys,
     cipher: FileCipher,
     rows: &[(u32, &str, Vec<u8>)],
-) -> Result<(), SegmentError> {
+) -> Result<u64, SegmentError> {
     let conn = sqlcipher::open_for_writing(path).map_err(sqlite_err("create", path))?;
     if cipher == FileCipher::SqlCipher {
         sqlcipher::apply_key(&conn, &keys.db).map_err(sqlite_err("key", path))?;
     }
+    // The file is this connection's alone: an exclusive lock spares SQLite its checks
+    // for other users' journals on every transaction.
+    conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE;")
+        .map_err(sqlite_err("configure", path))?;
     // No journal and no temp files: the file is private until the rename, and a crash
     // simply leaves a temp file that the next publish removes. We fsync ourselves.
     conn.pragma_update_and_check(None, "journal_mode", "OFF", |_| Ok(()))
@@ -287,7 +307,17 @@ fn write_db(
     }
     conn.execute_batch("COMMIT;")
         .map_err(sqlite_err("commit", path))?;
-    conn.close().map_err(|(_, e)| sqlite_err("close", path)(e))
+    // The file holds exactly this many pages.
+    let len: i64 = conn
+        .query_row(
+            "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sqlite_err("measure", path))?;
+    conn.close()
+        .map_err(|(_, e)| sqlite_err("close", path)(e))?;
+    Ok(u64::try_from(len).unwrap_or(u64::MAX))
 }
 
 /// Seqs are stored as SQLite's signed 64-bit integers, bit for bit.

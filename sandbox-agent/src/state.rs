@@ -33,15 +33,6 @@ impl State {
         conn.execute_batch(
             "PRAGMA locking_mode = EXCLUSIVE; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
         )?;
-        // Process-wide: SQLCipher's memory security locks and unlocks every allocation
-        // (two system calls each, a trap into gVisor's sentry under ptrace), while pages
-        // of a sandbox's memory are gVisor's to place anyway. Keys are still wiped by the
-        // agent's own types.
-        conn.query_row("PRAGMA cipher_memory_security = OFF", [], |_| Ok(()))
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(()),
-                e => Err(e),
-            })?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS cursor (id INTEGER PRIMARY KEY CHECK (id = 1), inbox INTEGER NOT NULL, outbox INTEGER NOT NULL);
              INSERT OR IGNORE INTO cursor VALUES (1, 0, 0);
