@@ -1,6 +1,7 @@
 //! A loopback fake of an OpenAI-compatible chat-completions server that drives the
-//! agent through a real tool call: to a user message it answers by calling `reply` with
-//! `echo: <the message>`; once it sees the tool's result it ends the turn.
+//! agent through real tool calls: to a user message it answers by calling `reply` with
+//! `echo: <the message>` (and, for `remind me in N: TEXT`, `schedule` with a time N
+//! seconds ahead); once it sees the tools' results it ends the turn.
 
 use std::sync::Arc;
 
@@ -25,9 +26,23 @@ fn answer(body: &Value) -> Scripted {
     } else {
         let text = last["content"].as_str().unwrap_or("");
         let args = json!({ "text": format!("{ECHO}{text}") }).to_string();
-        json!({ "role": "assistant", "content": null, "tool_calls": [{
+        let mut calls = vec![json!({
             "id": format!("call-{}", messages.len()), "type": "function",
-            "function": { "name": "reply", "arguments": args } }] })
+            "function": { "name": "reply", "arguments": args } })];
+        if let Some((secs, what)) = text
+            .strip_prefix("remind me in ")
+            .and_then(|r| r.split_once(": "))
+            .and_then(|(n, w)| Some((n.parse::<i64>().ok()?, w)))
+        {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let args = json!({ "at": now + secs, "text": what }).to_string();
+            calls.push(json!({
+                "id": format!("call-{}-s", messages.len()), "type": "function",
+                "function": { "name": "schedule", "arguments": args } }));
+        }
+        json!({ "role": "assistant", "content": null, "tool_calls": calls })
     };
     let finish = if message.get("tool_calls").is_some() {
         "tool_calls"

@@ -471,7 +471,7 @@ fn bad_input_gets_clear_handling_and_others_are_still_served() {
 }
 
 #[test]
-fn telegram_outages_rate_limits_and_long_replies_are_ridden_out() {
+fn telegram_outages_rate_limits_reminders_and_long_replies() {
     let Rig {
         rt,
         tg,
@@ -509,6 +509,23 @@ fn telegram_outages_rate_limits_and_long_replies_are_ridden_out() {
         "retry_after was honoured"
     );
     assert_eq!(tg.sent_to(USER).iter().filter(|t| **t == want).count(), 1);
+
+    // The agent's `schedule` becomes a timer in the control store; it fires once, as a
+    // reminder in the same chat.
+    tg.push_text(USER, "remind me in 2: water the plants");
+    let reminder = "Reminder: water the plants".to_owned();
+    assert!(
+        rt.block_on(tg.wait_for(Duration::from_secs(60), |sent| {
+            sent.iter().any(|(c, t)| *c == USER && *t == reminder)
+        })),
+        "no reminder; sent: {:?}",
+        tg.sent_to(USER)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        tg.sent_to(USER).iter().filter(|t| **t == reminder).count(),
+        1
+    );
 
     // A reply longer than Telegram's 4096-character limit arrives in pieces, all of it.
     let long = "word ".repeat(1500);
