@@ -5,7 +5,7 @@
 //!
 //! The console channel lives here too: `send` stores the text as a message of the
 //! console chat named after its session, waits until the message is settled, and
-//! returns every reply waiting for that chat, which it then acknowledges.
+//! returns every reply waiting for that chat, acknowledged once the answer is written.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -154,6 +154,7 @@ async fn connection(service: Arc<Service>, stream: tokio::net::UnixStream) -> st
     let mut line = Vec::new();
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1);
     let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    let mut delivered = None;
     let answer = if !service.config().operators.unix_uids.contains(&uid) {
         tracing::warn!(uid, "admin socket: refused a peer that is not an operator");
         Response::Error("this user is not an operator (operators.unix_uids)".into())
@@ -165,40 +166,55 @@ async fn connection(service: Arc<Service>, stream: tokio::net::UnixStream) -> st
                 Response::Error("the request is larger than 256 KiB".into())
             }
             Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => handle(&service, req).await,
+                Ok(req) => {
+                    let (answer, ack) = handle(&service, req).await;
+                    delivered = ack;
+                    answer
+                }
                 Err(e) => Response::Error(format!("malformed request: {e}")),
             },
         }
     };
     let mut bytes = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
-    write.write_all(&bytes).await
+    write.write_all(&bytes).await?;
+    // Console replies count as delivered once they are written to the client.
+    if let Some((chat, upto)) = delivered {
+        service
+            .db(|s| s.acknowledge(CONSOLE, Some(&chat), upto))
+            .map_err(std::io::Error::other)?;
+    }
+    Ok(())
 }
 
-async fn handle(service: &Arc<Service>, req: Request) -> Response {
-    match req {
+/// Console replies to acknowledge once the answer is written: the chat, and the last id.
+type Ack = Option<(String, i64)>;
+
+async fn handle(service: &Arc<Service>, req: Request) -> (Response, Ack) {
+    let answer = match req {
         Request::Send {
             session,
             text,
             wait_secs,
-        } => match console_send(service, &session, text, wait_secs.min(MAX_WAIT_SECS)).await {
-            Ok(r) => r,
-            Err(e) => Response::Error(e),
-        },
+        } => {
+            return match console_send(service, &session, text, wait_secs.min(MAX_WAIT_SECS)).await {
+                Ok(r) => r,
+                Err(e) => (Response::Error(e), None),
+            };
+        }
         Request::SessionsList => match service.sessions() {
             Ok(s) => Response::Sessions(s),
             Err(e) => Response::Error(e.to_string()),
         },
-        Request::SessionsDelete { name } => {
-            let Ok(id) = SessionId::try_from(name.as_str()) else {
-                return Response::Error(format!("{name:?} is not a valid session name"));
-            };
-            match service.delete_session(&id).await {
+        Request::SessionsDelete { name } => match SessionId::try_from(name.as_str()) {
+            Err(_) => Response::Error(format!("{name:?} is not a valid session name")),
+            Ok(id) => match service.delete_session(&id).await {
                 Ok(s) => Response::Deleted(s),
                 Err(e) => Response::Error(e.to_string()),
-            }
-        }
-    }
+            },
+        },
+    };
+    (answer, None)
 }
 
 async fn console_send(
@@ -206,7 +222,7 @@ async fn console_send(
     session: &str,
     text: String,
     wait_secs: u64,
-) -> Result<Response, String> {
+) -> Result<(Response, Ack), String> {
     let id = SessionId::try_from(session).map_err(|_| {
         format!("{session:?} is not a valid session name (a-z, 0-9, _ and -, at most 32)")
     })?;
@@ -245,21 +261,18 @@ async fn console_send(
             .unwrap_or_else(|| "dead".into());
         let settled = !matches!(state.as_str(), "received" | "published");
         if settled || tokio::time::Instant::now() >= deadline {
-            // Every reply waiting for this chat, earlier ones included; then acknowledged.
+            // Every reply waiting for this chat, earlier ones included; acknowledged once
+            // the answer reaches the client.
             let pending = service
                 .db(|s| s.pending_for(CONSOLE, Some(id.as_str()), 0, 1000))
                 .map_err(|e| e.to_string())?;
-            if let Some(last) = pending.last() {
-                let upto = last.id;
-                service
-                    .db(|s| s.acknowledge(CONSOLE, Some(id.as_str()), upto))
-                    .map_err(|e| e.to_string())?;
-            }
-            return Ok(Response::Replies {
+            let ack = pending.last().map(|last| (id.as_str().to_owned(), last.id));
+            let answer = Response::Replies {
                 message,
                 state,
                 replies: pending.into_iter().map(|o| o.text).collect(),
-            });
+            };
+            return Ok((answer, ack));
         }
         let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
     }

@@ -191,6 +191,9 @@ pub struct Ingested {
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    /// False while (or if, after a failure) the connection may not be back at
+    /// `synchronous = FULL`: the next transaction restores it first.
+    synced: bool,
 }
 
 impl Store {
@@ -214,7 +217,7 @@ impl Store {
         .map_err(open)?;
         conn.execute_batch(SCHEMA).map_err(open)?;
         conn.execute_batch(audit::SCHEMA).map_err(open)?;
-        Ok(Store { conn })
+        Ok(Store { conn, synced: true })
     }
 
     /// The connection, for the audit functions and tests.
@@ -223,6 +226,10 @@ impl Store {
     }
 
     fn tx(&mut self) -> rusqlite::Result<Transaction<'_>> {
+        if !self.synced {
+            self.conn.execute_batch("PRAGMA synchronous = FULL")?;
+            self.synced = true;
+        }
         self.conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
     }
@@ -244,15 +251,18 @@ impl Store {
     }
 
     /// Runs `f` with commits that are not synced: for changes whose loss in a power cut
-    /// costs nothing that matters (an audit-only entry, a repeated delivery to a client
-    /// that de-duplicates by id).
+    /// costs nothing that matters (an audit-only entry).
     fn unsynced<T>(
         &mut self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
+        // Cleared first: if anything below fails or panics, the next transaction puts
+        // FULL back before it begins.
+        self.synced = false;
         self.conn.execute_batch("PRAGMA synchronous = NORMAL")?;
         let done = f(&mut self.conn);
         self.conn.execute_batch("PRAGMA synchronous = FULL")?;
+        self.synced = true;
         Ok(done?)
     }
 
@@ -653,7 +663,8 @@ impl Store {
         Ok(n)
     }
 
-    /// Fails published messages unanswered since before `published_before`.
+    /// Fails messages published (or received and never published) before
+    /// `published_before` and still unanswered.
     pub fn expire(
         &mut self,
         published_before: i64,
@@ -661,18 +672,23 @@ impl Store {
         now: i64,
     ) -> Result<u32, StoreError> {
         let tx = self.tx()?;
-        let mut stmt = tx.prepare(
-            "SELECT DISTINCT session FROM messages WHERE state = 'published' AND published_at < ?1",
-        )?;
+        // Published and unanswered, or never published at all (a session that could not
+        // be started or prepared): both are told after the timeout.
+        let overdue = format!(
+            "((state = 'published' AND published_at < {published_before}) OR \
+              (state = 'received' AND received_at < {published_before}))"
+        );
+        let mut stmt = tx.prepare(&format!(
+            "SELECT DISTINCT session FROM messages WHERE session IS NOT NULL AND {overdue}"
+        ))?;
         let sessions: Vec<String> = stmt
-            .query_map(params![published_before], |r| r.get(0))?
+            .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         drop(stmt);
         let mut n = 0;
         for s in sessions {
             let s = SessionId::try_from(s.as_str()).map_err(|_| StoreError::BadSession)?;
-            let cond = format!("state = 'published' AND published_at < {published_before}");
-            let msgs = waiting(&tx, &s, &cond, usize::MAX)?;
+            let msgs = waiting(&tx, &s, &overdue, usize::MAX)?;
             n += fail(&tx, &s, &msgs, "no reply in time", notice, now)?;
         }
         tx.commit()?;
@@ -802,14 +818,11 @@ impl Store {
         chat: Option<&str>,
         upto: i64,
     ) -> Result<u64, StoreError> {
-        // Lost in a power cut, the replies are only offered again: clients go by id.
-        let n = self.unsynced(|conn| {
-            conn.execute(
-                "UPDATE outbound SET state = 'sent', text = '' WHERE channel = ?1 AND (?2 IS NULL OR chat = ?2)
-                 AND state = 'pending' AND id <= ?3",
-                params![channel, chat, upto],
-            )
-        })?;
+        let n = self.conn.execute(
+            "UPDATE outbound SET state = 'sent', text = '' WHERE channel = ?1 AND (?2 IS NULL OR chat = ?2)
+             AND state = 'pending' AND id <= ?3",
+            params![channel, chat, upto],
+        )?;
         Ok(n as u64)
     }
 

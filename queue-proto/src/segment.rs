@@ -154,6 +154,11 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Seg
 
 /// Publishes `items` as segment `place.seq` in `dir`: build `.tmp-<seq>`, fsync it, rename
 /// Whether a published segment is made durable before `publish` returns.
+// Each role uses one of the two.
+#[cfg_attr(
+    not(all(feature = "agent", feature = "control-plane")),
+    allow(dead_code)
+)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Durability {
     /// The file and the directory entry are fsynced: a power cut cannot take it back.

@@ -78,9 +78,16 @@ impl Agent {
         let items = match self.inbox.read(seq) {
             Ok(items) => items,
             // The control plane removes a segment once all its messages are settled
-            // (answered, or failed after a timeout): nothing is left to do for it.
+            // (answered, or failed after a timeout): nothing is left to do for it. It
+            // must be gone from the listing too; a read failing for another reason is
+            // an error, not a skip.
             Err(queue_proto::segment::SegmentError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && !self
+                        .inbox
+                        .list_after(None)
+                        .map_err(LoopError::Segment)?
+                        .contains(&seq) =>
             {
                 return self.state.advance(seq, None).map_err(LoopError::State);
             }

@@ -156,10 +156,18 @@ impl Telegram {
         if let Some(scan) = scanner {
             return Err(CallError::TooLarge(scan.found));
         }
-        let answer: Value = serde_json::from_slice(&bytes).map_err(|_| CallError::Status {
-            code: status,
-            retry_after: None,
-            description: "an answer that is not JSON".into(),
+        // Not Telegram's own answer: a front end failed, and may have passed the request
+        // on before it did.
+        let answer: Value = serde_json::from_slice(&bytes).map_err(|_| {
+            if status >= 500 {
+                CallError::Uncertain
+            } else {
+                CallError::Status {
+                    code: status,
+                    retry_after: None,
+                    description: "an answer that is not JSON".into(),
+                }
+            }
         })?;
         if answer.get("ok") == Some(&Value::Bool(true)) {
             return Ok(answer.get("result").cloned().unwrap_or(Value::Null));
@@ -264,7 +272,9 @@ impl Channel for Telegram {
                 if wait > Duration::from_secs(60) && i == 0 {
                     return Delivered::Retry(wait.as_secs());
                 }
-                tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
+                // A later part waits as long as asked (at most five minutes): its first
+                // parts have arrived and must not be sent again.
+                tokio::time::sleep(wait.min(Duration::from_secs(300))).await;
                 backoff = (backoff * 2).min(Duration::from_secs(8));
             }
         }

@@ -149,6 +149,9 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
+        // A connection that cannot be made is reported as such (nothing was sent), not
+        // as a request that timed out after it may have arrived.
+        .connect_timeout(std::time::Duration::from_secs(10))
         .build()
         .expect("a client with a fixed configuration builds")
 }

@@ -103,6 +103,15 @@ impl Drop for Live {
     }
 }
 
+/// Takes a session off the list of those being deleted when dropped.
+struct Unmark<'a>(&'a Service, SessionId);
+
+impl Drop for Unmark<'_> {
+    fn drop(&mut self) {
+        self.0.deleting().remove(&self.1);
+    }
+}
+
 impl std::fmt::Debug for Live {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Live")
@@ -534,9 +543,9 @@ impl Service {
                 return Err(ServiceError::Deleting(id.clone()));
             }
         }
-        let result = self.delete_marked(id).await;
-        self.deleting().remove(id);
-        result
+        // Unmarked however deletion ends, a panic or a cancelled caller included.
+        let _unmark = Unmark(self, id.clone());
+        self.delete_marked(id).await
     }
 
     async fn delete_marked(&self, id: &SessionId) -> Result<SessionSummary, ServiceError> {
