@@ -178,8 +178,9 @@ async fn connection(service: Arc<Service>, stream: tokio::net::UnixStream) -> st
     let mut bytes = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
     write.write_all(&bytes).await?;
-    // Console replies count as delivered once they are written to the client.
-    if let Some((chat, upto)) = delivered {
+    // Console replies count as delivered once they are written to the client; the
+    // chat's lock is held until then, so the next `send` cannot show them again.
+    if let Some((chat, upto, _held)) = delivered {
         service
             .db(|s| s.acknowledge(CONSOLE, Some(&chat), upto))
             .map_err(std::io::Error::other)?;
@@ -187,8 +188,20 @@ async fn connection(service: Arc<Service>, stream: tokio::net::UnixStream) -> st
     Ok(())
 }
 
-/// Console replies to acknowledge once the answer is written: the chat, and the last id.
-type Ack = Option<(String, i64)>;
+/// Console replies to acknowledge once the answer is written: the chat, the last id,
+/// and the chat's lock.
+type Ack = Option<(String, i64, tokio::sync::OwnedMutexGuard<()>)>;
+
+/// One lock per console chat, held from reading its waiting replies to acknowledging
+/// them.
+fn chat_lock(chat: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    > = std::sync::OnceLock::new();
+    let locks = LOCKS.get_or_init(Default::default);
+    let mut map = locks.lock().unwrap_or_else(|p| p.into_inner());
+    map.entry(chat.to_owned()).or_default().clone()
+}
 
 async fn handle(service: &Arc<Service>, req: Request) -> (Response, Ack) {
     let answer = match req {
@@ -263,10 +276,13 @@ async fn console_send(
         if settled || tokio::time::Instant::now() >= deadline {
             // Every reply waiting for this chat, earlier ones included; acknowledged once
             // the answer reaches the client.
+            let held = chat_lock(id.as_str()).lock_owned().await;
             let pending = service
                 .db(|s| s.pending_for(CONSOLE, Some(id.as_str()), 0, 1000))
                 .map_err(|e| e.to_string())?;
-            let ack = pending.last().map(|last| (id.as_str().to_owned(), last.id));
+            let ack = pending
+                .last()
+                .map(|last| (id.as_str().to_owned(), last.id, held));
             let answer = Response::Replies {
                 message,
                 state,

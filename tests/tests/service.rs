@@ -9,6 +9,7 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use control_plane::model::demo::DEMO_LABEL;
 use control_plane::service::notice;
 use serde_json::{Value, json};
 use tests::fake_model::{ECHO, start_echo_model};
@@ -565,4 +566,31 @@ fn the_admin_socket_serves_operators_only() {
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn console_sends_back_to_back_each_get_exactly_their_reply() {
+    // Each `send` acknowledges the replies it printed; the next one, started the moment
+    // the answer arrives, must not print them again. Several sessions at once, so the
+    // service is busy between writing an answer and acknowledging it.
+    let mut s =
+        Serve::init("[model]\nprovider = \"demo\"\n\n[budgets]\nrequests_per_minute = 100000\n");
+    s.start();
+    std::thread::scope(|scope| {
+        for t in 0..8 {
+            let s = &s;
+            scope.spawn(move || {
+                let session = format!("c{t}");
+                for i in 0..15 {
+                    let (state, replies) = s.send(&session, &format!("quick {i}"), 60).unwrap();
+                    assert_eq!(state, "answered");
+                    assert_eq!(
+                        replies,
+                        vec![format!("{DEMO_LABEL} You said: quick {i}")],
+                        "{session}, message {i}"
+                    );
+                }
+            });
+        }
+    });
 }
