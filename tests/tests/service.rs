@@ -107,6 +107,30 @@ fn summary<'a>(
         .unwrap_or_else(|| panic!("no session {name} in {list:?}"))
 }
 
+/// Waits until `text` was sent to `chat`; on failure shows what was sent and the log.
+fn expect_sent(
+    rt: &tokio::runtime::Runtime,
+    tg: &FakeTelegram,
+    s: &Serve,
+    chat: i64,
+    text: &str,
+    secs: u64,
+) {
+    let arrived = rt.block_on(tg.wait_for(Duration::from_secs(secs), |sent| {
+        sent.iter().any(|(c, t)| *c == chat && t == text)
+    }));
+    let sent: Vec<_> = tg
+        .sent()
+        .iter()
+        .map(|(c, t)| (*c, t.chars().take(60).collect::<String>()))
+        .collect();
+    assert!(
+        arrived,
+        "{text:?} never reached chat {chat}; sent: {sent:?}\n{}",
+        s.log_text()
+    );
+}
+
 /// A running `serve` with the fake model, the fake Telegram and the bridge.
 struct Rig {
     rt: tokio::runtime::Runtime,
@@ -149,14 +173,7 @@ fn telegram_bridge_and_console_reach_the_sandboxed_agent_and_leave_nothing_in_pl
     // Telegram: an update from an allowed user; the reply arrives through sendMessage.
     tg.push_text(USER, "hello via telegram MARKER-TG-5d1");
     let want = format!("{ECHO}hello via telegram MARKER-TG-5d1");
-    assert!(
-        rt.block_on(tg.wait_for(Duration::from_secs(90), |sent| {
-            sent.iter().any(|(c, t)| *c == USER && *t == want)
-        })),
-        "no reply at the fake Telegram; sent: {:?}\n{}",
-        tg.sent(),
-        s.log_text()
-    );
+    expect_sent(&rt, &tg, &s, USER, &want, 90);
     assert!(
         tg.allowed_updates()
             .iter()
@@ -328,18 +345,7 @@ fn bad_input_gets_clear_handling_and_others_are_still_served() {
     }
     tg.push_text(USER, "still there?");
 
-    let want = format!("{ECHO}still there?");
-    assert!(
-        rt.block_on(tg.wait_for(Duration::from_secs(120), |sent| {
-            sent.iter().any(|(c, t)| *c == USER && *t == want)
-        })),
-        "the ordinary user was not served; sent: {:?}\n{}",
-        tg.sent()
-            .iter()
-            .map(|(c, t)| (c, t.chars().take(60).collect::<String>()))
-            .collect::<Vec<_>>(),
-        s.log_text()
-    );
+    expect_sent(&rt, &tg, &s, USER, &format!("{ECHO}still there?"), 120);
     // Every flood message ends answered or refused with a notice, none lost.
     let all_settled =
         |sent: &[(i64, String)]| sent.iter().filter(|(c, _)| *c == FLOODER).count() >= 30;
@@ -487,13 +493,13 @@ fn telegram_outages_rate_limits_reminders_and_long_replies() {
     tg.push_text(USER, "sent during the outage");
     std::thread::sleep(Duration::from_secs(2));
     tg.set_down(false);
-    let want = format!("{ECHO}sent during the outage");
-    assert!(
-        rt.block_on(tg.wait_for(Duration::from_secs(90), |sent| {
-            sent.iter().any(|(_, t)| *t == want)
-        })),
-        "no reply after the outage\n{}",
-        s.log_text()
+    expect_sent(
+        &rt,
+        &tg,
+        &s,
+        USER,
+        &format!("{ECHO}sent during the outage"),
+        90,
     );
     assert!(s.log_text().contains("telegram reachable again"));
 
@@ -502,9 +508,7 @@ fn telegram_outages_rate_limits_reminders_and_long_replies() {
     let started = std::time::Instant::now();
     tg.push_text(USER, "rate limited");
     let want = format!("{ECHO}rate limited");
-    assert!(rt.block_on(tg.wait_for(Duration::from_secs(90), |sent| {
-        sent.iter().any(|(_, t)| *t == want)
-    })));
+    expect_sent(&rt, &tg, &s, USER, &want, 90);
     assert!(
         started.elapsed() >= Duration::from_secs(2),
         "retry_after was honoured"
@@ -515,13 +519,7 @@ fn telegram_outages_rate_limits_reminders_and_long_replies() {
     // reminder in the same chat.
     tg.push_text(USER, "remind me in 2: water the plants");
     let reminder = "Reminder: water the plants".to_owned();
-    assert!(
-        rt.block_on(tg.wait_for(Duration::from_secs(60), |sent| {
-            sent.iter().any(|(c, t)| *c == USER && *t == reminder)
-        })),
-        "no reminder; sent: {:?}",
-        tg.sent_to(USER)
-    );
+    expect_sent(&rt, &tg, &s, USER, &reminder, 60);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         tg.sent_to(USER).iter().filter(|t| **t == reminder).count(),
