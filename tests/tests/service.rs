@@ -435,24 +435,13 @@ fn bad_input_gets_clear_handling_and_others_are_still_served() {
         .0,
         400
     );
-    assert_eq!(
-        post(
-            port,
-            BRIDGE_TOKEN,
-            &json!({ "chat": "../etc", "text": "hi" })
-        )
-        .0,
-        400
-    );
-    assert_eq!(
-        post(
-            port,
-            BRIDGE_TOKEN,
-            &json!({ "chat": "c", "text": "hi", "session": "tg-4242" })
-        )
-        .0,
-        400
-    );
+    for bad in [
+        json!({ "chat": "../etc", "text": "hi" }),
+        json!({ "chat": "c", "text": "hi", "session": "tg-4242" }),
+        json!({ "chat": "c", "text": "   " }),
+    ] {
+        assert_eq!(post(port, BRIDGE_TOKEN, &bad).0, 400, "{bad}");
+    }
     assert_eq!(
         http(
             port,
