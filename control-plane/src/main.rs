@@ -13,7 +13,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use control_plane::admin::{self, Request, Response};
@@ -182,14 +181,10 @@ async fn run(state: StateDir, config: Config, master: queue_proto::keys::MasterK
     for t in &tasks {
         t.abort();
     }
-    stop(&service).await;
+    service.shutdown().await;
     let _ = std::fs::remove_file(state.admin_socket());
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-async fn stop(service: &Arc<Service>) {
-    service.shutdown().await;
 }
 
 fn send(state: &StateDir, args: &Args, text: &[&str]) -> CliResult {

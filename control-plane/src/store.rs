@@ -148,7 +148,6 @@ pub struct Outbound {
     pub message_id: Option<i64>,
     pub kind: String,
     pub text: String,
-    pub attempts: i64,
 }
 
 /// What happened to a delivery attempt.
@@ -273,13 +272,7 @@ impl Store {
 
     /// Every session's name.
     pub fn session_names(&self) -> Result<Vec<SessionId>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT name FROM sessions ORDER BY name")?;
-        let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        names
-            .map(|n| SessionId::try_from(n?.as_str()).map_err(|_| StoreError::BadSession))
-            .collect()
+        session_ids(&self.conn, "SELECT name FROM sessions ORDER BY name")
     }
 
     /// The session bound to `(channel, chat)`, created (with a fresh salt) if needed.
@@ -535,13 +528,10 @@ impl Store {
 
     /// Sessions holding received messages not yet published.
     pub fn sessions_with_received(&self) -> Result<Vec<SessionId>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        session_ids(
+            &self.conn,
             "SELECT DISTINCT session FROM messages WHERE state = 'received' AND session IS NOT NULL",
-        )?;
-        let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        names
-            .map(|n| SessionId::try_from(n?.as_str()).map_err(|_| StoreError::BadSession))
-            .collect()
+        )
     }
 
     /// Takes in one validated outbox segment of `session`, once: replies to the
@@ -678,16 +668,14 @@ impl Store {
             "((state = 'published' AND published_at < {published_before}) OR \
               (state = 'received' AND received_at < {published_before}))"
         );
-        let mut stmt = tx.prepare(&format!(
-            "SELECT DISTINCT session FROM messages WHERE session IS NOT NULL AND {overdue}"
-        ))?;
-        let sessions: Vec<String> = stmt
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        drop(stmt);
+        let sessions = session_ids(
+            &tx,
+            &format!(
+                "SELECT DISTINCT session FROM messages WHERE session IS NOT NULL AND {overdue}"
+            ),
+        )?;
         let mut n = 0;
         for s in sessions {
-            let s = SessionId::try_from(s.as_str()).map_err(|_| StoreError::BadSession)?;
             let msgs = waiting(&tx, &s, &overdue, usize::MAX)?;
             n += fail(&tx, &s, &msgs, "no reply in time", notice, now)?;
         }
@@ -726,7 +714,7 @@ impl Store {
         let tx = self.tx()?;
         let row = tx
             .query_row(
-                "SELECT id, channel, chat, message_id, kind, text, attempts FROM outbound
+                "SELECT id, channel, chat, message_id, kind, text FROM outbound
                  WHERE channel = ?1 AND state = 'pending' AND next_attempt_at <= ?2 ORDER BY id LIMIT 1",
                 params![channel, now],
                 outbound_row,
@@ -803,7 +791,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Outbound>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, channel, chat, message_id, kind, text, attempts FROM outbound
+            "SELECT id, channel, chat, message_id, kind, text FROM outbound
              WHERE channel = ?1 AND (?2 IS NULL OR chat = ?2) AND state = 'pending' AND id > ?3
              ORDER BY id LIMIT ?4",
         )?;
@@ -958,6 +946,15 @@ impl Store {
     }
 }
 
+/// The session names a query selects, each validated.
+fn session_ids(conn: &Connection, sql: &str) -> Result<Vec<SessionId>, StoreError> {
+    let mut stmt = conn.prepare(sql)?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    names
+        .map(|n| SessionId::try_from(n?.as_str()).map_err(|_| StoreError::BadSession))
+        .collect()
+}
+
 fn session_row(conn: &Connection, name: &SessionId) -> Result<Option<SessionRow>, StoreError> {
     let row: Option<(String, String, Vec<u8>)> = conn
         .query_row(
@@ -1070,7 +1067,6 @@ fn outbound_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Outbound> {
         message_id: r.get(3)?,
         kind: r.get(4)?,
         text: r.get(5)?,
-        attempts: r.get(6)?,
     })
 }
 

@@ -20,11 +20,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ProviderKind, RuntimeChoice};
-use crate::model::AnyProvider;
 use crate::model::anthropic::Anthropic;
 use crate::model::demo::DemoProvider;
 use crate::model::http::{ApiKey, ApprovedEndpoint};
 use crate::model::openai::OpenAiCompatible;
+use crate::model::{AnyProvider, Provider};
 use crate::proxy::server::{ProxyLimits, serve};
 use crate::proxy::session::{EVENT_QUEUE, InboxSignal, SessionEvent, SessionProxy};
 use crate::sandbox::SandboxSettings;
@@ -122,7 +122,6 @@ impl std::fmt::Debug for Live {
 #[derive(Debug)]
 pub struct Service {
     config: Config,
-    state: StateDir,
     master: MasterKey,
     store: std::sync::Mutex<Store>,
     manager: Arc<Manager>,
@@ -222,14 +221,13 @@ impl Service {
         }
         store.record(
             "service_started",
-            &json!({ "provider": provider.as_ref().name_str() }),
+            &json!({ "provider": provider.name() }),
             now_secs(),
         )?;
         let (manager, sandbox_events) =
             blocking(|| Manager::new(runtime, settings.clone())).map_err(ServiceError::Manager)?;
         let service = Arc::new(Service {
             config,
-            state,
             master,
             store: std::sync::Mutex::new(store),
             manager,
@@ -270,10 +268,6 @@ impl Service {
 
     pub fn config(&self) -> &Config {
         &self.config
-    }
-
-    pub fn state(&self) -> &StateDir {
-        &self.state
     }
 
     /// Wakes whoever waits for replies.
@@ -724,13 +718,6 @@ impl Service {
             self.outbound_changed();
         }
         self.publish_all_received().await;
-    }
-}
-
-impl AnyProvider {
-    fn name_str(&self) -> &'static str {
-        use crate::model::Provider;
-        self.name()
     }
 }
 
