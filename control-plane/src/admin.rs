@@ -18,9 +18,12 @@ use queue_proto::items::MAX_TEXT_BYTES;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
+use crate::gateway::{self, Identity};
 use crate::service::Service;
 use crate::state::now_secs;
-use crate::store::{Accepted, Inbound, SessionSummary};
+use crate::store::{
+    Accepted, ChangeDetail, ChangeSummary, Decided, Decision, Inbound, SessionSummary, TurnRow,
+};
 
 /// Session name prefixes the other channels own.
 const TELEGRAM_PREFIX: &str = "tg-";
@@ -30,7 +33,7 @@ const BRIDGE_PREFIX: &str = "br-";
 pub const CONSOLE: &str = "console";
 
 /// The largest request line read.
-pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 /// How long a client has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,6 +53,28 @@ pub enum Request {
     SessionsDelete {
         name: String,
     },
+    /// A session's last agent turns, with their risk.
+    SessionsShow {
+        name: String,
+    },
+    ChangesList {
+        all: bool,
+    },
+    ChangesShow {
+        id: String,
+    },
+    /// A whole new configuration text, proposed by the peer.
+    ChangesPropose {
+        text: String,
+        reason: String,
+    },
+    /// Approve or reject as the peer. `hash` is the SHA-256 of the text the client
+    /// showed its user; the request is decided only if it is still that text.
+    ChangesDecide {
+        id: String,
+        approve: bool,
+        hash: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +88,19 @@ pub enum Response {
     },
     Sessions(Vec<SessionSummary>),
     Deleted(SessionSummary),
+    Turns(Vec<TurnRow>),
+    Changes(Vec<ChangeSummary>),
+    Change {
+        detail: Box<ChangeDetail>,
+        diff: String,
+    },
+    Filed(ChangeSummary),
+    /// `applied` (with the new version), `rejected`, or `refused` (with why).
+    Decided {
+        outcome: String,
+        version: Option<u64>,
+        why: Option<String>,
+    },
     Error(String),
 }
 
@@ -157,17 +195,18 @@ async fn connection(service: Arc<Service>, stream: tokio::net::UnixStream) -> st
     let mut delivered = None;
     let answer = if !service.config().operators.unix_uids.contains(&uid) {
         tracing::warn!(uid, "admin socket: refused a peer that is not an operator");
+        service.audit("admin_refused", serde_json::json!({ "uid": uid }));
         Response::Error("this user is not an operator (operators.unix_uids)".into())
     } else {
         match read {
             Err(_) => Response::Error("no request in time".into()),
             Ok(Err(e)) => return Err(e),
             Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => {
-                Response::Error("the request is larger than 256 KiB".into())
+                Response::Error("the request is larger than 1 MiB".into())
             }
             Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => {
-                    let (answer, ack) = handle(&service, req).await;
+                    let (answer, ack) = handle(&service, req, Identity::Unix(uid)).await;
                     delivered = ack;
                     answer
                 }
@@ -203,7 +242,7 @@ fn chat_lock(chat: &str) -> Arc<tokio::sync::Mutex<()>> {
     map.entry(chat.to_owned()).or_default().clone()
 }
 
-async fn handle(service: &Arc<Service>, req: Request) -> (Response, Ack) {
+async fn handle(service: &Arc<Service>, req: Request, peer: Identity) -> (Response, Ack) {
     let answer = match req {
         Request::Send {
             session,
@@ -226,8 +265,55 @@ async fn handle(service: &Arc<Service>, req: Request) -> (Response, Ack) {
                 Err(e) => Response::Error(e.to_string()),
             },
         },
+        Request::SessionsShow { name } => match SessionId::try_from(name.as_str()) {
+            Err(_) => Response::Error(format!("{name:?} is not a valid session name")),
+            Ok(id) => match service.db(|s| s.turns(&id, 50)) {
+                Ok(t) => Response::Turns(t),
+                Err(e) => Response::Error(e.to_string()),
+            },
+        },
+        Request::ChangesList { all } => match service.db(|s| s.changes(all, 500)) {
+            Ok(c) => Response::Changes(c),
+            Err(e) => Response::Error(e.to_string()),
+        },
+        Request::ChangesShow { id } => match service.db(|s| s.change(&id)) {
+            Ok(Some(detail)) => Response::Change {
+                diff: gateway::diff(&detail.before, &detail.after),
+                detail: Box::new(detail),
+            },
+            Ok(None) => Response::Error(format!("no change request {id:?}")),
+            Err(e) => Response::Error(e.to_string()),
+        },
+        Request::ChangesPropose { text, reason } => match service.propose(&peer, &text, &reason) {
+            Ok(filed) => Response::Filed(filed),
+            Err(e) => Response::Error(e),
+        },
+        Request::ChangesDecide { id, approve, hash } => {
+            let decision = if approve {
+                Decision::Approve
+            } else {
+                Decision::Reject
+            };
+            match service.decide(&id, decision, &peer, hash.as_deref()).await {
+                Ok(d) => decided(d),
+                Err(e) => Response::Error(e.to_string()),
+            }
+        }
     };
     (answer, None)
+}
+
+fn decided(d: Decided) -> Response {
+    let (outcome, version, why) = match d {
+        Decided::Applied(v) => ("applied", Some(v.version), None),
+        Decided::Rejected => ("rejected", None, None),
+        Decided::Refused(why) => ("refused", None, Some(why)),
+    };
+    Response::Decided {
+        outcome: outcome.into(),
+        version,
+        why,
+    }
 }
 
 async fn console_send(

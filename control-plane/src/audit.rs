@@ -4,8 +4,19 @@
 //!
 //! `hash = SHA-256(prev_hash ‖ seq as 8 bytes big-endian ‖ at as 8 bytes big-endian ‖
 //! kind ‖ 0x00 ‖ detail)`, with `prev_hash` of the first entry 32 zero bytes.
+//!
+//! The chain alone cannot show that entries were cut off its end, nor stop someone who
+//! holds the control-store key from recomputing it after an edit. So the last entry's
+//! seq and hash are also kept in `audit_head`, sealed with
+//! `HMAC-SHA256(audit-head key, seq as 8 bytes big-endian ‖ hash)`. The audit-head key
+//! is derived from the master key and never stored: a shortened, extended or rewritten
+//! trail needs a new seal, which only the master key's holder can make. (Rolling the
+//! whole store back to an older copy, seal included, is not caught here.)
 
-use rusqlite::{OptionalExtension, Transaction, params};
+use hmac::{Hmac, Mac};
+use queue_proto::keys::SecretKey;
+use rusqlite::functions::FunctionFlags;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use sha2::{Digest, Sha256};
 
 /// The table, created with the rest of the control store.
@@ -16,7 +27,40 @@ pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL,
     prev BLOB NOT NULL,
     hash BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    seal BLOB NOT NULL
 );";
+
+/// The SQL function, registered on the store's connection by [`install_seal`], that
+/// seals a head inside the transaction that appends the entry.
+const SEAL_FUNCTION: &str = "ironclaw_audit_seal";
+
+fn seal(key: &SecretKey, seq: i64, hash: &[u8]) -> [u8; 32] {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key.expose_secret()).expect("any key length");
+    mac.update(&seq.to_be_bytes());
+    mac.update(hash);
+    mac.finalize().into_bytes().into()
+}
+
+/// Gives `conn` the sealing function under `key`. Direct-only: no trigger or view a
+/// hostile schema might add can call it.
+pub fn install_seal(conn: &Connection, key: SecretKey) -> rusqlite::Result<()> {
+    conn.create_scalar_function(
+        SEAL_FUNCTION,
+        2,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DIRECTONLY,
+        move |ctx| {
+            let seq: i64 = ctx.get(0)?;
+            let hash: Vec<u8> = ctx.get(1)?;
+            Ok(seal(&key, seq, &hash).to_vec())
+        },
+    )
+}
 
 fn entry_hash(prev: &[u8], seq: i64, at: i64, kind: &str, detail: &str) -> [u8; 32] {
     let mut h = Sha256::new();
@@ -53,6 +97,14 @@ pub fn append(
         "INSERT INTO audit (seq, at, kind, detail, prev, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![seq, at, kind, detail, prev, hash.as_slice()],
     )?;
+    tx.execute(
+        &format!(
+            "INSERT INTO audit_head (id, seq, hash, seal) VALUES (1, ?1, ?2, {SEAL_FUNCTION}(?1, ?2))
+             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,
+             seal = excluded.seal"
+        ),
+        params![seq, hash.as_slice()],
+    )?;
     Ok(())
 }
 
@@ -74,12 +126,19 @@ pub enum ChainError {
     Link { seq: i64 },
     #[error("audit entry {seq} does not match its own hash")]
     Hash { seq: i64 },
+    #[error("the audit trail's sealed head is missing")]
+    NoHead,
+    #[error("the audit trail's head is not sealed by this master key")]
+    Seal,
+    #[error("the audit trail ends at entry {found}, but its sealed head is entry {sealed}")]
+    Tail { found: i64, sealed: i64 },
     #[error("reading the audit trail failed: {0}")]
     Read(String),
 }
 
-/// Checks the whole chain; returns the number of entries.
-pub fn verify(conn: &rusqlite::Connection) -> Result<u64, ChainError> {
+/// Checks the whole chain and its sealed head (under the audit-head key); returns the
+/// number of entries.
+pub fn verify(conn: &rusqlite::Connection, key: &SecretKey) -> Result<u64, ChainError> {
     let read = |e: rusqlite::Error| ChainError::Read(e.to_string());
     let mut stmt = conn
         .prepare("SELECT seq, at, kind, detail, prev, hash FROM audit ORDER BY seq")
@@ -106,7 +165,32 @@ pub fn verify(conn: &rusqlite::Connection) -> Result<u64, ChainError> {
         prev = hash;
         expected += 1;
     }
-    Ok((expected - 1) as u64)
+    let last = expected - 1;
+    let head: Option<(i64, Vec<u8>, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, hash, seal FROM audit_head WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(read)?;
+    let Some((seq, hash, sealed)) = head else {
+        return Err(ChainError::NoHead);
+    };
+    let want = seal(key, seq, &hash);
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(
+        want.as_slice(),
+        sealed.as_slice(),
+    )) {
+        return Err(ChainError::Seal);
+    }
+    if seq != last || hash != prev {
+        return Err(ChainError::Tail {
+            found: last,
+            sealed: seq,
+        });
+    }
+    Ok(last as u64)
 }
 
 /// Every entry, oldest first.
@@ -128,9 +212,14 @@ pub fn export(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<Entry>> {
 mod tests {
     use super::*;
 
+    fn key() -> SecretKey {
+        SecretKey::from_bytes([7; 32])
+    }
+
     fn store() -> rusqlite::Connection {
         let conn = rusqlite::Connection::open_in_memory().unwrap();
         conn.execute_batch(SCHEMA).unwrap();
+        install_seal(&conn, key()).unwrap();
         conn
     }
 
@@ -146,7 +235,11 @@ mod tests {
     fn an_untouched_chain_verifies_and_each_tamper_is_found() {
         let mut conn = store();
         add(&mut conn, 5);
-        assert_eq!(verify(&conn), Ok(5));
+        assert_eq!(verify(&conn, &key()), Ok(5));
+        assert_eq!(
+            verify(&conn, &SecretKey::from_bytes([8; 32])),
+            Err(ChainError::Seal)
+        );
         let tampers = [
             (
                 "UPDATE audit SET detail = '{\"i\":9}' WHERE seq = 3",
@@ -163,12 +256,21 @@ mod tests {
                 "UPDATE audit SET at = at + 1 WHERE seq = 5",
                 ChainError::Hash { seq: 5 },
             ),
+            (
+                "DELETE FROM audit WHERE seq = 5",
+                ChainError::Tail {
+                    found: 4,
+                    sealed: 5,
+                },
+            ),
+            ("DELETE FROM audit_head", ChainError::NoHead),
+            ("UPDATE audit_head SET seq = 4", ChainError::Seal),
         ];
         for (sql, want) in tampers {
             let mut conn = store();
             add(&mut conn, 5);
             conn.execute_batch(sql).unwrap();
-            assert_eq!(verify(&conn), Err(want), "{sql}");
+            assert_eq!(verify(&conn, &key()), Err(want), "{sql}");
         }
     }
 }

@@ -47,6 +47,8 @@ pub struct Config {
     #[serde(default)]
     pub delivery: DeliverySection,
     #[serde(default)]
+    pub gateway: GatewaySection,
+    #[serde(default)]
     pub channels: Channels,
     #[serde(default)]
     pub operators: Operators,
@@ -150,7 +152,7 @@ impl Default for BudgetSection {
 }
 
 /// How long a message may wait for an answer, and how hard delivery is tried.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliverySection {
     /// A message published to an agent and unanswered this long fails, with a notice.
@@ -167,6 +169,25 @@ impl Default for DeliverySection {
             reply_timeout_secs: 300,
             max_waiting_per_session: 50,
             max_delivery_attempts: 8,
+        }
+    }
+}
+
+/// How long change requests wait for a decision, and how many one requester may have.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    /// A change request not decided within this many seconds expires.
+    pub request_ttl_secs: u64,
+    /// Undecided change requests one requester may have at once; more are refused.
+    pub max_pending_per_requester: u32,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection {
+            request_ttl_secs: 86_400,
+            max_pending_per_requester: 5,
         }
     }
 }
@@ -233,6 +254,18 @@ impl Default for Operators {
 impl Config {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = Config::read_text(path)?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Reads the text of `path` (at most [`MAX_CONFIG_BYTES`]) without checking it.
+    pub fn read_text(path: &Path) -> Result<String, ConfigError> {
         use std::io::Read;
         let read = |source| ConfigError::Read {
             path: path.to_owned(),
@@ -248,13 +281,7 @@ impl Config {
                 path: path.to_owned(),
             });
         }
-        Config::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                message,
-            },
-            other => other,
-        })
+        Ok(text)
     }
 
     /// Parses and checks configuration text.
@@ -307,6 +334,12 @@ impl Config {
         if self.delivery.max_waiting_per_session == 0 {
             return invalid("delivery.max_waiting_per_session must be at least 1");
         }
+        if !(1..=30 * 86_400).contains(&self.gateway.request_ttl_secs) {
+            return invalid("gateway.request_ttl_secs must be between 1 and 2592000 (30 days)");
+        }
+        if !(1..=1000).contains(&self.gateway.max_pending_per_requester) {
+            return invalid("gateway.max_pending_per_requester must be between 1 and 1000");
+        }
         if let Some(t) = &self.channels.telegram {
             if t.allowed_users.is_empty() {
                 return invalid(
@@ -326,10 +359,10 @@ impl Config {
         Ok(())
     }
 
-    /// The agent configuration sent to every sandbox.
-    pub fn agent_config(&self) -> AgentConfig {
+    /// The agent configuration sent to every sandbox, from approved version `version`.
+    pub fn agent_config(&self, version: u64) -> AgentConfig {
         AgentConfig {
-            version: 1,
+            version,
             instructions: self.agent.instructions.clone(),
             tools: self.agent.tools.clone(),
             max_steps_per_turn: self.agent.max_steps_per_turn,
@@ -367,6 +400,8 @@ pub fn bridge_address_allowed(ip: std::net::IpAddr) -> bool {
 /// only, root as the one operator.
 pub const DEFAULT_CONFIG: &str = r#"# IronClaw configuration (bootstrap). See README.md, "Configuration".
 # Every key below is checked at start; an unknown key is an error.
+# After the first start the approved version lives in the control store: an edit of
+# this file changes nothing until an operator approves it (`ironclaw changes list`).
 
 [model]
 # "demo" is offline and scripted: every reply says it is not an AI.
@@ -390,6 +425,10 @@ idle_stop_secs = 600
 reply_timeout_secs = 300    # an unanswered message fails with a notice after this
 max_waiting_per_session = 50
 max_delivery_attempts = 8
+
+[gateway]
+request_ttl_secs = 86400     # a change request not decided within a day expires
+max_pending_per_requester = 5
 
 # [channels.telegram]
 # token_file = "/etc/ironclaw/telegram.token"

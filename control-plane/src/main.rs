@@ -24,7 +24,9 @@ const USAGE: &str = "usage:
   ironclaw init [--state-dir DIR]
   ironclaw serve [--config FILE] [--state-dir DIR]
   ironclaw send [--session NAME] [--wait SECS] TEXT...   (TEXT - reads standard input)
-  ironclaw sessions list [--json] | delete NAME
+  ironclaw sessions list [--json] | show NAME [--json] | delete NAME
+  ironclaw changes list [--all] [--json] | show ID [--json] | propose FILE [--reason TEXT]
+  ironclaw changes approve ID | reject ID
   ironclaw audit verify | export
 The state directory is --state-dir, else $IRONCLAW_STATE_DIR, else /var/lib/ironclaw.";
 
@@ -34,6 +36,8 @@ struct Args {
     session: Option<String>,
     wait: Option<u64>,
     json: bool,
+    all: bool,
+    reason: Option<String>,
     rest: Vec<String>,
 }
 
@@ -44,6 +48,8 @@ fn parse(raw: Vec<String>) -> Result<Args, String> {
         session: None,
         wait: None,
         json: false,
+        all: false,
+        reason: None,
         rest: Vec::new(),
     };
     let mut it = raw.into_iter();
@@ -61,6 +67,8 @@ fn parse(raw: Vec<String>) -> Result<Args, String> {
                 );
             }
             "--json" => args.json = true,
+            "--all" => args.all = true,
+            "--reason" => args.reason = Some(value("--reason")?),
             "--version" | "-V" => args.rest.push("version".into()),
             "--" => args.rest.extend(it.by_ref()),
             s if s.starts_with("--") => return Err(format!("unknown option {s}")),
@@ -87,9 +95,15 @@ fn main() -> ExitCode {
         ["send", text @ ..] if !text.is_empty() => send(&state, &args, text),
         ["sessions", "list"] => sessions_list(&state, args.json),
         ["sessions", "delete", name] => sessions_delete(&state, name),
+        ["sessions", "show", name] => sessions_show(&state, name, args.json),
+        ["changes", "list"] => changes_list(&state, args.all, args.json),
+        ["changes", "show", id] => changes_show(&state, id, args.json).map(|_| ExitCode::SUCCESS),
+        ["changes", "propose", file] => changes_propose(&state, file, args.reason.as_deref()),
+        ["changes", "approve", id] => changes_decide(&state, id, true),
+        ["changes", "reject", id] => changes_decide(&state, id, false),
         ["audit", "verify"] => audit_verify(&state),
         ["audit", "export"] => audit_export(&state),
-        ["changes", ..] | ["doctor"] => {
+        ["doctor"] => {
             eprintln!(
                 "ironclaw: `{}` is not available in this version yet",
                 words[0]
@@ -148,20 +162,25 @@ fn serve(state: &StateDir, config: Option<PathBuf>) -> CliResult {
         .with_ansi(false)
         .init();
     let config_path = config.unwrap_or_else(|| state.config());
-    let config = Config::load(&config_path).map_err(|e| chain(&e))?;
+    let text = Config::read_text(&config_path).map_err(|e| chain(&e))?;
     let master = state.load_master_key().map_err(|e| chain(&e))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(state.clone(), config, master))
+    runtime.block_on(run(state.clone(), config_path, text, master))
 }
 
-async fn run(state: StateDir, config: Config, master: queue_proto::keys::MasterKey) -> CliResult {
+async fn run(
+    state: StateDir,
+    config_path: PathBuf,
+    text: String,
+    master: queue_proto::keys::MasterKey,
+) -> CliResult {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let service = Service::start(config, state.clone(), master)
+    let service = Service::start(text, state.clone(), master)
         .await
         .map_err(|e| chain(&e))?;
     let listener = admin::bind(&state.admin_socket())?;
@@ -173,7 +192,15 @@ async fn run(state: StateDir, config: Config, master: queue_proto::keys::MasterK
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                tracing::warn!("SIGHUP ignored: the configuration is never reloaded silently; restart to apply a change");
+                // Never a reload: a difference becomes a change request for an operator.
+                match Config::read_text(&config_path) {
+                    Ok(text) => {
+                        if service.check_drift(&text).is_none() {
+                            tracing::info!("SIGHUP: the configuration file matches the approved version");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %chain(&e), "SIGHUP: reading the configuration file failed"),
+                }
             }
         }
     }
@@ -289,14 +316,225 @@ fn sessions_delete(state: &StateDir, name: &str) -> CliResult {
     }
 }
 
-fn open_store(state: &StateDir) -> Result<control_plane::store::Store, String> {
+/// One request to the running service; an `Error` answer becomes the command's error.
+fn ask(state: &StateDir, req: &Request, timeout: Duration) -> Result<Response, String> {
+    match admin::request(&state.admin_socket(), req, timeout).map_err(|e| chain(&e))? {
+        Response::Error(e) => Err(e),
+        other => Ok(other),
+    }
+}
+
+fn unexpected() -> Box<dyn std::error::Error> {
+    "unexpected answer from the service".into()
+}
+
+fn when(secs: i64) -> String {
+    let now = control_plane::state::now_secs();
+    if secs >= now {
+        format!("in {}", span(secs - now))
+    } else {
+        format!("{} ago", span(now - secs))
+    }
+}
+
+fn span(s: i64) -> String {
+    match s {
+        0..120 => format!("{s}s"),
+        120..7200 => format!("{}m", s / 60),
+        7200..172_800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+fn sessions_show(state: &StateDir, name: &str, json: bool) -> CliResult {
+    let req = Request::SessionsShow { name: name.into() };
+    let Response::Turns(turns) = ask(state, &req, Duration::from_secs(30))? else {
+        return Err(unexpected());
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&turns)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("last agent turns of {name}, newest first:");
+    println!(
+        "{:<10} {:>5} {:>6} {:>9} {:>7} {:>8}  TOOLS",
+        "WHEN", "RISK", "CALLS", "BYTES-OUT", "REFUSED", "CHANGES"
+    );
+    for t in turns {
+        let tools: Vec<String> = t
+            .summary
+            .tools
+            .iter()
+            .map(|(k, v)| format!("{k}×{v}"))
+            .collect();
+        println!(
+            "{:<10} {:>5.2} {:>6} {:>9} {:>7} {:>8}  {}",
+            when(t.at),
+            t.risk,
+            t.summary.model_calls,
+            t.summary.bytes_out,
+            t.summary.refusals,
+            t.summary.change_requests,
+            tools.join(" ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn changes_list(state: &StateDir, all: bool, json: bool) -> CliResult {
+    let Response::Changes(list) = ask(
+        state,
+        &Request::ChangesList { all },
+        Duration::from_secs(30),
+    )?
+    else {
+        return Err(unexpected());
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if list.is_empty() {
+        println!("no {}change requests", if all { "" } else { "undecided " });
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<18} {:<10} {:>5} {:<15} {:<24} {:<10} NOTE",
+        "ID", "STATE", "RISK", "TARGET", "REQUESTER", "EXPIRES"
+    );
+    for c in list {
+        let note = c
+            .decided_by
+            .map(|b| format!("by {b}"))
+            .or(c.rule)
+            .unwrap_or_default();
+        println!(
+            "{:<18} {:<10} {:>5.2} {:<15} {:<24} {:<10} {}",
+            c.id,
+            c.state,
+            c.risk,
+            c.target,
+            c.requester,
+            when(c.expires_at),
+            note
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a change request in full; returns the hash of the text shown.
+fn changes_show(
+    state: &StateDir,
+    id: &str,
+    json: bool,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let req = Request::ChangesShow { id: id.into() };
+    let Response::Change { detail, diff } = ask(state, &req, Duration::from_secs(30))? else {
+        return Err(unexpected());
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&detail)?);
+        return Ok(detail.after_hash);
+    }
+    let c = &detail.summary;
+    println!("change request {}", c.id);
+    println!("  state       {}", c.state);
+    println!("  requester   {}", c.requester);
+    println!("  target      {}", c.target);
+    println!("  reason      {}", detail.reason.replace('\n', " "));
+    println!(
+        "  made from   configuration version {}",
+        detail.base_version
+    );
+    println!("  risk        {:.2}", c.risk);
+    for op in &detail.operations {
+        println!("                {:.2}  {}", op.weight, op.what);
+    }
+    if let Some(rule) = &c.rule {
+        println!("  policy      {rule}");
+    }
+    if let Some(by) = &c.decided_by {
+        println!("  decided by  {by}");
+    }
+    println!("  expires     {}", when(c.expires_at));
+    println!("  sha256      {}", detail.after_hash);
+    println!("the exact change:");
+    print!("{diff}");
+    Ok(detail.after_hash)
+}
+
+fn changes_propose(state: &StateDir, file: &str, reason: Option<&str>) -> CliResult {
+    let text = Config::read_text(std::path::Path::new(file)).map_err(|e| chain(&e))?;
+    let req = Request::ChangesPropose {
+        text,
+        reason: reason.unwrap_or("proposed by an operator").into(),
+    };
+    let Response::Filed(c) = ask(state, &req, Duration::from_secs(30))? else {
+        return Err(unexpected());
+    };
+    match c.state.as_str() {
+        "pending" => {
+            println!(
+                "filed {} (risk {:.2}); another operator approves it with: ironclaw changes approve {}",
+                c.id, c.risk, c.id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => {
+            eprintln!(
+                "ironclaw: {} was denied by the policy: {}",
+                c.id,
+                c.rule.unwrap_or_default()
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn changes_decide(state: &StateDir, id: &str, approve: bool) -> CliResult {
+    // What is decided is exactly what was just shown: the service checks the hash.
+    let hash = changes_show(state, id, false)?;
+    let req = Request::ChangesDecide {
+        id: id.into(),
+        approve,
+        hash: Some(hash),
+    };
+    let Response::Decided {
+        outcome,
+        version,
+        why,
+    } = ask(state, &req, Duration::from_secs(120))?
+    else {
+        return Err(unexpected());
+    };
+    match (outcome.as_str(), version) {
+        ("applied", Some(v)) => {
+            println!("approved and applied: configuration version {v} is in force");
+            Ok(ExitCode::SUCCESS)
+        }
+        ("rejected", _) => {
+            println!("rejected");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => {
+            eprintln!("ironclaw: refused: {}", why.unwrap_or_default());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn open_store(
+    state: &StateDir,
+) -> Result<(control_plane::store::Store, queue_proto::keys::MasterKey), String> {
     let master = state.load_master_key().map_err(|e| chain(&e))?;
-    control_plane::store::Store::open(&state.store(), &master).map_err(|e| chain(&e))
+    let store =
+        control_plane::store::Store::open(&state.store(), &master).map_err(|e| chain(&e))?;
+    Ok((store, master))
 }
 
 fn audit_verify(state: &StateDir) -> CliResult {
-    let store = open_store(state)?;
-    match control_plane::audit::verify(store.connection()) {
+    let (store, master) = open_store(state)?;
+    match store.verify_audit(&master) {
         Ok(n) => {
             println!("audit trail intact: {n} entries");
             Ok(ExitCode::SUCCESS)
@@ -309,7 +547,7 @@ fn audit_verify(state: &StateDir) -> CliResult {
 }
 
 fn audit_export(state: &StateDir) -> CliResult {
-    let store = open_store(state)?;
+    let (store, _) = open_store(state)?;
     for entry in control_plane::audit::export(store.connection())? {
         println!("{}", serde_json::to_string(&entry)?);
     }

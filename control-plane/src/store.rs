@@ -13,11 +13,14 @@ use std::path::Path;
 
 use queue_proto::ids::{Seq, SessionId};
 use queue_proto::items::OutboxItem;
-use queue_proto::keys::{MasterKey, SessionSalt, derive_control_store_key};
+use queue_proto::keys::{MasterKey, SessionSalt, derive_audit_head_key, derive_control_store_key};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde_json::json;
 
 use crate::audit;
+
+mod changes;
+pub use changes::*;
 
 /// The file name of the control store inside the state directory.
 pub const STORE_FILE: &str = "control.db";
@@ -214,9 +217,27 @@ impl Store {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON;",
         )
         .map_err(open)?;
+        let fresh: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .map_err(open)?;
         conn.execute_batch(SCHEMA).map_err(open)?;
         conn.execute_batch(audit::SCHEMA).map_err(open)?;
-        Ok(Store { conn, synced: true })
+        conn.execute_batch(changes::SCHEMA).map_err(open)?;
+        audit::install_seal(&conn, derive_audit_head_key(master)).map_err(open)?;
+        let mut store = Store { conn, synced: true };
+        // The trail starts with the store, so an emptied trail never looks intact.
+        if fresh == 0 {
+            let tx = store.tx().map_err(open)?;
+            audit::append(&tx, crate::state::now_secs(), "store_created", &json!({}))
+                .map_err(open)?;
+            tx.commit().map_err(open)?;
+        }
+        Ok(store)
+    }
+
+    /// Checks the audit trail and its sealed head.
+    pub fn verify_audit(&self, master: &MasterKey) -> Result<u64, audit::ChainError> {
+        audit::verify(&self.conn, &derive_audit_head_key(master))
     }
 
     /// The connection, for the audit functions and tests.
@@ -1077,7 +1098,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("c.db"), &MasterKey::generate().unwrap()).unwrap();
+        let s = Store::open(&dir.path().join("c.db"), &MasterKey::from_bytes([1; 32])).unwrap();
         (dir, s)
     }
 
@@ -1271,7 +1292,7 @@ mod tests {
             .unwrap();
         assert_eq!(left, 0);
         assert!(s.delete_session(&id("a"), 9).unwrap().is_none());
-        // Two sessions created, two messages accepted, one deletion.
-        assert_eq!(crate::audit::verify(s.connection()).unwrap(), 5);
+        // The store's creation, two sessions created, two messages accepted, one deletion.
+        assert_eq!(s.verify_audit(&MasterKey::from_bytes([1; 32])).unwrap(), 6);
     }
 }

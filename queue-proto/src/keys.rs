@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! control store:  HKDF(ikm = master, salt = CONTROL_SALT, info = "ironclaw/v1/control-store")
+//! audit head:     HKDF(ikm = master, salt = CONTROL_SALT, info = "ironclaw/v1/audit-head")
 //! session keys:   HKDF(ikm = master, salt = session salt, info = "ironclaw/v1/<purpose>/<session id>")
 //!                 purpose ∈ inbox-db, inbox-envelope, outbox-db, outbox-envelope, agent-state
 //! ```
@@ -27,6 +28,8 @@ pub const CONTROL_SALT: &[u8] = b"ironclaw/v1/control-salt";
 
 /// Label of the control store's SQLCipher key.
 pub const LABEL_CONTROL_STORE: &str = "ironclaw/v1/control-store";
+/// The key that seals the audit trail's head (its last sequence number and hash).
+pub const LABEL_AUDIT_HEAD: &str = "ironclaw/v1/audit-head";
 /// Label prefix of a session's inbox SQLCipher key; the session id follows.
 pub const LABEL_INBOX_DB: &str = "ironclaw/v1/inbox-db/";
 /// Label prefix of a session's inbox row-envelope key.
@@ -265,6 +268,13 @@ mod master {
         derive(CONTROL_SALT, &master.0, LABEL_CONTROL_STORE.as_bytes())
     }
 
+    /// `HKDF-SHA256(master, CONTROL_SALT, "ironclaw/v1/audit-head")`: the HMAC-SHA256
+    /// key over the audit trail's head. Whoever holds only the control-store key can
+    /// rewrite rows but cannot seal a shorter trail.
+    pub fn derive_audit_head_key(master: &MasterKey) -> SecretKey {
+        derive(CONTROL_SALT, &master.0, LABEL_AUDIT_HEAD.as_bytes())
+    }
+
     /// `HKDF-SHA256(master, salt, "ironclaw/v1/inbox-db/<session>")`.
     pub fn derive_inbox_db_key(m: &MasterKey, s: &SessionId, salt: &SessionSalt) -> SecretKey {
         derive(&salt.0, &m.0, &session_info(LABEL_INBOX_DB, s))
@@ -409,6 +419,7 @@ mod tests {
             let salt = SessionSalt::from_bytes([0x5a; KEY_BYTES]);
             let got = [
                 hex_of(&derive_control_store_key(&m)),
+                hex_of(&derive_audit_head_key(&m)),
                 hex_of(&derive_inbox_db_key(&m, &s, &salt)),
                 hex_of(&derive_inbox_envelope_key(&m, &s, &salt)),
                 hex_of(&derive_outbox_db_key(&m, &s, &salt)),
@@ -418,8 +429,9 @@ mod tests {
             assert_eq!(got, KNOWN_ANSWERS);
         }
 
-        const KNOWN_ANSWERS: [&str; 6] = [
+        const KNOWN_ANSWERS: [&str; 7] = [
             "2ae94c2a967fa5f00dde9c028cd282f3e7a04e24ea724d2da46a6b042eb49af8",
+            "7377d8c2448366f14e21bdf7ce0d907afc442ea31bc46968607ab87bee89363d",
             "27f239abf9c63c250472095c3607816d7866d6a821ac53ccade13574038847d8",
             "52403edfb0687cac97b02cf2a71566d6ab8d8201c4c08f7d16dc38b93fdc0aa7",
             "162fa35da616efc54286c54e82837f479a14d893575a2fddc4fd9882d2a32f0a",
@@ -434,7 +446,10 @@ mod tests {
             let b = SessionId::try_from("b").unwrap();
             let salt1 = SessionSalt::from_bytes([1; KEY_BYTES]);
             let salt2 = SessionSalt::from_bytes([2; KEY_BYTES]);
-            let mut all = vec![hex_of(&derive_control_store_key(&m))];
+            let mut all = vec![
+                hex_of(&derive_control_store_key(&m)),
+                hex_of(&derive_audit_head_key(&m)),
+            ];
             for (s, salt) in [(&a, &salt1), (&b, &salt1), (&a, &salt2)] {
                 let k = derive_session_keys(&m, s, salt);
                 all.extend(

@@ -122,8 +122,9 @@ fn consume(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_flood_of_change_requests_is_refused_once_the_queue_is_full() {
-    use control_plane::proxy::session::EVENT_QUEUE;
+async fn a_change_request_gets_the_gateways_id_or_a_refusal_never_silence() {
+    use control_plane::proxy::session::{EVENT_QUEUE, SessionEvent};
+    use queue_proto::ids::ChangeId;
     use queue_proto::items::{ChangeRequest, ChangeTarget};
     let dir = tempfile::tempdir().unwrap();
     let id = SessionId::try_from("flood").unwrap();
@@ -133,9 +134,10 @@ async fn a_flood_of_change_requests_is_refused_once_the_queue_is_full() {
         &SessionSalt::generate().unwrap(),
     );
     let (tx, mut events) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+    let filler = tx.clone();
     let reader = OutboxReader::new(dir.path().into(), dir.path().into(), id.clone(), &keys);
     let (proxy, _) = SessionProxy::new(
-        id,
+        id.clone(),
         dir.path().into(),
         reader,
         Arc::new(DemoProvider),
@@ -143,24 +145,50 @@ async fn a_flood_of_change_requests_is_refused_once_the_queue_is_full() {
         Duration::from_secs(1),
         tx,
     );
+    let proxy = Arc::new(proxy);
     let request = ChangeRequest {
         target: ChangeTarget::Tools,
         after: "[\"shell\"]".into(),
         reason: "x".repeat(1000),
     };
-    let mut refused = 0;
-    for _ in 0..EVENT_QUEUE + 100 {
-        if proxy.change_request(request.clone()).await == Err(Refused::UNAVAILABLE) {
-            refused += 1;
-        }
+    // The gateway files it: the agent learns the gateway's id.
+    let call = tokio::spawn({
+        let (p, r) = (proxy.clone(), request.clone());
+        async move { p.change_request(r).await }
+    });
+    let Some(SessionEvent::ChangeRequested { filed, session, .. }) = events.recv().await else {
+        panic!("no change request event");
+    };
+    assert_eq!(session, id);
+    filed.send(ChangeId::try_from("c0123456789abcdef").unwrap()).unwrap();
+    assert_eq!(
+        call.await.unwrap().unwrap().id.as_str(),
+        "c0123456789abcdef"
+    );
+    // The gateway could not file it (the answer is dropped): refused.
+    let call = tokio::spawn({
+        let (p, r) = (proxy.clone(), request.clone());
+        async move { p.change_request(r).await }
+    });
+    drop(events.recv().await);
+    assert_eq!(call.await.unwrap(), Err(Refused::UNAVAILABLE));
+    // The queue is full: refused at once.
+    for _ in 0..EVENT_QUEUE {
+        filler
+            .try_send(SessionEvent::ModelFailed {
+                session: id.clone(),
+                reason: "filler".into(),
+            })
+            .unwrap();
     }
     assert_eq!(
-        refused, 100,
-        "beyond the queue every request is refused, none silently lost"
+        proxy.change_request(request.clone()).await,
+        Err(Refused::UNAVAILABLE)
     );
-    let mut queued = 0;
-    while events.try_recv().is_ok() {
-        queued += 1;
-    }
-    assert_eq!(queued, EVENT_QUEUE);
+    // Nobody consumes any more: refused.
+    drop(events);
+    assert_eq!(
+        proxy.change_request(request).await,
+        Err(Refused::UNAVAILABLE)
+    );
 }

@@ -1,9 +1,14 @@
-//! Telegram Bot API: long-poll `getUpdates` (only `message` updates asked for), replies
-//! with `sendMessage`. The offset sent to Telegram (which confirms every earlier
+//! Telegram Bot API: long-poll `getUpdates` (`message` and `callback_query` updates
+//! only), replies with `sendMessage`, approval prompts with inline buttons. The offset sent to Telegram (which confirms every earlier
 //! update) only moves past an update once the store holds it, in the same transaction
 //! as the message. Senders not in `allowed_users` get one fixed refusal (at most one an
 //! hour each) and never reach an agent; only private chats are served, so no reply is
 //! shown to people who were not allowed to ask.
+//!
+//! Approval prompts go to each operator's private chat. A button press decides only as
+//! the Telegram user who pressed it (`callback_query.from.id`, which Telegram vouches
+//! for), only in a private chat, and only for an operator; every press is answered and
+//! recorded, and the buttons are removed once the request is decided.
 //!
 //! The bot token is part of every URL: errors are reported without their URL, and
 //! nothing here logs a URL.
@@ -18,10 +23,11 @@ use serde_json::{Value, json};
 
 use super::{Channel, ChannelError, split_message};
 use crate::config::TelegramConfig;
+use crate::gateway::{self, Identity};
 use crate::model::http::{ApiKey, ApprovedEndpoint};
 use crate::service::{Service, notice};
 use crate::state::now_secs;
-use crate::store::{Delivered, Inbound};
+use crate::store::{ChangeDetail, Decided, Decision, Delivered, Inbound, Prompt};
 
 /// The channel's name in the store.
 pub const CHANNEL: &str = "telegram";
@@ -46,7 +52,6 @@ pub struct Telegram {
     api: ApprovedEndpoint,
     token: ApiKey,
     client: reqwest::Client,
-    allowed: Vec<i64>,
     poll_timeout: u64,
     refused_at: std::sync::Mutex<HashMap<i64, Instant>>,
 }
@@ -99,7 +104,6 @@ impl Telegram {
             api,
             token,
             client: crate::model::http::client(),
-            allowed: cfg.allowed_users.clone(),
             poll_timeout: cfg.poll_timeout_secs,
             refused_at: std::sync::Mutex::new(HashMap::new()),
         })
@@ -294,7 +298,7 @@ pub async fn poll(service: Arc<Service>, tg: Arc<Telegram>) {
             "offset": offset,
             "limit": limit,
             "timeout": tg.poll_timeout,
-            "allowed_updates": ["message"],
+            "allowed_updates": ["message", "callback_query"],
         });
         let timeout = Duration::from_secs(tg.poll_timeout + 15);
         let result = tg
@@ -476,6 +480,16 @@ async fn handle(
         return Ok(None);
     }
     let next = (update_id + 1).to_string();
+    if let Some(cq) = u.get("callback_query") {
+        button_pressed(service, tg, cq).await;
+        return match service.db(|s| s.set_cursor(CHANNEL, &next)) {
+            Ok(()) => Ok(Some(update_id + 1)),
+            Err(e) => {
+                tracing::error!(error = %e, "storing the telegram offset failed");
+                Err(())
+            }
+        };
+    }
     let cursor = Some((CHANNEL, next.as_str()));
     let ext = update_id.to_string();
     let msg = u.get("message");
@@ -511,7 +525,7 @@ async fn handle(
         (Some(_), Some(chat)) if !private => {
             Some(refuse(chat.to_string(), "not a private chat", None))
         }
-        (Some(from), Some(chat)) if !tg.allowed.contains(&from) => {
+        (Some(from), Some(chat)) if !allowed(service, from) => {
             let n = tg.may_refuse(from).then_some(notice::NOT_ALLOWED);
             Some(refuse(chat.to_string(), "sender not in allowed_users", n))
         }
@@ -571,6 +585,182 @@ async fn handle(
         Err(e) => {
             tracing::error!(error = %e, "storing a telegram message failed");
             Err(())
+        }
+    }
+}
+
+/// Whether the approved configuration in force lets `user` talk to the assistant.
+fn allowed(service: &Service, user: i64) -> bool {
+    service
+        .config()
+        .channels
+        .telegram
+        .as_ref()
+        .is_some_and(|t| t.allowed_users.contains(&user))
+}
+
+/// The longest diff put in a prompt; the rest is a pointer to `changes show`.
+const PROMPT_DIFF_CHARS: usize = 2500;
+/// Hex digits of the text's SHA-256 carried in a button (callback data is at most 64
+/// bytes): the press decides only the text it was shown with.
+const BUTTON_HASH_DIGITS: usize = 32;
+
+fn prompt_text(d: &ChangeDetail) -> String {
+    let c = &d.summary;
+    let mut diff = gateway::diff(&d.before, &d.after);
+    if diff.chars().count() > PROMPT_DIFF_CHARS {
+        diff = diff.chars().take(PROMPT_DIFF_CHARS).collect();
+        diff.push_str(&format!(
+            "\n… (the whole change: ironclaw changes show {})",
+            c.id
+        ));
+    }
+    let reason: String = d.reason.chars().take(300).collect();
+    format!(
+        "Change request {}\nRequested by: {}\nTarget: {}\nRisk: {:.2}\nReason: {}\nSHA-256: {}\n\n{}",
+        c.id, c.requester, c.target, c.risk, reason, d.after_hash, diff
+    )
+}
+
+/// Sends waiting approval prompts and removes the buttons of decided ones, until the
+/// task is aborted.
+pub async fn prompts(service: Arc<Service>, tg: Arc<Telegram>) {
+    loop {
+        let due = service.db(|s| s.prompts_due()).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "reading approval prompts failed");
+            Vec::new()
+        });
+        let mut retry = false;
+        for p in &due {
+            retry |= !prompt_step(&service, &tg, p).await;
+        }
+        let wait = if retry { 10 } else { 60 };
+        let _ = tokio::time::timeout(Duration::from_secs(wait), service.prompts_changed()).await;
+    }
+}
+
+/// Sends or closes one prompt; false if it should be tried again later.
+async fn prompt_step(service: &Service, tg: &Telegram, p: &Prompt) -> bool {
+    let timeout = Duration::from_secs(30);
+    let done = |sent: Option<i64>| {
+        service
+            .db(|s| s.prompt_done(&p.change_id, p.chat, sent))
+            .is_ok()
+    };
+    match p.message_id {
+        None => {
+            let Ok(Some(detail)) = service.db(|s| s.change(&p.change_id)) else {
+                return done(None);
+            };
+            let short = &detail.after_hash[..BUTTON_HASH_DIGITS];
+            let body = json!({
+                "chat_id": p.chat,
+                "text": prompt_text(&detail),
+                "reply_markup": { "inline_keyboard": [[
+                    { "text": "Approve", "callback_data": format!("a:{}:{short}", p.change_id) },
+                    { "text": "Reject", "callback_data": format!("r:{}:{short}", p.change_id) },
+                ]]},
+            });
+            match tg
+                .call("sendMessage", &body, timeout, MAX_ANSWER_BYTES)
+                .await
+            {
+                Ok(m) => match m.get("message_id").and_then(Value::as_i64) {
+                    Some(id) => done(Some(id)),
+                    None => done(None),
+                },
+                // This operator's chat will not take it (no chat with the bot yet, or
+                // blocked): given up; the other paths still work.
+                Err(CallError::Status { code, .. }) if code < 500 && code != 429 => {
+                    tracing::warn!(
+                        chat = p.chat,
+                        code,
+                        "an approval prompt was refused by Telegram"
+                    );
+                    done(None)
+                }
+                Err(_) => false,
+            }
+        }
+        Some(message_id) => {
+            let body = json!({
+                "chat_id": p.chat,
+                "message_id": message_id,
+                "text": format!("Change request {}: {}.", p.change_id, p.change_state),
+            });
+            match tg
+                .call("editMessageText", &body, timeout, MAX_ANSWER_BYTES)
+                .await
+            {
+                Ok(_) => done(None),
+                Err(CallError::Status { code, .. }) if code < 500 && code != 429 => done(None),
+                Err(_) => false,
+            }
+        }
+    }
+}
+
+/// A button press: decided as the Telegram user who pressed it, if every rule holds;
+/// answered in every case, and recorded.
+async fn button_pressed(service: &Arc<Service>, tg: &Telegram, cq: &Value) {
+    let from = cq.pointer("/from/id").and_then(Value::as_i64);
+    let query_id = cq.get("id").and_then(Value::as_str).unwrap_or_default();
+    let data = cq.get("data").and_then(Value::as_str).unwrap_or_default();
+    let chat = cq.pointer("/message/chat/id").and_then(Value::as_i64);
+    let private = cq.pointer("/message/chat/type").and_then(Value::as_str) == Some("private");
+    let mut parts = data.splitn(3, ':');
+    let (verb, id, hash) = (parts.next(), parts.next(), parts.next());
+    let decision = match verb {
+        Some("a") => Some(Decision::Approve),
+        Some("r") => Some(Decision::Reject),
+        _ => None,
+    };
+    let refuse = |why: &str| {
+        service.audit(
+            "decision_refused",
+            json!({ "via": "telegram", "by": from.map(|f| Identity::Telegram(f).to_string()),
+                    "change": id.map(|i| i.chars().take(40).collect::<String>()), "why": why }),
+        );
+    };
+    let answer = match (from, decision, id, hash) {
+        (Some(_), _, _, _) if !private || chat != from => {
+            refuse("not pressed in the operator's private chat with the bot");
+            "Approvals are taken only in a private chat with the bot.".to_owned()
+        }
+        (Some(user), Some(decision), Some(id), Some(hash)) if hash.len() == BUTTON_HASH_DIGITS => {
+            match service
+                .decide(id, decision, &Identity::Telegram(user), Some(hash))
+                .await
+            {
+                Ok(Decided::Applied(v)) => {
+                    format!("Approved: configuration version {} is in force.", v.version)
+                }
+                Ok(Decided::Rejected) => "Rejected.".to_owned(),
+                Ok(Decided::Refused(why)) => format!("Refused: {why}."),
+                Err(e) => {
+                    tracing::error!(error = %e, "deciding a change request failed");
+                    "Something went wrong; nothing was decided.".to_owned()
+                }
+            }
+        }
+        _ => {
+            refuse("a malformed button press");
+            "This button is not understood.".to_owned()
+        }
+    };
+    if !query_id.is_empty() {
+        let body = json!({ "callback_query_id": query_id, "text": answer.chars().take(190).collect::<String>() });
+        if tg
+            .call(
+                "answerCallbackQuery",
+                &body,
+                Duration::from_secs(10),
+                MAX_ANSWER_BYTES,
+            )
+            .await
+            .is_err()
+        {
+            tracing::warn!("answering a button press failed");
         }
     }
 }

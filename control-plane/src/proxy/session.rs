@@ -11,7 +11,7 @@ use queue_proto::control::OutboxReader;
 use queue_proto::ids::{ChangeId, Seq, SessionId};
 use queue_proto::items::{ChangeRequest, OutboxItem};
 use queue_proto::proxy::{
-    ChangeRequestFiled, ModelRequest, ModelResponse, OutboxNotice, WaitResponse,
+    ChangeRequestFiled, ContentBlock, ModelRequest, ModelResponse, OutboxNotice, WaitResponse,
 };
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
@@ -31,10 +31,12 @@ pub enum SessionEvent {
         items: Vec<OutboxItem>,
         stored: oneshot::Sender<()>,
     },
-    /// A model call that was made (for the audit trail).
+    /// A model call that was made (for the audit trail and the turn summary).
     ModelCall {
         session: SessionId,
         provider: &'static str,
+        /// The tools the model asked to use, by name (at most 64 listed).
+        tools: Vec<String>,
         input_tokens: u64,
         output_tokens: u64,
         bytes_sent: u64,
@@ -48,11 +50,12 @@ pub enum SessionEvent {
         what: &'static str,
         detail: String,
     },
-    /// The agent asks for a change; the gateway decides.
+    /// The agent asks for a change; the gateway files it and sends back its id (or
+    /// nothing, if it could not be filed).
     ChangeRequested {
         session: SessionId,
-        id: ChangeId,
         request: ChangeRequest,
+        filed: oneshot::Sender<ChangeId>,
     },
 }
 
@@ -201,6 +204,17 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
                 Ok(r) => SessionEvent::ModelCall {
                     session: session.clone(),
                     provider: provider.name(),
+                    tools: r
+                        .content
+                        .iter()
+                        .filter_map(|b| match b {
+                            ContentBlock::ToolUse { name, .. } => {
+                                Some(name.chars().take(64).collect())
+                            }
+                            _ => None,
+                        })
+                        .take(64)
+                        .collect(),
                     input_tokens: r.usage.input_tokens,
                     output_tokens: r.usage.output_tokens,
                     bytes_sent: bytes,
@@ -281,29 +295,19 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
     }
 
     async fn change_request(&self, request: ChangeRequest) -> Result<ChangeRequestFiled, Refused> {
-        let mut n = [0u8; 8];
-        if getrandom::getrandom(&mut n).is_err() {
-            return Err(self.refuse(
-                "change request",
-                "no randomness for an id".into(),
-                Refused::UNAVAILABLE,
-            ));
-        }
-        let id =
-            ChangeId::try_from(format!("c{}", hex_lower(&n)).as_str()).expect("hex ids are valid");
+        let (filed, id) = oneshot::channel();
         let event = SessionEvent::ChangeRequested {
             session: self.session.clone(),
-            id: id.clone(),
             request,
+            filed,
         };
-        // A request that cannot be queued is refused, never silently lost.
+        // A request that cannot be queued or filed is refused, never silently lost.
         if self.events.try_send(event).is_err() {
             return Err(Refused::UNAVAILABLE);
         }
-        Ok(ChangeRequestFiled { id })
+        match tokio::time::timeout(STORE_TIMEOUT, id).await {
+            Ok(Ok(id)) => Ok(ChangeRequestFiled { id }),
+            _ => Err(Refused::UNAVAILABLE),
+        }
     }
-}
-
-fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

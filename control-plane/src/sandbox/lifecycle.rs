@@ -176,7 +176,8 @@ struct Slot {
 #[derive(Debug)]
 pub struct Manager {
     runtime: Arc<dyn Runtime>,
-    settings: SandboxSettings,
+    /// Replaced when an approved change sets new limits; each launch takes a copy.
+    settings: std::sync::RwLock<Arc<SandboxSettings>>,
     layout: Layout,
     /// One lock per session, so a slow launch or stop holds up only its own session;
     /// the map's own lock is held just long enough to find a slot.
@@ -217,12 +218,28 @@ impl Manager {
         let (tx, rx) = mpsc::unbounded_channel();
         let manager = Manager {
             runtime,
-            settings,
+            settings: std::sync::RwLock::new(Arc::new(settings)),
             layout,
             slots: std::sync::Mutex::new(HashMap::new()),
             events: tx,
         };
         Ok((Arc::new(manager), rx))
+    }
+
+    /// The settings sandboxes start with now.
+    pub fn settings(&self) -> Arc<SandboxSettings> {
+        self.settings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sets the settings for sandboxes started from now on.
+    pub fn set_settings(&self, settings: SandboxSettings) {
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(settings);
     }
 
     /// The directory layout the sandboxes use.
@@ -281,7 +298,7 @@ impl Manager {
         };
         let launched = launch(
             self.runtime.as_ref(),
-            &self.settings,
+            &self.settings(),
             &self.layout,
             session,
             &keys,
@@ -317,7 +334,7 @@ impl Manager {
             session: session.clone(),
             exit,
         });
-        slot.state = match slot.history.after_exit(exit, now, &self.settings.restart) {
+        slot.state = match slot.history.after_exit(exit, now, &self.settings().restart) {
             Next::StayStopped => State::Stopped,
             Next::RestartAt(t) => State::Waiting { restart_at: t },
             Next::GiveUpUntil(t) => {
@@ -415,6 +432,7 @@ impl Manager {
     /// launching or stopping is looked at again on the next pass.
     pub async fn tick(&self) {
         let now = Instant::now();
+        let settings = self.settings();
         let all: Vec<(SessionId, Arc<Mutex<Slot>>)> = self
             .map()
             .iter()
@@ -436,10 +454,10 @@ impl Manager {
                         // Make sure nothing of the sandbox outlives its agent.
                         let _ = blocking(|| self.runtime.destroy(&self.layout, &session));
                         self.after_exit(&session, slot, exit, now);
-                    } else if now.duration_since(*started) >= self.settings.wall_clock_cap {
+                    } else if now.duration_since(*started) >= settings.wall_clock_cap {
                         let _ = self.kill(&session, child).await;
                         self.after_exit(&session, slot, Exit::WallClockCap, now);
-                    } else if now.duration_since(*last_active) >= self.settings.idle_timeout {
+                    } else if now.duration_since(*last_active) >= settings.idle_timeout {
                         let _ = self.kill(&session, child).await;
                         self.after_exit(&session, slot, Exit::Stopped, now);
                     }

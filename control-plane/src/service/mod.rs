@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ProviderKind, RuntimeChoice};
+use crate::gateway::TurnSummary;
 use crate::model::anthropic::Anthropic;
 use crate::model::demo::DemoProvider;
 use crate::model::http::{ApiKey, ApprovedEndpoint};
@@ -33,6 +34,9 @@ use crate::sandbox::lifecycle::{Event, Exit, Manager, ManagerError};
 use crate::sandbox::runtime::{HostRuntime, RunscRuntime, Runtime, blocking};
 use crate::state::{StateDir, now_secs};
 use crate::store::{Accepted, Inbound, SessionSummary, Store, StoreError, Waiting};
+
+mod gate;
+pub use gate::Effective;
 
 /// Fixed notices sent to the person. None of them quotes the message.
 pub mod notice {
@@ -59,6 +63,14 @@ pub enum ServiceError {
     Store(#[from] StoreError),
     #[error("the model provider could not be set up: {0}")]
     Provider(String),
+    #[error("the approved configuration (version {version}) is not valid")]
+    Config {
+        version: u64,
+        #[source]
+        source: crate::config::ConfigError,
+    },
+    #[error("there is no approved configuration, and the configuration file is not valid")]
+    Bootstrap(#[source] crate::config::ConfigError),
     #[error("the sandbox manager could not start")]
     Manager(#[source] ManagerError),
     #[error("the agent binary {0} does not exist; build it with scripts/build-static")]
@@ -90,7 +102,8 @@ struct Live {
     /// Taking a batch and writing its segment happen under this lock, so segments
     /// appear in seq order.
     publish: tokio::sync::Mutex<()>,
-    /// Set (under `publish`) when the session is deleted: nothing starts it again.
+    /// Set (under `publish`) when the session is deleted, or retired to restart with
+    /// a new configuration: nothing starts this instance again.
     deleted: std::sync::atomic::AtomicBool,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -121,13 +134,19 @@ impl std::fmt::Debug for Live {
 /// The running control plane.
 #[derive(Debug)]
 pub struct Service {
-    config: Config,
+    /// The approved configuration in force, replaced when a change is applied.
+    effective: std::sync::RwLock<Arc<Effective>>,
     master: MasterKey,
     store: std::sync::Mutex<Store>,
     manager: Arc<Manager>,
-    provider: Arc<AnyProvider>,
-    settings: SandboxSettings,
+    provider: std::sync::RwLock<Arc<AnyProvider>>,
     limits: ProxyLimits,
+    /// What each session's agent has done since its last outbox segment.
+    turns: std::sync::Mutex<HashMap<SessionId, TurnSummary>>,
+    /// Wakes the Telegram channel when approval prompts are waiting.
+    prompts: tokio::sync::Notify,
+    /// Applying one change at a time: decisions, and the restarts that follow them.
+    applying: tokio::sync::Mutex<()>,
     live: std::sync::Mutex<HashMap<SessionId, Arc<Live>>>,
     /// Held while a session's live parts are created.
     creating: std::sync::Mutex<()>,
@@ -182,14 +201,34 @@ pub fn agent_binary(config: &Config) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("ironclaw-agent"))
 }
 
+/// The sandbox settings a configuration asks for.
+fn sandbox_settings(config: &Config, state: &StateDir) -> SandboxSettings {
+    let mut settings = SandboxSettings::new(state.root.clone(), agent_binary(config));
+    settings.run_dir = state.run_dir();
+    settings.limits.memory_bytes = config.sandbox.memory_mib * 1024 * 1024;
+    settings.idle_timeout = Duration::from_secs(config.sandbox.idle_stop_secs);
+    settings
+}
+
 impl Service {
-    /// Opens the store, recovers from however the last run ended, and starts the
-    /// supervisor, the sweeper and every session that has work waiting.
+    /// Opens the store, takes the approved configuration from it (the first time, from
+    /// `file_text`; a later difference becomes a change request), recovers from however
+    /// the last run ended, and starts the supervisor, the sweeper and every session that
+    /// has work waiting.
     pub async fn start(
-        config: Config,
+        file_text: String,
         state: StateDir,
         master: MasterKey,
     ) -> Result<Arc<Service>, ServiceError> {
+        let mut store = blocking(|| Store::open(&state.store(), &master))?;
+        if store.current_config()?.is_none() {
+            Config::parse(&file_text).map_err(ServiceError::Bootstrap)?;
+        }
+        let version = store.bootstrap_config(&file_text, now_secs())?;
+        let config = Config::parse(&version.text).map_err(|source| ServiceError::Config {
+            version: version.version,
+            source,
+        })?;
         let runtime: Arc<dyn Runtime> = match config.sandbox.runtime {
             RuntimeChoice::Gvisor => Arc::new(match &config.sandbox.runsc {
                 Some(p) => RunscRuntime { runsc: p.clone() },
@@ -203,15 +242,10 @@ impl Service {
             }
         };
         let provider = Arc::new(provider(&config)?);
-        let agent = agent_binary(&config);
-        if !agent.is_file() {
-            return Err(ServiceError::NoAgent(agent));
+        let settings = sandbox_settings(&config, &state);
+        if !settings.agent_binary.is_file() {
+            return Err(ServiceError::NoAgent(settings.agent_binary));
         }
-        let mut settings = SandboxSettings::new(state.root.clone(), agent);
-        settings.run_dir = state.run_dir();
-        settings.limits.memory_bytes = config.sandbox.memory_mib * 1024 * 1024;
-        settings.idle_timeout = Duration::from_secs(config.sandbox.idle_stop_secs);
-        let mut store = blocking(|| Store::open(&state.store(), &master))?;
         let lost = store.recover_in_flight(now_secs())?;
         if lost > 0 {
             tracing::warn!(
@@ -221,19 +255,25 @@ impl Service {
         }
         store.record(
             "service_started",
-            &json!({ "provider": provider.name() }),
+            &json!({ "provider": provider.name(), "config_version": version.version }),
             now_secs(),
         )?;
         let (manager, sandbox_events) =
-            blocking(|| Manager::new(runtime, settings.clone())).map_err(ServiceError::Manager)?;
+            blocking(|| Manager::new(runtime, settings)).map_err(ServiceError::Manager)?;
         let service = Arc::new(Service {
-            config,
+            effective: std::sync::RwLock::new(Arc::new(Effective {
+                config: Arc::new(config),
+                version: version.version,
+                text: version.text,
+            })),
             master,
             store: std::sync::Mutex::new(store),
             manager,
-            provider,
-            settings,
+            provider: std::sync::RwLock::new(provider),
             limits: ProxyLimits::default(),
+            turns: std::sync::Mutex::new(HashMap::new()),
+            prompts: tokio::sync::Notify::new(),
+            applying: tokio::sync::Mutex::new(()),
             live: std::sync::Mutex::new(HashMap::new()),
             creating: std::sync::Mutex::new(()),
             deleting: std::sync::Mutex::new(std::collections::HashSet::new()),
@@ -246,6 +286,7 @@ impl Service {
             sandbox_events,
         ));
         service.tasks().extend([supervisor, events]);
+        service.check_drift(&file_text);
         // Recovery first, then the sweeper: the two would otherwise publish the same
         // sessions at once.
         service.recover().await;
@@ -266,8 +307,17 @@ impl Service {
         blocking(|| f(&mut self.store.lock().unwrap_or_else(|p| p.into_inner())))
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The approved configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.effective().config.clone()
+    }
+
+    /// The approved configuration in force now, with its version and text.
+    pub fn effective(&self) -> Arc<Effective> {
+        self.effective
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Wakes whoever waits for replies.
@@ -351,7 +401,7 @@ impl Service {
                 channel: row.channel,
             });
         }
-        let max = self.config.delivery.max_waiting_per_session;
+        let max = self.config().delivery.max_waiting_per_session;
         let accepted = self.db(|s| s.accept(session, inbound, max, notice::TOO_MANY, cursor))?;
         match accepted {
             Accepted::Stored(_) => self.publish(session).await,
@@ -433,7 +483,10 @@ impl Service {
     ) -> Result<(), ServiceError> {
         // Every segment carries the approved agent configuration, so a fresh sandbox
         // never answers with another one.
-        let mut items = vec![InboxItem::AgentConfig(self.config.agent_config())];
+        let effective = self.effective();
+        let mut items = vec![InboxItem::AgentConfig(
+            effective.config.agent_config(effective.version),
+        )];
         items.extend(msgs.iter().map(|m| {
             InboxItem::UserMessage(UserMessage {
                 message_id: m.id as u64,
@@ -470,12 +523,13 @@ impl Service {
             .ok_or_else(|| ServiceError::NoSession(id.clone()))?;
         let keys = derive_session_keys(&self.master, id, &row.salt);
         let layout = self.manager.layout();
+        let settings = self.manager.settings();
         let prepare = |source| ServiceError::Prepare {
             session: id.clone(),
             source,
         };
         let listener = blocking(|| -> std::io::Result<tokio::net::UnixListener> {
-            layout::prepare_session(layout, id, self.settings.uid, self.settings.gid)?;
+            layout::prepare_session(layout, id, settings.uid, settings.gid)?;
             let sock = runsc_config::socket_path(&layout.socket_dir(id));
             match std::fs::remove_file(&sock) {
                 Ok(()) => {}
@@ -483,7 +537,7 @@ impl Service {
                 Err(e) => return Err(e),
             }
             let listener = std::os::unix::net::UnixListener::bind(&sock)?;
-            std::os::unix::fs::chown(&sock, Some(self.settings.uid), Some(self.settings.gid))?;
+            std::os::unix::fs::chown(&sock, Some(settings.uid), Some(settings.gid))?;
             listener.set_nonblocking(true)?;
             tokio::net::UnixListener::from_std(listener)
         })
@@ -494,8 +548,8 @@ impl Service {
             id.clone(),
             layout.inbox(id),
             outbox,
-            self.provider.clone(),
-            self.config.budgets(),
+            self.provider(),
+            self.config().budgets(),
             self.limits.wait_timeout,
             tx,
         );
@@ -594,6 +648,10 @@ impl Service {
             } => match self.db(|s| s.ingest(&session, seq, &items, now)) {
                 Ok(done) => {
                     let _ = stored.send(());
+                    if !done.duplicate {
+                        self.end_turn(&session, &items, now);
+                        self.file_outbox_requests(&session, &items);
+                    }
                     if done.dropped_replies > 0 {
                         tracing::warn!(session = %session, count = done.dropped_replies,
                                 "replies to unknown or settled messages were dropped");
@@ -610,10 +668,18 @@ impl Service {
             SessionEvent::ModelCall {
                 session,
                 provider,
+                tools,
                 input_tokens,
                 output_tokens,
                 bytes_sent,
             } => {
+                self.turn(&session, |t| {
+                    t.model_calls += 1;
+                    t.bytes_out += bytes_sent;
+                    for name in &tools {
+                        *t.tools.entry(name.clone()).or_default() += 1;
+                    }
+                });
                 self.audit("model_call", json!({ "session": session.as_str(), "provider": provider,
                     "input_tokens": input_tokens, "output_tokens": output_tokens, "bytes": bytes_sent }));
             }
@@ -628,6 +694,7 @@ impl Service {
                 what,
                 detail,
             } => {
+                self.turn(&session, |t| t.refusals += 1);
                 let detail: String = detail.chars().take(256).collect();
                 self.audit(
                     "proxy_refused",
@@ -636,14 +703,13 @@ impl Service {
             }
             SessionEvent::ChangeRequested {
                 session,
-                id,
                 request,
+                filed,
             } => {
-                self.audit(
-                    "change_requested",
-                    json!({ "session": session.as_str(), "change": id.as_str(),
-                    "target": request.target, "bytes": request.after.len() }),
-                );
+                self.turn(&session, |t| t.change_requests += 1);
+                if let Some(id) = self.file_agent_change(&session, &request) {
+                    let _ = filed.send(id);
+                }
             }
         }
     }
@@ -671,7 +737,7 @@ impl Service {
         });
     }
 
-    fn audit(&self, kind: &str, detail: serde_json::Value) {
+    pub(crate) fn audit(&self, kind: &str, detail: serde_json::Value) {
         if let Err(e) = self.db(|s| s.record(kind, &detail, now_secs())) {
             tracing::error!(kind, error = %e, "writing an audit entry failed");
         }
@@ -704,7 +770,7 @@ impl Service {
 
     async fn sweep(self: &Arc<Self>) {
         let now = now_secs();
-        let timeout = self.config.reply_timeout().as_secs() as i64;
+        let timeout = self.config().reply_timeout().as_secs() as i64;
         let mut changed = false;
         match self.db(|s| s.expire(now - timeout, notice::TIMEOUT, now)) {
             Ok(n) => changed |= n > 0,
@@ -716,6 +782,11 @@ impl Service {
         }
         if changed {
             self.outbound_changed();
+        }
+        match self.db(|s| s.expire_changes(now)) {
+            Ok(n) if n > 0 => self.prompts.notify_one(),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "expiring change requests failed"),
         }
         self.publish_all_received().await;
     }

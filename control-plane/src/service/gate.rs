@@ -1,0 +1,268 @@
+//! The service's side of the gateway: filing change requests (from agents, operators
+//! and configuration drift), deciding them, and putting an applied version in force by
+//! restarting the live sessions with it. Agent turns are summarised and scored here too.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use queue_proto::ids::{ChangeId, SessionId};
+use queue_proto::items::{ChangeRequest, OutboxItem};
+use serde_json::json;
+
+use super::{Service, ServiceError, provider};
+use crate::config::Config;
+use crate::gateway::{self, Denial, Identity, Requester, TurnSummary};
+use crate::model::AnyProvider;
+use crate::state::now_secs;
+use crate::store::{ChangeSummary, ConfigVersion, Decided, Decision, NewChange};
+
+/// The approved configuration in force: parsed, its version, and its exact text.
+#[derive(Debug)]
+pub struct Effective {
+    pub config: Arc<Config>,
+    pub version: u64,
+    pub text: String,
+}
+
+impl Service {
+    /// The model provider in force.
+    pub(super) fn provider(&self) -> Arc<AnyProvider> {
+        self.provider
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits until approval prompts may be waiting to be sent or closed.
+    pub async fn prompts_changed(&self) {
+        self.prompts.notified().await;
+    }
+
+    /// Files `new_text` (from the configuration file) as a change request if it differs
+    /// from the approved version. Nothing changes until an operator approves it.
+    pub fn check_drift(&self, file_text: &str) -> Option<ChangeSummary> {
+        let eff = self.effective();
+        if file_text == eff.text {
+            return None;
+        }
+        let outcome = gateway::check(&eff.config, file_text, false)
+            .map(|after| gateway::change_risk(&eff.config, &after, false));
+        let new = NewChange {
+            requester: Requester::ConfigFile.to_string(),
+            target: "file".into(),
+            reason: "the configuration file differs from the approved version".into(),
+            base_version: eff.version,
+            after: file_text.to_owned(),
+            outcome,
+        };
+        let filed = self.file(&new)?;
+        tracing::warn!(change = %filed.id, state = %filed.state, version = eff.version,
+            "the configuration file differs from the approved version; the approved version stays in force until the change request is approved");
+        Some(filed)
+    }
+
+    fn file(&self, new: &NewChange) -> Option<ChangeSummary> {
+        let config = self.config();
+        let notify = if config.channels.telegram.is_some() {
+            config.operators.telegram.clone()
+        } else {
+            Vec::new()
+        };
+        let gw = &config.gateway;
+        match self.db(|s| {
+            s.file_change(
+                new,
+                now_secs(),
+                gw.request_ttl_secs,
+                gw.max_pending_per_requester,
+                &notify,
+            )
+        }) {
+            Ok(filed) => {
+                if filed.state == "pending" {
+                    self.prompts.notify_one();
+                }
+                Some(filed)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "filing a change request failed");
+                None
+            }
+        }
+    }
+
+    /// Files an agent's request: the exact new configuration it would make, checked by
+    /// the policy. Returns the request's id, or nothing if it could not be stored.
+    pub(super) fn file_agent_change(
+        &self,
+        session: &SessionId,
+        request: &ChangeRequest,
+    ) -> Option<ChangeId> {
+        let eff = self.effective();
+        let candidate = gateway::agent_candidate(&eff.text, request.target, &request.after);
+        let outcome = candidate.as_ref().map_err(Denial::clone).and_then(|text| {
+            gateway::check(&eff.config, text, true)
+                .map(|after| gateway::change_risk(&eff.config, &after, true))
+        });
+        let new = NewChange {
+            requester: Requester::Agent(session.clone()).to_string(),
+            target: gateway::target_name(request.target).into(),
+            reason: request.reason.clone(),
+            base_version: eff.version,
+            // What was asked for stays visible even when it could not be built.
+            after: candidate.unwrap_or_else(|_| request.after.clone()),
+            outcome,
+        };
+        let filed = self.file(&new)?;
+        ChangeId::try_from(filed.id.as_str()).ok()
+    }
+
+    /// Change requests an agent wrote into its outbox go through the same gateway.
+    pub(super) fn file_outbox_requests(&self, session: &SessionId, items: &[OutboxItem]) {
+        for item in items {
+            if let OutboxItem::ChangeRequest(r) = item {
+                self.file_agent_change(session, r);
+            }
+        }
+    }
+
+    /// An operator's proposal: a whole new configuration text.
+    pub fn propose(
+        &self,
+        by: &Identity,
+        text: &str,
+        reason: &str,
+    ) -> Result<ChangeSummary, String> {
+        if text.len() as u64 > crate::config::MAX_CONFIG_BYTES {
+            return Err("the proposed configuration is larger than 256 KiB".into());
+        }
+        let eff = self.effective();
+        let outcome = gateway::check(&eff.config, text, false)
+            .map(|after| gateway::change_risk(&eff.config, &after, false));
+        let new = NewChange {
+            requester: Requester::Operator(by.clone()).to_string(),
+            target: "file".into(),
+            reason: reason.chars().take(1024).collect(),
+            base_version: eff.version,
+            after: text.to_owned(),
+            outcome,
+        };
+        self.file(&new)
+            .ok_or_else(|| "the change request could not be stored".into())
+    }
+
+    /// Decides a change request as `by` (an authenticated identity, never a name the
+    /// client sent). An approval is applied in the same transaction and put in force
+    /// before this returns.
+    pub async fn decide(
+        self: &Arc<Self>,
+        id: &str,
+        decision: Decision,
+        by: &Identity,
+        shown_hash: Option<&str>,
+    ) -> Result<Decided, ServiceError> {
+        let _one_at_a_time = self.applying.lock().await;
+        let operator = by.is_operator(&self.config());
+        // A model provider that cannot be built (a missing key file) would leave the
+        // new version in force with nothing to answer: refuse before applying.
+        if decision == Decision::Approve
+            && operator
+            && let Some(detail) = self.db(|s| s.change(id))?
+            && detail.summary.state == "pending"
+            && let Ok(candidate) = Config::parse(&detail.after)
+            && let Err(e) = provider(&candidate)
+        {
+            let why = format!("the new model provider cannot be set up: {e}");
+            self.audit(
+                "decision_refused",
+                json!({ "change": id, "by": by.to_string(), "decision": "approve", "why": why }),
+            );
+            return Ok(Decided::Refused(why));
+        }
+        let decided = self.db(|s| s.decide(id, decision, by, operator, shown_hash, now_secs()))?;
+        self.prompts.notify_one();
+        if let Decided::Applied(version) = &decided {
+            self.put_in_force(version).await?;
+        }
+        Ok(decided)
+    }
+
+    /// Makes `version` the configuration in force and restarts the live sessions with it.
+    async fn put_in_force(self: &Arc<Self>, version: &ConfigVersion) -> Result<(), ServiceError> {
+        let config = Config::parse(&version.text).map_err(|source| ServiceError::Config {
+            version: version.version,
+            source,
+        })?;
+        let new_provider = Arc::new(provider(&config)?);
+        let mut settings = (*self.manager.settings()).clone();
+        settings.limits.memory_bytes = config.sandbox.memory_mib * 1024 * 1024;
+        settings.idle_timeout = Duration::from_secs(config.sandbox.idle_stop_secs);
+        if config.sandbox.runtime != self.config().sandbox.runtime {
+            tracing::warn!("sandbox.runtime changed: it takes effect when serve is restarted");
+        }
+        self.manager.set_settings(settings);
+        *self.provider.write().unwrap_or_else(|p| p.into_inner()) = new_provider;
+        *self.effective.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Effective {
+            config: Arc::new(config),
+            version: version.version,
+            text: version.text.clone(),
+        });
+        tracing::info!(
+            version = version.version,
+            "an approved change is in force; restarting live sessions"
+        );
+        self.restart_sessions().await;
+        Ok(())
+    }
+
+    /// Stops every live session's sandbox and proxy; those with messages waiting start
+    /// again at once under the configuration now in force, the rest on their next message.
+    async fn restart_sessions(self: &Arc<Self>) {
+        let live: Vec<_> = self
+            .live_map()
+            .iter()
+            .map(|(id, l)| (id.clone(), l.clone()))
+            .collect();
+        for (id, l) in live {
+            let _order = l.publish.lock().await;
+            l.deleted.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Err(e) = self.manager.stop(&id).await {
+                tracing::warn!(session = %id, error = %e, "stopping a sandbox for a restart failed");
+            }
+            self.live_map().remove(&id);
+            let version = self.effective().version;
+            self.audit(
+                "session_restarted",
+                json!({ "session": id.as_str(), "config_version": version }),
+            );
+        }
+        self.recover().await;
+    }
+
+    /// Adds to the summary of `session`'s current turn.
+    pub(super) fn turn(&self, session: &SessionId, f: impl FnOnce(&mut TurnSummary)) {
+        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+        f(turns.entry(session.clone()).or_default());
+    }
+
+    /// An outbox segment ends a turn: its summary and risk are recorded.
+    pub(super) fn end_turn(&self, session: &SessionId, items: &[OutboxItem], now: i64) {
+        let mut summary = {
+            let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+            turns.remove(session).unwrap_or_default()
+        };
+        for item in items {
+            match item {
+                OutboxItem::AssistantReply(r) => {
+                    summary.replies += 1;
+                    summary.bytes_out += r.text.len() as u64;
+                }
+                OutboxItem::ChangeRequest(_) => summary.change_requests += 1,
+                OutboxItem::Note(_) | OutboxItem::ScheduleRequest(_) => {}
+            }
+        }
+        if let Err(e) = self.db(|s| s.record_turn(session, &summary, now)) {
+            tracing::error!(session = %session, error = %e, "recording an agent turn failed");
+        }
+    }
+}

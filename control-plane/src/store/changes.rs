@@ -1,0 +1,764 @@
+//! The gateway's records in the control store: the versioned effective configuration,
+//! change requests and their decisions, the Telegram approval prompts, and agent turns.
+//! A decision and the application of what it approved are one transaction, with the
+//! audit entries for both: there is no moment at which an approved request waits to be
+//! applied, so nothing can be edited in between.
+
+use queue_proto::ids::SessionId;
+use rusqlite::{OptionalExtension, params};
+use serde_json::json;
+
+use super::{Store, StoreError};
+use crate::audit;
+use crate::config::Config;
+use crate::gateway::{self, Denial, Identity, Operation, TurnSummary};
+
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS config_versions (
+    version INTEGER PRIMARY KEY,
+    text TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    change_id TEXT,
+    applied_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    id TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    requester TEXT NOT NULL,
+    target TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    base_version INTEGER NOT NULL,
+    after TEXT NOT NULL,
+    after_hash TEXT NOT NULL,
+    risk REAL NOT NULL,
+    operations TEXT NOT NULL,
+    state TEXT NOT NULL,
+    rule TEXT,
+    decided_by TEXT,
+    decided_at INTEGER,
+    applied_version INTEGER
+);
+CREATE INDEX IF NOT EXISTS changes_by_state ON changes (state, requester);
+CREATE TABLE IF NOT EXISTS prompts (
+    change_id TEXT NOT NULL,
+    chat INTEGER NOT NULL,
+    message_id INTEGER,
+    state TEXT NOT NULL,
+    PRIMARY KEY (change_id, chat)
+);
+CREATE TABLE IF NOT EXISTS turns (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    summary TEXT NOT NULL,
+    risk REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS turns_by_session ON turns (session, id);
+";
+
+/// One approved version of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigVersion {
+    pub version: u64,
+    pub text: String,
+    pub hash: String,
+}
+
+/// A change request to file: the exact new text, and what the policy said of it.
+#[derive(Debug, Clone)]
+pub struct NewChange {
+    pub requester: String,
+    pub target: String,
+    pub reason: String,
+    pub base_version: u64,
+    pub after: String,
+    /// The operations and risk, or the rule that denied it.
+    pub outcome: Result<(Vec<Operation>, f64), Denial>,
+}
+
+/// A change request as listed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChangeSummary {
+    pub id: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub requester: String,
+    pub target: String,
+    pub state: String,
+    pub risk: f64,
+    /// The policy rule that denied it, or why it ended without a decision.
+    pub rule: Option<String>,
+    pub decided_by: Option<String>,
+    pub applied_version: Option<u64>,
+}
+
+/// A change request in full, for `changes show` and the approval prompts.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChangeDetail {
+    pub summary: ChangeSummary,
+    pub reason: String,
+    pub base_version: u64,
+    pub before: String,
+    pub after: String,
+    /// SHA-256 of `after`, hex: what an approval names.
+    pub after_hash: String,
+    pub operations: Vec<Operation>,
+}
+
+/// What deciding did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decided {
+    /// Approved and applied as this version.
+    Applied(ConfigVersion),
+    Rejected,
+    /// Nothing changed; the refusal is in the audit trail.
+    Refused(String),
+}
+
+/// An approval or a rejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Approve,
+    Reject,
+}
+
+/// An approval prompt for an operator's Telegram chat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    pub change_id: String,
+    pub chat: i64,
+    /// Set once sent: the message whose buttons are removed after the decision.
+    pub message_id: Option<i64>,
+    /// The change's state now (for the closing text).
+    pub change_state: String,
+}
+
+/// One recorded agent turn.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TurnRow {
+    pub at: i64,
+    pub risk: f64,
+    pub summary: TurnSummary,
+}
+
+fn change_id() -> Result<String, StoreError> {
+    let mut n = [0u8; 8];
+    getrandom::getrandom(&mut n).map_err(|_| {
+        StoreError::Query(rusqlite::Error::InvalidParameterName(
+            "no randomness".into(),
+        ))
+    })?;
+    Ok(format!("c{}", hex::encode(n)))
+}
+
+const SUMMARY_COLUMNS: &str = "id, created_at, expires_at, requester, target, state, risk, rule,
+    decided_by, applied_version";
+
+fn summary_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChangeSummary> {
+    Ok(ChangeSummary {
+        id: r.get(0)?,
+        created_at: r.get(1)?,
+        expires_at: r.get(2)?,
+        requester: r.get(3)?,
+        target: r.get(4)?,
+        state: r.get(5)?,
+        risk: r.get(6)?,
+        rule: r.get(7)?,
+        decided_by: r.get(8)?,
+        applied_version: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+    })
+}
+
+fn current(conn: &rusqlite::Connection) -> rusqlite::Result<Option<ConfigVersion>> {
+    conn.query_row(
+        "SELECT version, text, hash FROM config_versions ORDER BY version DESC LIMIT 1",
+        [],
+        |r| {
+            Ok(ConfigVersion {
+                version: r.get::<_, i64>(0)? as u64,
+                text: r.get(1)?,
+                hash: r.get(2)?,
+            })
+        },
+    )
+    .optional()
+}
+
+impl Store {
+    /// The approved configuration in force.
+    pub fn current_config(&self) -> Result<Option<ConfigVersion>, StoreError> {
+        Ok(current(&self.conn)?)
+    }
+
+    /// Records `text` as version 1 if there is no approved version yet (the first
+    /// start: the file is the bootstrap), and returns the version in force.
+    pub fn bootstrap_config(&mut self, text: &str, now: i64) -> Result<ConfigVersion, StoreError> {
+        if let Some(v) = self.current_config()? {
+            return Ok(v);
+        }
+        let hash = gateway::text_hash(text);
+        let tx = self.tx()?;
+        tx.execute(
+            "INSERT INTO config_versions (version, text, hash, change_id, applied_at)
+             VALUES (1, ?1, ?2, NULL, ?3)",
+            params![text, hash, now],
+        )?;
+        audit::append(
+            &tx,
+            now,
+            "config_bootstrapped",
+            &json!({ "version": 1, "hash": hash }),
+        )?;
+        tx.commit()?;
+        Ok(ConfigVersion {
+            version: 1,
+            text: text.to_owned(),
+            hash,
+        })
+    }
+
+    /// Files a change request, pending (with a prompt for each Telegram operator in
+    /// `notify`) or denied by the policy, with its audit entry. A requester with
+    /// `max_pending` undecided requests gets this one denied. A config-file request for
+    /// a text already filed from the file returns the earlier one.
+    pub fn file_change(
+        &mut self,
+        new: &NewChange,
+        now: i64,
+        ttl: u64,
+        max_pending: u32,
+        notify: &[i64],
+    ) -> Result<ChangeSummary, StoreError> {
+        let hash = gateway::text_hash(&new.after);
+        let tx = self.tx()?;
+        if new.requester == gateway::Requester::ConfigFile.to_string() {
+            let earlier = tx
+                .query_row(
+                    &format!(
+                        "SELECT {SUMMARY_COLUMNS} FROM changes WHERE requester = ?1
+                         AND after_hash = ?2 AND base_version = ?3 ORDER BY created_at DESC LIMIT 1"
+                    ),
+                    params![new.requester, hash, new.base_version as i64],
+                    summary_row,
+                )
+                .optional()?;
+            if let Some(e) = earlier {
+                return Ok(e);
+            }
+        }
+        let pending: i64 = tx.query_row(
+            "SELECT count(*) FROM changes WHERE state = 'pending' AND requester = ?1",
+            [&new.requester],
+            |r| r.get(0),
+        )?;
+        let outcome = match &new.outcome {
+            Ok(o) if pending >= i64::from(max_pending) => Err(Denial {
+                rule: "too_many_pending",
+                why: format!("{} already has {pending} undecided requests", new.requester),
+            }),
+            other => other.clone(),
+        };
+        let (state, rule, ops, risk) = match &outcome {
+            Ok((ops, risk)) => ("pending", None, ops.clone(), *risk),
+            Err(d) => (
+                "denied",
+                Some(format!("{}: {}", d.rule, d.why)),
+                Vec::new(),
+                1.0,
+            ),
+        };
+        let id = change_id()?;
+        let expires_at = now.saturating_add(ttl as i64);
+        tx.execute(
+            "INSERT INTO changes (id, created_at, expires_at, requester, target, reason,
+                 base_version, after, after_hash, risk, operations, state, rule)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![
+                id,
+                now,
+                expires_at,
+                new.requester,
+                new.target,
+                new.reason,
+                new.base_version as i64,
+                new.after,
+                hash,
+                risk,
+                serde_json::to_string(&ops).unwrap_or_default(),
+                state,
+                rule
+            ],
+        )?;
+        if state == "pending" {
+            for chat in notify {
+                tx.execute(
+                    "INSERT OR IGNORE INTO prompts (change_id, chat, state) VALUES (?1, ?2, 'waiting')",
+                    params![id, chat],
+                )?;
+            }
+        }
+        audit::append(
+            &tx,
+            now,
+            "change_requested",
+            &json!({ "change": id, "requester": new.requester, "target": new.target,
+                     "base_version": new.base_version, "after_hash": hash, "risk": risk,
+                     "state": state, "rule": outcome.as_ref().err().map(|d| d.rule),
+                     "reason_bytes": new.reason.len() }),
+        )?;
+        tx.commit()?;
+        Ok(ChangeSummary {
+            id,
+            created_at: now,
+            expires_at,
+            requester: new.requester.clone(),
+            target: new.target.clone(),
+            state: state.into(),
+            risk,
+            rule,
+            decided_by: None,
+            applied_version: None,
+        })
+    }
+
+    /// Change requests, newest first: the undecided ones, or all (at most `limit`).
+    pub fn changes(&self, all: bool, limit: u32) -> Result<Vec<ChangeSummary>, StoreError> {
+        let filter = if all { "" } else { "WHERE state = 'pending'" };
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {SUMMARY_COLUMNS} FROM changes {filter} ORDER BY created_at DESC, id LIMIT ?1"
+        ))?;
+        let rows = stmt.query_map([limit], summary_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One change request in full.
+    pub fn change(&self, id: &str) -> Result<Option<ChangeDetail>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT {SUMMARY_COLUMNS}, reason, base_version, after, after_hash, operations,
+                     (SELECT text FROM config_versions WHERE version = changes.base_version)
+                     FROM changes WHERE id = ?1"
+                ),
+                [id],
+                |r| {
+                    Ok(ChangeDetail {
+                        summary: summary_row(r)?,
+                        reason: r.get(10)?,
+                        base_version: r.get::<_, i64>(11)? as u64,
+                        after: r.get(12)?,
+                        after_hash: r.get(13)?,
+                        operations: serde_json::from_str(&r.get::<_, String>(14)?)
+                            .unwrap_or_default(),
+                        before: r.get::<_, Option<String>>(15)?.unwrap_or_default(),
+                    })
+                },
+            )
+            .optional()?;
+        Ok(row)
+    }
+
+    /// Decides change `id` as `by`. Approval re-checks everything in the same
+    /// transaction that applies it: the request is still pending and not expired, `by`
+    /// is an operator and not the requester, the text is the one shown (`shown_hash`) and
+    /// still hashes to what was filed, it was made from the version in force, and the
+    /// policy still allows it. Any refusal is recorded and changes nothing else.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decide(
+        &mut self,
+        id: &str,
+        decision: Decision,
+        by: &Identity,
+        operator: bool,
+        shown_hash: Option<&str>,
+        now: i64,
+    ) -> Result<Decided, StoreError> {
+        let tx = self.tx()?;
+        let by_name = by.to_string();
+        let row: Option<(String, String, i64, i64, String, String)> = tx
+            .query_row(
+                "SELECT state, requester, expires_at, base_version, after, after_hash
+                 FROM changes WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let verb = match decision {
+            Decision::Approve => "approve",
+            Decision::Reject => "reject",
+        };
+        let refuse = |tx: rusqlite::Transaction<'_>, why: String| -> Result<Decided, StoreError> {
+            audit::append(
+                &tx,
+                now,
+                "decision_refused",
+                &json!({ "change": id, "by": by_name, "decision": verb, "why": why }),
+            )?;
+            tx.commit()?;
+            Ok(Decided::Refused(why))
+        };
+        // Checked before anything about the request is revealed.
+        if !operator {
+            return refuse(tx, format!("{by_name} is not an operator"));
+        }
+        let Some((state, requester, expires_at, base, after, filed_hash)) = row else {
+            return refuse(tx, "no such change request".into());
+        };
+        if state != "pending" {
+            return refuse(tx, format!("the request is already {state}"));
+        }
+        if now >= expires_at {
+            tx.execute(
+                "UPDATE changes SET state = 'expired', rule = 'expired before a decision' WHERE id = ?1",
+                [id],
+            )?;
+            close_prompts(&tx, id)?;
+            audit::append(&tx, now, "change_expired", &json!({ "change": id }))?;
+            return refuse(tx, "the request has expired".into());
+        }
+        if requester == by_name {
+            return refuse(tx, "the requester may not decide their own request".into());
+        }
+        // A button carries a prefix of the hash (Telegram's 64-byte limit): 128 bits.
+        if shown_hash.is_some_and(|h| h.len() < 32 || !filed_hash.starts_with(h)) {
+            return refuse(tx, "the request is not the one that was shown".into());
+        }
+        if decision == Decision::Reject {
+            tx.execute(
+                "UPDATE changes SET state = 'rejected', decided_by = ?2, decided_at = ?3 WHERE id = ?1",
+                params![id, by_name, now],
+            )?;
+            close_prompts(&tx, id)?;
+            audit::append(
+                &tx,
+                now,
+                "change_rejected",
+                &json!({ "change": id, "by": by_name }),
+            )?;
+            tx.commit()?;
+            return Ok(Decided::Rejected);
+        }
+        let hash = gateway::text_hash(&after);
+        if hash != filed_hash {
+            return refuse(
+                tx,
+                "the stored request no longer matches the hash it was filed with".into(),
+            );
+        }
+        let Some(cur) = current(&tx)? else {
+            return refuse(tx, "there is no approved configuration".into());
+        };
+        if cur.version != base as u64 {
+            tx.execute(
+                "UPDATE changes SET state = 'superseded', rule = ?2 WHERE id = ?1",
+                params![
+                    id,
+                    format!(
+                        "made from version {base}; version {} is in force",
+                        cur.version
+                    )
+                ],
+            )?;
+            close_prompts(&tx, id)?;
+            return refuse(
+                tx,
+                "the request was made from an older configuration".into(),
+            );
+        }
+        let policy = Config::parse(&cur.text)
+            .map_err(|e| Denial {
+                rule: "invalid",
+                why: e.to_string(),
+            })
+            .and_then(|before| gateway::check(&before, &after, requester.starts_with("agent:")));
+        if let Err(d) = policy {
+            return refuse(tx, format!("the policy refuses it: {}: {}", d.rule, d.why));
+        }
+        let version = cur.version + 1;
+        tx.execute(
+            "INSERT INTO config_versions (version, text, hash, change_id, applied_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![version as i64, after, hash, id, now],
+        )?;
+        tx.execute(
+            "UPDATE changes SET state = 'applied', decided_by = ?2, decided_at = ?3,
+             applied_version = ?4 WHERE id = ?1",
+            params![id, by_name, now, version as i64],
+        )?;
+        close_prompts(&tx, id)?;
+        audit::append(
+            &tx,
+            now,
+            "change_approved",
+            &json!({ "change": id, "by": by_name, "hash": hash }),
+        )?;
+        audit::append(
+            &tx,
+            now,
+            "change_applied",
+            &json!({ "change": id, "version": version, "hash": hash }),
+        )?;
+        tx.commit()?;
+        Ok(Decided::Applied(ConfigVersion {
+            version,
+            text: after,
+            hash,
+        }))
+    }
+
+    /// Marks undecided requests past their time as expired. Returns how many.
+    pub fn expire_changes(&mut self, now: i64) -> Result<usize, StoreError> {
+        let ids: Vec<String> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT id FROM changes WHERE state = 'pending' AND expires_at <= ?1")?;
+            stmt.query_map([now], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.tx()?;
+        for id in &ids {
+            tx.execute(
+                "UPDATE changes SET state = 'expired', rule = 'expired before a decision' WHERE id = ?1",
+                [id],
+            )?;
+            close_prompts(&tx, id)?;
+            audit::append(&tx, now, "change_expired", &json!({ "change": id }))?;
+        }
+        tx.commit()?;
+        Ok(ids.len())
+    }
+
+    /// Prompts to send (no message yet) or to close (decided, buttons still shown).
+    pub fn prompts_due(&self) -> Result<Vec<Prompt>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT p.change_id, p.chat, p.message_id, c.state FROM prompts p
+             JOIN changes c ON c.id = p.change_id
+             WHERE p.state IN ('waiting', 'closing') ORDER BY c.created_at LIMIT 100",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Prompt {
+                change_id: r.get(0)?,
+                chat: r.get(1)?,
+                message_id: r.get(2)?,
+                change_state: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records what became of a prompt: sent as `message_id`, or finished (closed, or
+    /// given up on).
+    pub fn prompt_done(
+        &mut self,
+        change_id: &str,
+        chat: i64,
+        sent_as: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let tx = self.tx()?;
+        match sent_as {
+            // Decided meanwhile: the buttons just sent are removed next.
+            Some(m) => tx.execute(
+                "UPDATE prompts SET message_id = ?3, state = CASE WHEN
+                   (SELECT state FROM changes WHERE id = ?1) = 'pending' THEN 'sent' ELSE 'closing' END
+                 WHERE change_id = ?1 AND chat = ?2",
+                params![change_id, chat, m],
+            )?,
+            None => tx.execute(
+                "UPDATE prompts SET state = 'closed' WHERE change_id = ?1 AND chat = ?2",
+                params![change_id, chat],
+            )?,
+        };
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records one agent turn with its audit entry.
+    pub fn record_turn(
+        &mut self,
+        session: &SessionId,
+        summary: &TurnSummary,
+        now: i64,
+    ) -> Result<f64, StoreError> {
+        let risk = gateway::turn_risk(summary);
+        let text = serde_json::to_string(summary).unwrap_or_default();
+        self.unsynced(|conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO turns (session, at, summary, risk) VALUES (?1, ?2, ?3, ?4)",
+                params![session.as_str(), now, text, risk],
+            )?;
+            audit::append(
+                &tx,
+                now,
+                "agent_turn",
+                &json!({ "session": session.as_str(), "risk": risk, "turn": summary }),
+            )?;
+            tx.commit()
+        })?;
+        Ok(risk)
+    }
+
+    /// A session's last `limit` turns, newest first.
+    pub fn turns(&self, session: &SessionId, limit: u32) -> Result<Vec<TurnRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT at, risk, summary FROM turns WHERE session = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![session.as_str(), limit], |r| {
+            Ok(TurnRow {
+                at: r.get(0)?,
+                risk: r.get(1)?,
+                summary: serde_json::from_str(&r.get::<_, String>(2)?).unwrap_or_default(),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+fn close_prompts(tx: &rusqlite::Transaction<'_>, id: &str) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE prompts SET state = 'closed' WHERE change_id = ?1 AND state = 'waiting'",
+        [id],
+    )?;
+    tx.execute(
+        "UPDATE prompts SET state = 'closing' WHERE change_id = ?1 AND state = 'sent'",
+        [id],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_CONFIG;
+    use queue_proto::items::ChangeTarget;
+    use queue_proto::keys::MasterKey;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("c.db"), &MasterKey::from_bytes([1; 32])).unwrap();
+        s.bootstrap_config(DEFAULT_CONFIG, 100).unwrap();
+        (dir, s)
+    }
+
+    fn agent_change(s: &mut Store, instructions: &str, now: i64) -> ChangeSummary {
+        let base = s.current_config().unwrap().unwrap();
+        let before = Config::parse(&base.text).unwrap();
+        let after =
+            gateway::agent_candidate(&base.text, ChangeTarget::Instructions, instructions).unwrap();
+        let outcome =
+            gateway::check(&before, &after, true).map(|a| gateway::change_risk(&before, &a, true));
+        let new = NewChange {
+            requester: "agent:console".into(),
+            target: "instructions".into(),
+            reason: "asked".into(),
+            base_version: base.version,
+            after,
+            outcome,
+        };
+        s.file_change(&new, now, 60, 3, &[42]).unwrap()
+    }
+
+    const OP: Identity = Identity::Unix(0);
+
+    #[test]
+    fn only_an_operator_other_than_the_requester_applies_exactly_the_filed_text() {
+        let (_d, mut s) = store();
+        let c = agent_change(&mut s, "Be brief.", 200);
+        assert_eq!(c.state, "pending");
+        let detail = s.change(&c.id).unwrap().unwrap();
+        assert_eq!(detail.before, DEFAULT_CONFIG);
+        let stranger = Identity::Unix(1000);
+        assert!(matches!(
+            s.decide(&c.id, Decision::Approve, &stranger, false, None, 201)
+                .unwrap(),
+            Decided::Refused(_)
+        ));
+        assert!(matches!(
+            s.decide(&c.id, Decision::Approve, &OP, true, Some("00"), 201)
+                .unwrap(),
+            Decided::Refused(_)
+        ));
+        // An edit behind the gateway's back: refused, nothing applied.
+        s.connection()
+            .execute(
+                "UPDATE changes SET after = after || '\n# edited' WHERE id = ?1",
+                [&c.id],
+            )
+            .unwrap();
+        assert!(matches!(
+            s.decide(&c.id, Decision::Approve, &OP, true, None, 202)
+                .unwrap(),
+            Decided::Refused(_)
+        ));
+        assert_eq!(s.current_config().unwrap().unwrap().version, 1);
+        s.connection()
+            .execute(
+                "UPDATE changes SET after = ?2 WHERE id = ?1",
+                params![c.id, detail.after],
+            )
+            .unwrap();
+        let Decided::Applied(v) = s
+            .decide(
+                &c.id,
+                Decision::Approve,
+                &OP,
+                true,
+                Some(&detail.after_hash),
+                203,
+            )
+            .unwrap()
+        else {
+            panic!("not applied")
+        };
+        assert_eq!(v.version, 2);
+        assert_eq!(v.text, detail.after);
+        assert!(matches!(
+            s.decide(&c.id, Decision::Approve, &OP, true, None, 204)
+                .unwrap(),
+            Decided::Refused(_)
+        ));
+        let prompts = s.prompts_due().unwrap();
+        assert!(prompts.is_empty(), "never sent, so closed: {prompts:?}");
+        s.verify_audit(&MasterKey::from_bytes([1; 32])).unwrap();
+    }
+
+    #[test]
+    fn requests_expire_go_stale_and_are_limited_per_requester() {
+        let (_d, mut s) = store();
+        let a = agent_change(&mut s, "one", 200);
+        let b = agent_change(&mut s, "two", 200);
+        let _c = agent_change(&mut s, "three", 200);
+        assert_eq!(agent_change(&mut s, "four", 200).state, "denied");
+        let Decided::Applied(_) = s
+            .decide(&a.id, Decision::Approve, &OP, true, None, 201)
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert!(matches!(
+            s.decide(&b.id, Decision::Approve, &OP, true, None, 202)
+                .unwrap(),
+            Decided::Refused(_)
+        ));
+        assert_eq!(
+            s.change(&b.id).unwrap().unwrap().summary.state,
+            "superseded"
+        );
+        assert_eq!(s.expire_changes(300).unwrap(), 1);
+        assert_eq!(s.changes(false, 10).unwrap().len(), 0);
+    }
+}
