@@ -256,25 +256,25 @@ async fn handle(service: &Arc<Service>, req: Request, peer: Identity) -> (Respon
         }
         Request::SessionsList => match service.sessions() {
             Ok(s) => Response::Sessions(s),
-            Err(e) => Response::Error(e.to_string()),
+            Err(e) => Response::Error(chain(&e)),
         },
         Request::SessionsDelete { name } => match SessionId::try_from(name.as_str()) {
             Err(_) => Response::Error(format!("{name:?} is not a valid session name")),
             Ok(id) => match service.delete_session(&id).await {
                 Ok(s) => Response::Deleted(s),
-                Err(e) => Response::Error(e.to_string()),
+                Err(e) => Response::Error(chain(&e)),
             },
         },
         Request::SessionsShow { name } => match SessionId::try_from(name.as_str()) {
             Err(_) => Response::Error(format!("{name:?} is not a valid session name")),
             Ok(id) => match service.db(|s| s.turns(&id, 50)) {
                 Ok(t) => Response::Turns(t),
-                Err(e) => Response::Error(e.to_string()),
+                Err(e) => Response::Error(chain(&e)),
             },
         },
-        Request::ChangesList { all } => match service.db(|s| s.changes(all, 500)) {
+        Request::ChangesList { all } => match service.db(|s| s.changes(all, 10_000)) {
             Ok(c) => Response::Changes(c),
-            Err(e) => Response::Error(e.to_string()),
+            Err(e) => Response::Error(chain(&e)),
         },
         Request::ChangesShow { id } => match service.db(|s| s.change(&id)) {
             Ok(Some(detail)) => Response::Change {
@@ -282,7 +282,7 @@ async fn handle(service: &Arc<Service>, req: Request, peer: Identity) -> (Respon
                 detail: Box::new(detail),
             },
             Ok(None) => Response::Error(format!("no change request {id:?}")),
-            Err(e) => Response::Error(e.to_string()),
+            Err(e) => Response::Error(chain(&e)),
         },
         Request::ChangesPropose { text, reason } => match service.propose(&peer, &text, &reason) {
             Ok(filed) => Response::Filed(filed),
@@ -296,7 +296,7 @@ async fn handle(service: &Arc<Service>, req: Request, peer: Identity) -> (Respon
             };
             match service.decide(&id, decision, &peer, hash.as_deref()).await {
                 Ok(d) => decided(d),
-                Err(e) => Response::Error(e.to_string()),
+                Err(e) => Response::Error(chain(&e)),
             }
         }
     };
@@ -378,4 +378,16 @@ async fn console_send(
         }
         let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
     }
+}
+
+/// An error and its causes on one line, for the operator.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
 }

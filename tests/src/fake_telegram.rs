@@ -1,6 +1,7 @@
 //! A loopback fake of the Telegram Bot API: `getUpdates` with Telegram's offset rule
 //! (asking with offset N confirms, and forgets, every update below N) and long polling,
-//! `sendMessage` recorded per chat. It can be taken down, rate-limit sends with 429 and
+//! `sendMessage` recorded per chat (inline keyboards too), `editMessageText` and
+//! `answerCallbackQuery` recorded, and button presses (`callback_query`) queued. It can be taken down, rate-limit sends with 429 and
 //! `retry_after`, and serve any raw update a test builds, malformed ones included.
 
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,12 @@ struct State {
     retry_after: u64,
     down: bool,
     unauthorised_calls: u32,
+    /// Messages sent with inline buttons: (chat, message id, callback data of each).
+    keyboards: Vec<(i64, i64, Vec<String>)>,
+    /// `editMessageText` calls: (chat, message id, text, whether buttons remain).
+    edits: Vec<(i64, i64, String, bool)>,
+    /// `answerCallbackQuery` calls: (callback query id, text).
+    answers: Vec<(String, String)>,
 }
 
 /// A running fake Telegram.
@@ -100,6 +107,47 @@ impl FakeTelegram {
                 "chat": { "id": user, "type": "private" },
                 "text": text } })
         })
+    }
+
+    /// Queues a button press by `user` in `chat` (of `chat_type`) on `message_id`.
+    pub fn push_press(
+        &self,
+        user: i64,
+        chat: i64,
+        chat_type: &str,
+        message_id: i64,
+        data: &str,
+    ) -> String {
+        let qid = format!("q{}", self.st().next_id);
+        let q = qid.clone();
+        self.push_raw(|id| {
+            json!({ "update_id": id, "callback_query": {
+                "id": q, "chat_instance": "1",
+                "from": { "id": user, "is_bot": false, "first_name": "T" },
+                "message": { "message_id": message_id, "date": 1_790_000_000,
+                    "chat": { "id": chat, "type": chat_type }, "text": "prompt" },
+                "data": data } })
+        });
+        qid
+    }
+
+    /// Messages sent with inline buttons: (chat, message id, callback data).
+    pub fn keyboards(&self) -> Vec<(i64, i64, Vec<String>)> {
+        self.st().keyboards.clone()
+    }
+
+    /// `editMessageText` calls: (chat, message id, text, buttons still attached).
+    pub fn edits(&self) -> Vec<(i64, i64, String, bool)> {
+        self.st().edits.clone()
+    }
+
+    /// The answer to button press `qid`, if it was answered.
+    pub fn answer_to(&self, qid: &str) -> Option<String> {
+        self.st()
+            .answers
+            .iter()
+            .find(|(q, _)| q == qid)
+            .map(|(_, t)| t.clone())
     }
 
     /// Every message sent to `chat`.
@@ -220,10 +268,50 @@ async fn answer(
             match (chat, text) {
                 (Some(c), Some(t)) if !t.is_empty() && t.encode_utf16().count() <= 4096 => {
                     st.sent.push((c, t.to_owned()));
-                    ok(json!({ "message_id": st.sent.len(), "chat": { "id": c }, "text": t }))
+                    let message_id = st.sent.len() as i64;
+                    if let Some(rows) = body.pointer("/reply_markup/inline_keyboard") {
+                        let data = rows
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .flat_map(|r| r.as_array().cloned().unwrap_or_default())
+                            .filter_map(|b| b["callback_data"].as_str().map(str::to_owned))
+                            .collect();
+                        st.keyboards.push((c, message_id, data));
+                    }
+                    ok(json!({ "message_id": message_id, "chat": { "id": c }, "text": t }))
                 }
                 _ => fail(400, "Bad Request: message text is empty or too long", None),
             }
+        }
+        "editMessageText" => {
+            let chat = body.get("chat_id").and_then(Value::as_i64);
+            let message = body.get("message_id").and_then(Value::as_i64);
+            let text = body.get("text").and_then(Value::as_str);
+            match (chat, message, text) {
+                (Some(c), Some(m), Some(t)) => {
+                    let buttons = body.get("reply_markup").is_some();
+                    state
+                        .lock()
+                        .expect("state")
+                        .edits
+                        .push((c, m, t.to_owned(), buttons));
+                    ok(json!({ "message_id": m, "chat": { "id": c }, "text": t }))
+                }
+                _ => fail(400, "Bad Request: message to edit not found", None),
+            }
+        }
+        "answerCallbackQuery" => {
+            let Some(q) = body.get("callback_query_id").and_then(Value::as_str) else {
+                return fail(400, "Bad Request: query id is missing", None);
+            };
+            let text = body.get("text").and_then(Value::as_str).unwrap_or_default();
+            state
+                .lock()
+                .expect("state")
+                .answers
+                .push((q.to_owned(), text.to_owned()));
+            ok(Value::Bool(true))
         }
         _ => fail(404, "Not Found", None),
     }

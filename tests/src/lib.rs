@@ -10,6 +10,7 @@
 pub mod fake_http;
 pub mod fake_model;
 pub mod fake_telegram;
+pub mod hostile_model;
 pub mod service;
 
 /// Every regular file under `dir`, recursively (nothing if `dir` is missing).

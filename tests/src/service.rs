@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use control_plane::admin::{self, Request, Response};
 use control_plane::sandbox::layout::Layout;
 use control_plane::sandbox::runtime::{RunscRuntime, Runtime};
-use control_plane::store::SessionSummary;
+use control_plane::store::{ChangeDetail, ChangeSummary, SessionSummary};
 
 /// The `ironclaw` binary under test.
 pub fn ironclaw_bin() -> PathBuf {
@@ -186,6 +186,93 @@ impl Serve {
             .arg(&self.state)
             .output()
             .expect("run ironclaw")
+    }
+
+    /// `ironclaw audit export`, parsed.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(&["audit", "export"]);
+        assert!(
+            out.status.success(),
+            "audit export failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+
+    /// Audit entries of `kind`.
+    pub fn audit_of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.audit()
+            .into_iter()
+            .filter(|e| e["kind"] == kind)
+            .collect()
+    }
+
+    /// Change requests: the undecided ones, or all.
+    pub fn changes(&self, all: bool) -> Vec<ChangeSummary> {
+        match self
+            .request(&Request::ChangesList { all })
+            .expect("changes list")
+        {
+            Response::Changes(c) => c,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// One change request in full.
+    pub fn change(&self, id: &str) -> ChangeDetail {
+        match self
+            .request(&Request::ChangesShow { id: id.into() })
+            .expect("changes show")
+        {
+            Response::Change { detail, .. } => *detail,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// Decides as this process's uid: the outcome (`applied`, `rejected`, `refused`)
+    /// and why.
+    pub fn decide(&self, id: &str, approve: bool, hash: Option<&str>) -> (String, Option<String>) {
+        let req = Request::ChangesDecide {
+            id: id.into(),
+            approve,
+            hash: hash.map(str::to_owned),
+        };
+        match self.request(&req).expect("changes decide") {
+            Response::Decided { outcome, why, .. } => (outcome, why),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// The control store, opened as an attacker holding the control-store key would.
+    pub fn store(&self) -> rusqlite::Connection {
+        let master = control_plane::state::StateDir::choose(Some(self.state.clone()))
+            .load_master_key()
+            .expect("master key");
+        let key = queue_proto::keys::derive_control_store_key(&master);
+        queue_proto::sqlcipher::open_keyed(&self.state.join("control.db"), &key)
+            .expect("open the control store")
+    }
+
+    /// The approved configuration versions: (version, text).
+    pub fn versions(&self) -> Vec<(i64, String)> {
+        let conn = self.store();
+        let mut stmt = conn
+            .prepare("SELECT version, text FROM config_versions ORDER BY version")
+            .expect("query versions");
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("versions")
+            .collect::<Result<_, _>>()
+            .expect("versions")
+    }
+
+    /// Sends SIGHUP (the configuration file is compared with the approved version).
+    pub fn hup(&self) {
+        let pid = self.pid().expect("running");
+        let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP");
     }
 
     pub fn log_text(&self) -> String {

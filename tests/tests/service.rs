@@ -177,7 +177,7 @@ fn telegram_bridge_and_console_reach_the_sandboxed_agent_and_leave_nothing_in_pl
     assert!(
         tg.allowed_updates()
             .iter()
-            .all(|a| *a == json!(["message"]))
+            .all(|a| *a == json!(["message", "callback_query"]))
     );
     assert_eq!(tg.unauthorised_calls(), 0);
 

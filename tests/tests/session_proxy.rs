@@ -160,7 +160,9 @@ async fn a_change_request_gets_the_gateways_id_or_a_refusal_never_silence() {
         panic!("no change request event");
     };
     assert_eq!(session, id);
-    filed.send(ChangeId::try_from("c0123456789abcdef").unwrap()).unwrap();
+    filed
+        .send(ChangeId::try_from("c0123456789abcdef").unwrap())
+        .unwrap();
     assert_eq!(
         call.await.unwrap().unwrap().id.as_str(),
         "c0123456789abcdef"
