@@ -278,7 +278,13 @@ async fn handle(service: &Arc<Service>, req: Request, peer: Identity) -> (Respon
         },
         Request::ChangesShow { id } => match service.db(|s| s.change(&id)) {
             Ok(Some(detail)) => Response::Change {
-                diff: gateway::diff(&detail.before, &detail.after),
+                // A request denied before it could be built holds the raw value asked
+                // for, not a configuration: shown as it is.
+                diff: if detail.after.parse::<toml::Table>().is_ok() {
+                    gateway::diff(&detail.before, &detail.after)
+                } else {
+                    format!("(not a configuration; the value asked for)\n{}\n", detail.after)
+                },
                 detail: Box::new(detail),
             },
             Ok(None) => Response::Error(format!("no change request {id:?}")),
