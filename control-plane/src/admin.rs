@@ -18,6 +18,7 @@ use queue_proto::items::MAX_TEXT_BYTES;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
+use crate::error_chain as chain;
 use crate::gateway::{self, Identity};
 use crate::service::Service;
 use crate::state::now_secs;
@@ -283,7 +284,10 @@ async fn handle(service: &Arc<Service>, req: Request, peer: Identity) -> (Respon
                 diff: if detail.after.parse::<toml::Table>().is_ok() {
                     gateway::diff(&detail.before, &detail.after)
                 } else {
-                    format!("(not a configuration; the value asked for)\n{}\n", detail.after)
+                    format!(
+                        "(not a configuration; the value asked for)\n{}\n",
+                        detail.after
+                    )
                 },
                 detail: Box::new(detail),
             },
@@ -384,16 +388,4 @@ async fn console_send(
         }
         let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
     }
-}
-
-/// An error and its causes on one line, for the operator.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(c) = source {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        source = c.source();
-    }
-    s
 }

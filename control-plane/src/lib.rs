@@ -24,3 +24,15 @@ pub mod sandbox;
 pub mod service;
 pub mod state;
 pub mod store;
+
+/// An error and its causes on one line, for the operator.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
+}

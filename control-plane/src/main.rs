@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use control_plane::admin::{self, Request, Response};
 use control_plane::config::Config;
+use control_plane::error_chain as chain;
 use control_plane::service::Service;
 use control_plane::state::StateDir;
 
@@ -127,18 +128,6 @@ fn usage(problem: &str) -> ExitCode {
 }
 
 type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
-
-/// Writes an error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(c) = source {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        source = c.source();
-    }
-    s
-}
 
 fn init(state: &StateDir) -> CliResult {
     state.init().map_err(|e| chain(&e))?;

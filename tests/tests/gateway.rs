@@ -438,12 +438,7 @@ fn drift(s: &Serve, instructions: &str) -> String {
 
 #[test]
 fn an_edit_after_showing_or_racing_the_approval_never_applies_anything_else() {
-    let mut s = Serve::init("");
-    std::fs::write(
-        s.state.join("config.toml"),
-        control_plane::config::DEFAULT_CONFIG,
-    )
-    .unwrap();
+    let mut s = Serve::init(control_plane::config::DEFAULT_CONFIG);
     s.start();
     let id = drift(&s, "Be brief.");
     let shown = s.change(&id);
@@ -538,12 +533,7 @@ fn an_edit_after_showing_or_racing_the_approval_never_applies_anything_else() {
 
 #[test]
 fn audit_verify_finds_every_kind_of_tampering_and_passes_an_untouched_store() {
-    let mut s = Serve::init("");
-    std::fs::write(
-        s.state.join("config.toml"),
-        control_plane::config::DEFAULT_CONFIG,
-    )
-    .unwrap();
+    let mut s = Serve::init(control_plane::config::DEFAULT_CONFIG);
     s.start();
     for i in 0..3 {
         s.send("console", &format!("hello {i}"), 120).unwrap();

@@ -419,12 +419,7 @@ impl Store {
             return refuse(tx, format!("the request is already {state}"));
         }
         if now >= expires_at {
-            tx.execute(
-                "UPDATE changes SET state = 'expired', rule = 'expired before a decision' WHERE id = ?1",
-                [id],
-            )?;
-            close_prompts(&tx, id)?;
-            audit::append(&tx, now, "change_expired", &json!({ "change": id }))?;
+            expire(&tx, id, now)?;
             return refuse(tx, "the request has expired".into());
         }
         if requester == by_name {
@@ -531,12 +526,7 @@ impl Store {
         }
         let tx = self.tx()?;
         for id in &ids {
-            tx.execute(
-                "UPDATE changes SET state = 'expired', rule = 'expired before a decision' WHERE id = ?1",
-                [id],
-            )?;
-            close_prompts(&tx, id)?;
-            audit::append(&tx, now, "change_expired", &json!({ "change": id }))?;
+            expire(&tx, id, now)?;
         }
         tx.commit()?;
         Ok(ids.len())
@@ -626,6 +616,16 @@ impl Store {
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// Marks `id` expired, with its audit entry.
+fn expire(tx: &rusqlite::Transaction<'_>, id: &str, now: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE changes SET state = 'expired', rule = 'expired before a decision' WHERE id = ?1",
+        [id],
+    )?;
+    close_prompts(tx, id)?;
+    audit::append(tx, now, "change_expired", &json!({ "change": id }))
 }
 
 fn close_prompts(tx: &rusqlite::Transaction<'_>, id: &str) -> rusqlite::Result<()> {
