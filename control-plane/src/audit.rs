@@ -87,9 +87,25 @@ pub fn append(
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    let (seq, prev) = match last {
-        Some((s, h)) => (s + 1, h),
-        None => (1, vec![0u8; 32]),
+    // The new entry extends only a trail that still ends at its sealed head: a trail
+    // rewritten or cut outside ironclaw is never sealed again, and nothing more is
+    // recorded (or changed, since every change carries its entry) until an operator
+    // looks.
+    let head: Option<(i64, Vec<u8>, bool)> = tx
+        .query_row(
+            &format!(
+                "SELECT seq, hash, seal = {SEAL_FUNCTION}(seq, hash) FROM audit_head WHERE id = 1"
+            ),
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let (seq, prev) = match (last, head) {
+        (None, None) => (1, vec![0u8; 32]),
+        (Some((s, h)), Some((hs, hh, true))) if s == hs && h == hh => (s + 1, h),
+        _ => {
+            return Err(rusqlite::Error::UserFunctionError(Box::new(Broken)));
+        }
     };
     let detail = detail.to_string();
     let hash = entry_hash(&prev, seq, at, kind, &detail);
@@ -107,6 +123,13 @@ pub fn append(
     )?;
     Ok(())
 }
+
+/// Why an entry was not appended.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error(
+    "the audit trail does not end at its sealed head: it was changed outside ironclaw (see `ironclaw audit verify`)"
+)]
+pub struct Broken;
 
 /// One entry as exported.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -271,6 +294,15 @@ mod tests {
             add(&mut conn, 5);
             conn.execute_batch(sql).unwrap();
             assert_eq!(verify(&conn, &key()), Err(want), "{sql}");
+            // Nothing is sealed onto a trail whose end changed behind the store's back
+            // (edits further back are for `verify`, which runs at every start).
+            if sql.contains("audit_head") || sql.contains("seq = 5") && sql.starts_with("DELETE") {
+                let tx = conn.transaction().unwrap();
+                assert!(
+                    append(&tx, 2000, "next", &serde_json::json!({})).is_err(),
+                    "{sql}"
+                );
+            }
         }
     }
 }

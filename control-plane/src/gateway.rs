@@ -206,6 +206,12 @@ fn merge(
     let table = section(doc, &[name])?;
     for (key, v) in map {
         if !allowed.contains(&key.as_str()) {
+            // The key is the agent's: kept short and printable in the record.
+            let key: String = key
+                .chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(40)
+                .collect();
             return deny("agent_scope", format!("an agent may not set {name}.{key}"));
         }
         let v: TomlValue = match v {

@@ -317,6 +317,22 @@ fn unexpected() -> Box<dyn std::error::Error> {
     "unexpected answer from the service".into()
 }
 
+/// Text from an agent or a requester, safe to print: control characters (the newlines
+/// of a diff excepted) and bidirectional overrides are shown as escapes, so nothing can
+/// move the cursor, recolour or reorder what an operator reads before approving.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if (c.is_control() && c != '\n') || bidi {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn when(secs: i64) -> String {
     let now = control_plane::state::now_secs();
     if secs >= now {
@@ -354,7 +370,7 @@ fn sessions_show(state: &StateDir, name: &str, json: bool) -> CliResult {
             .summary
             .tools
             .iter()
-            .map(|(k, v)| format!("{k}×{v}"))
+            .map(|(k, v)| format!("{}×{v}", printable(k)))
             .collect();
         println!(
             "{:<10} {:>5.2} {:>6} {:>9} {:>7} {:>8}  {}",
@@ -396,6 +412,7 @@ fn changes_list(state: &StateDir, all: bool, json: bool) -> CliResult {
             .decided_by
             .map(|b| format!("by {b}"))
             .or(c.rule)
+            .map(|n| printable(&n))
             .unwrap_or_default();
         println!(
             "{:<18} {:<10} {:>5.2} {:<15} {:<24} {:<10} {}",
@@ -430,7 +447,10 @@ fn changes_show(
     println!("  state       {}", c.state);
     println!("  requester   {}", c.requester);
     println!("  target      {}", c.target);
-    println!("  reason      {}", detail.reason.replace('\n', " "));
+    println!(
+        "  reason      {}",
+        printable(&detail.reason.replace('\n', " "))
+    );
     println!(
         "  made from   configuration version {}",
         detail.base_version
@@ -440,7 +460,7 @@ fn changes_show(
         println!("                {:.2}  {}", op.weight, op.what);
     }
     if let Some(rule) = &c.rule {
-        println!("  policy      {rule}");
+        println!("  policy      {}", printable(rule));
     }
     if let Some(by) = &c.decided_by {
         println!("  decided by  {by}");
@@ -448,7 +468,7 @@ fn changes_show(
     println!("  expires     {}", when(c.expires_at));
     println!("  sha256      {}", detail.after_hash);
     println!("the exact change:");
-    print!("{diff}");
+    print!("{}", printable(&diff));
     Ok(detail.after_hash)
 }
 
@@ -473,7 +493,7 @@ fn changes_propose(state: &StateDir, file: &str, reason: Option<&str>) -> CliRes
             eprintln!(
                 "ironclaw: {} was denied by the policy: {}",
                 c.id,
-                c.rule.unwrap_or_default()
+                printable(&c.rule.unwrap_or_default())
             );
             Ok(ExitCode::FAILURE)
         }

@@ -40,6 +40,10 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error(
+        "the control store {path} does not exist or was never initialised (run `ironclaw init`)"
+    )]
+    NotInitialised { path: std::path::PathBuf },
     #[error("a control store query failed")]
     Query(#[from] rusqlite::Error),
     #[error("the control store holds an invalid session name")]
@@ -199,9 +203,24 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `path` under the master key's
-    /// control-store key.
+    /// Creates the store at `path` (for `init`): its tables and the first audit entry.
+    pub fn create(path: &Path, master: &MasterKey) -> Result<Store, StoreError> {
+        Store::open_with(path, master, true)
+    }
+
+    /// Opens the store `init` created at `path` under the master key's control-store
+    /// key. A missing file, or one without tables, is an error: an emptied store must
+    /// never look like a new one.
     pub fn open(path: &Path, master: &MasterKey) -> Result<Store, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::NotInitialised {
+                path: path.to_owned(),
+            });
+        }
+        Store::open_with(path, master, false)
+    }
+
+    fn open_with(path: &Path, master: &MasterKey, create: bool) -> Result<Store, StoreError> {
         let open = |source| StoreError::Open {
             path: path.to_owned(),
             source,
@@ -217,16 +236,28 @@ impl Store {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON;",
         )
         .map_err(open)?;
-        let fresh: i64 = conn
+        let tables: i64 = conn
             .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
             .map_err(open)?;
+        if (tables == 0) != create {
+            return Err(if create {
+                StoreError::Open {
+                    path: path.to_owned(),
+                    source: rusqlite::Error::InvalidPath(path.to_owned()),
+                }
+            } else {
+                StoreError::NotInitialised {
+                    path: path.to_owned(),
+                }
+            });
+        }
         conn.execute_batch(SCHEMA).map_err(open)?;
         conn.execute_batch(audit::SCHEMA).map_err(open)?;
         conn.execute_batch(changes::SCHEMA).map_err(open)?;
         audit::install_seal(&conn, derive_audit_head_key(master)).map_err(open)?;
         let mut store = Store { conn, synced: true };
         // The trail starts with the store, so an emptied trail never looks intact.
-        if fresh == 0 {
+        if create {
             let tx = store.tx().map_err(open)?;
             audit::append(&tx, crate::state::now_secs(), "store_created", &json!({}))
                 .map_err(open)?;
@@ -1098,7 +1129,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("c.db"), &MasterKey::from_bytes([1; 32])).unwrap();
+        let s = Store::create(&dir.path().join("c.db"), &MasterKey::from_bytes([1; 32])).unwrap();
         (dir, s)
     }
 

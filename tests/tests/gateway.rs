@@ -399,12 +399,49 @@ fn telegram_approvals_come_only_from_an_operator_in_a_private_chat_once() {
     let a = press(OPERATOR, OPERATOR, "private", &approve_late);
     assert!(a.contains("expired"), "{a}");
 
+    // A change too long for its prompt can only be rejected from Telegram.
+    let long = telegram_config(
+        &s,
+        &model.base(),
+        &tg.http.base(),
+        &[USER],
+        &format!(
+            "{gateway}\n[agent]\ninstructions = \"{}\"\n",
+            "x".repeat(4000)
+        ),
+    );
+    let file = s.dir.path().join("long.toml");
+    std::fs::write(&file, &long).unwrap();
+    assert!(
+        s.cli(&["changes", "propose", file.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let long_id = s.changes(false)[0].id.clone();
+    assert!(wait_until(30, || tg.keyboards().iter().any(
+        |(_, _, data)| data.iter().any(|d| d.starts_with(&format!("r:{long_id}:")))
+    )));
+    assert!(
+        !tg.keyboards()
+            .iter()
+            .any(|(_, _, data)| data.iter().any(|d| d.starts_with(&format!("a:{long_id}:")))),
+        "an Approve button for a change the prompt could not show whole"
+    );
+    let hash = s.change(&long_id).after_hash;
+    let a = press(
+        OPERATOR,
+        OPERATOR,
+        "private",
+        &format!("a:{long_id}:{}", &hash[..32]),
+    );
+    assert!(a.contains("too long"), "{a}");
+
     let refused = s.audit_of("decision_refused");
     let whys: Vec<String> = refused
         .iter()
         .map(|e| e["detail"]["why"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(refused.len(), 6, "{whys:?}");
+    assert_eq!(refused.len(), 7, "{whys:?}");
     let approved = s.audit_of("change_approved");
     assert_eq!(approved.len(), 1);
     assert_eq!(approved[0]["detail"]["by"], format!("telegram:{OPERATOR}"));
@@ -678,6 +715,34 @@ fn audit_verify_finds_every_kind_of_tampering_and_passes_an_untouched_store() {
                     .unwrap();
             }),
         ),
+        (
+            "every table dropped",
+            Box::new(|c| {
+                let tables: Vec<String> = c
+                    .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+                    .unwrap()
+                    .query_map([], |r| r.get(0))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                for t in tables {
+                    c.execute_batch(&format!("DROP TABLE IF EXISTS \"{t}\""))
+                        .unwrap();
+                }
+            }),
+        ),
+        (
+            "an approved configuration version inserted",
+            Box::new(|c| {
+                let text = "[model]\nprovider = \"demo\"\n[operators]\nunix_uids = [0, 1000]\n";
+                c.execute(
+                    "INSERT INTO config_versions (version, text, hash, change_id, applied_at)
+                     VALUES (2, ?1, ?2, 'c0000000000000000', 1)",
+                    [text, &sha(text)],
+                )
+                .unwrap();
+            }),
+        ),
     ];
     for (i, (what, tamper)) in cases.iter().enumerate() {
         let copy = s.dir.path().join(format!("copy{i}"));
@@ -692,10 +757,31 @@ fn audit_verify_finds_every_kind_of_tampering_and_passes_an_untouched_store() {
         let conn = queue_proto::sqlcipher::open_keyed(&copy.join("control.db"), &key).unwrap();
         tamper(&conn);
         drop(conn);
+        // `serve` refuses to run on it, and says why.
+        let out = std::process::Command::new(tests::service::ironclaw_bin())
+            .args(["serve", "--state-dir"])
+            .arg(&copy)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "serve ran on {what}: {err}");
+        assert!(
+            err.contains("changed outside ironclaw") || err.contains("never initialised"),
+            "{what}: {err}"
+        );
+        if what.contains("configuration version") {
+            // The trail itself is intact: only the version has no record in it.
+            assert!(verify(&copy).status.success());
+            continue;
+        }
         let out = verify(&copy);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{what} not found: {err}");
-        assert!(err.contains("BROKEN"), "{what}: {err}");
+        assert!(
+            err.contains("BROKEN") || err.contains("never initialised"),
+            "{what}: {err}"
+        );
     }
 }
 

@@ -605,21 +605,46 @@ const PROMPT_DIFF_CHARS: usize = 2500;
 /// bytes): the press decides only the text it was shown with.
 const BUTTON_HASH_DIGITS: usize = 32;
 
-fn prompt_text(d: &ChangeDetail) -> String {
+/// Text from a requester, on one line without control characters, at most `max` chars.
+fn one_line(text: &str, max: usize) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect()
+}
+
+/// The prompt, and whether it shows the whole change (only then can it be approved
+/// from Telegram: an approval covers exactly what was shown).
+fn prompt_text(d: &ChangeDetail) -> (String, bool) {
     let c = &d.summary;
-    let mut diff = gateway::diff(&d.before, &d.after);
-    if diff.chars().count() > PROMPT_DIFF_CHARS {
-        diff = diff.chars().take(PROMPT_DIFF_CHARS).collect();
-        diff.push_str(&format!(
-            "\n… (the whole change: ironclaw changes show {})",
+    let diff = gateway::diff(&d.before, &d.after);
+    let whole = diff.chars().count() <= PROMPT_DIFF_CHARS;
+    let shown = if whole {
+        diff
+    } else {
+        let cut: String = diff.chars().take(PROMPT_DIFF_CHARS).collect();
+        format!(
+            "{cut}\n… too long to approve here: review it with `ironclaw changes show {}` and approve it there.",
             c.id
-        ));
-    }
-    let reason: String = d.reason.chars().take(300).collect();
-    format!(
-        "Change request {}\nRequested by: {}\nTarget: {}\nRisk: {:.2}\nReason: {}\nSHA-256: {}\n\n{}",
-        c.id, c.requester, c.target, c.risk, reason, d.after_hash, diff
-    )
+        )
+    };
+    let ops: Vec<String> = d
+        .operations
+        .iter()
+        .map(|o| format!("  {:.2} {}", o.weight, o.what))
+        .collect();
+    let text = format!(
+        "Change request {}\nRequested by: {}\nTarget: {}\nRisk: {:.2}\n{}\nSHA-256: {}\n\n{}\nReason given: {}",
+        c.id,
+        c.requester,
+        c.target,
+        c.risk,
+        ops.join("\n"),
+        d.after_hash,
+        shown,
+        one_line(&d.reason, 300)
+    );
+    (text, whole)
 }
 
 /// Sends waiting approval prompts and removes the buttons of decided ones, until the
@@ -653,13 +678,20 @@ async fn prompt_step(service: &Service, tg: &Telegram, p: &Prompt) -> bool {
                 return done(None);
             };
             let short = &detail.after_hash[..BUTTON_HASH_DIGITS];
+            let (text, whole) = prompt_text(&detail);
+            let mut buttons = Vec::new();
+            if whole {
+                buttons.push(
+                    json!({ "text": "Approve", "callback_data": format!("a:{}:{short}", p.change_id) }),
+                );
+            }
+            buttons.push(
+                json!({ "text": "Reject", "callback_data": format!("r:{}:{short}", p.change_id) }),
+            );
             let body = json!({
                 "chat_id": p.chat,
-                "text": prompt_text(&detail),
-                "reply_markup": { "inline_keyboard": [[
-                    { "text": "Approve", "callback_data": format!("a:{}:{short}", p.change_id) },
-                    { "text": "Reject", "callback_data": format!("r:{}:{short}", p.change_id) },
-                ]]},
+                "text": text,
+                "reply_markup": { "inline_keyboard": [buttons] },
             });
             match tg
                 .call("sendMessage", &body, timeout, MAX_ANSWER_BYTES)
@@ -700,6 +732,14 @@ async fn prompt_step(service: &Service, tg: &Telegram, p: &Prompt) -> bool {
     }
 }
 
+/// Whether change `id` fits its prompt (unknown ids are left to the decision to refuse).
+fn whole_in_prompt(service: &Service, id: &str) -> bool {
+    match service.db(|s| s.change(id)) {
+        Ok(Some(d)) => prompt_text(&d).1,
+        _ => true,
+    }
+}
+
 /// A button press: decided as the Telegram user who pressed it, if every rule holds;
 /// answered in every case, and recorded.
 async fn button_pressed(service: &Arc<Service>, tg: &Telegram, cq: &Value) {
@@ -727,6 +767,10 @@ async fn button_pressed(service: &Arc<Service>, tg: &Telegram, cq: &Value) {
             refuse("not pressed in the operator's private chat with the bot");
             "Approvals are taken only in a private chat with the bot.".to_owned()
         }
+        (Some(_), Some(Decision::Approve), Some(id), _) if !whole_in_prompt(service, id) => {
+            refuse("an approval from Telegram of a change too long for its prompt");
+            "This change is too long to approve here; use `ironclaw changes approve`.".to_owned()
+        }
         (Some(user), Some(decision), Some(id), Some(hash)) if hash.len() == BUTTON_HASH_DIGITS => {
             match service
                 .decide(id, decision, &Identity::Telegram(user), Some(hash))
@@ -738,8 +782,8 @@ async fn button_pressed(service: &Arc<Service>, tg: &Telegram, cq: &Value) {
                 Ok(Decided::Rejected) => "Rejected.".to_owned(),
                 Ok(Decided::Refused(why)) => format!("Refused: {why}."),
                 Err(e) => {
-                    tracing::error!(error = %e, "deciding a change request failed");
-                    "Something went wrong; nothing was decided.".to_owned()
+                    tracing::error!(error = %crate::error_chain(&e), "deciding a change request failed");
+                    "Something went wrong; the operator's log says what.".to_owned()
                 }
             }
         }

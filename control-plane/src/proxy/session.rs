@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use queue_proto::control::OutboxReader;
 use queue_proto::ids::{ChangeId, Seq, SessionId};
-use queue_proto::items::{ChangeRequest, OutboxItem};
+use queue_proto::items::{ChangeRequest, OutboxItem, ToolName};
 use queue_proto::proxy::{
     ChangeRequestFiled, ContentBlock, ModelRequest, ModelResponse, OutboxNotice, WaitResponse,
 };
@@ -208,9 +208,11 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
                         .content
                         .iter()
                         .filter_map(|b| match b {
-                            ContentBlock::ToolUse { name, .. } => {
-                                Some(name.chars().take(64).collect())
-                            }
+                            // Names the model chose are not ours to record verbatim.
+                            ContentBlock::ToolUse { name, .. } => Some(
+                                serde_json::from_value::<ToolName>(serde_json::json!(name))
+                                    .map_or_else(|_| "unknown".to_owned(), |_| name.clone()),
+                            ),
                             _ => None,
                         })
                         .take(64)

@@ -38,11 +38,25 @@ impl Service {
         self.prompts.notified().await;
     }
 
-    /// Files `new_text` (from the configuration file) as a change request if it differs
-    /// from the approved version. Nothing changes until an operator approves it.
+    /// Files the configuration file's text as a change request if it differs from the
+    /// approved version and was not looked at before. Nothing changes until an operator
+    /// approves it. A file left behind by a change approved another way is therefore
+    /// never filed as a request to undo it; to ask again for a text that was rejected or
+    /// expired, propose it (`changes propose`).
     pub fn check_drift(&self, file_text: &str) -> Option<ChangeSummary> {
         let eff = self.effective();
+        let hash = gateway::text_hash(file_text);
+        let seen = self
+            .db(|s| s.cursor(crate::store::FILE_SEEN))
+            .ok()
+            .flatten();
+        if seen.as_deref() == Some(hash.as_str()) {
+            return None;
+        }
         if file_text == eff.text {
+            if let Err(e) = self.db(|s| s.set_cursor(crate::store::FILE_SEEN, &hash)) {
+                tracing::warn!(error = %e, "remembering the configuration file's hash failed");
+            }
             return None;
         }
         let outcome = gateway::check(&eff.config, file_text, false)
@@ -163,42 +177,68 @@ impl Service {
     ) -> Result<Decided, ServiceError> {
         let _one_at_a_time = self.applying.lock().await;
         let operator = by.is_operator(&self.config());
-        // A model provider that cannot be built (a missing key file) would leave the
-        // new version in force with nothing to answer: refuse before applying.
+        // Everything the new version needs is built before it is applied, so nothing
+        // can fail once the store says it is in force (a missing key file refuses the
+        // approval instead).
+        let mut ready = None;
         if decision == Decision::Approve
             && operator
             && let Some(detail) = self.db(|s| s.change(id))?
             && detail.summary.state == "pending"
             && let Ok(candidate) = Config::parse(&detail.after)
-            && let Err(e) = provider(&candidate)
         {
-            let why = format!("the new model provider cannot be set up: {e}");
-            self.audit(
-                "decision_refused",
-                json!({ "change": id, "by": by.to_string(), "decision": "approve", "why": why }),
-            );
-            return Ok(Decided::Refused(why));
+            match provider(&candidate) {
+                Ok(p) => ready = Some((detail.after_hash, candidate, Arc::new(p))),
+                Err(e) => {
+                    let why = format!("the new model provider cannot be set up: {e}");
+                    self.audit(
+                        "decision_refused",
+                        json!({ "change": id, "by": by.to_string(), "decision": "approve", "why": why }),
+                    );
+                    return Ok(Decided::Refused(why));
+                }
+            }
         }
         let decided = self.db(|s| s.decide(id, decision, by, operator, shown_hash, now_secs()))?;
         self.prompts.notify_one();
         if let Decided::Applied(version) = &decided {
-            self.put_in_force(version).await?;
+            // What was applied hashes to what was filed, which is what was built above
+            // (re-built only if the stored text changed in between and changed back).
+            let (config, new_provider) = match ready {
+                Some((hash, config, p)) if hash == version.hash => (config, p),
+                _ => {
+                    let config =
+                        Config::parse(&version.text).map_err(|source| ServiceError::Config {
+                            version: version.version,
+                            source,
+                        })?;
+                    let p = Arc::new(provider(&config)?);
+                    (config, p)
+                }
+            };
+            self.put_in_force(version, config, new_provider).await;
         }
         Ok(decided)
     }
 
     /// Makes `version` the configuration in force and restarts the live sessions with it.
-    async fn put_in_force(self: &Arc<Self>, version: &ConfigVersion) -> Result<(), ServiceError> {
-        let config = Config::parse(&version.text).map_err(|source| ServiceError::Config {
-            version: version.version,
-            source,
-        })?;
-        let new_provider = Arc::new(provider(&config)?);
+    async fn put_in_force(
+        self: &Arc<Self>,
+        version: &ConfigVersion,
+        config: Config,
+        new_provider: Arc<AnyProvider>,
+    ) {
         let mut settings = (*self.manager.settings()).clone();
         settings.limits.memory_bytes = config.sandbox.memory_mib * 1024 * 1024;
         settings.idle_timeout = Duration::from_secs(config.sandbox.idle_stop_secs);
-        if config.sandbox.runtime != self.config().sandbox.runtime {
-            tracing::warn!("sandbox.runtime changed: it takes effect when serve is restarted");
+        let old = self.config();
+        if config.sandbox.runtime != old.sandbox.runtime
+            || config.sandbox.runsc != old.sandbox.runsc
+            || config.sandbox.agent_binary != old.sandbox.agent_binary
+        {
+            tracing::warn!(
+                "sandbox.runtime, runsc or agent_binary changed: they take effect when serve is restarted"
+            );
         }
         self.manager.set_settings(settings);
         *self.provider.write().unwrap_or_else(|p| p.into_inner()) = new_provider;
@@ -212,7 +252,6 @@ impl Service {
             "an approved change is in force; restarting live sessions"
         );
         self.restart_sessions().await;
-        Ok(())
     }
 
     /// Stops every live session's sandbox and proxy; those with messages waiting start

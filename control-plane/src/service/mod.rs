@@ -71,6 +71,14 @@ pub enum ServiceError {
     },
     #[error("there is no approved configuration, and the configuration file is not valid")]
     Bootstrap(#[source] crate::config::ConfigError),
+    #[error(
+        "the audit trail is broken, so the control store was changed outside ironclaw; not starting (see `ironclaw audit verify`)"
+    )]
+    AuditBroken(#[source] crate::audit::ChainError),
+    #[error(
+        "approved configuration version {0} is not in the audit trail: the control store was changed outside ironclaw; not starting"
+    )]
+    UnrecordedVersion(u64),
     #[error("the sandbox manager could not start")]
     Manager(#[source] ManagerError),
     #[error("the agent binary {0} does not exist; build it with scripts/build-static")]
@@ -221,10 +229,15 @@ impl Service {
         master: MasterKey,
     ) -> Result<Arc<Service>, ServiceError> {
         let mut store = blocking(|| Store::open(&state.store(), &master))?;
+        // Nothing runs on a store someone changed behind ironclaw's back.
+        blocking(|| store.verify_audit(&master)).map_err(ServiceError::AuditBroken)?;
         if store.current_config()?.is_none() {
             Config::parse(&file_text).map_err(ServiceError::Bootstrap)?;
         }
         let version = store.bootstrap_config(&file_text, now_secs())?;
+        if !store.version_recorded(&version)? {
+            return Err(ServiceError::UnrecordedVersion(version.version));
+        }
         let config = Config::parse(&version.text).map_err(|source| ServiceError::Config {
             version: version.version,
             source,

@@ -57,6 +57,12 @@ CREATE TABLE IF NOT EXISTS turns (
 CREATE INDEX IF NOT EXISTS turns_by_session ON turns (session, id);
 ";
 
+/// How much of a denied request's text is kept.
+const DENIED_TEXT_CHARS: usize = 2048;
+
+/// Where the hash of the configuration file last looked at is kept (`channel_state`).
+pub const FILE_SEEN: &str = "config-file";
+
 /// One approved version of the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigVersion {
@@ -191,6 +197,18 @@ impl Store {
         Ok(current(&self.conn)?)
     }
 
+    /// Whether version `v` with `hash` was put in force by an audited bootstrap or
+    /// application (the trail itself is checked with `verify_audit`).
+    pub fn version_recorded(&self, v: &ConfigVersion) -> Result<bool, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT count(*) FROM audit WHERE kind IN ('config_bootstrapped', 'change_applied')
+             AND json_extract(detail, '$.version') = ?1 AND json_extract(detail, '$.hash') = ?2",
+            params![v.version as i64, v.hash],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0 && gateway::text_hash(&v.text) == v.hash)
+    }
+
     /// Records `text` as version 1 if there is no approved version yet (the first
     /// start: the file is the bootstrap), and returns the version in force.
     pub fn bootstrap_config(&mut self, text: &str, now: i64) -> Result<ConfigVersion, StoreError> {
@@ -220,8 +238,8 @@ impl Store {
 
     /// Files a change request, pending (with a prompt for each Telegram operator in
     /// `notify`) or denied by the policy, with its audit entry. A requester with
-    /// `max_pending` undecided requests gets this one denied. A config-file request for
-    /// a text already filed from the file returns the earlier one.
+    /// `max_pending` undecided requests gets this one denied. A config-file request
+    /// remembers the file's hash (see [`FILE_SEEN`]).
     pub fn file_change(
         &mut self,
         new: &NewChange,
@@ -232,20 +250,13 @@ impl Store {
     ) -> Result<ChangeSummary, StoreError> {
         let hash = gateway::text_hash(&new.after);
         let tx = self.tx()?;
+        // A text from the file is filed once: the file's hash is remembered with it.
         if new.requester == gateway::Requester::ConfigFile.to_string() {
-            let earlier = tx
-                .query_row(
-                    &format!(
-                        "SELECT {SUMMARY_COLUMNS} FROM changes WHERE requester = ?1
-                         AND after_hash = ?2 AND base_version = ?3 ORDER BY created_at DESC LIMIT 1"
-                    ),
-                    params![new.requester, hash, new.base_version as i64],
-                    summary_row,
-                )
-                .optional()?;
-            if let Some(e) = earlier {
-                return Ok(e);
-            }
+            tx.execute(
+                "INSERT INTO channel_state (channel, value) VALUES (?1, ?2)
+                 ON CONFLICT (channel) DO UPDATE SET value = excluded.value",
+                params![FILE_SEEN, hash],
+            )?;
         }
         let pending: i64 = tx.query_row(
             "SELECT count(*) FROM changes WHERE state = 'pending' AND requester = ?1",
@@ -270,6 +281,14 @@ impl Store {
         };
         let id = change_id()?;
         let expires_at = now.saturating_add(ttl as i64);
+        // A denied request keeps only the start of its text (its hash is of the whole):
+        // denials cannot be used to fill the store.
+        let after = if state == "denied" && new.after.len() > DENIED_TEXT_CHARS {
+            let start: String = new.after.chars().take(DENIED_TEXT_CHARS).collect();
+            format!("{start}\n… ({} bytes in all)", new.after.len())
+        } else {
+            new.after.clone()
+        };
         tx.execute(
             "INSERT INTO changes (id, created_at, expires_at, requester, target, reason,
                  base_version, after, after_hash, risk, operations, state, rule)
@@ -282,7 +301,7 @@ impl Store {
                 new.target,
                 new.reason,
                 new.base_version as i64,
-                new.after,
+                after,
                 hash,
                 risk,
                 serde_json::to_string(&ops).unwrap_or_default(),
@@ -649,7 +668,8 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("c.db"), &MasterKey::from_bytes([1; 32])).unwrap();
+        let mut s =
+            Store::create(&dir.path().join("c.db"), &MasterKey::from_bytes([1; 32])).unwrap();
         s.bootstrap_config(DEFAULT_CONFIG, 100).unwrap();
         (dir, s)
     }
