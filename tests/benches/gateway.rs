@@ -1,0 +1,116 @@
+//! Prints what the gateway costs: filing an agent's change request over its proxy socket
+//! (policy, risk, a synced store transaction and its audit entry), approving and applying
+//! a change through the admin socket, and checking the audit trail (which `serve` does
+//! in full at every start). Run with `scripts/bench-gateway`.
+
+#![allow(clippy::unwrap_used)] // bench code: a failed unwrap is a failed run
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use control_plane::admin::{Request, Response};
+use queue_proto::keys::MasterKey;
+use tests::service::Serve;
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn report(what: &str, mut times: Vec<Duration>) {
+    times.sort();
+    println!(
+        "{what}: p50 {:.2} ms  p99 {:.2} ms  ({} runs)",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
+        times.len()
+    );
+}
+
+fn post(sock: &std::path::Path, body: &str) -> u16 {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    let req = format!(
+        "POST /v1/change-requests HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let mut s = Serve::init(&format!(
+        "{}\n[gateway]\nmax_pending_per_requester = 1000\n",
+        control_plane::config::DEFAULT_CONFIG
+    ));
+    s.start();
+    s.send("bench", "hello", 120).unwrap();
+    let layout = control_plane::sandbox::layout::Layout::new(&s.state, &s.state.join("run"));
+    let id = queue_proto::ids::SessionId::try_from("bench").unwrap();
+    let sock = runsc_config::socket_path(&layout.socket_dir(&id));
+
+    let mut filed = Vec::new();
+    for i in 0..300 {
+        let body = format!(
+            r#"{{"target": "instructions", "after": "Be brief, {i}.", "reason": "bench"}}"#
+        );
+        let t = Instant::now();
+        assert_eq!(post(&sock, &body), 200);
+        filed.push(t.elapsed());
+    }
+    report(
+        "agent change request filed (socket → policy → synced store + audit)",
+        filed,
+    );
+
+    let pending = s.changes(false);
+    let mut applied = Vec::new();
+    for c in pending.iter().take(100) {
+        let hash = s.change(&c.id).after_hash;
+        let t = Instant::now();
+        let answer = s
+            .request(&Request::ChangesDecide {
+                id: c.id.clone(),
+                approve: true,
+                hash: Some(hash),
+            })
+            .unwrap();
+        applied.push(t.elapsed());
+        // Each approval supersedes the others made from the same version.
+        assert!(matches!(answer, Response::Decided { .. }));
+    }
+    report(
+        "approval over the admin socket (checked, applied, in force)",
+        applied,
+    );
+    drop(s);
+
+    // The audit trail: appending, and verifying it whole.
+    let dir = tempfile::tempdir().unwrap();
+    let master = MasterKey::from_bytes([3; 32]);
+    let mut store = control_plane::store::Store::create(&dir.path().join("c.db"), &master).unwrap();
+    let n = 100_000;
+    let detail = serde_json::json!({ "session": "tg-123456789", "provider": "anthropic",
+        "input_tokens": 1234, "output_tokens": 567, "bytes": 8901 });
+    let t = Instant::now();
+    for i in 0..n {
+        store.record("model_call", &detail, i).unwrap();
+    }
+    let append = t.elapsed();
+    let t = Instant::now();
+    let count = store.verify_audit(&master).unwrap();
+    let verify = t.elapsed();
+    println!(
+        "audit append (unsynced entry, head check and seal): {:.1} µs per entry",
+        append.as_secs_f64() * 1e6 / n as f64
+    );
+    println!(
+        "audit verify: {count} entries in {:.0} ms ({:.0} entries/s)",
+        verify.as_secs_f64() * 1000.0,
+        count as f64 / verify.as_secs_f64()
+    );
+}
