@@ -26,12 +26,21 @@ pub enum ConfigError {
     },
     #[error("the configuration {path} is larger than {MAX_CONFIG_BYTES} bytes")]
     TooLarge { path: PathBuf },
-    #[error("the configuration {path} is not valid: {message}")]
+    #[error("the configuration {} is not valid: {message}", shown(path))]
     Parse { path: PathBuf, message: String },
     #[error("model.base_url is not an approved endpoint")]
     Endpoint(#[source] EndpointError),
     #[error("{0}")]
     Invalid(String),
+}
+
+/// A path for a message, or "text" when the text came from elsewhere.
+fn shown(path: &Path) -> String {
+    if path.as_os_str().is_empty() {
+        "text".into()
+    } else {
+        path.display().to_string()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -43,9 +43,9 @@ fn post(sock: &std::path::Path, body: &str) -> u16 {
 }
 
 fn main() {
-    let mut s = Serve::init(&format!(
-        "{}\n[gateway]\nmax_pending_per_requester = 1000\n",
-        control_plane::config::DEFAULT_CONFIG
+    let mut s = Serve::init(&control_plane::config::DEFAULT_CONFIG.replace(
+        "max_pending_per_requester = 5",
+        "max_pending_per_requester = 1000",
     ));
     s.start();
     s.send("bench", "hello", 120).unwrap();
@@ -67,24 +67,39 @@ fn main() {
         filed,
     );
 
-    let pending = s.changes(false);
+    // Each round files one request and approves it: each applies a new version and
+    // restarts the live session.
     let mut applied = Vec::new();
-    for c in pending.iter().take(100) {
-        let hash = s.change(&c.id).after_hash;
+    for i in 0..50 {
+        // A restart leaves the session idle until its next message.
+        s.send("bench", "hello", 120).unwrap();
+        let body = format!(
+            r#"{{"target": "budgets", "after": "{{\"requests_per_minute\": {}}}", "reason": "bench"}}"#,
+            100 + i
+        );
+        assert_eq!(post(&sock, &body), 200);
+        let newest = s
+            .changes(false)
+            .into_iter()
+            .find(|c| c.target == "budgets")
+            .unwrap();
+        let hash = s.change(&newest.id).after_hash;
         let t = Instant::now();
         let answer = s
             .request(&Request::ChangesDecide {
-                id: c.id.clone(),
+                id: newest.id.clone(),
                 approve: true,
                 hash: Some(hash),
             })
             .unwrap();
         applied.push(t.elapsed());
-        // Each approval supersedes the others made from the same version.
-        assert!(matches!(answer, Response::Decided { .. }));
+        assert!(
+            matches!(&answer, Response::Decided { outcome, .. } if outcome == "applied"),
+            "{answer:?}"
+        );
     }
     report(
-        "approval over the admin socket (checked, applied, in force)",
+        "approval over the admin socket (checked, applied, sessions restarted)",
         applied,
     );
     drop(s);
