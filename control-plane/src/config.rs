@@ -190,6 +190,9 @@ pub struct GatewaySection {
     pub request_ttl_secs: u64,
     /// Undecided change requests one requester may have at once; more are refused.
     pub max_pending_per_requester: u32,
+    /// Change requests one agent may file a minute; more are refused unfiled and
+    /// recorded as a count.
+    pub max_requests_per_minute: u32,
 }
 
 impl Default for GatewaySection {
@@ -197,6 +200,7 @@ impl Default for GatewaySection {
         GatewaySection {
             request_ttl_secs: 86_400,
             max_pending_per_requester: 5,
+            max_requests_per_minute: 20,
         }
     }
 }
@@ -349,6 +353,9 @@ impl Config {
         if !(1..=1000).contains(&self.gateway.max_pending_per_requester) {
             return invalid("gateway.max_pending_per_requester must be between 1 and 1000");
         }
+        if !(1..=100_000).contains(&self.gateway.max_requests_per_minute) {
+            return invalid("gateway.max_requests_per_minute must be between 1 and 100000");
+        }
         if let Some(t) = &self.channels.telegram {
             if t.allowed_users.is_empty() {
                 return invalid(
@@ -438,6 +445,7 @@ max_delivery_attempts = 8
 [gateway]
 request_ttl_secs = 86400     # a change request not decided within a day expires
 max_pending_per_requester = 5
+max_requests_per_minute = 20  # per agent; more are refused and counted
 
 # [channels.telegram]
 # token_file = "/etc/ironclaw/telegram.token"

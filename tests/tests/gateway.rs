@@ -122,6 +122,7 @@ bytes_per_day = 10000000000
 
 [gateway]
 max_pending_per_requester = 5
+max_requests_per_minute = 100000
 "#,
         model.base()
     );
@@ -450,6 +451,43 @@ fn telegram_approvals_come_only_from_an_operator_in_a_private_chat_once() {
     assert!(s.cli(&["audit", "verify"]).status.success());
 }
 
+#[test]
+fn a_flood_of_change_requests_is_refused_beyond_the_limit_and_counted() {
+    let mut s = Serve::init(&control_plane::config::DEFAULT_CONFIG.replace(
+        "max_requests_per_minute = 20",
+        "max_requests_per_minute = 10",
+    ));
+    s.start();
+    s.send("flood", "hello", 120).unwrap();
+    let layout = control_plane::sandbox::layout::Layout::new(&s.state, &s.state.join("run"));
+    let id = queue_proto::ids::SessionId::try_from("flood").unwrap();
+    let sock = runsc_config::socket_path(&layout.socket_dir(&id));
+    let body = r#"{"target": "instructions", "after": "Be brief.", "reason": "flood"}"#;
+    let started = Instant::now();
+    let statuses: Vec<u16> = (0..50)
+        .map(|_| unix_http(&sock, "POST", "/v1/change-requests", body).0)
+        .collect();
+    let filed = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "the flood outlasted its minute"
+    );
+    assert_eq!(filed, 10, "{statuses:?}");
+    assert_eq!(s.audit_of("change_requested").len(), 10);
+    // The refused forty are recorded as one count once their minute is over.
+    let mut limited = Vec::new();
+    assert!(
+        wait_until(90, || {
+            limited = s.audit_of("change_requests_limited");
+            !limited.is_empty()
+        }),
+        "no record of the refused requests"
+    );
+    assert_eq!(limited.len(), 1);
+    assert_eq!(limited[0]["detail"]["refused"], 40);
+    assert_eq!(limited[0]["detail"]["requester"], "agent:flood");
+}
+
 /// Drift filed by SIGHUP, for the tamper tests: the change request's id.
 fn drift(s: &Serve, instructions: &str) -> String {
     let path = s.state.join("config.toml");
@@ -475,7 +513,11 @@ fn drift(s: &Serve, instructions: &str) -> String {
 
 #[test]
 fn an_edit_after_showing_or_racing_the_approval_never_applies_anything_else() {
-    let mut s = Serve::init(control_plane::config::DEFAULT_CONFIG);
+    // Rounds the editor wins leave their request pending: room for all of them.
+    let mut s = Serve::init(&control_plane::config::DEFAULT_CONFIG.replace(
+        "max_pending_per_requester = 5",
+        "max_pending_per_requester = 50",
+    ));
     s.start();
     let id = drift(&s, "Be brief.");
     let shown = s.change(&id);

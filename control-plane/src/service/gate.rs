@@ -113,13 +113,20 @@ impl Service {
         request: &ChangeRequest,
     ) -> Option<ChangeId> {
         let eff = self.effective();
+        let requester = Requester::Agent(session.clone()).to_string();
+        let per_minute = eff.config.gateway.max_requests_per_minute;
+        let (admitted, done) = self.rate().admit(&requester, now_secs(), per_minute);
+        self.record_refusals(done);
+        if !admitted {
+            return None;
+        }
         let candidate = gateway::agent_candidate(&eff.text, request.target, &request.after);
         let outcome = candidate.as_ref().map_err(Denial::clone).and_then(|text| {
             gateway::check(&eff.config, text, true)
                 .map(|after| gateway::change_risk(&eff.config, &after, true))
         });
         let new = NewChange {
-            requester: Requester::Agent(session.clone()).to_string(),
+            requester,
             target: gateway::target_name(request.target).into(),
             reason: request.reason.clone(),
             base_version: eff.version,
@@ -129,6 +136,21 @@ impl Service {
         };
         let filed = self.file(&new)?;
         ChangeId::try_from(filed.id.as_str()).ok()
+    }
+
+    pub(super) fn rate(&self) -> std::sync::MutexGuard<'_, gateway::RateLimit> {
+        self.rate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records each finished minute's count of change requests refused by the rate limit.
+    pub(super) fn record_refusals(&self, done: impl IntoIterator<Item = gateway::Refusals>) {
+        for r in done {
+            self.audit(
+                "change_requests_limited",
+                json!({ "requester": r.requester, "minute_start": r.minute_start,
+                        "refused": r.refused }),
+            );
+        }
     }
 
     /// Change requests an agent wrote into its outbox go through the same gateway.

@@ -151,6 +151,8 @@ pub struct Service {
     limits: ProxyLimits,
     /// What each session's agent has done since its last outbox segment.
     turns: std::sync::Mutex<HashMap<SessionId, TurnSummary>>,
+    /// Change requests per agent per minute.
+    rate: std::sync::Mutex<crate::gateway::RateLimit>,
     /// Wakes the Telegram channel when approval prompts are waiting.
     prompts: tokio::sync::Notify,
     /// Applying one change at a time: decisions, and the restarts that follow them.
@@ -285,6 +287,7 @@ impl Service {
             provider: std::sync::RwLock::new(provider),
             limits: ProxyLimits::default(),
             turns: std::sync::Mutex::new(HashMap::new()),
+            rate: std::sync::Mutex::new(crate::gateway::RateLimit::default()),
             prompts: tokio::sync::Notify::new(),
             applying: tokio::sync::Mutex::new(()),
             live: std::sync::Mutex::new(HashMap::new()),
@@ -796,6 +799,8 @@ impl Service {
         if changed {
             self.outbound_changed();
         }
+        let limited = self.rate().flush(now);
+        self.record_refusals(limited);
         match self.db(|s| s.expire_changes(now)) {
             Ok(n) if n > 0 => self.prompts.notify_one(),
             Ok(_) => {}
