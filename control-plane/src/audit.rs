@@ -163,6 +163,8 @@ pub enum ChainError {
 /// number of entries.
 pub fn verify(conn: &rusqlite::Connection, key: &SecretKey) -> Result<u64, ChainError> {
     let read = |e: rusqlite::Error| ChainError::Read(e.to_string());
+    // One snapshot for the rows and the head: a running service may append meanwhile.
+    let _snapshot = conn.unchecked_transaction().map_err(read)?;
     let mut stmt = conn
         .prepare("SELECT seq, at, kind, detail, prev, hash FROM audit ORDER BY seq")
         .map_err(read)?;
@@ -287,6 +289,11 @@ mod tests {
                 },
             ),
             ("DELETE FROM audit_head", ChainError::NoHead),
+            (
+                "DELETE FROM audit WHERE seq = 5;
+                 UPDATE audit_head SET seq = 4, hash = (SELECT hash FROM audit WHERE seq = 4)",
+                ChainError::Seal,
+            ),
             ("UPDATE audit_head SET seq = 4", ChainError::Seal),
         ];
         for (sql, want) in tampers {

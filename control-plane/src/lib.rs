@@ -36,3 +36,19 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// Text from an agent or a requester, safe to show an operator: control characters (a
+/// newline excepted) and bidirectional overrides become escapes, so nothing can move a
+/// terminal's cursor, recolour or reorder what an operator reads before approving.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
+            if (c.is_control() && c != '\n') || bidi {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}

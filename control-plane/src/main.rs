@@ -18,6 +18,7 @@ use std::time::Duration;
 use control_plane::admin::{self, Request, Response};
 use control_plane::config::Config;
 use control_plane::error_chain as chain;
+use control_plane::printable;
 use control_plane::service::Service;
 use control_plane::state::StateDir;
 
@@ -185,7 +186,7 @@ async fn run(
                 match Config::read_text(&config_path) {
                     Ok(text) => {
                         if service.check_drift(&text).is_none() {
-                            tracing::info!("SIGHUP: the configuration file matches the approved version");
+                            tracing::info!("SIGHUP: nothing new in the configuration file (it is an approved text, or already filed)");
                         }
                     }
                     Err(e) => tracing::warn!(error = %chain(&e), "SIGHUP: reading the configuration file failed"),
@@ -315,22 +316,6 @@ fn ask(state: &StateDir, req: &Request, timeout: Duration) -> Result<Response, S
 
 fn unexpected() -> Box<dyn std::error::Error> {
     "unexpected answer from the service".into()
-}
-
-/// Text from an agent or a requester, safe to print: control characters (the newlines
-/// of a diff excepted) and bidirectional overrides are shown as escapes, so nothing can
-/// move the cursor, recolour or reorder what an operator reads before approving.
-fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-            if (c.is_control() && c != '\n') || bidi {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 fn when(secs: i64) -> String {

@@ -44,6 +44,10 @@ pub enum StoreError {
         "the control store {path} does not exist or was never initialised (run `ironclaw init`)"
     )]
     NotInitialised { path: std::path::PathBuf },
+    #[error(
+        "the control store has no approved configuration, but its audit trail records one: it was changed outside ironclaw"
+    )]
+    VersionsMissing,
     #[error("a control store query failed")]
     Query(#[from] rusqlite::Error),
     #[error("the control store holds an invalid session name")]
@@ -251,18 +255,20 @@ impl Store {
                 }
             });
         }
-        conn.execute_batch(SCHEMA).map_err(open)?;
-        conn.execute_batch(audit::SCHEMA).map_err(open)?;
-        conn.execute_batch(changes::SCHEMA).map_err(open)?;
         audit::install_seal(&conn, derive_audit_head_key(master)).map_err(open)?;
         let mut store = Store { conn, synced: true };
-        // The trail starts with the store, so an emptied trail never looks intact.
+        // The tables and the trail's first entry are made in one transaction, so a crash
+        // in `init` never leaves tables without a trail; an emptied trail never looks
+        // intact.
+        let tx = store.tx().map_err(open)?;
+        for schema in [SCHEMA, audit::SCHEMA, changes::SCHEMA] {
+            tx.execute_batch(schema).map_err(open)?;
+        }
         if create {
-            let tx = store.tx().map_err(open)?;
             audit::append(&tx, crate::state::now_secs(), "store_created", &json!({}))
                 .map_err(open)?;
-            tx.commit().map_err(open)?;
         }
+        tx.commit().map_err(open)?;
         Ok(store)
     }
 

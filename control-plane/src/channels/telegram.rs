@@ -605,46 +605,49 @@ const PROMPT_DIFF_CHARS: usize = 2500;
 /// bytes): the press decides only the text it was shown with.
 const BUTTON_HASH_DIGITS: usize = 32;
 
-/// Text from a requester, on one line without control characters, at most `max` chars.
-fn one_line(text: &str, max: usize) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(max)
-        .collect()
-}
-
 /// The prompt, and whether it shows the whole change (only then can it be approved
-/// from Telegram: an approval covers exactly what was shown).
+/// from Telegram: an approval covers exactly what was shown). Everything a requester
+/// wrote is shown with control and bidirectional characters escaped.
 fn prompt_text(d: &ChangeDetail) -> (String, bool) {
     let c = &d.summary;
-    let diff = gateway::diff(&d.before, &d.after);
-    let whole = diff.chars().count() <= PROMPT_DIFF_CHARS;
-    let shown = if whole {
-        diff
-    } else {
-        let cut: String = diff.chars().take(PROMPT_DIFF_CHARS).collect();
-        format!(
-            "{cut}\n… too long to approve here: review it with `ironclaw changes show {}` and approve it there.",
-            c.id
-        )
-    };
+    let diff = crate::printable(&gateway::diff(&d.before, &d.after));
+    let reason: String = crate::printable(&d.reason.replace('\n', " "))
+        .chars()
+        .take(300)
+        .collect();
     let ops: Vec<String> = d
         .operations
         .iter()
         .map(|o| format!("  {:.2} {}", o.weight, o.what))
         .collect();
-    let text = format!(
-        "Change request {}\nRequested by: {}\nTarget: {}\nRisk: {:.2}\n{}\nSHA-256: {}\n\n{}\nReason given: {}",
-        c.id,
-        c.requester,
-        c.target,
-        c.risk,
-        ops.join("\n"),
-        d.after_hash,
-        shown,
-        one_line(&d.reason, 300)
+    let text = |shown: &str| {
+        format!(
+            "Change request {}\nRequested by: {}\nTarget: {}\nRisk: {:.2}\n{}\nSHA-256: {}\n\n{}\nReason given: {}",
+            c.id,
+            c.requester,
+            c.target,
+            c.risk,
+            ops.join("\n"),
+            d.after_hash,
+            shown,
+            reason
+        )
+    };
+    // Whole only if the whole message fits Telegram's limit (UTF-16 units).
+    let whole = text(&diff);
+    if whole.encode_utf16().count() <= MAX_MESSAGE_UNITS {
+        return (whole, true);
+    }
+    let cut: String = diff.chars().take(PROMPT_DIFF_CHARS).collect();
+    let shown = format!(
+        "{cut}\n… too long to approve here: review it with `ironclaw changes show {}` and approve it there.",
+        c.id
     );
-    (text, whole)
+    let mut t = text(&shown);
+    if t.encode_utf16().count() > MAX_MESSAGE_UNITS {
+        t = split_message(&t, MAX_MESSAGE_UNITS).swap_remove(0);
+    }
+    (t, false)
 }
 
 /// Sends waiting approval prompts and removes the buttons of decided ones, until the
@@ -736,7 +739,9 @@ async fn prompt_step(service: &Service, tg: &Telegram, p: &Prompt) -> bool {
 fn whole_in_prompt(service: &Service, id: &str) -> bool {
     match service.db(|s| s.change(id)) {
         Ok(Some(d)) => prompt_text(&d).1,
-        _ => true,
+        // Unknown: the decision refuses it and says so.
+        Ok(None) => true,
+        Err(_) => false,
     }
 }
 

@@ -39,10 +39,10 @@ impl Service {
     }
 
     /// Files the configuration file's text as a change request if it differs from the
-    /// approved version and was not looked at before. Nothing changes until an operator
-    /// approves it. A file left behind by a change approved another way is therefore
-    /// never filed as a request to undo it; to ask again for a text that was rejected or
-    /// expired, propose it (`changes propose`).
+    /// approved version, unless it was once the approved text (a file left behind by a
+    /// change approved another way is not a request to undo it) or was already filed
+    /// against the version in force. Nothing changes until an operator approves it. To
+    /// ask again for a text that was rejected or expired, propose it (`changes propose`).
     pub fn check_drift(&self, file_text: &str) -> Option<ChangeSummary> {
         let eff = self.effective();
         let hash = gateway::text_hash(file_text);
@@ -50,11 +50,17 @@ impl Service {
             .db(|s| s.cursor(crate::store::FILE_SEEN))
             .ok()
             .flatten();
-        if seen.as_deref() == Some(hash.as_str()) {
+        // A text once approved is a file left behind, not an edit; a text filed against
+        // the version in force waits for its decision.
+        let approved_once = crate::store::seen_key(None, &hash);
+        let filed_now = crate::store::seen_key(Some(eff.version), &hash);
+        if seen.as_deref() == Some(approved_once.as_str())
+            || seen.as_deref() == Some(filed_now.as_str())
+        {
             return None;
         }
         if file_text == eff.text {
-            if let Err(e) = self.db(|s| s.set_cursor(crate::store::FILE_SEEN, &hash)) {
+            if let Err(e) = self.db(|s| s.set_cursor(crate::store::FILE_SEEN, &approved_once)) {
                 tracing::warn!(error = %e, "remembering the configuration file's hash failed");
             }
             return None;

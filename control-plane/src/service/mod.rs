@@ -650,6 +650,8 @@ impl Service {
         }
         self.manager.stop_all().await;
         self.live_map().clear();
+        let limited = self.rate().flush(i64::MAX);
+        self.record_refusals(limited);
         let _ = self.db(|s| s.record("service_stopped", &json!({}), now_secs()));
     }
 

@@ -63,6 +63,15 @@ const DENIED_TEXT_CHARS: usize = 2048;
 /// Where the hash of the configuration file last looked at is kept (`channel_state`).
 pub const FILE_SEEN: &str = "config-file";
 
+/// What is remembered of the file's text: filed against version `base`, or (`None`)
+/// once the approved text.
+pub fn seen_key(base: Option<u64>, hash: &str) -> String {
+    match base {
+        Some(b) => format!("{b}:{hash}"),
+        None => format!("approved:{hash}"),
+    }
+}
+
 /// One approved version of the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigVersion {
@@ -197,16 +206,29 @@ impl Store {
         Ok(current(&self.conn)?)
     }
 
-    /// Whether version `v` with `hash` was put in force by an audited bootstrap or
-    /// application (the trail itself is checked with `verify_audit`).
+    /// The version the audit trail says is in force: the newest bootstrap or
+    /// application recorded in it, as (version, hash).
+    fn recorded_in_force(&self) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT json_extract(detail, '$.version'), json_extract(detail, '$.hash')
+                 FROM audit WHERE kind IN ('config_bootstrapped', 'change_applied')
+                 ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Whether `v` is exactly the version the audit trail last put in force (the trail
+    /// itself is checked with `verify_audit`): a version inserted, rolled back or
+    /// re-bootstrapped behind the store's back is not.
     pub fn version_recorded(&self, v: &ConfigVersion) -> Result<bool, StoreError> {
-        let n: i64 = self.conn.query_row(
-            "SELECT count(*) FROM audit WHERE kind IN ('config_bootstrapped', 'change_applied')
-             AND json_extract(detail, '$.version') = ?1 AND json_extract(detail, '$.hash') = ?2",
-            params![v.version as i64, v.hash],
-            |r| r.get(0),
-        )?;
-        Ok(n > 0 && gateway::text_hash(&v.text) == v.hash)
+        Ok(
+            self.recorded_in_force()? == Some((v.version, v.hash.clone()))
+                && gateway::text_hash(&v.text) == v.hash,
+        )
     }
 
     /// Records `text` as version 1 if there is no approved version yet (the first
@@ -214,6 +236,11 @@ impl Store {
     pub fn bootstrap_config(&mut self, text: &str, now: i64) -> Result<ConfigVersion, StoreError> {
         if let Some(v) = self.current_config()? {
             return Ok(v);
+        }
+        // Versions were put in force before: their rows are gone, which is tampering, not
+        // a first start. Version 1 is not made again from the file.
+        if self.recorded_in_force()?.is_some() {
+            return Err(StoreError::VersionsMissing);
         }
         let hash = gateway::text_hash(text);
         let tx = self.tx()?;
@@ -255,7 +282,7 @@ impl Store {
             tx.execute(
                 "INSERT INTO channel_state (channel, value) VALUES (?1, ?2)
                  ON CONFLICT (channel) DO UPDATE SET value = excluded.value",
-                params![FILE_SEEN, hash],
+                params![FILE_SEEN, seen_key(Some(new.base_version), &hash)],
             )?;
         }
         let pending: i64 = tx.query_row(
@@ -746,6 +773,21 @@ mod tests {
         };
         assert_eq!(v.version, 2);
         assert_eq!(v.text, detail.after);
+        assert!(s.version_recorded(&v).unwrap());
+        // Rolled back behind the store's back: the older version is no longer the one
+        // the trail put in force.
+        s.connection()
+            .execute("DELETE FROM config_versions WHERE version = 2", [])
+            .unwrap();
+        let old = s.current_config().unwrap().unwrap();
+        assert!(!s.version_recorded(&old).unwrap());
+        s.connection()
+            .execute(
+                "INSERT INTO config_versions (version, text, hash, change_id, applied_at)
+                 VALUES (2, ?1, ?2, ?3, 203)",
+                params![v.text, v.hash, c.id],
+            )
+            .unwrap();
         assert!(matches!(
             s.decide(&c.id, Decision::Approve, &OP, true, None, 204)
                 .unwrap(),
