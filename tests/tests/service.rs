@@ -315,7 +315,10 @@ fn bad_input_gets_clear_handling_and_others_are_still_served() {
         model,
         s,
         port,
-    } = Rig::start("[delivery]\nmax_waiting_per_session = 5\n");
+    } = Rig::start(
+        // The model budget is not what this test is about: room for every answer.
+        "[delivery]\nmax_waiting_per_session = 5\n[budgets]\nrequests_per_minute = 1000\n",
+    );
 
     // Unknown senders: one fixed refusal, whatever they send; nothing reaches an agent.
     for i in 0..3 {
