@@ -600,6 +600,7 @@ impl Store {
         session: &SessionId,
         seq: Seq,
         items: &[OutboxItem],
+        turn: &crate::gateway::TurnSummary,
         now: i64,
     ) -> Result<Ingested, StoreError> {
         let tx = self.tx()?;
@@ -613,6 +614,17 @@ impl Store {
             return Ok(out);
         }
         let row = session_row(&tx, session)?.ok_or(StoreError::BadSession)?;
+        // The segment ends the agent's turn: its summary is kept with the items.
+        let risk = crate::gateway::turn_risk(turn);
+        tx.execute(
+            "INSERT INTO turns (session, at, summary, risk) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                session.as_str(),
+                now,
+                serde_json::to_string(turn).unwrap_or_default(),
+                risk
+            ],
+        )?;
         let mut answered_here: Vec<i64> = Vec::new();
         for item in items {
             match item {
@@ -684,7 +696,8 @@ impl Store {
             "outbox_ingested",
             &json!({ "session": session.as_str(), "seq": seq.0, "replies": out.replies,
                      "dropped_replies": out.dropped_replies, "timers": out.timers,
-                     "notes": out.notes, "change_requests": out.change_requests }),
+                     "notes": out.notes, "change_requests": out.change_requests,
+                     "risk": risk, "turn": turn }),
         )?;
         tx.commit()?;
         Ok(out)
@@ -1143,6 +1156,10 @@ mod tests {
         SessionId::try_from(name).unwrap()
     }
 
+    fn turn() -> crate::gateway::TurnSummary {
+        crate::gateway::TurnSummary::default()
+    }
+
     fn inbound(chat: &str, ext: Option<&str>, text: &str) -> Inbound {
         Inbound {
             channel: "telegram".into(),
@@ -1224,15 +1241,19 @@ mod tests {
             reply(other, "x"),
             reply(9999, "y"),
         ];
-        let got = s.ingest(&id("a"), Seq(1), &items, 6).unwrap();
+        let got = s.ingest(&id("a"), Seq(1), &items, &turn(), 6).unwrap();
         assert_eq!((got.replies, got.dropped_replies), (2, 2));
         assert_eq!(s.message_state(m1).unwrap().as_deref(), Some("answered"));
         assert_eq!(s.message_state(other).unwrap().as_deref(), Some("received"));
         // An empty reply is no answer.
         // The same segment again, or a later one answering the same message: nothing new.
-        assert!(s.ingest(&id("a"), Seq(1), &items, 7).unwrap().duplicate);
+        assert!(
+            s.ingest(&id("a"), Seq(1), &items, &turn(), 7)
+                .unwrap()
+                .duplicate
+        );
         assert_eq!(
-            s.ingest(&id("a"), Seq(2), &[reply(m1, "again")], 7)
+            s.ingest(&id("a"), Seq(2), &[reply(m1, "again")], &turn(), 7)
                 .unwrap()
                 .replies,
             0
@@ -1250,7 +1271,9 @@ mod tests {
             panic!()
         };
         assert_eq!(s.take_batch(&id("a"), 8).unwrap().unwrap().0, Seq(2));
-        let got = s.ingest(&id("a"), Seq(3), &[reply(m2, " \n ")], 9).unwrap();
+        let got = s
+            .ingest(&id("a"), Seq(3), &[reply(m2, " \n ")], &turn(), 9)
+            .unwrap();
         assert_eq!((got.replies, got.dropped_replies), (0, 1));
         assert_eq!(s.message_state(m2).unwrap().as_deref(), Some("published"));
     }
@@ -1290,7 +1313,10 @@ mod tests {
             at: 500,
             text: "call mum".into(),
         });
-        assert_eq!(s.ingest(&sid, Seq(1), &[timer], 1).unwrap().timers, 1);
+        assert_eq!(
+            s.ingest(&sid, Seq(1), &[timer], &turn(), 1).unwrap().timers,
+            1
+        );
         assert_eq!(s.fire_timers(499).unwrap(), 0);
         assert_eq!(s.fire_timers(500).unwrap(), 1);
         assert_eq!(s.fire_timers(501).unwrap(), 0);

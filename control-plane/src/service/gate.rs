@@ -312,8 +312,9 @@ impl Service {
         f(turns.entry(session.clone()).or_default());
     }
 
-    /// An outbox segment ends a turn: its summary and risk are recorded.
-    pub(super) fn end_turn(&self, session: &SessionId, items: &[OutboxItem], now: i64) {
+    /// The summary of the turn an outbox segment ends (taken from what the proxy saw,
+    /// plus the segment's own items); stored with the segment.
+    pub(super) fn end_turn(&self, session: &SessionId, items: &[OutboxItem]) -> TurnSummary {
         let mut summary = {
             let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
             turns.remove(session).unwrap_or_default()
@@ -328,8 +329,6 @@ impl Service {
                 OutboxItem::Note(_) | OutboxItem::ScheduleRequest(_) => {}
             }
         }
-        if let Err(e) = self.db(|s| s.record_turn(session, &summary, now)) {
-            tracing::error!(session = %session, error = %e, "recording an agent turn failed");
-        }
+        summary
     }
 }

@@ -663,26 +663,29 @@ impl Service {
                 seq,
                 items,
                 stored,
-            } => match self.db(|s| s.ingest(&session, seq, &items, now)) {
-                Ok(done) => {
-                    let _ = stored.send(());
-                    if !done.duplicate {
-                        self.end_turn(&session, &items, now);
-                        self.file_outbox_requests(&session, &items);
-                    }
-                    if done.dropped_replies > 0 {
-                        tracing::warn!(session = %session, count = done.dropped_replies,
+            } => {
+                let turn = self.end_turn(&session, &items);
+                let ingested = self.db(|s| s.ingest(&session, seq, &items, &turn, now));
+                match ingested {
+                    Ok(done) => {
+                        let _ = stored.send(());
+                        if !done.duplicate {
+                            self.file_outbox_requests(&session, &items);
+                        }
+                        if done.dropped_replies > 0 {
+                            tracing::warn!(session = %session, count = done.dropped_replies,
                                 "replies to unknown or settled messages were dropped");
+                        }
+                        if done.replies > 0 || done.timers > 0 {
+                            self.outbound_changed();
+                        }
+                        self.prune_inbox(&session);
                     }
-                    if done.replies > 0 || done.timers > 0 {
-                        self.outbound_changed();
+                    Err(e) => {
+                        tracing::error!(session = %session, error = %e, "storing an outbox segment failed")
                     }
-                    self.prune_inbox(&session);
                 }
-                Err(e) => {
-                    tracing::error!(session = %session, error = %e, "storing an outbox segment failed")
-                }
-            },
+            }
             SessionEvent::ModelCall {
                 session,
                 provider,

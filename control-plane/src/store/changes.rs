@@ -622,32 +622,6 @@ impl Store {
         Ok(())
     }
 
-    /// Records one agent turn with its audit entry.
-    pub fn record_turn(
-        &mut self,
-        session: &SessionId,
-        summary: &TurnSummary,
-        now: i64,
-    ) -> Result<f64, StoreError> {
-        let risk = gateway::turn_risk(summary);
-        let text = serde_json::to_string(summary).unwrap_or_default();
-        self.unsynced(|conn| {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            tx.execute(
-                "INSERT INTO turns (session, at, summary, risk) VALUES (?1, ?2, ?3, ?4)",
-                params![session.as_str(), now, text, risk],
-            )?;
-            audit::append(
-                &tx,
-                now,
-                "agent_turn",
-                &json!({ "session": session.as_str(), "risk": risk, "turn": summary }),
-            )?;
-            tx.commit()
-        })?;
-        Ok(risk)
-    }
-
     /// A session's last `limit` turns, newest first.
     pub fn turns(&self, session: &SessionId, limit: u32) -> Result<Vec<TurnRow>, StoreError> {
         let mut stmt = self.conn.prepare(
