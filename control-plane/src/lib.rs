@@ -17,6 +17,7 @@ pub mod admin;
 pub mod audit;
 pub mod channels;
 pub mod config;
+pub mod doctor;
 pub mod gateway;
 pub mod model;
 pub mod proxy;

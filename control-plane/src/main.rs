@@ -30,6 +30,7 @@ const USAGE: &str = "usage:
   ironclaw changes list [--all] [--json] | show ID [--json] | propose FILE [--reason TEXT]
   ironclaw changes approve ID | reject ID
   ironclaw audit verify | export
+  ironclaw doctor [--json]                                (exit 1 on any critical finding)
 The state directory is --state-dir, else $IRONCLAW_STATE_DIR, else /var/lib/ironclaw.";
 
 struct Args {
@@ -105,13 +106,7 @@ fn main() -> ExitCode {
         ["changes", "reject", id] => changes_decide(&state, id, false),
         ["audit", "verify"] => audit_verify(&state),
         ["audit", "export"] => audit_export(&state),
-        ["doctor"] => {
-            eprintln!(
-                "ironclaw: `{}` is not available in this version yet",
-                words[0]
-            );
-            Ok(ExitCode::from(2))
-        }
+        ["doctor"] => doctor(&state, args.json),
         _ => return usage("unknown or incomplete command"),
     };
     match result {
@@ -515,6 +510,44 @@ fn changes_decide(state: &StateDir, id: &str, approve: bool) -> CliResult {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+fn doctor(state: &StateDir, json: bool) -> CliResult {
+    use control_plane::doctor::Severity;
+    let findings = control_plane::doctor::run(state);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&findings)?);
+    } else {
+        for f in &findings {
+            let level = match f.severity {
+                Severity::Critical => "CRITICAL",
+                Severity::Warning => "warning",
+                Severity::Info => "info",
+            };
+            println!(
+                "{level:<9} {}\n          {}\n          fix: {}",
+                f.id,
+                printable(&f.problem),
+                f.fix
+            );
+        }
+        let critical = findings
+            .iter()
+            .filter(|f| f.severity == Severity::Critical)
+            .count();
+        println!(
+            "{} findings, {critical} critical ({})",
+            findings.len(),
+            state.root.display()
+        );
+    }
+    Ok(
+        if findings.iter().any(|f| f.severity == Severity::Critical) {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        },
+    )
 }
 
 fn open_store(

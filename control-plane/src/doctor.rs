@@ -1,0 +1,471 @@
+//! `ironclaw doctor`: a security audit of the configuration and the host, offline on the
+//! state directory. Each finding has a stable id, a severity and a fix hint; any critical
+//! finding makes the command exit non-zero.
+//!
+//! Both the configuration file (what an operator edits) and the approved version in the
+//! control store (what runs) are examined, as raw TOML, so a file `serve` would refuse is
+//! still audited rather than only rejected.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::state::StateDir;
+use crate::store::Store;
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Critical,
+    Warning,
+    Info,
+}
+
+/// One finding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// Stable: scripts depend on it.
+    pub id: &'static str,
+    pub severity: Severity,
+    pub problem: String,
+    pub fix: &'static str,
+}
+
+struct Report(Vec<Finding>);
+
+impl Report {
+    fn add(&mut self, id: &'static str, severity: Severity, problem: String, fix: &'static str) {
+        if !self.0.iter().any(|f| f.id == id) {
+            self.0.push(Finding {
+                id,
+                severity,
+                problem,
+                fix,
+            });
+        }
+    }
+}
+
+/// Runs every check; findings ordered by severity, then id.
+pub fn run(state: &StateDir) -> Vec<Finding> {
+    let mut r = Report(Vec::new());
+    permissions(state, &mut r);
+    let master = master_key(state, &mut r);
+    let file_text = std::fs::read_to_string(state.config()).ok();
+    let mut approved = None;
+    if let Some(master) = &master {
+        approved = store(state, master, file_text.as_deref(), &mut r);
+    }
+    let texts: Vec<(&str, String)> = [
+        ("the configuration file", file_text),
+        ("the approved configuration", approved),
+    ]
+    .into_iter()
+    .filter_map(|(w, t)| t.map(|t| (w, t)))
+    .collect();
+    if texts.is_empty() {
+        r.add(
+            "config.missing",
+            Severity::Critical,
+            format!("no configuration at {}", state.config().display()),
+            "run `ironclaw init`",
+        );
+    }
+    for (where_, text) in &texts {
+        match text.parse::<toml::Table>() {
+            Ok(t) => configuration(where_, &t, &mut r),
+            Err(e) => r.add(
+                "config.invalid",
+                Severity::Critical,
+                format!("{where_} is not valid TOML: {}", e.message()),
+                "fix the file; `serve` refuses it",
+            ),
+        }
+    }
+    // The host parts follow what runs (the approved version), else the file.
+    if let Some((_, text)) = texts.last()
+        && let Ok(t) = text.parse::<toml::Table>()
+    {
+        host(&t, &mut r);
+    }
+    r.0.sort_by(|a, b| a.severity.cmp(&b.severity).then(a.id.cmp(b.id)));
+    r.0
+}
+
+fn get<'t>(t: &'t toml::Table, path: &[&str]) -> Option<&'t toml::Value> {
+    let (last, parents) = path.split_last()?;
+    let mut table = t;
+    for p in parents {
+        table = table.get(*p)?.as_table()?;
+    }
+    table.get(*last)
+}
+
+fn permissions(state: &StateDir, r: &mut Report) {
+    match std::fs::metadata(&state.root) {
+        Ok(m) if m.mode() & 0o077 != 0 || m.uid() != 0 => r.add(
+            "state.permissions",
+            Severity::Critical,
+            format!(
+                "the state directory {} is mode {:o}, owner uid {}: others may read or enter it",
+                state.root.display(),
+                m.mode() & 0o777,
+                m.uid()
+            ),
+            "chown root and chmod 0700 the state directory",
+        ),
+        Ok(_) => {}
+        Err(e) => r.add(
+            "state.missing",
+            Severity::Critical,
+            format!("the state directory {}: {e}", state.root.display()),
+            "run `ironclaw init`",
+        ),
+    }
+    if let Ok(m) = std::fs::metadata(state.config())
+        && m.mode() & 0o022 != 0
+    {
+        r.add(
+            "state.config-writable",
+            Severity::Critical,
+            format!(
+                "config.toml is mode {:o}: others may write it",
+                m.mode() & 0o777
+            ),
+            "chmod 0600 the configuration file",
+        );
+    }
+}
+
+fn master_key(state: &StateDir, r: &mut Report) -> Option<queue_proto::keys::MasterKey> {
+    let path = state.master_key();
+    if let Ok(m) = std::fs::metadata(&path)
+        && (m.mode() & 0o077 != 0 || m.uid() != 0)
+    {
+        r.add(
+            "keys.master-key-exposed",
+            Severity::Critical,
+            format!(
+                "{} is mode {:o}, owner uid {}: others may read the master key",
+                path.display(),
+                m.mode() & 0o777,
+                m.uid()
+            ),
+            "chown root and chmod 0400 the master key, or pass it with systemd's LoadCredentialEncrypted=",
+        );
+    }
+    let key = match state.load_master_key() {
+        Ok(k) => Some(k),
+        // Already said: the key is refused because others may read it.
+        Err(_) if r.0.iter().any(|f| f.id == "keys.master-key-exposed") => None,
+        Err(e) => {
+            r.add(
+                "keys.master-key-unreadable",
+                Severity::Critical,
+                format!(
+                    "the master key cannot be loaded: {}",
+                    crate::error_chain(&e)
+                ),
+                "restore the master key from its offline backup",
+            );
+            None
+        }
+    };
+    let hex_key = key.as_ref().map(|k| hex::encode(k.expose_secret()));
+    for (name, value) in std::env::vars_os() {
+        let (name, value) = (name.to_string_lossy(), value.to_string_lossy());
+        let named = name.to_ascii_uppercase().contains("MASTER_KEY");
+        let holds = hex_key
+            .as_deref()
+            .is_some_and(|h| value.to_ascii_lowercase().contains(h));
+        if named || holds {
+            r.add(
+                "keys.master-key-in-environment",
+                Severity::Critical,
+                format!("the environment variable {name} holds or names the master key"),
+                "remove it: every child process and crash report can see the environment",
+            );
+        }
+    }
+    key
+}
+
+/// The store's checks; returns the approved configuration text.
+fn store(
+    state: &StateDir,
+    master: &queue_proto::keys::MasterKey,
+    file_text: Option<&str>,
+    r: &mut Report,
+) -> Option<String> {
+    let store =
+        match Store::open(&state.store(), master) {
+            Ok(s) => s,
+            Err(e) => {
+                r.add(
+                "audit.store-unreadable",
+                Severity::Critical,
+                format!("the control store cannot be opened: {}", crate::error_chain(&e)),
+                "restore the state directory from a backup, or run `ironclaw init` in a new one",
+            );
+                return None;
+            }
+        };
+    if let Err(e) = store.verify_audit(master) {
+        r.add(
+            "audit.chain-broken",
+            Severity::Critical,
+            format!("the audit trail is broken: {e}"),
+            "the control store was changed outside ironclaw: investigate before running it",
+        );
+    }
+    let current = store.current_config().ok().flatten()?;
+    if !store.version_recorded(&current).unwrap_or(false) {
+        r.add(
+            "audit.version-unrecorded",
+            Severity::Critical,
+            format!(
+                "approved configuration version {} is not the one the audit trail put in force",
+                current.version
+            ),
+            "the control store was changed outside ironclaw: investigate before running it",
+        );
+    }
+    let pending = store
+        .changes(false, 10_000)
+        .map(|c| c.len())
+        .unwrap_or_default();
+    if file_text.is_some_and(|f| f != current.text) || pending > 0 {
+        r.add(
+            "config.drift-pending",
+            Severity::Warning,
+            format!(
+                "the configuration file differs from approved version {}, or {pending} change requests wait for a decision",
+                current.version
+            ),
+            "review with `ironclaw changes list` and decide; an edit takes effect only once approved",
+        );
+    }
+    Some(current.text)
+}
+
+fn configuration(where_: &str, t: &toml::Table, r: &mut Report) {
+    if get(t, &["sandbox", "runtime"]).and_then(|v| v.as_str()) == Some("host") {
+        r.add(
+            "sandbox.not-gvisor",
+            Severity::Critical,
+            format!("{where_} runs agents without isolation (sandbox.runtime = \"host\")"),
+            "set sandbox.runtime = \"gvisor\" (development only otherwise)",
+        );
+    }
+    if let Some(n) = get(t, &["sandbox", "network"])
+        && n.as_str() != Some("none")
+    {
+        r.add(
+            "sandbox.network-not-none",
+            Severity::Critical,
+            format!("{where_} asks for a sandbox network ({n:?})"),
+            "remove sandbox.network: agents reach the world only through the proxy",
+        );
+    }
+    let ops = |k: &str| {
+        get(t, &["operators", k])
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| !a.is_empty())
+    };
+    // `unix_uids` defaults to root when absent.
+    let unix_default = get(t, &["operators", "unix_uids"]).is_none();
+    if !(unix_default || ops("unix_uids") || ops("telegram") || ops("tailnet")) {
+        r.add(
+            "operators.none",
+            Severity::Critical,
+            format!("{where_} names no operators: nothing could ever be approved"),
+            "name at least one operator in [operators]",
+        );
+    }
+    if let Some(url) = get(t, &["model", "base_url"]).and_then(|v| v.as_str())
+        && insecure(url)
+    {
+        r.add(
+            "model.endpoint-insecure",
+            Severity::Critical,
+            format!("{where_} sends model calls to {url}: not HTTPS and not loopback"),
+            "use an https:// endpoint, or a model server on 127.0.0.1",
+        );
+    }
+    if let Some(tg) = get(t, &["channels", "telegram"]).and_then(|v| v.as_table())
+        && tg
+            .get("allowed_users")
+            .and_then(|v| v.as_array())
+            .is_none_or(|a| a.is_empty())
+    {
+        r.add(
+            "telegram.no-allowed-users",
+            Severity::Critical,
+            format!("{where_} turns Telegram on without allowed_users"),
+            "list the Telegram user ids that may talk to the assistant",
+        );
+    }
+}
+
+/// Neither HTTPS nor plain HTTP to loopback.
+fn insecure(url: &str) -> bool {
+    let Ok(u) = url::Url::parse(url) else {
+        return true;
+    };
+    let loopback = match u.host() {
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    };
+    !(u.scheme() == "https" || (u.scheme() == "http" && loopback))
+}
+
+fn host(t: &toml::Table, r: &mut Report) {
+    let gvisor = get(t, &["sandbox", "runtime"]).and_then(|v| v.as_str()) != Some("host");
+    if gvisor {
+        let runsc = match get(t, &["sandbox", "runsc"]).and_then(|v| v.as_str()) {
+            Some(p) => Some(PathBuf::from(p)).filter(|p| p.is_file()),
+            None => on_path("runsc"),
+        };
+        match runsc {
+            None => r.add(
+                "sandbox.runsc-missing",
+                Severity::Critical,
+                "runsc (gVisor) is not installed or not on PATH".into(),
+                "apt-get install runsc (scripts/setup does)",
+            ),
+            Some(p) => match std::process::Command::new(&p)
+                .arg("--version")
+                .stdin(std::process::Stdio::null())
+                .output()
+            {
+                Ok(o) if o.status.success() => {}
+                Ok(_) | Err(_) => r.add(
+                    "sandbox.runsc-unusable",
+                    Severity::Critical,
+                    format!("{} --version fails", p.display()),
+                    "reinstall runsc, or point sandbox.runsc at a working one",
+                ),
+            },
+        }
+    }
+    let agent = match get(t, &["sandbox", "agent_binary"]).and_then(|v| v.as_str()) {
+        Some(p) => PathBuf::from(p),
+        None => std::env::var_os("IRONCLAW_AGENT_BIN").map_or_else(
+            || {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|e| e.parent().map(|d| d.join("ironclaw-agent")))
+                    .unwrap_or_else(|| PathBuf::from("ironclaw-agent"))
+            },
+            PathBuf::from,
+        ),
+    };
+    agent_binary(&agent, r);
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+fn agent_binary(path: &Path, r: &mut Report) {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => {
+            r.add(
+                "agent.missing",
+                Severity::Critical,
+                format!("the agent binary {}: {e}", path.display()),
+                "build it with scripts/build-static and install it next to ironclaw",
+            );
+            return;
+        }
+    };
+    if meta.permissions().mode() & 0o022 != 0 || meta.uid() != 0 {
+        r.add(
+            "agent.writable",
+            Severity::Critical,
+            format!(
+                "the agent binary {} is mode {:o}, owner uid {}: someone other than root may replace it",
+                path.display(),
+                meta.mode() & 0o777,
+                meta.uid()
+            ),
+            "chown root and chmod 0755 the agent binary",
+        );
+    }
+    match std::fs::read(path) {
+        Ok(bytes) if interpreter(&bytes) => r.add(
+            "agent.not-static",
+            Severity::Critical,
+            format!(
+                "the agent binary {} is dynamically linked: it would load libraries from the sandbox's root",
+                path.display()
+            ),
+            "build it with scripts/build-static",
+        ),
+        Ok(_) => {}
+        Err(e) => r.add(
+            "agent.missing",
+            Severity::Critical,
+            format!("the agent binary {} cannot be read: {e}", path.display()),
+            "build it with scripts/build-static",
+        ),
+    }
+}
+
+/// Whether a 64-bit little-endian ELF file asks for a program interpreter (PT_INTERP),
+/// that is, is dynamically linked. Anything that is not such an ELF counts as not static.
+fn interpreter(b: &[u8]) -> bool {
+    let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
+    let u32_at = |o: usize| {
+        b.get(o..o + 4)
+            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    let u64_at = |o: usize| {
+        b.get(o..o + 8).map(|s| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(s);
+            u64::from_le_bytes(a)
+        })
+    };
+    if b.get(0..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
+        return true;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return true;
+    };
+    (0..usize::from(phnum)).any(|i| {
+        let at = phoff as usize + i * usize::from(phentsize);
+        u32_at(at).is_none_or(|kind| kind == 3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dynamic_binary_is_told_from_a_static_one() {
+        let this = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert!(interpreter(&this), "test binaries are dynamically linked");
+        assert!(interpreter(b"#!/bin/sh\n"));
+        assert!(interpreter(&[]));
+    }
+
+    #[test]
+    fn endpoints_are_judged_like_the_policy() {
+        assert!(!insecure("https://api.anthropic.com"));
+        assert!(!insecure("http://127.0.0.1:11434"));
+        assert!(insecure("http://10.0.0.5:11434"));
+        assert!(insecure("not a url"));
+    }
+}

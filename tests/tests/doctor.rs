@@ -1,0 +1,170 @@
+//! `ironclaw doctor` on real state directories: silent on what `init` writes, and each
+//! check firing on a configuration or host made bad in just that way.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use serde_json::Value;
+use tests::service::{Serve, agent_bin, ironclaw_bin};
+
+/// A fresh state directory from `ironclaw init`, its configuration edited by `edit`.
+fn state(edit: impl Fn(&str) -> String) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s");
+    let out = Command::new(ironclaw_bin())
+        .args(["init", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let config = state.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, edit(&text)).unwrap();
+    (dir, state)
+}
+
+/// Runs doctor: its exit code and findings (id, severity).
+fn doctor(state: &std::path::Path, env: &[(&str, &str)]) -> (i32, Vec<(String, String)>) {
+    let mut cmd = Command::new(ironclaw_bin());
+    cmd.args(["doctor", "--json", "--state-dir"])
+        .arg(state)
+        .env("IRONCLAW_AGENT_BIN", agent_bin());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let findings: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "not JSON: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let list = findings
+        .iter()
+        .map(|f| {
+            (
+                f["id"].as_str().unwrap().to_owned(),
+                f["severity"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    (out.status.code().unwrap(), list)
+}
+
+/// Exactly `id` (with `severity`) is found, and the exit code follows it.
+fn only(state: &std::path::Path, env: &[(&str, &str)], id: &str, severity: &str) {
+    let (code, found) = doctor(state, env);
+    assert_eq!(found, vec![(id.to_owned(), severity.to_owned())], "{id}");
+    assert_eq!(code, i32::from(severity == "critical"), "{id}: exit code");
+}
+
+#[test]
+fn doctor_is_silent_on_the_default_and_each_check_fires_on_its_own_fault() {
+    let (_d, s) = state(str::to_owned);
+    let (code, found) = doctor(&s, &[]);
+    assert_eq!((code, found), (0, vec![]), "the default has findings");
+
+    let edits: [(&str, &str, &str, &str); 7] = [
+        (
+            "runtime = \"gvisor\"",
+            "runtime = \"host\"",
+            "sandbox.not-gvisor",
+            "critical",
+        ),
+        (
+            "memory_mib = 256",
+            "memory_mib = 256\nrunsc = \"/nonexistent/runsc\"",
+            "sandbox.runsc-missing",
+            "critical",
+        ),
+        (
+            "memory_mib = 256",
+            "memory_mib = 256\nrunsc = \"/bin/false\"",
+            "sandbox.runsc-unusable",
+            "critical",
+        ),
+        (
+            "memory_mib = 256",
+            "memory_mib = 256\nnetwork = \"host\"",
+            "sandbox.network-not-none",
+            "critical",
+        ),
+        (
+            "unix_uids = [0]",
+            "unix_uids = []",
+            "operators.none",
+            "critical",
+        ),
+        (
+            "provider = \"demo\"",
+            "provider = \"openai\"\nbase_url = \"http://10.0.0.5:11434\"\nmodel = \"m\"",
+            "model.endpoint-insecure",
+            "critical",
+        ),
+        (
+            "[operators]",
+            "[channels.telegram]\ntoken_file = \"/t\"\nallowed_users = []\n\n[operators]",
+            "telegram.no-allowed-users",
+            "critical",
+        ),
+    ];
+    for (from, to, id, severity) in edits {
+        let (_d, s) = state(|t| {
+            assert!(t.contains(from), "{from}");
+            t.replacen(from, to, 1)
+        });
+        only(&s, &[], id, severity);
+    }
+
+    // The host: permissions, the environment, the agent binary.
+    let (_d, s) = state(str::to_owned);
+    std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o755)).unwrap();
+    only(&s, &[], "state.permissions", "critical");
+    let (_d, s) = state(str::to_owned);
+    std::fs::set_permissions(s.join("master.key"), std::fs::Permissions::from_mode(0o444)).unwrap();
+    only(&s, &[], "keys.master-key-exposed", "critical");
+    let (_d, s) = state(str::to_owned);
+    only(
+        &s,
+        &[("IRONCLAW_MASTER_KEY", "00")],
+        "keys.master-key-in-environment",
+        "critical",
+    );
+    only(
+        &s,
+        &[("IRONCLAW_AGENT_BIN", "/bin/true")],
+        "agent.not-static",
+        "critical",
+    );
+    let loose = s.join("agent-copy");
+    std::fs::copy(agent_bin(), &loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o777)).unwrap();
+    only(
+        &s,
+        &[("IRONCLAW_AGENT_BIN", loose.to_str().unwrap())],
+        "agent.writable",
+        "critical",
+    );
+}
+
+#[test]
+fn doctor_sees_pending_drift_and_a_broken_audit_trail() {
+    let mut s = Serve::init(control_plane::config::DEFAULT_CONFIG);
+    s.start();
+    assert_eq!(s.stop().map(|e| e.success()), Some(true));
+    assert_eq!(doctor(&s.state, &[]), (0, vec![]));
+    let config = s.state.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("memory_mib = 256", "memory_mib = 512"),
+    )
+    .unwrap();
+    only(&s.state, &[], "config.drift-pending", "warning");
+    std::fs::write(&config, &text).unwrap();
+    s.store().execute("DELETE FROM audit_head", []).unwrap();
+    only(&s.state, &[], "audit.chain-broken", "critical");
+}
