@@ -25,6 +25,7 @@ pub mod sandbox;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod tailnet;
 
 /// An error and its causes on one line, for the operator.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -9,6 +9,7 @@
 
 pub mod fake_http;
 pub mod fake_model;
+pub mod fake_tailscaled;
 pub mod fake_telegram;
 pub mod hostile_model;
 pub mod service;
