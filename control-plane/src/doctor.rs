@@ -311,16 +311,7 @@ fn configuration(where_: &str, t: &toml::Table, r: &mut Report) {
 
 /// Neither HTTPS nor plain HTTP to loopback.
 fn insecure(url: &str) -> bool {
-    let Ok(u) = url::Url::parse(url) else {
-        return true;
-    };
-    let loopback = match u.host() {
-        Some(url::Host::Ipv4(a)) => a.is_loopback(),
-        Some(url::Host::Ipv6(a)) => a.is_loopback(),
-        Some(url::Host::Domain(d)) => d == "localhost",
-        None => false,
-    };
-    !(u.scheme() == "https" || (u.scheme() == "http" && loopback))
+    url::Url::parse(url).map_or(true, |u| !crate::model::http::https_or_loopback(&u))
 }
 
 fn host(t: &toml::Table, r: &mut Report) {
@@ -352,19 +343,10 @@ fn host(t: &toml::Table, r: &mut Report) {
             },
         }
     }
-    let agent = match get(t, &["sandbox", "agent_binary"]).and_then(|v| v.as_str()) {
-        Some(p) => PathBuf::from(p),
-        None => std::env::var_os("IRONCLAW_AGENT_BIN").map_or_else(
-            || {
-                std::env::current_exe()
-                    .ok()
-                    .and_then(|e| e.parent().map(|d| d.join("ironclaw-agent")))
-                    .unwrap_or_else(|| PathBuf::from("ironclaw-agent"))
-            },
-            PathBuf::from,
-        ),
-    };
-    agent_binary(&agent, r);
+    let configured = get(t, &["sandbox", "agent_binary"])
+        .and_then(|v| v.as_str())
+        .map(Path::new);
+    agent_binary(&crate::service::agent_binary_at(configured), r);
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {

@@ -132,8 +132,17 @@ pub fn agent_candidate(current: &str, target: ChangeTarget, after: &str) -> Resu
                 why: "tools needs a JSON list of known tool names".into(),
             })?;
             let mut array = toml_edit::Array::new();
-            for t in &tools {
-                array.push(tool_str(*t));
+            // Spelled as the configuration spells them: through ToolName's own serde names.
+            for t in serde_json::to_value(&tools)
+                .map_err(|_| Denial {
+                    rule: "parse",
+                    why: "tools could not be written".into(),
+                })?
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                array.push(t.as_str().unwrap_or_default());
             }
             section(&mut doc, &["agent"])?.insert("tools", toml_edit::value(array));
         }
@@ -157,17 +166,6 @@ pub fn agent_candidate(current: &str, target: ChangeTarget, after: &str) -> Resu
         ChangeTarget::SandboxLimits => merge(&mut doc, "sandbox", &AGENT_SANDBOX_KEYS, json()?)?,
     }
     Ok(doc.to_string())
-}
-
-fn tool_str(t: ToolName) -> &'static str {
-    match t {
-        ToolName::Reply => "reply",
-        ToolName::NoteWrite => "note_write",
-        ToolName::NoteRead => "note_read",
-        ToolName::NoteList => "note_list",
-        ToolName::Schedule => "schedule",
-        ToolName::RequestChange => "request_change",
-    }
 }
 
 /// The table at `path`, created if missing.
@@ -297,13 +295,7 @@ fn endpoint_rule(key: &str, url: &str) -> Result<(), Denial> {
     let Ok(u) = url::Url::parse(url) else {
         return deny("endpoint", format!("{key} is not a URL"));
     };
-    let loopback = match u.host() {
-        Some(url::Host::Ipv4(a)) => a.is_loopback(),
-        Some(url::Host::Ipv6(a)) => a.is_loopback(),
-        Some(url::Host::Domain(d)) => d == "localhost",
-        None => false,
-    };
-    if loopback {
+    if crate::model::http::is_loopback(&u) {
         return Ok(());
     }
     if matches!(u.host(), Some(url::Host::Ipv4(_) | url::Host::Ipv6(_))) {

@@ -29,16 +29,26 @@ pub enum EndpointError {
     Extras(String),
 }
 
+/// Whether `url`'s host is a loopback address or `localhost`.
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    }
+}
+
+/// HTTPS, or plain HTTP to loopback: the rule every endpoint the control plane calls
+/// follows.
+pub fn https_or_loopback(url: &Url) -> bool {
+    url.scheme() == "https" || (url.scheme() == "http" && is_loopback(url))
+}
+
 impl ApprovedEndpoint {
     pub fn parse(base: &str) -> Result<Self, EndpointError> {
         let url = Url::parse(base).map_err(|_| EndpointError::NotAUrl(base.into()))?;
-        let loopback = match url.host() {
-            Some(url::Host::Ipv4(a)) => a.is_loopback(),
-            Some(url::Host::Ipv6(a)) => a.is_loopback(),
-            Some(url::Host::Domain(d)) => d == "localhost",
-            None => false,
-        };
-        if !(url.scheme() == "https" || (url.scheme() == "http" && loopback)) {
+        if !https_or_loopback(&url) {
             return Err(EndpointError::NotHttps(base.into()));
         }
         if !url.username().is_empty()

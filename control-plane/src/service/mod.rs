@@ -199,8 +199,13 @@ pub fn provider(config: &Config) -> Result<AnyProvider, ServiceError> {
 /// The agent binary: the configured path, `$IRONCLAW_AGENT_BIN`, or `ironclaw-agent`
 /// next to this executable.
 pub fn agent_binary(config: &Config) -> PathBuf {
-    if let Some(p) = &config.sandbox.agent_binary {
-        return p.clone();
+    agent_binary_at(config.sandbox.agent_binary.as_deref())
+}
+
+/// The agent binary for a configured path, if any (see [`agent_binary`]).
+pub fn agent_binary_at(configured: Option<&std::path::Path>) -> PathBuf {
+    if let Some(p) = configured {
+        return p.to_owned();
     }
     if let Some(p) = std::env::var_os("IRONCLAW_AGENT_BIN") {
         return PathBuf::from(p);
