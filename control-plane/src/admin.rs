@@ -76,7 +76,17 @@ pub enum Request {
         approve: bool,
         hash: Option<String>,
     },
+    /// The version in force, and how many sessions and pending change requests there are.
+    Health,
+    /// At most `limit` audit entries after sequence number `after`, oldest first.
+    AuditPage {
+        after: i64,
+        limit: u32,
+    },
 }
+
+/// The most audit entries one `AuditPage` returns.
+pub const MAX_AUDIT_PAGE: u32 = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -102,6 +112,12 @@ pub enum Response {
         version: Option<u64>,
         why: Option<String>,
     },
+    Health {
+        version: u64,
+        sessions: u64,
+        pending_changes: u64,
+    },
+    Audit(Vec<crate::audit::Entry>),
     Error(String),
 }
 
@@ -196,7 +212,7 @@ async fn connection(service: Arc<Service>, stream: tokio::net::UnixStream) -> st
     let mut delivered = None;
     let answer = if !service.config().operators.unix_uids.contains(&uid) {
         tracing::warn!(uid, "admin socket: refused a peer that is not an operator");
-        service.audit("admin_refused", serde_json::json!({ "uid": uid }));
+        service.refuse_admin_peer(&format!("uid:{uid}"), serde_json::json!({ "uid": uid }));
         Response::Error("this user is not an operator (operators.unix_uids)".into())
     } else {
         match read {
@@ -230,7 +246,7 @@ async fn connection(service: Arc<Service>, stream: tokio::net::UnixStream) -> st
 
 /// Console replies to acknowledge once the answer is written: the chat, the last id,
 /// and the chat's lock.
-type Ack = Option<(String, i64, tokio::sync::OwnedMutexGuard<()>)>;
+pub(crate) type Ack = Option<(String, i64, tokio::sync::OwnedMutexGuard<()>)>;
 
 /// One lock per console chat, held from reading its waiting replies to acknowledging
 /// them.
@@ -243,7 +259,9 @@ fn chat_lock(chat: &str) -> Arc<tokio::sync::Mutex<()>> {
     map.entry(chat.to_owned()).or_default().clone()
 }
 
-async fn handle(service: &Arc<Service>, req: Request, peer: Identity) -> (Response, Ack) {
+/// Answers one request from `peer`, an operator identified by the caller. The answer's
+/// console replies (of `Send`) are to be acknowledged once written.
+pub(crate) async fn handle(service: &Arc<Service>, req: Request, peer: Identity) -> (Response, Ack) {
     let answer = match req {
         Request::Send {
             session,
@@ -306,6 +324,24 @@ async fn handle(service: &Arc<Service>, req: Request, peer: Identity) -> (Respon
             };
             match service.decide(&id, decision, &peer, hash.as_deref()).await {
                 Ok(d) => decided(d),
+                Err(e) => Response::Error(chain(&e)),
+            }
+        }
+        Request::Health => {
+            let counts = service.db(|s| Ok((s.summaries()?.len(), s.changes(false, 10_000)?.len())));
+            match counts {
+                Ok((sessions, pending)) => Response::Health {
+                    version: service.effective().version,
+                    sessions: sessions as u64,
+                    pending_changes: pending as u64,
+                },
+                Err(e) => Response::Error(chain(&e)),
+            }
+        }
+        Request::AuditPage { after, limit } => {
+            let limit = limit.min(MAX_AUDIT_PAGE);
+            match service.db(|s| Ok(crate::audit::page(s.connection(), after, limit)?)) {
+                Ok(entries) => Response::Audit(entries),
                 Err(e) => Response::Error(chain(&e)),
             }
         }

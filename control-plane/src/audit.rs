@@ -132,7 +132,7 @@ pub fn append(
 pub struct Broken;
 
 /// One entry as exported.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     pub seq: i64,
     pub at: i64,
@@ -220,8 +220,15 @@ pub fn verify(conn: &rusqlite::Connection, key: &SecretKey) -> Result<u64, Chain
 
 /// Every entry, oldest first.
 pub fn export(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<Entry>> {
-    let mut stmt = conn.prepare("SELECT seq, at, kind, detail FROM audit ORDER BY seq")?;
-    let rows = stmt.query_map([], |r| {
+    page(conn, 0, u32::MAX)
+}
+
+/// At most `limit` entries after sequence number `after`, oldest first.
+pub fn page(conn: &rusqlite::Connection, after: i64, limit: u32) -> rusqlite::Result<Vec<Entry>> {
+    let mut stmt = conn.prepare(
+        "SELECT seq, at, kind, detail FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(rusqlite::params![after, i64::from(limit)], |r| {
         let detail: String = r.get(3)?;
         Ok(Entry {
             seq: r.get(0)?,

@@ -61,6 +61,9 @@ pub struct Config {
     pub channels: Channels,
     #[serde(default)]
     pub operators: Operators,
+    /// The admin HTTP API and its approval page; absent = off.
+    #[serde(default)]
+    pub admin_api: Option<AdminApiConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -239,6 +242,26 @@ pub struct BridgeConfig {
     pub token_file: PathBuf,
 }
 
+/// The admin HTTP API: reachable only over Tailscale, by configured operators.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminApiConfig {
+    /// This machine's Tailscale address and a port.
+    pub listen: SocketAddr,
+    /// Other names the API answers to (the machine's MagicDNS name, say); a request
+    /// naming any other host is refused, so a web page cannot rebind a name of its own
+    /// to this address.
+    #[serde(default)]
+    pub host_names: Vec<String>,
+    /// tailscaled's LocalAPI socket, asked who every peer is.
+    #[serde(default = "default_tailscaled_socket")]
+    pub tailscaled_socket: PathBuf,
+}
+
+fn default_tailscaled_socket() -> PathBuf {
+    PathBuf::from(crate::tailnet::DEFAULT_SOCKET)
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Operators {
@@ -372,6 +395,21 @@ impl Config {
         {
             return invalid("channels.bridge.listen must be a loopback or Tailscale address");
         }
+        if let Some(a) = &self.admin_api {
+            if !crate::tailnet::in_tailnet(a.listen.ip()) {
+                return invalid(
+                    "admin_api.listen must be this machine's Tailscale address (100.64.0.0/10 or fd7a:115c:a1e0::/48)",
+                );
+            }
+            if self.operators.tailnet.is_empty() {
+                return invalid("admin_api is on but operators.tailnet is empty: nobody could use it");
+            }
+            if a.host_names.iter().any(|h| !host_name_ok(h)) {
+                return invalid(
+                    "admin_api.host_names must be DNS names (letters, digits, '-' and '.'), without a port",
+                );
+            }
+        }
         Ok(())
     }
 
@@ -396,6 +434,15 @@ impl Config {
     pub fn reply_timeout(&self) -> Duration {
         Duration::from_secs(self.delivery.reply_timeout_secs)
     }
+}
+
+/// A DNS name as it appears in a `Host` header, without the port.
+fn host_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// Loopback, or inside Tailscale's ranges (100.64.0.0/10, fd7a:115c:a1e0::/48).
@@ -459,7 +506,12 @@ max_requests_per_minute = 20  # per agent; more are refused and counted
 [operators]
 unix_uids = [0]
 # telegram = [123456789]
-# tailnet = ["alice@example.com"]
+# tailnet = ["alice@example.com"]    # a login name, or "tag:..." for a tagged device
+
+# [admin_api]               # HTTP API and approval page, for operators.tailnet only
+# listen = "100.101.102.103:8790"          # this machine's Tailscale address
+# host_names = ["homebox.tail1234.ts.net"] # its MagicDNS name, if used in the browser
+# tailscaled_socket = "/run/tailscale/tailscaled.sock"
 "#;
 
 #[cfg(test)]

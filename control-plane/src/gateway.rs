@@ -418,6 +418,16 @@ pub fn change_risk(before: &Config, after: &Config, by_agent: bool) -> (Vec<Oper
         "a channel added or moved",
         0.5,
     );
+    let admin = |c: &Config| {
+        c.admin_api
+            .as_ref()
+            .map(|x| (x.listen, x.host_names.clone(), x.tailscaled_socket.clone()))
+    };
+    op(
+        admin(a).is_some() && admin(b) != admin(a),
+        "admin API turned on or moved",
+        0.6,
+    );
     let tools = |c: &Config| c.agent.tools.iter().copied().collect::<HashSet<_>>();
     op(
         tools(a).difference(&tools(b)).next().is_some(),

@@ -9,11 +9,13 @@
 //! [`state`] is the state directory and `init`; [`config`] the bootstrap file; [`store`]
 //! the encrypted control store with its [`audit`] trail; [`service`] ties the chat
 //! [`channels`], the per-session [`sandbox`]es and [`proxy`]s and the [`model`]
-//! providers together for `serve`; [`admin`] is the local socket the CLI talks to.
+//! providers together for `serve`; [`admin`] is the local socket the CLI talks to, and
+//! [`admin_api`] the same operations over HTTP for operators on the tailnet ([`tailnet`]).
 
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod admin_api;
 pub mod audit;
 pub mod channels;
 pub mod config;

@@ -171,6 +171,9 @@ async fn run(
     let listener = admin::bind(&state.admin_socket())?;
     let mut tasks = vec![tokio::spawn(admin::serve(service.clone(), listener))];
     tasks.extend(control_plane::channels::start(&service).map_err(|e| chain(&e))?);
+    if let Some(cfg) = &service.config().admin_api {
+        tasks.push(control_plane::admin_api::start(service.clone(), cfg));
+    }
     tracing::info!(state_dir = %state.root.display(), admin_socket = %state.admin_socket().display(), "serving");
     loop {
         tokio::select! {

@@ -16,6 +16,9 @@ use crate::model::AnyProvider;
 use crate::state::now_secs;
 use crate::store::{ChangeSummary, ConfigVersion, Decided, Decision, NewChange};
 
+/// Refusals of one admin peer recorded one by one each minute; the rest are counted.
+const REFUSALS_RECORDED_PER_MINUTE: u32 = 10;
+
 /// The approved configuration in force: parsed, its version, and its exact text.
 #[derive(Debug)]
 pub struct Effective {
@@ -165,6 +168,41 @@ impl Service {
             if let OutboxItem::ChangeRequest(r) = item {
                 self.file_agent_change(session, r);
             }
+        }
+    }
+
+    /// Records a peer the admin socket or the admin API refused. The first
+    /// [`REFUSALS_RECORDED_PER_MINUTE`] a minute from one peer are each an `admin_refused`
+    /// entry; the rest are one `admin_refusals_limited` count a minute, so a peer knocking
+    /// in a loop cannot grow the trail without bound.
+    pub fn refuse_admin_peer(&self, peer: &str, detail: serde_json::Value) {
+        let (record, done) = self
+            .refused_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(peer, now_secs(), REFUSALS_RECORDED_PER_MINUTE);
+        self.record_limited_peers(done);
+        if record {
+            self.audit("admin_refused", detail);
+        }
+    }
+
+    pub(super) fn flush_refused_peers(&self, now: i64) {
+        let done = self
+            .refused_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush(now);
+        self.record_limited_peers(done);
+    }
+
+    fn record_limited_peers(&self, done: impl IntoIterator<Item = gateway::Refusals>) {
+        for r in done {
+            self.audit(
+                "admin_refusals_limited",
+                json!({ "peer": r.requester, "minute_start": r.minute_start,
+                        "refused": r.refused }),
+            );
         }
     }
 

@@ -153,6 +153,8 @@ pub struct Service {
     turns: std::sync::Mutex<HashMap<SessionId, TurnSummary>>,
     /// Change requests per agent per minute.
     rate: std::sync::Mutex<crate::gateway::RateLimit>,
+    /// Refused admin peers recorded one by one, per peer per minute.
+    refused_peers: std::sync::Mutex<crate::gateway::RateLimit>,
     /// Wakes the Telegram channel when approval prompts are waiting.
     prompts: tokio::sync::Notify,
     /// Applying one change at a time: decisions, and the restarts that follow them.
@@ -293,6 +295,7 @@ impl Service {
             limits: ProxyLimits::default(),
             turns: std::sync::Mutex::new(HashMap::new()),
             rate: std::sync::Mutex::new(crate::gateway::RateLimit::default()),
+            refused_peers: std::sync::Mutex::new(crate::gateway::RateLimit::default()),
             prompts: tokio::sync::Notify::new(),
             applying: tokio::sync::Mutex::new(()),
             live: std::sync::Mutex::new(HashMap::new()),
@@ -657,6 +660,7 @@ impl Service {
         self.live_map().clear();
         let limited = self.rate().flush(i64::MAX);
         self.record_refusals(limited);
+        self.flush_refused_peers(i64::MAX);
         let _ = self.db(|s| s.record("service_stopped", &json!({}), now_secs()));
     }
 
@@ -811,6 +815,7 @@ impl Service {
         }
         let limited = self.rate().flush(now);
         self.record_refusals(limited);
+        self.flush_refused_peers(now);
         match self.db(|s| s.expire_changes(now)) {
             Ok(n) if n > 0 => self.prompts.notify_one(),
             Ok(_) => {}

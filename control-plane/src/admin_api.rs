@@ -1,0 +1,479 @@
+//! The admin HTTP API and its approval page, for operators on the tailnet. It listens on
+//! this machine's Tailscale address only, and every request must pass [`tailnet::authorize`]
+//! on the TCP peer's address (never a header the client sent: `X-Forwarded-For`,
+//! `Forwarded` and the like are not read) before anything else is looked at.
+//!
+//! ```text
+//! GET    /                                the approval page (with /page.js and /page.css)
+//! GET    /api/v1/health                   → {"version", "sessions", "pending_changes", "you"}
+//! GET    /api/v1/sessions                 → [session]
+//! GET    /api/v1/sessions/NAME            → [turn] (its last agent turns, with risk)
+//! DELETE /api/v1/sessions/NAME            → the deleted session
+//! GET    /api/v1/changes[?all=1]          → [change] (pending ones, or all)
+//! GET    /api/v1/changes/ID               → {"detail", "diff"}
+//! POST   /api/v1/changes                  {"text", "reason"} → 201 the filed request
+//! POST   /api/v1/changes/ID/approve       {"hash"} → {"outcome", "version", "why"}
+//! POST   /api/v1/changes/ID/reject        {} or {"hash"} → {"outcome", "version", "why"}
+//! GET    /api/v1/audit[?after=SEQ&limit=N] → [entry] (oldest first, N ≤ 10000)
+//! ```
+//! An approval carries the SHA-256 of the text its client showed; the request is applied
+//! only if it is still that text. A refused decision answers 409; errors are
+//! `{"error": "..."}` with 400, 403, 404, 405, 413, 415 or 421.
+//!
+//! Browsers are kept from acting for an operator: a request must name this API's own
+//! host (so a page cannot point a name of its own at this address), a request that
+//! changes anything must come from this API's own origin when it says where it comes
+//! from and carry JSON, and every answer forbids framing, caching and other origins.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue, ORIGIN};
+use hyper::{Method, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, MAX_REQUEST_BYTES, Request, Response};
+use crate::config::AdminApiConfig;
+use crate::gateway::Identity;
+use crate::service::Service;
+use crate::tailnet::{self, Whois};
+
+/// Connections served at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client has to send its headers, and then its body.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often binding the address is tried again while it is not there (tailscaled not
+/// up yet).
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
+const PAGE_HTML: &str = include_str!("admin_page/index.html");
+const PAGE_JS: &str = include_str!("admin_page/page.js");
+const PAGE_CSS: &str = include_str!("admin_page/page.css");
+
+/// Sent with every answer: nothing cached, framed, sniffed or loaded from elsewhere.
+const SECURITY_HEADERS: [(&str, &str); 7] = [
+    ("cache-control", "no-store"),
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+    ("cross-origin-opener-policy", "same-origin"),
+    ("cross-origin-resource-policy", "same-origin"),
+    (
+        "content-security-policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+         base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+];
+
+type Answer = hyper::Response<Full<Bytes>>;
+
+/// What every connection shares.
+struct Api {
+    service: Arc<Service>,
+    whois: Whois,
+    /// `Host` values this API answers to.
+    hosts: HashSet<String>,
+}
+
+/// Binds `cfg.listen` (waiting for the address to appear, as it does once tailscaled is
+/// up) and serves the API in a task.
+pub fn start(service: Arc<Service>, cfg: &AdminApiConfig) -> JoinHandle<()> {
+    let api = Arc::new(Api {
+        service,
+        whois: Whois {
+            socket: cfg.tailscaled_socket.clone(),
+        },
+        hosts: hosts(cfg),
+    });
+    let addr = cfg.listen;
+    tokio::spawn(async move {
+        let mut last_error = None;
+        let listener = loop {
+            match bind(addr) {
+                Ok(l) => break l,
+                Err(e) => {
+                    // Said once per kind of failure, not every few seconds for hours.
+                    if last_error != Some(e.kind()) {
+                        tracing::warn!(%addr, error = %e, "the admin API cannot listen yet; trying again every 5 s");
+                        last_error = Some(e.kind());
+                    }
+                    tokio::time::sleep(BIND_RETRY).await;
+                }
+            }
+        };
+        tracing::info!(%addr, "admin API listening");
+        serve(api, listener).await;
+    })
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let std_listener = std::net::TcpListener::bind(addr)?;
+    std_listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(std_listener)
+}
+
+/// The `Host` header values that name this API: its address and each configured name,
+/// with the port (and without it too when the port is 80, as browsers then send).
+fn hosts(cfg: &AdminApiConfig) -> HashSet<String> {
+    let port = cfg.listen.port();
+    let ip = match cfg.listen {
+        SocketAddr::V4(a) => a.ip().to_string(),
+        SocketAddr::V6(a) => format!("[{}]", a.ip()),
+    };
+    let mut out = HashSet::new();
+    for name in std::iter::once(ip).chain(cfg.host_names.iter().map(|n| n.to_ascii_lowercase())) {
+        if port == 80 {
+            out.insert(name.clone());
+        }
+        out.insert(format!("{name}:{port}"));
+    }
+    out
+}
+
+async fn serve(api: Arc<Api>, listener: tokio::net::TcpListener) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(respond(&api, peer, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(READ_TIMEOUT)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            drop(permit);
+        });
+    }
+}
+
+fn answer(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
+    let mut resp = hyper::Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    for (name, value) in SECURITY_HEADERS {
+        headers.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    resp
+}
+
+fn json_answer(status: StatusCode, body: &Value) -> Answer {
+    answer(status, "application/json", body.to_string())
+}
+
+fn error(status: StatusCode, message: &str) -> Answer {
+    json_answer(status, &json!({ "error": message }))
+}
+
+/// One request: who is asking first, then whether a browser could be acting for them,
+/// then what they ask.
+async fn respond(api: &Api, peer: SocketAddr, req: hyper::Request<Incoming>) -> Answer {
+    let operators = api.service.config().operators.tailnet.clone();
+    let who = match tailnet::authorize(peer, &api.whois, &operators).await {
+        Ok(who) => who,
+        Err(why) => {
+            tracing::warn!(%peer, why = %why, "admin API: refused a peer");
+            api.service.refuse_admin_peer(
+                &peer.ip().to_string(),
+                json!({ "peer": peer.to_string(), "why": why.to_string() }),
+            );
+            return error(
+                StatusCode::FORBIDDEN,
+                "refused: this API is for the operators on the tailnet",
+            );
+        }
+    };
+    if let Some(refused) = browser_check(api, &req) {
+        return refused;
+    }
+    route(api, who, req).await
+}
+
+/// Refuses a request a browser may be making for an operator without their knowing: one
+/// naming another host (a name rebound to this address), or one that changes something
+/// and comes from another origin or is not JSON (a form).
+fn browser_check(api: &Api, req: &hyper::Request<Incoming>) -> Option<Answer> {
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    let Some(host) = host.filter(|h| api.hosts.contains(h)) else {
+        return Some(error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this API answers only to its own address or admin_api.host_names",
+        ));
+    };
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return None;
+    }
+    let own_origin = format!("http://{host}");
+    if let Some(origin) = req.headers().get(ORIGIN)
+        && origin.as_bytes() != own_origin.as_bytes()
+    {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "refused: the request comes from another origin",
+        ));
+    }
+    if let Some(site) = req.headers().get("sec-fetch-site")
+        && !matches!(site.as_bytes(), b"same-origin" | b"none")
+    {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "refused: the request comes from another site",
+        ));
+    }
+    let json = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if *req.method() == Method::POST && !json {
+        return Some(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be application/json",
+        ));
+    }
+    None
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Propose {
+    text: String,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Decide {
+    #[serde(default)]
+    hash: Option<String>,
+}
+
+async fn route(api: &Api, who: Identity, req: hyper::Request<Incoming>) -> Answer {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let method = req.method().clone();
+    let parts: Vec<&str> = path.split('/').skip(1).collect();
+    let request = match (&method, parts.as_slice()) {
+        (&Method::GET, [""]) => {
+            return answer(StatusCode::OK, "text/html; charset=utf-8", PAGE_HTML);
+        }
+        (&Method::GET, ["page.js"]) => {
+            return answer(StatusCode::OK, "text/javascript; charset=utf-8", PAGE_JS);
+        }
+        (&Method::GET, ["page.css"]) => {
+            return answer(StatusCode::OK, "text/css; charset=utf-8", PAGE_CSS);
+        }
+        (&Method::GET, ["api", "v1", "health"]) => Request::Health,
+        (&Method::GET, ["api", "v1", "sessions"]) => Request::SessionsList,
+        (&Method::GET, ["api", "v1", "sessions", name]) => Request::SessionsShow {
+            name: (*name).to_owned(),
+        },
+        (&Method::DELETE, ["api", "v1", "sessions", name]) => Request::SessionsDelete {
+            name: (*name).to_owned(),
+        },
+        (&Method::GET, ["api", "v1", "changes"]) => match query_values(&query, &["all"]) {
+            Ok(q) => Request::ChangesList {
+                all: q[0].is_some_and(|v| v != 0),
+            },
+            Err(e) => return e,
+        },
+        (&Method::GET, ["api", "v1", "changes", id]) => Request::ChangesShow {
+            id: (*id).to_owned(),
+        },
+        (&Method::POST, ["api", "v1", "changes"]) => match body::<Propose>(req).await {
+            Ok(p) => Request::ChangesPropose {
+                text: p.text,
+                reason: p.reason,
+            },
+            Err(e) => return e,
+        },
+        (&Method::POST, ["api", "v1", "changes", id, verb @ ("approve" | "reject")]) => {
+            let id = (*id).to_owned();
+            let approve = *verb == "approve";
+            match body::<Decide>(req).await {
+                Ok(d) if approve && d.hash.is_none() => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "an approval carries the SHA-256 of the text it showed: {\"hash\": \"...\"}",
+                    );
+                }
+                Ok(d) => Request::ChangesDecide {
+                    id,
+                    approve,
+                    hash: d.hash,
+                },
+                Err(e) => return e,
+            }
+        }
+        (&Method::GET, ["api", "v1", "audit"]) => {
+            match query_values(&query, &["after", "limit"]) {
+                Ok(q) => Request::AuditPage {
+                    after: i64::try_from(q[0].unwrap_or(0)).unwrap_or(i64::MAX),
+                    limit: q[1].map_or(1000, |l| u32::try_from(l).unwrap_or(u32::MAX)),
+                },
+                Err(e) => return e,
+            }
+        }
+        _ if known(parts.as_slice()) => {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+        }
+        _ => return error(StatusCode::NOT_FOUND, "no such page or endpoint"),
+    };
+    let (response, _) = admin::handle(&api.service, request, who.clone()).await;
+    translate(response, &who)
+}
+
+/// Whether `parts` names a page or endpoint (for any method).
+fn known(parts: &[&str]) -> bool {
+    matches!(
+        parts,
+        [""] | ["page.js" | "page.css"]
+            | ["api", "v1", "health" | "sessions" | "changes" | "audit"]
+            | ["api", "v1", "sessions" | "changes", _]
+            | ["api", "v1", "changes", _, "approve" | "reject"]
+    )
+}
+
+/// The admin socket's answer as HTTP: the value inside the answer's variant, with a
+/// status that says how it went.
+fn translate(response: Response, who: &Identity) -> Answer {
+    let status = match &response {
+        Response::Error(e) if e.starts_with("no change request") => StatusCode::NOT_FOUND,
+        Response::Error(_) => StatusCode::BAD_REQUEST,
+        Response::Filed(_) => StatusCode::CREATED,
+        Response::Decided { outcome, .. } if outcome == "refused" => StatusCode::CONFLICT,
+        _ => StatusCode::OK,
+    };
+    let Ok(Value::Object(tagged)) = serde_json::to_value(&response) else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "the answer could not be written");
+    };
+    let mut inner = tagged.into_iter().next().map_or(Value::Null, |(_, v)| v);
+    if let (Response::Error(_), Value::String(e)) = (&response, &inner) {
+        inner = json!({ "error": e });
+    }
+    if let (Response::Health { .. }, Value::Object(o)) = (&response, &mut inner) {
+        o.insert("you".into(), Value::String(who.to_string()));
+    }
+    json_answer(status, &inner)
+}
+
+/// Reads a JSON body of at most 1 MiB within the time limit.
+async fn body<T: serde::de::DeserializeOwned>(
+    req: hyper::Request<Incoming>,
+) -> Result<T, Answer> {
+    let limited = Limited::new(req.into_body(), MAX_REQUEST_BYTES);
+    let bytes = match tokio::time::timeout(READ_TIMEOUT, limited.collect()).await {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(_)) => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the body is larger than 1 MiB",
+            ));
+        }
+        Err(_) => {
+            return Err(error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body did not arrive in time",
+            ));
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("malformed body: {e}")))
+}
+
+/// The numbers `names` in a query that may hold only those names.
+fn query_values(query: &str, names: &[&str]) -> Result<Vec<Option<u64>>, Answer> {
+    let bad = || {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("the query takes only {} (numbers)", names.join(", ")),
+        )
+    };
+    let mut out = vec![None; names.len()];
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(bad)?;
+        let i = names.iter().position(|n| *n == k).ok_or_else(bad)?;
+        out[i] = Some(v.parse().map_err(|_| bad())?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_the_address_and_the_configured_names_with_the_port() {
+        let cfg = |listen: &str, names: &[&str]| AdminApiConfig {
+            listen: listen.parse().unwrap(),
+            host_names: names.iter().map(|n| (*n).to_owned()).collect(),
+            tailscaled_socket: tailnet::DEFAULT_SOCKET.into(),
+        };
+        let h = hosts(&cfg("100.101.1.2:8790", &["Box.tail1.ts.net"]));
+        let mut h: Vec<_> = h.into_iter().collect();
+        h.sort();
+        assert_eq!(h, ["100.101.1.2:8790", "box.tail1.ts.net:8790"]);
+        let h = hosts(&cfg("[fd7a:115c:a1e0::5]:80", &[]));
+        assert!(h.contains("[fd7a:115c:a1e0::5]:80") && h.contains("[fd7a:115c:a1e0::5]"));
+    }
+
+    #[test]
+    fn queries_are_closed() {
+        assert!(query_values("after=5&limit=2", &["after", "limit"]).is_ok_and(|v| v == [Some(5), Some(2)]));
+        assert!(query_values("", &["all"]).is_ok_and(|v| v == [None]));
+        assert!(query_values("all=yes", &["all"]).is_err());
+        assert!(query_values("session=x", &["all"]).is_err());
+        assert!(query_values("after", &["after"]).is_err());
+    }
+
+    #[test]
+    fn every_routed_path_is_known() {
+        for p in [
+            "/",
+            "/page.js",
+            "/api/v1/health",
+            "/api/v1/changes/abc/approve",
+            "/api/v1/sessions/x",
+        ] {
+            let parts: Vec<&str> = p.split('/').skip(1).collect();
+            assert!(known(&parts), "{p}");
+        }
+        for p in ["/x", "/api/v1/changes/a/b", "/api/v2/health"] {
+            let parts: Vec<&str> = p.split('/').skip(1).collect();
+            assert!(!known(&parts), "{p}");
+        }
+    }
+}
