@@ -261,7 +261,11 @@ fn chat_lock(chat: &str) -> Arc<tokio::sync::Mutex<()>> {
 
 /// Answers one request from `peer`, an operator identified by the caller. The answer's
 /// console replies (of `Send`) are to be acknowledged once written.
-pub(crate) async fn handle(service: &Arc<Service>, req: Request, peer: Identity) -> (Response, Ack) {
+pub(crate) async fn handle(
+    service: &Arc<Service>,
+    req: Request,
+    peer: Identity,
+) -> (Response, Ack) {
     let answer = match req {
         Request::Send {
             session,
@@ -328,7 +332,8 @@ pub(crate) async fn handle(service: &Arc<Service>, req: Request, peer: Identity)
             }
         }
         Request::Health => {
-            let counts = service.db(|s| Ok((s.summaries()?.len(), s.changes(false, 10_000)?.len())));
+            let counts =
+                service.db(|s| Ok((s.summaries()?.len(), s.changes(false, 10_000)?.len())));
             match counts {
                 Ok((sessions, pending)) => Response::Health {
                     version: service.effective().version,

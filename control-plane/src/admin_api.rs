@@ -338,15 +338,13 @@ async fn route(api: &Api, who: Identity, req: hyper::Request<Incoming>) -> Answe
                 Err(e) => return e,
             }
         }
-        (&Method::GET, ["api", "v1", "audit"]) => {
-            match query_values(&query, &["after", "limit"]) {
-                Ok(q) => Request::AuditPage {
-                    after: i64::try_from(q[0].unwrap_or(0)).unwrap_or(i64::MAX),
-                    limit: q[1].map_or(1000, |l| u32::try_from(l).unwrap_or(u32::MAX)),
-                },
-                Err(e) => return e,
-            }
-        }
+        (&Method::GET, ["api", "v1", "audit"]) => match query_values(&query, &["after", "limit"]) {
+            Ok(q) => Request::AuditPage {
+                after: i64::try_from(q[0].unwrap_or(0)).unwrap_or(i64::MAX),
+                limit: q[1].map_or(1000, |l| u32::try_from(l).unwrap_or(u32::MAX)),
+            },
+            Err(e) => return e,
+        },
         _ if known(parts.as_slice()) => {
             return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
         }
@@ -378,7 +376,10 @@ fn translate(response: Response, who: &Identity) -> Answer {
         _ => StatusCode::OK,
     };
     let Ok(Value::Object(tagged)) = serde_json::to_value(&response) else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "the answer could not be written");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the answer could not be written",
+        );
     };
     let mut inner = tagged.into_iter().next().map_or(Value::Null, |(_, v)| v);
     if let (Response::Error(_), Value::String(e)) = (&response, &inner) {
@@ -391,9 +392,7 @@ fn translate(response: Response, who: &Identity) -> Answer {
 }
 
 /// Reads a JSON body of at most 1 MiB within the time limit.
-async fn body<T: serde::de::DeserializeOwned>(
-    req: hyper::Request<Incoming>,
-) -> Result<T, Answer> {
+async fn body<T: serde::de::DeserializeOwned>(req: hyper::Request<Incoming>) -> Result<T, Answer> {
     let limited = Limited::new(req.into_body(), MAX_REQUEST_BYTES);
     let bytes = match tokio::time::timeout(READ_TIMEOUT, limited.collect()).await {
         Ok(Ok(c)) => c.to_bytes(),
@@ -452,7 +451,10 @@ mod tests {
 
     #[test]
     fn queries_are_closed() {
-        assert!(query_values("after=5&limit=2", &["after", "limit"]).is_ok_and(|v| v == [Some(5), Some(2)]));
+        assert!(
+            query_values("after=5&limit=2", &["after", "limit"])
+                .is_ok_and(|v| v == [Some(5), Some(2)])
+        );
         assert!(query_values("", &["all"]).is_ok_and(|v| v == [None]));
         assert!(query_values("all=yes", &["all"]).is_err());
         assert!(query_values("session=x", &["all"]).is_err());

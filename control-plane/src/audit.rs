@@ -225,9 +225,8 @@ pub fn export(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<Entry>> {
 
 /// At most `limit` entries after sequence number `after`, oldest first.
 pub fn page(conn: &rusqlite::Connection, after: i64, limit: u32) -> rusqlite::Result<Vec<Entry>> {
-    let mut stmt = conn.prepare(
-        "SELECT seq, at, kind, detail FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-    )?;
+    let mut stmt = conn
+        .prepare("SELECT seq, at, kind, detail FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
     let rows = stmt.query_map(rusqlite::params![after, i64::from(limit)], |r| {
         let detail: String = r.get(3)?;
         Ok(Entry {

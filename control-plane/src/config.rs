@@ -402,7 +402,9 @@ impl Config {
                 );
             }
             if self.operators.tailnet.is_empty() {
-                return invalid("admin_api is on but operators.tailnet is empty: nobody could use it");
+                return invalid(
+                    "admin_api is on but operators.tailnet is empty: nobody could use it",
+                );
             }
             if a.host_names.iter().any(|h| !host_name_ok(h)) {
                 return invalid(

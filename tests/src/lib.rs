@@ -12,7 +12,9 @@ pub mod fake_model;
 pub mod fake_tailscaled;
 pub mod fake_telegram;
 pub mod hostile_model;
+pub mod loopback;
 pub mod service;
+pub mod webdriver;
 
 /// Every regular file under `dir`, recursively (nothing if `dir` is missing).
 pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

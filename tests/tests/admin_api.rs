@@ -1,0 +1,479 @@
+//! The admin HTTP API on the real `ironclaw serve`, reached from addresses on this
+//! machine that stand for tailnet devices, with a loopback fake of tailscaled's LocalAPI
+//! saying who each is: only a configured operator gets in, whatever the request claims;
+//! a browser cannot be made to act for one; and the approval page, driven in headless
+//! Chromium, shows the diff and applies exactly what it showed.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tests::fake_tailscaled::{FakeTailscaled, Known};
+use tests::loopback::{Answer, LoopbackAddress, request_from};
+use tests::service::Serve;
+use tests::webdriver::Browser;
+
+const ALICE: &str = "alice@example.com";
+
+fn config(listen: SocketAddr, socket: &Path) -> String {
+    format!(
+        r#"[model]
+provider = "demo"
+
+[sandbox]
+runtime = "gvisor"
+memory_mib = 256
+
+[operators]
+unix_uids = [0]
+tailnet = ["{ALICE}", "tag:admin"]
+
+[admin_api]
+listen = "{listen}"
+host_names = ["homebox.tail1234.ts.net"]
+tailscaled_socket = "{socket}"
+"#,
+        socket = socket.display()
+    )
+}
+
+fn peers(list: &[(&str, Known)]) -> HashMap<String, Known> {
+    list.iter()
+        .map(|(ip, k)| ((*ip).to_owned(), k.clone()))
+        .collect()
+}
+
+struct Client<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    to: SocketAddr,
+}
+
+impl Client<'_> {
+    /// One request from `from`: the port it came from and the answer.
+    fn send(
+        &self,
+        from: IpAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (SocketAddr, Answer) {
+        self.rt
+            .block_on(request_from(from, self.to, method, path, headers, body))
+            .unwrap()
+    }
+
+    fn get(&self, from: IpAddr, path: &str) -> Answer {
+        self.send(from, "GET", path, &[], b"").1
+    }
+
+    fn post(&self, from: IpAddr, path: &str, body: &Value) -> Answer {
+        let body = body.to_string();
+        self.send(
+            from,
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .1
+    }
+
+    /// Waits until the API listens (it binds in the background once `serve` is up).
+    fn wait_listening(&self, from: IpAddr) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self
+                .rt
+                .block_on(request_from(
+                    from,
+                    self.to,
+                    "GET",
+                    "/api/v1/health",
+                    &[],
+                    b"",
+                ))
+                .is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the admin API did not come up on {}", self.to);
+    }
+}
+
+/// Proposes a change over the admin socket (as `unix:0`): its id.
+fn propose(s: &Serve, text: &str, reason: &str) -> String {
+    let file = s.dir.path().join("proposed.toml");
+    std::fs::write(&file, text).unwrap();
+    let out = s.cli(&[
+        "changes",
+        "propose",
+        file.to_str().unwrap(),
+        "--reason",
+        reason,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.changes(false)
+        .into_iter()
+        .find(|c| c.state == "pending")
+        .expect("the proposal is pending")
+        .id
+}
+
+#[test]
+fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = LoopbackAddress::add("100.101.7.1");
+    let mallory = LoopbackAddress::add("100.101.7.2");
+    let ci = LoopbackAddress::add("100.101.7.3");
+    let admin_tag = LoopbackAddress::add("100.101.7.4");
+    let broken = LoopbackAddress::add("100.101.7.5");
+    let outside = LoopbackAddress::add("198.18.7.1");
+    let fake = rt.block_on(FakeTailscaled::start(peers(&[
+        ("100.101.7.1", Known::User(ALICE.into())),
+        ("100.101.7.2", Known::User("mallory@example.com".into())),
+        ("100.101.7.3", Known::Tagged(vec!["tag:ci".into()])),
+        ("100.101.7.4", Known::Tagged(vec!["tag:admin".into()])),
+        ("100.101.7.5", Known::Error(500)),
+        // Asked about these only if the check were broken: they would pass.
+        ("198.18.7.1", Known::User(ALICE.into())),
+        ("127.0.0.1", Known::User(ALICE.into())),
+    ])));
+    let listen = SocketAddr::new(server.ip, server.free_port());
+    let text = config(listen, &fake.socket);
+    let mut s = Serve::init(&text);
+    s.start();
+    let api = Client {
+        rt: &rt,
+        to: listen,
+    };
+    api.wait_listening(server.ip);
+
+    // The operator, by login and by tag.
+    let health = api.get(server.ip, "/api/v1/health");
+    assert_eq!(
+        health.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&health.body)
+    );
+    assert_eq!(health.json()["you"], format!("tailnet:{ALICE}"));
+    assert_eq!(health.json()["version"], 1);
+    assert_eq!(health.header("x-frame-options"), Some("DENY"));
+    assert!(
+        health
+            .header("content-security-policy")
+            .is_some_and(|c| c.contains("frame-ancestors 'none'"))
+    );
+    let tagged = api.get(admin_tag.ip, "/api/v1/health");
+    assert_eq!(tagged.status, 200);
+    assert_eq!(tagged.json()["you"], "tailnet:tag:admin");
+
+    // Everyone else, on every endpoint and method, with any header claiming otherwise.
+    let spoofed = [
+        ("X-Forwarded-For", "100.101.7.1"),
+        ("Forwarded", "for=100.101.7.1"),
+        ("X-Real-IP", "100.101.7.1"),
+        ("Tailscale-User-Login", ALICE),
+    ];
+    for from in [
+        mallory.ip,
+        ci.ip,
+        broken.ip,
+        outside.ip,
+        "127.0.0.1".parse().unwrap(),
+    ] {
+        for (method, path) in [
+            ("GET", "/"),
+            ("GET", "/api/v1/health"),
+            ("GET", "/api/v1/changes"),
+            ("GET", "/api/v1/audit"),
+            ("POST", "/api/v1/changes/x/approve"),
+            ("DELETE", "/api/v1/sessions/console"),
+        ] {
+            let mut headers = vec![("Content-Type", "application/json")];
+            headers.extend(spoofed);
+            let asked_before = fake.asked().len();
+            let (port, a) = api.send(from, method, path, &headers, br#"{"hash":"00"}"#);
+            assert_eq!(a.status, 403, "{method} {path} from {from}");
+            assert!(
+                !String::from_utf8_lossy(&a.body).contains("version"),
+                "nothing is told to a refused peer"
+            );
+            // tailscaled is asked about the TCP peer only, never about what a header
+            // claims; a peer outside the tailnet ranges is refused without asking.
+            let asked = fake.asked();
+            if from == outside.ip || from.is_loopback() {
+                assert_eq!(asked.len(), asked_before, "asked about {from}");
+            } else {
+                assert_eq!(asked[asked_before..], [port.to_string()]);
+            }
+        }
+    }
+    // A peer knocking in a loop.
+    for _ in 0..25 {
+        assert_eq!(api.get(mallory.ip, "/api/v1/health").status, 403);
+    }
+
+    // A browser made to act for the operator: another host name (a rebound DNS name),
+    // another origin, a form post. Each refused, and nothing decided.
+    let id = propose(
+        &s,
+        &text.replace("memory_mib = 256", "memory_mib = 320"),
+        "more memory",
+    );
+    let hash = s.change(&id).after_hash;
+    let approve_path = format!("/api/v1/changes/{id}/approve");
+    let body = json!({ "hash": hash }).to_string();
+    let rebound = format!("evil.example:{}", listen.port());
+    for (headers, status) in [
+        (
+            vec![
+                ("Host", rebound.as_str()),
+                ("Content-Type", "application/json"),
+            ],
+            421,
+        ),
+        (
+            vec![
+                ("Origin", "http://evil.example"),
+                ("Content-Type", "application/json"),
+            ],
+            403,
+        ),
+        (
+            vec![
+                ("Sec-Fetch-Site", "cross-site"),
+                ("Content-Type", "application/json"),
+            ],
+            403,
+        ),
+        (vec![("Content-Type", "text/plain")], 415),
+        (
+            vec![("Content-Type", "application/x-www-form-urlencoded")],
+            415,
+        ),
+    ] {
+        let (_, a) = api.send(server.ip, "POST", &approve_path, &headers, body.as_bytes());
+        assert_eq!(
+            a.status,
+            status,
+            "{headers:?}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    let rebound_get = api
+        .send(
+            server.ip,
+            "GET",
+            "/api/v1/changes",
+            &[("Host", &rebound)],
+            b"",
+        )
+        .1;
+    assert_eq!(rebound_get.status, 421, "a rebound name cannot read either");
+    assert_eq!(s.changes(false).len(), 1, "still pending");
+    assert_eq!(s.versions().len(), 1);
+
+    // The operator's own requests: the configured MagicDNS name works too; an approval
+    // needs the hash of what was shown, and one with a stale hash is refused.
+    let by_name = api
+        .send(
+            server.ip,
+            "GET",
+            &format!("/api/v1/changes/{id}"),
+            &[(
+                "Host",
+                &format!("homebox.tail1234.ts.net:{}", listen.port()),
+            )],
+            b"",
+        )
+        .1;
+    assert_eq!(by_name.status, 200);
+    let shown = by_name.json();
+    assert!(
+        shown["diff"]
+            .as_str()
+            .unwrap()
+            .contains("+ memory_mib = 320"),
+        "{shown}"
+    );
+    assert_eq!(shown["detail"]["after_hash"], hash.as_str());
+    assert_eq!(api.post(server.ip, &approve_path, &json!({})).status, 400);
+    let stale = api.post(server.ip, &approve_path, &json!({ "hash": "0".repeat(64) }));
+    assert_eq!(
+        stale.status,
+        409,
+        "{}",
+        String::from_utf8_lossy(&stale.body)
+    );
+    assert_eq!(stale.json()["outcome"], "refused");
+    let applied = api.post(server.ip, &approve_path, &json!({ "hash": hash }));
+    assert_eq!(
+        applied.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&applied.body)
+    );
+    assert_eq!(applied.json()["outcome"], "applied");
+    assert_eq!(applied.json()["version"], 2);
+    assert_eq!(s.versions().len(), 2);
+    assert_eq!(s.audit_of("change_applied").len(), 1);
+    let decided = s.audit_of("change_approved");
+    assert_eq!(decided.len(), 1);
+    assert_eq!(
+        decided[0]["detail"]["by"],
+        format!("tailnet:{ALICE}"),
+        "{decided:?}"
+    );
+
+    // The audit trail over the API: pages in order.
+    let page = api.get(server.ip, "/api/v1/audit?after=0&limit=3").json();
+    let seqs: Vec<i64> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    let rest = api.get(server.ip, "/api/v1/audit?after=3").json();
+    assert_eq!(rest[0]["seq"], 4);
+    assert_eq!(api.get(server.ip, "/api/v1/audit?after=x").status, 400);
+    assert_eq!(api.get(server.ip, "/api/v1/nothing").status, 404);
+    assert_eq!(
+        api.send(server.ip, "PUT", "/api/v1/health", &[], b"")
+            .1
+            .status,
+        405
+    );
+
+    // Every refused request was recorded: ten a minute per peer one by one, the rest
+    // counted when the minute ends (here: at shutdown).
+    s.stop();
+    let audit = s.audit();
+    let refused_of = |ip: &str| {
+        audit
+            .iter()
+            .filter(|e| e["kind"] == "admin_refused")
+            .filter(|e| {
+                e["detail"]["peer"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with(&format!("{ip}:"))
+            })
+            .count()
+    };
+    for ip in ["100.101.7.3", "100.101.7.5", "198.18.7.1", "127.0.0.1"] {
+        assert_eq!(refused_of(ip), 6, "{ip}");
+    }
+    assert_eq!(refused_of("100.101.7.2"), 10, "ten a minute one by one");
+    let limited: Vec<&Value> = audit
+        .iter()
+        .filter(|e| e["kind"] == "admin_refusals_limited")
+        .collect();
+    assert_eq!(limited.len(), 1, "{limited:?}");
+    assert_eq!(limited[0]["detail"]["peer"], "100.101.7.2");
+    assert_eq!(limited[0]["detail"]["refused"], 6 + 25 - 10);
+    assert!(
+        !audit.iter().any(|e| e["kind"] == "admin_refused"
+            && e["detail"]["peer"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("100.101.7.1:")),
+        "the operator was never refused"
+    );
+}
+
+#[test]
+fn the_approval_page_in_headless_chromium_shows_the_diff_and_applies_what_it_showed() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = LoopbackAddress::add("100.101.8.1");
+    let fake = rt.block_on(FakeTailscaled::start(peers(&[(
+        "100.101.8.1",
+        Known::User(ALICE.into()),
+    )])));
+    let listen = SocketAddr::new(server.ip, server.free_port());
+    let text = config(listen, &fake.socket);
+    let mut s = Serve::init(&text);
+    s.start();
+    let api = Client {
+        rt: &rt,
+        to: listen,
+    };
+    api.wait_listening(server.ip);
+    // The reason is the requester's text: it must reach the page as text, not markup.
+    let hostile = "more room <img src=x onerror=\"document.title='owned'\"><script>document.title='owned'</script>";
+    let id = propose(
+        &s,
+        &text.replace("memory_mib = 256", "memory_mib = 320"),
+        hostile,
+    );
+
+    let browser = Browser::start();
+    browser.goto(&format!("http://{listen}/"));
+    let article = format!("article[data-change='{id}']");
+    browser.wait_for(&article, Duration::from_secs(30), |_| true);
+    let diff = browser.wait_for(
+        &format!("{article} pre.diff"),
+        Duration::from_secs(5),
+        |_| true,
+    );
+    let diff = browser.text(&diff);
+    assert!(diff.contains("- memory_mib = 256"), "{diff}");
+    assert!(diff.contains("+ memory_mib = 320"), "{diff}");
+    let page = browser.text(&browser.find_all(&article)[0]);
+    assert!(
+        page.contains(hostile),
+        "the reason shown as written: {page}"
+    );
+    assert!(page.contains("Risk"), "{page}");
+    let risk = s.change(&id).summary.risk;
+    assert!(
+        page.contains(&format!("{risk:.2}")),
+        "risk {risk:.2} shown: {page}"
+    );
+    assert!(
+        page.contains(&format!("tailnet:{ALICE}")) || page.contains("unix:0"),
+        "{page}"
+    );
+    assert_eq!(
+        browser.script("return document.querySelectorAll('img, main script').length;"),
+        json!(0),
+        "no markup from the requester"
+    );
+    assert_ne!(browser.script("return document.title;"), json!("owned"));
+    assert_eq!(s.versions().len(), 1, "nothing applied before the click");
+
+    let approve = browser.find_all(&format!("{article} button.approve"));
+    browser.click(&approve[0]);
+    browser.wait_for(
+        &format!("{article} .outcome"),
+        Duration::from_secs(60),
+        |t| t.contains("Applied: version 2"),
+    );
+    let versions = s.versions();
+    assert_eq!(versions.len(), 2);
+    assert!(versions[1].1.contains("memory_mib = 320"));
+    assert_eq!(versions[1].1, s.change(&id).after, "exactly the text shown");
+    assert_eq!(s.audit_of("change_applied").len(), 1);
+    let approved = s.audit_of("change_approved");
+    assert_eq!(approved.len(), 1);
+    assert_eq!(approved[0]["detail"]["by"], format!("tailnet:{ALICE}"));
+    let all = s.changes(true);
+    let decided = all.iter().find(|c| c.id == id).unwrap();
+    assert_eq!(decided.state, "applied");
+    assert_eq!(
+        decided.decided_by.as_deref(),
+        Some(format!("tailnet:{ALICE}").as_str())
+    );
+}
