@@ -251,6 +251,7 @@ fn store(
 }
 
 fn configuration(where_: &str, t: &toml::Table, r: &mut Report) {
+    admin_api(where_, t, r);
     if get(t, &["sandbox", "runtime"]).and_then(|v| v.as_str()) == Some("host") {
         r.add(
             "sandbox.not-gvisor",
@@ -309,12 +310,61 @@ fn configuration(where_: &str, t: &toml::Table, r: &mut Report) {
     }
 }
 
+/// The admin API: on a tailnet address, with someone to use it.
+fn admin_api(where_: &str, t: &toml::Table, r: &mut Report) {
+    let Some(listen) = get(t, &["admin_api", "listen"]) else {
+        return;
+    };
+    let addr = listen
+        .as_str()
+        .and_then(|l| l.parse::<std::net::SocketAddr>().ok());
+    if !addr.is_some_and(|a| crate::tailnet::in_tailnet(a.ip())) {
+        r.add(
+            "admin-api.outside-tailnet",
+            Severity::Critical,
+            format!(
+                "{where_} puts the admin API on {}, outside the tailnet",
+                listen.as_str().unwrap_or("an address that is not one")
+            ),
+            "set admin_api.listen to this machine's Tailscale address (`tailscale ip -4`)",
+        );
+    }
+    let tailnet_ops = get(t, &["operators", "tailnet"])
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| !a.is_empty());
+    if !tailnet_ops {
+        r.add(
+            "admin-api.no-operators",
+            Severity::Warning,
+            format!(
+                "{where_} turns the admin API on with no operators.tailnet: nobody could use it"
+            ),
+            "name the tailnet logins (or tag:…) that may use it in operators.tailnet",
+        );
+    }
+}
+
 /// Neither HTTPS nor plain HTTP to loopback.
 fn insecure(url: &str) -> bool {
     url::Url::parse(url).map_or(true, |u| !crate::model::http::https_or_loopback(&u))
 }
 
 fn host(t: &toml::Table, r: &mut Report) {
+    if get(t, &["admin_api", "listen"]).is_some() {
+        let socket = get(t, &["admin_api", "tailscaled_socket"])
+            .and_then(|v| v.as_str())
+            .unwrap_or(crate::tailnet::DEFAULT_SOCKET);
+        if !Path::new(socket).exists() {
+            r.add(
+                "admin-api.tailscaled-missing",
+                Severity::Warning,
+                format!(
+                    "tailscaled's socket {socket} is not there: the admin API refuses everyone"
+                ),
+                "install and start Tailscale (`tailscale up`), or set admin_api.tailscaled_socket",
+            );
+        }
+    }
     let gvisor = get(t, &["sandbox", "runtime"]).and_then(|v| v.as_str()) != Some("host");
     if gvisor {
         let runsc = match get(t, &["sandbox", "runsc"]).and_then(|v| v.as_str()) {

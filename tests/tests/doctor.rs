@@ -67,7 +67,20 @@ fn doctor_is_silent_on_the_default_and_each_check_fires_on_its_own_fault() {
     let (code, found) = doctor(&s, &[]);
     assert_eq!((code, found), (0, vec![]), "the default has findings");
 
-    let edits: [(&str, &str, &str, &str); 7] = [
+    let admin = |listen: &str, socket: &str, tailnet: &str| {
+        format!(
+            "unix_uids = [0]\ntailnet = [{tailnet}]\n\n[admin_api]\nlisten = \"{listen}\"\ntailscaled_socket = \"{socket}\""
+        )
+    };
+    let outside = admin("0.0.0.0:8790", "/", "\"a@example.com\"");
+    let on_loopback = admin("127.0.0.1:8790", "/", "\"a@example.com\"");
+    let no_tailscaled = admin(
+        "100.101.1.1:8790",
+        "/nonexistent/tailscaled.sock",
+        "\"a@example.com\"",
+    );
+    let nobody = admin("100.101.1.1:8790", "/", "");
+    let edits: [(&str, &str, &str, &str); 11] = [
         (
             "runtime = \"gvisor\"",
             "runtime = \"host\"",
@@ -109,6 +122,30 @@ fn doctor_is_silent_on_the_default_and_each_check_fires_on_its_own_fault() {
             "[channels.telegram]\ntoken_file = \"/t\"\nallowed_users = []\n\n[operators]",
             "telegram.no-allowed-users",
             "critical",
+        ),
+        (
+            "unix_uids = [0]",
+            &outside,
+            "admin-api.outside-tailnet",
+            "critical",
+        ),
+        (
+            "unix_uids = [0]",
+            &on_loopback,
+            "admin-api.outside-tailnet",
+            "critical",
+        ),
+        (
+            "unix_uids = [0]",
+            &no_tailscaled,
+            "admin-api.tailscaled-missing",
+            "warning",
+        ),
+        (
+            "unix_uids = [0]",
+            &nobody,
+            "admin-api.no-operators",
+            "warning",
         ),
     ];
     for (from, to, id, severity) in edits {
