@@ -308,7 +308,7 @@ async fn route(api: &Api, who: Identity, req: hyper::Request<Incoming>) -> Answe
             Ok(q) => Request::ChangesList {
                 all: q[0].is_some_and(|v| v != 0),
             },
-            Err(e) => return e,
+            Err(e) => return e.answer(),
         },
         (&Method::GET, ["api", "v1", "changes", id]) => Request::ChangesShow {
             id: (*id).to_owned(),
@@ -318,7 +318,7 @@ async fn route(api: &Api, who: Identity, req: hyper::Request<Incoming>) -> Answe
                 text: p.text,
                 reason: p.reason,
             },
-            Err(e) => return e,
+            Err(e) => return e.answer(),
         },
         (&Method::POST, ["api", "v1", "changes", id, verb @ ("approve" | "reject")]) => {
             let id = (*id).to_owned();
@@ -335,7 +335,7 @@ async fn route(api: &Api, who: Identity, req: hyper::Request<Incoming>) -> Answe
                     approve,
                     hash: d.hash,
                 },
-                Err(e) => return e,
+                Err(e) => return e.answer(),
             }
         }
         (&Method::GET, ["api", "v1", "audit"]) => match query_values(&query, &["after", "limit"]) {
@@ -343,7 +343,7 @@ async fn route(api: &Api, who: Identity, req: hyper::Request<Incoming>) -> Answe
                 after: i64::try_from(q[0].unwrap_or(0)).unwrap_or(i64::MAX),
                 limit: q[1].map_or(1000, |l| u32::try_from(l).unwrap_or(u32::MAX)),
             },
-            Err(e) => return e,
+            Err(e) => return e.answer(),
         },
         _ if known(parts.as_slice()) => {
             return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
@@ -391,34 +391,44 @@ fn translate(response: Response, who: &Identity) -> Answer {
     json_answer(status, &inner)
 }
 
+/// A request that cannot be served: its status and why.
+#[derive(Debug)]
+struct Bad(StatusCode, String);
+
+impl Bad {
+    fn answer(&self) -> Answer {
+        error(self.0, &self.1)
+    }
+}
+
 /// Reads a JSON body of at most 1 MiB within the time limit.
-async fn body<T: serde::de::DeserializeOwned>(req: hyper::Request<Incoming>) -> Result<T, Answer> {
+async fn body<T: serde::de::DeserializeOwned>(req: hyper::Request<Incoming>) -> Result<T, Bad> {
     let limited = Limited::new(req.into_body(), MAX_REQUEST_BYTES);
     let bytes = match tokio::time::timeout(READ_TIMEOUT, limited.collect()).await {
         Ok(Ok(c)) => c.to_bytes(),
         Ok(Err(_)) => {
-            return Err(error(
+            return Err(Bad(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "the body is larger than 1 MiB",
+                "the body is larger than 1 MiB".into(),
             ));
         }
         Err(_) => {
-            return Err(error(
+            return Err(Bad(
                 StatusCode::REQUEST_TIMEOUT,
-                "the body did not arrive in time",
+                "the body did not arrive in time".into(),
             ));
         }
     };
     serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("malformed body: {e}")))
+        .map_err(|e| Bad(StatusCode::BAD_REQUEST, format!("malformed body: {e}")))
 }
 
 /// The numbers `names` in a query that may hold only those names.
-fn query_values(query: &str, names: &[&str]) -> Result<Vec<Option<u64>>, Answer> {
+fn query_values(query: &str, names: &[&str]) -> Result<Vec<Option<u64>>, Bad> {
     let bad = || {
-        error(
+        Bad(
             StatusCode::BAD_REQUEST,
-            &format!("the query takes only {} (numbers)", names.join(", ")),
+            format!("the query takes only {} (numbers)", names.join(", ")),
         )
     };
     let mut out = vec![None; names.len()];

@@ -547,6 +547,40 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_api_listens_on_the_tailnet_for_tailnet_operators_only() {
+        let admin = |listen: &str, ops: &str, names: &str| {
+            format!(
+                "[model]\nprovider = \"demo\"\n[operators]\ntailnet = [{ops}]\n[admin_api]\nlisten = \"{listen}\"\nhost_names = [{names}]\n"
+            )
+        };
+        let ok = Config::parse(&admin(
+            "100.101.1.2:8790",
+            "\"a@example.com\"",
+            "\"box.ts.net\"",
+        ))
+        .unwrap();
+        let api = ok.admin_api.unwrap();
+        assert_eq!(
+            api.tailscaled_socket,
+            PathBuf::from(crate::tailnet::DEFAULT_SOCKET)
+        );
+        assert!(Config::parse(&admin("[fd7a:115c:a1e0::9]:8790", "\"tag:admin\"", "")).is_ok());
+        let bad = [
+            admin("0.0.0.0:8790", "\"a@example.com\"", ""),
+            admin("127.0.0.1:8790", "\"a@example.com\"", ""),
+            admin("192.168.1.2:8790", "\"a@example.com\"", ""),
+            admin("100.101.1.2:8790", "", ""),
+            admin("100.101.1.2:8790", "\"a@example.com\"", "\"box.ts.net:8790\""),
+            admin("100.101.1.2:8790", "\"a@example.com\"", "\"evil.example/x\""),
+            admin("100.101.1.2:8790", "\"a@example.com\"", "\"\""),
+            "[model]\nprovider = \"demo\"\n[admin_api]\nlisten = \"100.101.1.2:8790\"\ntrust_proxy = true\n".into(),
+        ];
+        for text in bad {
+            assert!(Config::parse(&text).is_err(), "accepted: {text}");
+        }
+    }
+
+    #[test]
     fn bridge_addresses_are_loopback_or_tailnet() {
         for ok in [
             "127.0.0.1",
