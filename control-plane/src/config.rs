@@ -243,7 +243,7 @@ pub struct BridgeConfig {
 }
 
 /// The admin HTTP API: reachable only over Tailscale, by configured operators.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminApiConfig {
     /// This machine's Tailscale address and a port.

@@ -328,10 +328,10 @@ fn combine(weights: impl IntoIterator<Item = f64>) -> f64 {
 
 /// The operations a change performs and its risk score. Weights (SECURITY.md lists
 /// them): the runtime or a host path 0.9, operators added 0.9, the model endpoint 0.8,
-/// the model or provider 0.6, a key file 0.6, people allowed to talk added 0.6, a
-/// channel added or moved 0.5, tools added 0.4, instructions 0.3, budgets raised 0.3,
-/// sandbox limits raised 0.2, operators removed 0.3, anything else 0.05; an agent as
-/// the requester adds 0.2.
+/// the model or provider 0.6, a key file 0.6, people allowed to talk added 0.6, the
+/// admin API turned on or moved 0.6, a channel added or moved 0.5, tools added 0.4,
+/// instructions 0.3, budgets raised 0.3, sandbox limits raised 0.2, operators removed
+/// 0.3, anything else 0.05; an agent as the requester adds 0.2.
 pub fn change_risk(before: &Config, after: &Config, by_agent: bool) -> (Vec<Operation>, f64) {
     let mut ops = Vec::new();
     let mut op = |changed: bool, what: &str, weight: f64| {
@@ -418,13 +418,8 @@ pub fn change_risk(before: &Config, after: &Config, by_agent: bool) -> (Vec<Oper
         "a channel added or moved",
         0.5,
     );
-    let admin = |c: &Config| {
-        c.admin_api
-            .as_ref()
-            .map(|x| (x.listen, x.host_names.clone(), x.tailscaled_socket.clone()))
-    };
     op(
-        admin(a).is_some() && admin(b) != admin(a),
+        a.admin_api.is_some() && b.admin_api != a.admin_api,
         "admin API turned on or moved",
         0.6,
     );
@@ -744,6 +739,24 @@ mod tests {
         let c = check(&base(), &local, by).unwrap();
         let (_, risk) = change_risk(&base(), &c, by);
         assert_eq!(risk, 0.92);
+        // The admin API: on a tailnet address it is a risky change; anywhere else it
+        // does not pass.
+        let admin = |listen: &str| {
+            DEFAULT_CONFIG.replace(
+                "unix_uids = [0]",
+                &format!("unix_uids = [0]\ntailnet = [\"a@example.com\"]\n\n[admin_api]\nlisten = \"{listen}\""),
+            )
+        };
+        let on = check(&base(), &admin("100.101.1.2:8790"), by).unwrap();
+        let (ops, _) = change_risk(&base(), &on, by);
+        assert!(
+            ops.iter()
+                .any(|o| o.what == "admin API turned on or moved" && o.weight == 0.6)
+        );
+        assert_eq!(
+            check(&base(), &admin("0.0.0.0:8790"), by).unwrap_err().rule,
+            "invalid"
+        );
     }
 
     #[test]

@@ -306,6 +306,13 @@ impl Service {
                 "sandbox.runtime, runsc or agent_binary changed: they take effect when serve is restarted"
             );
         }
+        if config.admin_api != old.admin_api {
+            // Who may use it (operators.tailnet) is read at every request, so it is in
+            // force at once.
+            tracing::warn!(
+                "admin_api changed: its address, names and socket take effect when serve is restarted"
+            );
+        }
         self.manager.set_settings(settings);
         *self.provider.write().unwrap_or_else(|p| p.into_inner()) = new_provider;
         *self.effective.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Effective {
