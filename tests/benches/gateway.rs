@@ -1,7 +1,8 @@
 //! Prints what the gateway costs: filing an agent's change request over its proxy socket
 //! (policy, risk, a synced store transaction and its audit entry), approving and applying
-//! a change through the admin socket, and checking the audit trail (which `serve` does
-//! in full at every start). Run with `scripts/bench-gateway`.
+//! a change through the admin socket, a request to the admin HTTP API (the tailnet peer
+//! check with tailscaled's `whois`, against a loopback fake), and checking the audit
+//! trail (which `serve` does in full at every start). Run with `scripts/bench-gateway`.
 
 #![allow(clippy::unwrap_used)] // bench code: a failed unwrap is a failed run
 
@@ -43,10 +44,18 @@ fn post(sock: &std::path::Path, body: &str) -> u16 {
 }
 
 fn main() {
-    let mut s = Serve::init(&control_plane::config::DEFAULT_CONFIG.replace(
-        "max_pending_per_requester = 5",
-        "max_pending_per_requester = 1000",
-    ));
+    // Limits raised: the bench measures the path, not the refusals.
+    let mut s = Serve::init(
+        &control_plane::config::DEFAULT_CONFIG
+            .replace(
+                "max_pending_per_requester = 5",
+                "max_pending_per_requester = 1000",
+            )
+            .replace(
+                "max_requests_per_minute = 20",
+                "max_requests_per_minute = 100000",
+            ),
+    );
     s.start();
     s.send("bench", "hello", 120).unwrap();
     let layout = control_plane::sandbox::layout::Layout::new(&s.state, &s.state.join("run"));
@@ -103,6 +112,7 @@ fn main() {
         applied,
     );
     drop(s);
+    admin_api();
 
     // The audit trail: appending, and verifying it whole.
     let dir = tempfile::tempdir().unwrap();
@@ -128,4 +138,66 @@ fn main() {
         verify.as_secs_f64() * 1000.0,
         count as f64 / verify.as_secs_f64()
     );
+}
+
+/// Requests to the admin HTTP API from tailnet addresses on `lo`, each on a new
+/// connection: the peer check (ranges, then `whois` over tailscaled's socket) and the
+/// answer, for an operator and for a refused peer.
+fn admin_api() {
+    use tests::fake_tailscaled::{FakeTailscaled, Known};
+    use tests::loopback::{LoopbackAddress, request_from};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = LoopbackAddress::add("100.101.9.1");
+    let other = LoopbackAddress::add("100.101.9.2");
+    let peers = [
+        (
+            "100.101.9.1".to_owned(),
+            Known::User("alice@example.com".into()),
+        ),
+        (
+            "100.101.9.2".to_owned(),
+            Known::User("mallory@example.com".into()),
+        ),
+    ];
+    let fake = rt.block_on(FakeTailscaled::start(peers.into_iter().collect()));
+    let listen = std::net::SocketAddr::new(server.ip, server.free_port());
+    let config = format!(
+        "{}\ntailnet = [\"alice@example.com\"]\n\n[admin_api]\nlisten = \"{listen}\"\ntailscaled_socket = \"{}\"\n",
+        control_plane::config::DEFAULT_CONFIG,
+        fake.socket.display()
+    )
+    .replace("# tailnet = [\"alice@example.com\"]", "");
+    let mut s = Serve::init(&config);
+    s.start();
+    let get = |from| {
+        rt.block_on(request_from(
+            from,
+            listen,
+            "GET",
+            "/api/v1/health",
+            &[],
+            b"",
+        ))
+        .map(|(_, a)| a.status)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(server.ip).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (who, from, status) in [
+        ("operator", server.ip, 200),
+        ("refused peer", other.ip, 403),
+    ] {
+        let mut times = Vec::new();
+        for _ in 0..300 {
+            let t = Instant::now();
+            assert_eq!(get(from).unwrap(), status);
+            times.push(t.elapsed());
+        }
+        report(
+            &format!("admin API request, new connection, {who} (whois + answer)"),
+            times,
+        );
+    }
+    s.stop();
 }
