@@ -26,7 +26,6 @@
 //! from and carry JSON, and every answer forbids framing, caching and other origins.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,10 +35,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue, ORIGIN};
 use hyper::{Method, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, MAX_REQUEST_BYTES, Request, Response};
@@ -51,7 +48,7 @@ use crate::tailnet::{self, Whois};
 /// Connections served at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// How long a client has to send its headers, and then its body.
+/// How long a client has to send a request's body.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often binding the address is tried again while it is not there (tailscaled not
@@ -114,7 +111,11 @@ pub fn start(service: Arc<Service>, cfg: &AdminApiConfig) -> JoinHandle<()> {
             }
         };
         tracing::info!(%addr, "admin API listening");
-        serve(api, listener).await;
+        crate::http::serve(listener, MAX_CONNECTIONS, move |peer, req| {
+            let api = api.clone();
+            async move { respond(&api, peer, req).await }
+        })
+        .await;
     })
 }
 
@@ -140,34 +141,6 @@ fn hosts(cfg: &AdminApiConfig) -> HashSet<String> {
         out.insert(format!("{name}:{port}"));
     }
     out
-}
-
-async fn serve(api: Arc<Api>, listener: tokio::net::TcpListener) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            drop(stream);
-            continue;
-        };
-        let api = api.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let api = api.clone();
-                async move { Ok::<_, Infallible>(respond(&api, peer, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(READ_TIMEOUT)
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-            drop(permit);
-        });
-    }
 }
 
 fn answer(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {

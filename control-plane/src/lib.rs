@@ -21,6 +21,7 @@ pub mod channels;
 pub mod config;
 pub mod doctor;
 pub mod gateway;
+pub mod http;
 pub mod model;
 pub mod proxy;
 pub mod sandbox;

@@ -47,6 +47,22 @@ fn peers(list: &[(&str, Known)]) -> HashMap<String, Known> {
         .collect()
 }
 
+/// `serve` with the admin API on `server` and tailscaled's fake answering `list`, once
+/// the API listens: the service, the fake, the configuration and the API's address.
+fn started(
+    rt: &tokio::runtime::Runtime,
+    server: &LoopbackAddress,
+    list: &[(&str, Known)],
+) -> (Serve, FakeTailscaled, String, SocketAddr) {
+    let fake = rt.block_on(FakeTailscaled::start(peers(list)));
+    let listen = SocketAddr::new(server.ip, server.free_port());
+    let text = config(listen, &fake.socket);
+    let mut s = Serve::init(&text);
+    s.start();
+    Client { rt, to: listen }.wait_listening(server.ip);
+    (s, fake, text, listen)
+}
+
 struct Client<'a> {
     rt: &'a tokio::runtime::Runtime,
     to: SocketAddr,
@@ -139,25 +155,24 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
     let admin_tag = LoopbackAddress::add("100.101.7.4");
     let broken = LoopbackAddress::add("100.101.7.5");
     let outside = LoopbackAddress::add("198.18.7.1");
-    let fake = rt.block_on(FakeTailscaled::start(peers(&[
-        ("100.101.7.1", Known::User(ALICE.into())),
-        ("100.101.7.2", Known::User("mallory@example.com".into())),
-        ("100.101.7.3", Known::Tagged(vec!["tag:ci".into()])),
-        ("100.101.7.4", Known::Tagged(vec!["tag:admin".into()])),
-        ("100.101.7.5", Known::Error(500)),
-        // Asked about these only if the check were broken: they would pass.
-        ("198.18.7.1", Known::User(ALICE.into())),
-        ("127.0.0.1", Known::User(ALICE.into())),
-    ])));
-    let listen = SocketAddr::new(server.ip, server.free_port());
-    let text = config(listen, &fake.socket);
-    let mut s = Serve::init(&text);
-    s.start();
+    let (mut s, fake, text, listen) = started(
+        &rt,
+        &server,
+        &[
+            ("100.101.7.1", Known::User(ALICE.into())),
+            ("100.101.7.2", Known::User("mallory@example.com".into())),
+            ("100.101.7.3", Known::Tagged(vec!["tag:ci".into()])),
+            ("100.101.7.4", Known::Tagged(vec!["tag:admin".into()])),
+            ("100.101.7.5", Known::Error(500)),
+            // Asked about these only if the check were broken: they would pass.
+            ("198.18.7.1", Known::User(ALICE.into())),
+            ("127.0.0.1", Known::User(ALICE.into())),
+        ],
+    );
     let api = Client {
         rt: &rt,
         to: listen,
     };
-    api.wait_listening(server.ip);
 
     // The operator, by login and by tag.
     let health = api.get(server.ip, "/api/v1/health");
@@ -398,19 +413,8 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
 fn the_approval_page_in_headless_chromium_shows_the_diff_and_applies_what_it_showed() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let server = LoopbackAddress::add("100.101.8.1");
-    let fake = rt.block_on(FakeTailscaled::start(peers(&[(
-        "100.101.8.1",
-        Known::User(ALICE.into()),
-    )])));
-    let listen = SocketAddr::new(server.ip, server.free_port());
-    let text = config(listen, &fake.socket);
-    let mut s = Serve::init(&text);
-    s.start();
-    let api = Client {
-        rt: &rt,
-        to: listen,
-    };
-    api.wait_listening(server.ip);
+    let (s, _fake, text, listen) =
+        started(&rt, &server, &[("100.101.8.1", Known::User(ALICE.into()))]);
     // The reason is the requester's text: it must reach the page as text, not markup.
     let hostile = "more room <img src=x onerror=\"document.title='owned'\"><script>document.title='owned'</script>";
     let id = propose(

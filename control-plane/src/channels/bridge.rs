@@ -13,7 +13,6 @@
 //! Errors are `{"error": "..."}` with 400, 401, 404, 405, 413 or 503. A chat `c` is the
 //! session `br-c`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,13 +21,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use queue_proto::ids::SessionId;
 use queue_proto::items::MAX_TEXT_BYTES;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::ChannelError;
@@ -88,31 +85,11 @@ pub fn start(service: Arc<Service>, cfg: &BridgeConfig) -> Result<JoinHandle<()>
 }
 
 async fn serve(service: Arc<Service>, listener: tokio::net::TcpListener, token: Arc<ApiKey>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            drop(stream);
-            continue;
-        };
+    crate::http::serve(listener, MAX_CONNECTIONS, move |_, req| {
         let (service, token) = (service.clone(), token.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let (service, token) = (service.clone(), token.clone());
-                async move { Ok::<_, Infallible>(respond(&service, &token, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-            drop(permit);
-        });
-    }
+        async move { respond(&service, &token, req).await }
+    })
+    .await;
 }
 
 fn reply(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
