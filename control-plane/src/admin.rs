@@ -332,13 +332,12 @@ pub(crate) async fn handle(
             }
         }
         Request::Health => {
-            let counts =
-                service.db(|s| Ok((s.summaries()?.len(), s.changes(false, 10_000)?.len())));
+            let counts = service.db(|s| Ok((s.summaries()?.len(), s.pending_changes()?)));
             match counts {
-                Ok((sessions, pending)) => Response::Health {
+                Ok((sessions, pending_changes)) => Response::Health {
                     version: service.effective().version,
                     sessions: sessions as u64,
-                    pending_changes: pending as u64,
+                    pending_changes,
                 },
                 Err(e) => Response::Error(chain(&e)),
             }

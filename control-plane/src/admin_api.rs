@@ -16,17 +16,22 @@
 //! POST   /api/v1/changes/ID/reject        {} or {"hash"} → {"outcome", "version", "why"}
 //! GET    /api/v1/audit[?after=SEQ&limit=N] → [entry] (oldest first, N ≤ 10000)
 //! ```
-//! An approval carries the SHA-256 of the text its client showed; the request is applied
-//! only if it is still that text. A refused decision answers 409; errors are
-//! `{"error": "..."}` with 400, 403, 404, 405, 413, 415 or 421.
+//! An approval carries the SHA-256 (64 hex digits) of the text its client showed; the
+//! request is applied only if it is still that text. A refused decision answers 409;
+//! errors are `{"error": "..."}` with 400, 403, 404, 405, 408, 413, 415 or 421.
+//!
+//! A connection from outside the tailnet's ranges, or from this machine's own address (a
+//! local process), is closed at once, unanswered. At most 64 connections are served, 8
+//! from one address, each for at most two minutes.
 //!
 //! Browsers are kept from acting for an operator: a request must name this API's own
 //! host (so a page cannot point a name of its own at this address), a request that
 //! changes anything must come from this API's own origin when it says where it comes
-//! from and carry JSON, and every answer forbids framing, caching and other origins.
+//! from (and a POST must carry JSON, which no form can send), and every answer forbids
+//! framing, caching and other origins.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,8 +50,12 @@ use crate::gateway::Identity;
 use crate::service::Service;
 use crate::tailnet::{self, Whois};
 
-/// Connections served at once; more are closed on accept.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once: in all, from one address, and for how long each.
+const LIMITS: crate::http::Limits = crate::http::Limits {
+    connections: 64,
+    per_peer: 8,
+    lifetime: Some(Duration::from_secs(120)),
+};
 
 /// How long a client has to send a request's body.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,6 +88,8 @@ type Answer = hyper::Response<Full<Bytes>>;
 /// What every connection shares.
 struct Api {
     service: Arc<Service>,
+    /// This machine's Tailscale address, the one listened on.
+    own: IpAddr,
     whois: Whois,
     /// `Host` values this API answers to.
     hosts: HashSet<String>,
@@ -89,6 +100,7 @@ struct Api {
 pub fn start(service: Arc<Service>, cfg: &AdminApiConfig) -> JoinHandle<()> {
     let api = Arc::new(Api {
         service,
+        own: cfg.listen.ip(),
         whois: Whois {
             socket: cfg.tailscaled_socket.clone(),
         },
@@ -111,7 +123,20 @@ pub fn start(service: Arc<Service>, cfg: &AdminApiConfig) -> JoinHandle<()> {
             }
         };
         tracing::info!(%addr, "admin API listening");
-        crate::http::serve(listener, MAX_CONNECTIONS, move |peer, req| {
+        let gate = api.clone();
+        let admit = move |peer: SocketAddr| match tailnet::reachable(peer.ip(), gate.own) {
+            Ok(()) => true,
+            Err(why) => {
+                // Counted under one name per kind, however many addresses they use.
+                let key = match why {
+                    tailnet::Refusal::ThisMachine(_) => "this-machine",
+                    _ => "outside-tailnet",
+                };
+                refused(&gate.service, key, peer, &why);
+                false
+            }
+        };
+        crate::http::serve(listener, LIMITS, admit, move |peer, req| {
             let api = api.clone();
             async move { respond(&api, peer, req).await }
         })
@@ -169,24 +194,42 @@ fn error(status: StatusCode, message: &str) -> Answer {
 /// then what they ask.
 async fn respond(api: &Api, peer: SocketAddr, req: hyper::Request<Incoming>) -> Answer {
     let operators = api.service.config().operators.tailnet.clone();
-    let who = match tailnet::authorize(peer, &api.whois, &operators).await {
+    let who = match tailnet::authorize(peer, api.own, &api.whois, &operators).await {
         Ok(who) => who,
         Err(why) => {
-            tracing::warn!(%peer, why = %why, "admin API: refused a peer");
-            api.service.refuse_admin_peer(
-                &peer.ip().to_string(),
-                json!({ "peer": peer.to_string(), "why": why.to_string() }),
+            refused(
+                &api.service,
+                &peer.ip().to_canonical().to_string(),
+                peer,
+                &why,
             );
-            return error(
+            return closing(error(
                 StatusCode::FORBIDDEN,
                 "refused: this API is for the operators on the tailnet",
-            );
+            ));
         }
     };
     if let Some(refused) = browser_check(api, &req) {
         return refused;
     }
     route(api, who, req).await
+}
+
+/// Records a refused peer (under `key`, so many a minute each), and logs it when it is
+/// recorded.
+fn refused(service: &Service, key: &str, peer: SocketAddr, why: &tailnet::Refusal) {
+    let detail = json!({ "peer": peer.to_string(), "why": why.to_string() });
+    if service.refuse_admin_peer(key, detail) {
+        tracing::warn!(%peer, why = %why, "admin API: refused a peer");
+    }
+}
+
+/// `answer`, and the connection closed after it.
+fn closing(mut answer: Answer) -> Answer {
+    answer
+        .headers_mut()
+        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    answer
 }
 
 /// Refuses a request a browser may be making for an operator without their knowing: one
@@ -199,10 +242,10 @@ fn browser_check(api: &Api, req: &hyper::Request<Incoming>) -> Option<Answer> {
         .and_then(|h| h.to_str().ok())
         .map(str::to_ascii_lowercase);
     let Some(host) = host.filter(|h| api.hosts.contains(h)) else {
-        return Some(error(
+        return Some(closing(error(
             StatusCode::MISDIRECTED_REQUEST,
             "this API answers only to its own address or admin_api.host_names",
-        ));
+        )));
     };
     if matches!(*req.method(), Method::GET | Method::HEAD) {
         return None;
@@ -297,10 +340,10 @@ async fn route(api: &Api, who: Identity, req: hyper::Request<Incoming>) -> Answe
             let id = (*id).to_owned();
             let approve = *verb == "approve";
             match body::<Decide>(req).await {
-                Ok(d) if approve && d.hash.is_none() => {
+                Ok(d) if approve && !d.hash.as_deref().is_some_and(full_sha256) => {
                     return error(
                         StatusCode::BAD_REQUEST,
-                        "an approval carries the SHA-256 of the text it showed: {\"hash\": \"...\"}",
+                        "an approval carries the SHA-256 of the text it showed, 64 hex digits: {\"hash\": \"...\"}",
                     );
                 }
                 Ok(d) => Request::ChangesDecide {
@@ -325,6 +368,11 @@ async fn route(api: &Api, who: Identity, req: hyper::Request<Incoming>) -> Answe
     };
     let (response, _) = admin::handle(&api.service, request, who.clone()).await;
     translate(response, &who)
+}
+
+/// 64 lower-case hex digits.
+fn full_sha256(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Whether `parts` names a page or endpoint (for any method).

@@ -396,7 +396,8 @@ impl Config {
             return invalid("channels.bridge.listen must be a loopback or Tailscale address");
         }
         if let Some(a) = &self.admin_api {
-            if !crate::tailnet::in_tailnet(a.listen.ip()) {
+            let ip = a.listen.ip();
+            if ip != ip.to_canonical() || !crate::tailnet::in_tailnet(ip) {
                 return invalid(
                     "admin_api.listen must be this machine's Tailscale address (100.64.0.0/10 or fd7a:115c:a1e0::/48)",
                 );
@@ -447,18 +448,10 @@ fn host_name_ok(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
-/// Loopback, or inside Tailscale's ranges (100.64.0.0/10, fd7a:115c:a1e0::/48).
+/// Loopback, or inside Tailscale's ranges (100.64.0.0/10, fd7a:115c:a1e0::/48), written
+/// as itself (not an IPv4 address in IPv6 form).
 pub fn bridge_address_allowed(ip: std::net::IpAddr) -> bool {
-    match ip {
-        std::net::IpAddr::V4(v4) => {
-            let o = v4.octets();
-            v4.is_loopback() || (o[0] == 100 && (o[1] & 0xc0) == 64)
-        }
-        std::net::IpAddr::V6(v6) => {
-            let s = v6.segments();
-            v6.is_loopback() || (s[0] == 0xfd7a && s[1] == 0x115c && s[2] == 0xa1e0)
-        }
-    }
+    ip == ip.to_canonical() && (ip.is_loopback() || crate::tailnet::in_tailnet(ip))
 }
 
 /// The file `ironclaw init` writes: the offline demo model, gVisor, the console channel
@@ -569,6 +562,7 @@ mod tests {
             admin("0.0.0.0:8790", "\"a@example.com\"", ""),
             admin("127.0.0.1:8790", "\"a@example.com\"", ""),
             admin("192.168.1.2:8790", "\"a@example.com\"", ""),
+            admin("[::ffff:100.101.1.2]:8790", "\"a@example.com\"", ""),
             admin("100.101.1.2:8790", "", ""),
             admin("100.101.1.2:8790", "\"a@example.com\"", "\"box.ts.net:8790\""),
             admin("100.101.1.2:8790", "\"a@example.com\"", "\"evil.example/x\""),
@@ -597,6 +591,8 @@ mod tests {
             "100.128.0.1",
             "100.63.255.255",
             "::",
+            "::ffff:100.64.0.1",
+            "::ffff:127.0.0.1",
         ] {
             assert!(!bridge_address_allowed(bad.parse().unwrap()), "{bad}");
         }

@@ -335,7 +335,7 @@ fn admin_api(where_: &str, t: &toml::Table, r: &mut Report) {
     if !tailnet_ops {
         r.add(
             "admin-api.no-operators",
-            Severity::Warning,
+            Severity::Critical,
             format!(
                 "{where_} turns the admin API on with no operators.tailnet: nobody could use it"
             ),

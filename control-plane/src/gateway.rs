@@ -327,7 +327,8 @@ fn combine(weights: impl IntoIterator<Item = f64>) -> f64 {
 }
 
 /// The operations a change performs and its risk score. Weights (SECURITY.md lists
-/// them): the runtime or a host path 0.9, operators added 0.9, the model endpoint 0.8,
+/// them): the runtime, a host path or tailscaled's socket 0.9, operators added 0.9, the
+/// model endpoint 0.8,
 /// the model or provider 0.6, a key file 0.6, people allowed to talk added 0.6, the
 /// admin API turned on or moved 0.6, a channel added or moved 0.5, tools added 0.4,
 /// instructions 0.3, budgets raised 0.3, sandbox limits raised 0.2, operators removed
@@ -422,6 +423,14 @@ pub fn change_risk(before: &Config, after: &Config, by_agent: bool) -> (Vec<Oper
         a.admin_api.is_some() && b.admin_api != a.admin_api,
         "admin API turned on or moved",
         0.6,
+    );
+    // Whatever answers on this socket decides who is an operator.
+    let socket = |c: &Config| c.admin_api.as_ref().map(|x| x.tailscaled_socket.clone());
+    op(
+        socket(a).is_some_and(|s| s != std::path::Path::new(crate::tailnet::DEFAULT_SOCKET))
+            && socket(a) != socket(b),
+        "tailscaled socket changed",
+        0.9,
     );
     let tools = |c: &Config| c.agent.tools.iter().copied().collect::<HashSet<_>>();
     op(

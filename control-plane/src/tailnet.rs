@@ -3,7 +3,9 @@
 //! tailscaled's LocalAPI, asked over its unix socket (`GET /localapi/v0/whois?addr=`),
 //! names a configured operator: the login name of the device's user, or, for a tagged
 //! device (which has no user), one of its tags (`tag:…`). Only the TCP peer address is
-//! used, never a header a client sent; any error is a refusal.
+//! used, never a header a client sent; any error is a refusal. A connection from this
+//! machine's own Tailscale address is refused before whois is asked: it comes from a
+//! local process, and whois would name the machine's own owner.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -28,6 +30,8 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Refusal {
     #[error("{0} is not a tailnet address")]
     NotTailnet(IpAddr),
+    #[error("{0} is this machine's own address: a local process, not a tailnet device")]
+    ThisMachine(IpAddr),
     #[error("tailscaled could not be asked: {0}")]
     Unreachable(String),
     #[error("tailscaled answered {0}")]
@@ -119,7 +123,7 @@ fn parse(body: &[u8]) -> Result<Peer, Refusal> {
         .and_then(|l| l.as_str())
         .filter(|l| !l.is_empty())
         .map(str::to_owned);
-    if v.get("Node").is_none() {
+    if !v.get("Node").is_some_and(serde_json::Value::is_object) {
         return Err(Refusal::BadAnswer);
     }
     Ok(Peer { login, tags })
@@ -145,15 +149,28 @@ pub fn operator(peer: &Peer, operators: &[String]) -> Result<Identity, Refusal> 
     }
 }
 
-/// The whole check for one connection from `peer`.
+/// Whether a connection from `ip` may be looked at at all: inside the tailnet's ranges,
+/// and not from `own`, this machine's Tailscale address.
+pub fn reachable(ip: IpAddr, own: IpAddr) -> Result<(), Refusal> {
+    let ip = ip.to_canonical();
+    if !in_tailnet(ip) {
+        return Err(Refusal::NotTailnet(ip));
+    }
+    if ip == own.to_canonical() {
+        return Err(Refusal::ThisMachine(ip));
+    }
+    Ok(())
+}
+
+/// The whole check for one request from `peer` to a server on `own`.
 pub async fn authorize(
     peer: SocketAddr,
+    own: IpAddr,
     whois: &Whois,
     operators: &[String],
 ) -> Result<Identity, Refusal> {
-    if !in_tailnet(peer.ip()) {
-        return Err(Refusal::NotTailnet(peer.ip()));
-    }
+    reachable(peer.ip(), own)?;
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let who = whois.ask(peer).await?;
     operator(&who, operators)
 }
@@ -182,6 +199,26 @@ mod tests {
         ] {
             assert!(!in_tailnet(bad.parse().unwrap()), "{bad}");
         }
+    }
+
+    #[test]
+    fn this_machine_and_addresses_outside_the_ranges_are_not_asked_about() {
+        let own: IpAddr = "100.101.1.1".parse().unwrap();
+        assert_eq!(reachable("100.101.1.2".parse().unwrap(), own), Ok(()));
+        assert_eq!(
+            reachable("::ffff:100.101.1.2".parse().unwrap(), own),
+            Ok(())
+        );
+        for me in ["100.101.1.1", "::ffff:100.101.1.1"] {
+            assert!(matches!(
+                reachable(me.parse().unwrap(), own),
+                Err(Refusal::ThisMachine(_))
+            ));
+        }
+        assert!(matches!(
+            reachable("127.0.0.1".parse().unwrap(), own),
+            Err(Refusal::NotTailnet(_))
+        ));
     }
 
     #[test]
@@ -216,6 +253,7 @@ mod tests {
             b"{}",
             br#"{"Node":{"Tags":"tag:admin"}}"#,
             br#"{"Node":{"Tags":[1]}}"#,
+            br#"{"Node":null,"UserProfile":{"LoginName":"alice@example.com"}}"#,
         ] {
             assert_eq!(parse(bad), Err(Refusal::BadAnswer));
         }

@@ -9,6 +9,9 @@ use control_plane::gateway::Identity;
 use control_plane::tailnet::{Refusal, Whois, authorize};
 use tests::fake_tailscaled::{FakeTailscaled, Known};
 
+/// The server's own address in these checks.
+const OWN: &str = "100.101.1.100";
+
 #[tokio::test]
 async fn only_operators_on_the_tailnet_pass_and_any_error_refuses() {
     let peers: HashMap<String, Known> = [
@@ -32,7 +35,7 @@ async fn only_operators_on_the_tailnet_pass_and_any_error_refuses() {
         let whois = whois.clone();
         let ops = ops.clone();
         let addr = addr.parse().unwrap();
-        async move { authorize(addr, &whois, &ops).await }
+        async move { authorize(addr, OWN.parse().unwrap(), &whois, &ops).await }
     };
     assert_eq!(
         check("100.101.1.1:41000").await,
@@ -73,7 +76,13 @@ async fn only_operators_on_the_tailnet_pass_and_any_error_refuses() {
     };
     let ops2 = ops.clone();
     assert!(matches!(
-        authorize("100.101.1.1:41000".parse().unwrap(), &gone, &ops2).await,
+        authorize(
+            "100.101.1.1:41000".parse().unwrap(),
+            OWN.parse().unwrap(),
+            &gone,
+            &ops2
+        )
+        .await,
         Err(Refusal::Unreachable(_))
     ));
 }

@@ -13,9 +13,18 @@ async function api(method, path, body) {
   return { status: resp.status, value };
 }
 
+// Control, zero-width and bidirectional characters could hide or reorder what an
+// operator reads before approving: they are shown as escapes, as the CLI shows them.
+function visible(text) {
+  return String(text).replace(
+    /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]/g,
+    (c) => `\\u{${c.codePointAt(0).toString(16)}}`,
+  );
+}
+
 function el(tag, text, cls) {
   const e = document.createElement(tag);
-  if (text !== undefined) e.textContent = text;
+  if (text !== undefined) e.textContent = visible(text);
   if (cls) e.className = cls;
   return e;
 }

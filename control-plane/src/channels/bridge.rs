@@ -85,10 +85,20 @@ pub fn start(service: Arc<Service>, cfg: &BridgeConfig) -> Result<JoinHandle<()>
 }
 
 async fn serve(service: Arc<Service>, listener: tokio::net::TcpListener, token: Arc<ApiKey>) {
-    crate::http::serve(listener, MAX_CONNECTIONS, move |_, req| {
-        let (service, token) = (service.clone(), token.clone());
-        async move { respond(&service, &token, req).await }
-    })
+    let limits = crate::http::Limits {
+        connections: MAX_CONNECTIONS,
+        per_peer: MAX_CONNECTIONS,
+        lifetime: None,
+    };
+    crate::http::serve(
+        listener,
+        limits,
+        |_| true,
+        move |_, req| {
+            let (service, token) = (service.clone(), token.clone());
+            async move { respond(&service, &token, req).await }
+        },
+    )
     .await;
 }
 

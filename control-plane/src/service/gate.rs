@@ -153,10 +153,20 @@ impl Service {
 
     /// Records each finished minute's count of change requests refused by the rate limit.
     pub(super) fn record_refusals(&self, done: impl IntoIterator<Item = gateway::Refusals>) {
+        self.record_limited("change_requests_limited", "requester", done);
+    }
+
+    /// Records each finished minute's count as a `kind` entry naming its `who`.
+    fn record_limited(
+        &self,
+        kind: &str,
+        who: &str,
+        done: impl IntoIterator<Item = gateway::Refusals>,
+    ) {
         for r in done {
             self.audit(
-                "change_requests_limited",
-                json!({ "requester": r.requester, "minute_start": r.minute_start,
+                kind,
+                json!({ who: r.requester, "minute_start": r.minute_start,
                         "refused": r.refused }),
             );
         }
@@ -174,17 +184,18 @@ impl Service {
     /// Records a peer the admin socket or the admin API refused. The first
     /// [`REFUSALS_RECORDED_PER_MINUTE`] a minute from one peer are each an `admin_refused`
     /// entry; the rest are one `admin_refusals_limited` count a minute, so a peer knocking
-    /// in a loop cannot grow the trail without bound.
-    pub fn refuse_admin_peer(&self, peer: &str, detail: serde_json::Value) {
+    /// in a loop cannot grow the trail without bound. Whether this one was recorded.
+    pub fn refuse_admin_peer(&self, peer: &str, detail: serde_json::Value) -> bool {
         let (record, done) = self
             .refused_peers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .admit(peer, now_secs(), REFUSALS_RECORDED_PER_MINUTE);
-        self.record_limited_peers(done);
+        self.record_limited("admin_refusals_limited", "peer", done);
         if record {
             self.audit("admin_refused", detail);
         }
+        record
     }
 
     pub(super) fn flush_refused_peers(&self, now: i64) {
@@ -193,17 +204,7 @@ impl Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .flush(now);
-        self.record_limited_peers(done);
-    }
-
-    fn record_limited_peers(&self, done: impl IntoIterator<Item = gateway::Refusals>) {
-        for r in done {
-            self.audit(
-                "admin_refusals_limited",
-                json!({ "peer": r.requester, "minute_start": r.minute_start,
-                        "refused": r.refused }),
-            );
-        }
+        self.record_limited("admin_refusals_limited", "peer", done);
     }
 
     /// An operator's proposal: a whole new configuration text.

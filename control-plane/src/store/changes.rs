@@ -378,6 +378,16 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// How many change requests are undecided.
+    pub fn pending_changes(&self) -> Result<u64, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT count(*) FROM changes WHERE state = 'pending'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
     /// One change request in full.
     pub fn change(&self, id: &str) -> Result<Option<ChangeDetail>, StoreError> {
         let row = self
