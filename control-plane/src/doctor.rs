@@ -364,6 +364,21 @@ fn host(t: &toml::Table, r: &mut Report) {
                 "install and start Tailscale (`tailscale up`), or set admin_api.tailscaled_socket",
             );
         }
+        // Whoever can put a socket there decides who is an operator.
+        let dir = Path::new(socket).parent().unwrap_or(Path::new("/"));
+        if let Ok(m) = std::fs::metadata(dir)
+            && (m.uid() != 0 || m.mode() & 0o022 != 0)
+        {
+            r.add(
+                "admin-api.tailscaled-socket-unsafe",
+                Severity::Critical,
+                format!(
+                    "{} (holding tailscaled's socket) is writable by someone other than root: whoever puts a socket there decides who is an operator",
+                    dir.display()
+                ),
+                "use tailscaled's own socket, /run/tailscale/tailscaled.sock",
+            );
+        }
     }
     let gvisor = get(t, &["sandbox", "runtime"]).and_then(|v| v.as_str()) != Some("host");
     if gvisor {

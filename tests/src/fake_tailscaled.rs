@@ -32,6 +32,7 @@ pub struct FakeTailscaled {
     pub socket: PathBuf,
     _dir: tempfile::TempDir,
     asked: Arc<Mutex<Vec<String>>>,
+    peers: Arc<Mutex<HashMap<String, Known>>>,
 }
 
 impl FakeTailscaled {
@@ -40,14 +41,16 @@ impl FakeTailscaled {
         let socket = dir.path().join("tailscaled.sock");
         let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
         let asked = Arc::new(Mutex::new(Vec::new()));
-        let (peers, log) = (Arc::new(peers), asked.clone());
+        let peers = Arc::new(Mutex::new(peers));
+        let (table, log) = (peers.clone(), asked.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (peers, log) = (peers.clone(), log.clone());
+                let (peers, log) = (table.clone(), log.clone());
                 tokio::spawn(async move {
                     let service =
                         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                             let (peers, log) = (peers.clone(), log.clone());
+                            let peers = peers.lock().expect("peers").clone();
                             async move { Ok::<_, Infallible>(answer(&peers, &log, &req)) }
                         });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -60,7 +63,16 @@ impl FakeTailscaled {
             socket,
             _dir: dir,
             asked,
+            peers,
         }
+    }
+
+    /// From now on, says `known` of `ip`.
+    pub fn set(&self, ip: &str, known: Known) {
+        self.peers
+            .lock()
+            .expect("peers")
+            .insert(ip.to_owned(), known);
     }
 
     /// Every `addr` asked about.

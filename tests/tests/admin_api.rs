@@ -1,8 +1,9 @@
 //! The admin HTTP API on the real `ironclaw serve`, reached from addresses on this
 //! machine that stand for tailnet devices, with a loopback fake of tailscaled's LocalAPI
-//! saying who each is: only a configured operator gets in, whatever the request claims;
-//! a browser cannot be made to act for one; and the approval page, driven in headless
-//! Chromium, shows the diff and applies exactly what it showed.
+//! saying who each is: only a configured operator gets in, whatever the request claims,
+//! and not a process on the server itself; a browser cannot be made to act for one; and
+//! the approval page, driven in headless Chromium, shows the diff and applies exactly
+//! what it showed.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tests::fake_tailscaled::{FakeTailscaled, Known};
-use tests::loopback::{Answer, LoopbackAddress, request_from};
+use tests::loopback::{Answer, Conn, LoopbackAddress, request_from};
 use tests::service::Serve;
 use tests::webdriver::Browser;
 
@@ -48,10 +49,12 @@ fn peers(list: &[(&str, Known)]) -> HashMap<String, Known> {
 }
 
 /// `serve` with the admin API on `server` and tailscaled's fake answering `list`, once
-/// the API listens: the service, the fake, the configuration and the API's address.
+/// the API answers `operator`: the service, the fake, the configuration and the API's
+/// address.
 fn started(
     rt: &tokio::runtime::Runtime,
     server: &LoopbackAddress,
+    operator: IpAddr,
     list: &[(&str, Known)],
 ) -> (Serve, FakeTailscaled, String, SocketAddr) {
     let fake = rt.block_on(FakeTailscaled::start(peers(list)));
@@ -59,7 +62,7 @@ fn started(
     let text = config(listen, &fake.socket);
     let mut s = Serve::init(&text);
     s.start();
-    Client { rt, to: listen }.wait_listening(server.ip);
+    Client { rt, to: listen }.wait_listening(operator);
     (s, fake, text, listen)
 }
 
@@ -69,7 +72,20 @@ struct Client<'a> {
 }
 
 impl Client<'_> {
-    /// One request from `from`: the port it came from and the answer.
+    /// One request from `from` on a connection of its own: the address and port the
+    /// server saw and the answer, or the error if the connection was closed unanswered.
+    fn try_send(
+        &self,
+        from: IpAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<(SocketAddr, Answer)> {
+        self.rt
+            .block_on(request_from(from, self.to, method, path, headers, body))
+    }
+
     fn send(
         &self,
         from: IpAddr,
@@ -78,9 +94,7 @@ impl Client<'_> {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> (SocketAddr, Answer) {
-        self.rt
-            .block_on(request_from(from, self.to, method, path, headers, body))
-            .unwrap()
+        self.try_send(from, method, path, headers, body).unwrap()
     }
 
     fn get(&self, from: IpAddr, path: &str) -> Answer {
@@ -104,16 +118,8 @@ impl Client<'_> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if self
-                .rt
-                .block_on(request_from(
-                    from,
-                    self.to,
-                    "GET",
-                    "/api/v1/health",
-                    &[],
-                    b"",
-                ))
-                .is_ok()
+                .try_send(from, "GET", "/api/v1/health", &[], b"")
+                .is_ok_and(|(_, a)| a.status == 200)
             {
                 return;
             }
@@ -154,17 +160,21 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
     let ci = LoopbackAddress::add("100.101.7.3");
     let admin_tag = LoopbackAddress::add("100.101.7.4");
     let broken = LoopbackAddress::add("100.101.7.5");
+    let alice = LoopbackAddress::add("100.101.7.6");
     let outside = LoopbackAddress::add("198.18.7.1");
     let (mut s, fake, text, listen) = started(
         &rt,
         &server,
+        alice.ip,
         &[
-            ("100.101.7.1", Known::User(ALICE.into())),
+            ("100.101.7.6", Known::User(ALICE.into())),
             ("100.101.7.2", Known::User("mallory@example.com".into())),
             ("100.101.7.3", Known::Tagged(vec!["tag:ci".into()])),
             ("100.101.7.4", Known::Tagged(vec!["tag:admin".into()])),
             ("100.101.7.5", Known::Error(500)),
-            // Asked about these only if the check were broken: they would pass.
+            // Asked about these only if the checks were broken: they would pass. (The
+            // server's own address is its owner's, as tailscaled says of its own node.)
+            ("100.101.7.1", Known::User(ALICE.into())),
             ("198.18.7.1", Known::User(ALICE.into())),
             ("127.0.0.1", Known::User(ALICE.into())),
         ],
@@ -175,7 +185,7 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
     };
 
     // The operator, by login and by tag.
-    let health = api.get(server.ip, "/api/v1/health");
+    let health = api.get(alice.ip, "/api/v1/health");
     assert_eq!(
         health.status,
         200,
@@ -184,6 +194,7 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
     );
     assert_eq!(health.json()["you"], format!("tailnet:{ALICE}"));
     assert_eq!(health.json()["version"], 1);
+    assert_eq!(health.json()["pending_changes"], 0);
     assert_eq!(health.header("x-frame-options"), Some("DENY"));
     assert!(
         health
@@ -194,47 +205,63 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
     assert_eq!(tagged.status, 200);
     assert_eq!(tagged.json()["you"], "tailnet:tag:admin");
 
-    // Everyone else, on every endpoint and method, with any header claiming otherwise.
+    // Tailnet devices that are not operators, on every endpoint and method, with every
+    // header claiming otherwise: refused, and tailscaled asked about the TCP peer only.
     let spoofed = [
-        ("X-Forwarded-For", "100.101.7.1"),
-        ("Forwarded", "for=100.101.7.1"),
-        ("X-Real-IP", "100.101.7.1"),
+        ("X-Forwarded-For", "100.101.7.6"),
+        ("Forwarded", "for=100.101.7.6"),
+        ("X-Real-IP", "100.101.7.6"),
         ("Tailscale-User-Login", ALICE),
     ];
-    for from in [
-        mallory.ip,
-        ci.ip,
-        broken.ip,
-        outside.ip,
-        "127.0.0.1".parse().unwrap(),
-    ] {
-        for (method, path) in [
-            ("GET", "/"),
-            ("GET", "/api/v1/health"),
-            ("GET", "/api/v1/changes"),
-            ("GET", "/api/v1/audit"),
-            ("POST", "/api/v1/changes/x/approve"),
-            ("DELETE", "/api/v1/sessions/console"),
-        ] {
-            let mut headers = vec![("Content-Type", "application/json")];
-            headers.extend(spoofed);
+    let endpoints = [
+        ("GET", "/"),
+        ("GET", "/api/v1/health"),
+        ("GET", "/api/v1/changes"),
+        ("GET", "/api/v1/audit"),
+        ("POST", "/api/v1/changes/x/approve"),
+        ("DELETE", "/api/v1/sessions/console"),
+    ];
+    let mut headers = vec![("Content-Type", "application/json")];
+    headers.extend(spoofed);
+    for from in [mallory.ip, ci.ip, broken.ip] {
+        for (method, path) in endpoints {
             let asked_before = fake.asked().len();
             let (port, a) = api.send(from, method, path, &headers, br#"{"hash":"00"}"#);
             assert_eq!(a.status, 403, "{method} {path} from {from}");
+            assert_eq!(a.header("connection"), Some("close"));
             assert!(
                 !String::from_utf8_lossy(&a.body).contains("version"),
                 "nothing is told to a refused peer"
             );
-            // tailscaled is asked about the TCP peer only, never about what a header
-            // claims; a peer outside the tailnet ranges is refused without asking.
-            let asked = fake.asked();
-            if from == outside.ip || from.is_loopback() {
-                assert_eq!(asked.len(), asked_before, "asked about {from}");
-            } else {
-                assert_eq!(asked[asked_before..], [port.to_string()]);
-            }
+            assert_eq!(fake.asked()[asked_before..], [port.to_string()]);
         }
     }
+    // Peers outside the tailnet's ranges, and a process on the server itself (its
+    // connection comes from the server's own address): closed unanswered, never asked.
+    for from in [outside.ip, "127.0.0.1".parse().unwrap(), server.ip] {
+        for (method, path) in endpoints {
+            let asked_before = fake.asked().len();
+            let r = api.try_send(from, method, path, &headers, br#"{"hash":"00"}"#);
+            assert!(r.is_err(), "{method} {path} from {from}: {r:?}");
+            assert_eq!(fake.asked().len(), asked_before, "asked about {from}");
+        }
+    }
+    // Whois is asked at every request, not once a connection: an operator's device that
+    // stops being one is refused on the connection it already has.
+    let mut conn = rt.block_on(Conn::open(alice.ip, listen)).unwrap();
+    let first = rt
+        .block_on(conn.send("GET", "/api/v1/health", &[], b""))
+        .unwrap();
+    assert_eq!(first.status, 200);
+    fake.set(
+        "100.101.7.6",
+        Known::User("alice-old-laptop@example.com".into()),
+    );
+    let second = rt
+        .block_on(conn.send("GET", "/api/v1/health", &[], b""))
+        .unwrap();
+    assert_eq!(second.status, 403);
+    fake.set("100.101.7.6", Known::User(ALICE.into()));
     // A peer knocking in a loop.
     for _ in 0..25 {
         assert_eq!(api.get(mallory.ip, "/api/v1/health").status, 403);
@@ -279,7 +306,7 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
             415,
         ),
     ] {
-        let (_, a) = api.send(server.ip, "POST", &approve_path, &headers, body.as_bytes());
+        let (_, a) = api.send(alice.ip, "POST", &approve_path, &headers, body.as_bytes());
         assert_eq!(
             a.status,
             status,
@@ -289,7 +316,7 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
     }
     let rebound_get = api
         .send(
-            server.ip,
+            alice.ip,
             "GET",
             "/api/v1/changes",
             &[("Host", &rebound)],
@@ -301,10 +328,10 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
     assert_eq!(s.versions().len(), 1);
 
     // The operator's own requests: the configured MagicDNS name works too; an approval
-    // needs the hash of what was shown, and one with a stale hash is refused.
+    // needs the whole hash of what was shown, and one with a stale hash is refused.
     let by_name = api
         .send(
-            server.ip,
+            alice.ip,
             "GET",
             &format!("/api/v1/changes/{id}"),
             &[(
@@ -324,8 +351,10 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
         "{shown}"
     );
     assert_eq!(shown["detail"]["after_hash"], hash.as_str());
-    assert_eq!(api.post(server.ip, &approve_path, &json!({})).status, 400);
-    let stale = api.post(server.ip, &approve_path, &json!({ "hash": "0".repeat(64) }));
+    assert_eq!(api.post(alice.ip, &approve_path, &json!({})).status, 400);
+    let prefix = api.post(alice.ip, &approve_path, &json!({ "hash": &hash[..32] }));
+    assert_eq!(prefix.status, 400, "a prefix is not the hash");
+    let stale = api.post(alice.ip, &approve_path, &json!({ "hash": "0".repeat(64) }));
     assert_eq!(
         stale.status,
         409,
@@ -333,7 +362,11 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
         String::from_utf8_lossy(&stale.body)
     );
     assert_eq!(stale.json()["outcome"], "refused");
-    let applied = api.post(server.ip, &approve_path, &json!({ "hash": hash }));
+    assert_eq!(
+        api.get(alice.ip, "/api/v1/health").json()["pending_changes"],
+        1
+    );
+    let applied = api.post(alice.ip, &approve_path, &json!({ "hash": hash }));
     assert_eq!(
         applied.status,
         200,
@@ -353,7 +386,7 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
     );
 
     // The audit trail over the API: pages in order.
-    let page = api.get(server.ip, "/api/v1/audit?after=0&limit=3").json();
+    let page = api.get(alice.ip, "/api/v1/audit?after=0&limit=3").json();
     let seqs: Vec<i64> = page
         .as_array()
         .unwrap()
@@ -361,22 +394,23 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
         .map(|e| e["seq"].as_i64().unwrap())
         .collect();
     assert_eq!(seqs, [1, 2, 3]);
-    let rest = api.get(server.ip, "/api/v1/audit?after=3").json();
+    let rest = api.get(alice.ip, "/api/v1/audit?after=3").json();
     assert_eq!(rest[0]["seq"], 4);
-    assert_eq!(api.get(server.ip, "/api/v1/audit?after=x").status, 400);
-    assert_eq!(api.get(server.ip, "/api/v1/nothing").status, 404);
+    assert_eq!(api.get(alice.ip, "/api/v1/audit?after=x").status, 400);
+    assert_eq!(api.get(alice.ip, "/api/v1/nothing").status, 404);
     assert_eq!(
-        api.send(server.ip, "PUT", "/api/v1/health", &[], b"")
+        api.send(alice.ip, "PUT", "/api/v1/health", &[], b"")
             .1
             .status,
         405
     );
 
-    // Every refused request was recorded: ten a minute per peer one by one, the rest
+    // Every refusal was recorded: ten a minute one by one under each address (all
+    // addresses outside the tailnet count as one, as does the server itself), the rest
     // counted when the minute ends (here: at shutdown).
     s.stop();
     let audit = s.audit();
-    let refused_of = |ip: &str| {
+    let refused_from = |ip: &str| {
         audit
             .iter()
             .filter(|e| e["kind"] == "admin_refused")
@@ -388,43 +422,52 @@ fn only_an_operator_on_the_tailnet_gets_in_and_no_header_makes_one() {
             })
             .count()
     };
-    for ip in ["100.101.7.3", "100.101.7.5", "198.18.7.1", "127.0.0.1"] {
-        assert_eq!(refused_of(ip), 6, "{ip}");
-    }
-    assert_eq!(refused_of("100.101.7.2"), 10, "ten a minute one by one");
-    let limited: Vec<&Value> = audit
-        .iter()
-        .filter(|e| e["kind"] == "admin_refusals_limited")
-        .collect();
-    assert_eq!(limited.len(), 1, "{limited:?}");
-    assert_eq!(limited[0]["detail"]["peer"], "100.101.7.2");
-    assert_eq!(limited[0]["detail"]["refused"], 6 + 25 - 10);
-    assert!(
-        !audit.iter().any(|e| e["kind"] == "admin_refused"
-            && e["detail"]["peer"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("100.101.7.1:")),
-        "the operator was never refused"
-    );
+    let limited = |key: &str| {
+        audit
+            .iter()
+            .filter(|e| e["kind"] == "admin_refusals_limited" && e["detail"]["peer"] == key)
+            .map(|e| e["detail"]["refused"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    assert_eq!(refused_from("100.101.7.3"), 6);
+    assert_eq!(refused_from("100.101.7.5"), 6);
+    assert_eq!(refused_from("100.101.7.2"), 10);
+    assert_eq!(limited("100.101.7.2"), 6 + 25 - 10);
+    assert_eq!(refused_from("198.18.7.1") + refused_from("127.0.0.1"), 10);
+    assert_eq!(limited("outside-tailnet"), 2);
+    assert_eq!(refused_from("100.101.7.1"), 6, "the server's own address");
+    assert_eq!(limited("this-machine"), 0);
+    assert_eq!(refused_from("100.101.7.6"), 1, "alice's old laptop, once");
 }
 
 #[test]
 fn the_approval_page_in_headless_chromium_shows_the_diff_and_applies_what_it_showed() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let server = LoopbackAddress::add("100.101.8.1");
-    let (s, _fake, text, listen) =
-        started(&rt, &server, &[("100.101.8.1", Known::User(ALICE.into()))]);
-    // The reason is the requester's text: it must reach the page as text, not markup.
-    let hostile = "more room <img src=x onerror=\"document.title='owned'\"><script>document.title='owned'</script>";
-    let id = propose(
-        &s,
-        &text.replace("memory_mib = 256", "memory_mib = 320"),
-        hostile,
+    let laptop = LoopbackAddress::add("100.101.8.2");
+    // The browser runs here, but its connections come from the laptop's address, as
+    // they would from another device on the tailnet.
+    server.reached_from(&laptop);
+    let (s, _fake, text, listen) = started(
+        &rt,
+        &server,
+        laptop.ip,
+        &[
+            ("100.101.8.2", Known::User(ALICE.into())),
+            ("100.101.8.1", Known::User(ALICE.into())),
+        ],
     );
+    // The reason is the requester's text: it must reach the page as text, not markup,
+    // with a bidirectional override shown as an escape.
+    let hostile = "more room <img src=x onerror=\"document.title='owned'\"><script>document.title='owned'</script>";
+    let reason = format!("{hostile} \u{202e}evil");
+    let after = text.replace("memory_mib = 256", "memory_mib = 320");
+    let id = propose(&s, &after, &reason);
+    let shown = s.change(&id);
 
     let browser = Browser::start();
-    browser.goto(&format!("http://{listen}/"));
+    let page_url = format!("http://{listen}/");
+    browser.goto(&page_url);
     let article = format!("article[data-change='{id}']");
     browser.wait_for(&article, Duration::from_secs(30), |_| true);
     let diff = browser.wait_for(
@@ -440,26 +483,57 @@ fn the_approval_page_in_headless_chromium_shows_the_diff_and_applies_what_it_sho
         page.contains(hostile),
         "the reason shown as written: {page}"
     );
+    assert!(page.contains("\\u{202e}evil"), "{page}");
+    assert!(!page.contains('\u{202e}'), "{page}");
     assert!(page.contains("Risk"), "{page}");
-    let risk = s.change(&id).summary.risk;
     assert!(
-        page.contains(&format!("{risk:.2}")),
-        "risk {risk:.2} shown: {page}"
+        page.contains(&format!("{:.2}", shown.summary.risk)),
+        "risk {:.2} shown: {page}",
+        shown.summary.risk
     );
-    assert!(
-        page.contains(&format!("tailnet:{ALICE}")) || page.contains("unix:0"),
-        "{page}"
-    );
+    assert!(page.contains("unix:0"), "the requester: {page}");
+    assert!(page.contains(&shown.after_hash), "{page}");
     assert_eq!(
         browser.script("return document.querySelectorAll('img, main script').length;"),
         json!(0),
         "no markup from the requester"
     );
     assert_ne!(browser.script("return document.title;"), json!("owned"));
-    assert_eq!(s.versions().len(), 1, "nothing applied before the click");
+    assert!(
+        browser
+            .script("return document.getElementById('who').textContent;")
+            .as_str()
+            .unwrap()
+            .contains(&format!("tailnet:{ALICE}"))
+    );
 
-    let approve = browser.find_all(&format!("{article} button.approve"));
-    browser.click(&approve[0]);
+    // The request rewritten behind the page's back (text and hash, by someone with the
+    // control store's key): the page approves what it showed, so nothing is applied.
+    let evil = after.replace("memory_mib = 320", "memory_mib = 4096");
+    let evil_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(evil.as_bytes()));
+    let conn = s.store();
+    let rewrite = |text: &str, hash: &str| {
+        conn.execute(
+            "UPDATE changes SET after = ?2, after_hash = ?3 WHERE id = ?1",
+            [&id, text, hash],
+        )
+        .unwrap();
+    };
+    rewrite(&evil, &evil_hash);
+    let approve = format!("{article} button.approve");
+    browser.click(&browser.find_all(&approve)[0]);
+    browser.wait_for(
+        &format!("{article} .outcome"),
+        Duration::from_secs(60),
+        |t| t.contains("Not approved") && t.contains("not the one that was shown"),
+    );
+    assert_eq!(s.versions().len(), 1, "the rewritten text was not applied");
+
+    // Put back, the page reloaded: the click applies what it shows, as the operator.
+    rewrite(&shown.after, &shown.after_hash);
+    browser.goto(&page_url);
+    browser.wait_for(&article, Duration::from_secs(30), |_| true);
+    browser.click(&browser.find_all(&approve)[0]);
     browser.wait_for(
         &format!("{article} .outcome"),
         Duration::from_secs(60),
@@ -467,8 +541,7 @@ fn the_approval_page_in_headless_chromium_shows_the_diff_and_applies_what_it_sho
     );
     let versions = s.versions();
     assert_eq!(versions.len(), 2);
-    assert!(versions[1].1.contains("memory_mib = 320"));
-    assert_eq!(versions[1].1, s.change(&id).after, "exactly the text shown");
+    assert_eq!(versions[1].1, after, "exactly the text shown");
     assert_eq!(s.audit_of("change_applied").len(), 1);
     let approved = s.audit_of("change_approved");
     assert_eq!(approved.len(), 1);
@@ -480,4 +553,6 @@ fn the_approval_page_in_headless_chromium_shows_the_diff_and_applies_what_it_sho
         decided.decided_by.as_deref(),
         Some(format!("tailnet:{ALICE}").as_str())
     );
+    // The refused click was recorded too.
+    assert_eq!(s.audit_of("decision_refused").len(), 1);
 }

@@ -80,7 +80,17 @@ fn doctor_is_silent_on_the_default_and_each_check_fires_on_its_own_fault() {
         "\"a@example.com\"",
     );
     let nobody = admin("100.101.1.1:8790", "/", "");
-    let edits: [(&str, &str, &str, &str); 11] = [
+    // A socket in a directory anyone may write to: anyone could answer for tailscaled.
+    let open_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open_dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let fake_socket = open_dir.path().join("tailscaled.sock");
+    std::fs::write(&fake_socket, "").unwrap();
+    let planted = admin(
+        "100.101.1.1:8790",
+        fake_socket.to_str().unwrap(),
+        "\"a@example.com\"",
+    );
+    let edits: [(&str, &str, &str, &str); 12] = [
         (
             "runtime = \"gvisor\"",
             "runtime = \"host\"",
@@ -145,7 +155,13 @@ fn doctor_is_silent_on_the_default_and_each_check_fires_on_its_own_fault() {
             "unix_uids = [0]",
             &nobody,
             "admin-api.no-operators",
-            "warning",
+            "critical",
+        ),
+        (
+            "unix_uids = [0]",
+            &planted,
+            "admin-api.tailscaled-socket-unsafe",
+            "critical",
         ),
     ];
     for (from, to, id, severity) in edits {

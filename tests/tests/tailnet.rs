@@ -22,6 +22,7 @@ async fn only_operators_on_the_tailnet_pass_and_any_error_refuses() {
         ("100.101.1.5", Known::Error(500)),
         ("100.101.1.6", Known::Raw("<html>not json</html>".into())),
         ("fd7a:115c:a1e0::7", Known::User("alice@example.com".into())),
+        (OWN, Known::User("alice@example.com".into())),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -68,6 +69,11 @@ async fn only_operators_on_the_tailnet_pass_and_any_error_refuses() {
             "{outside}"
         );
     }
+    // This machine's own address (a local process): refused without asking either.
+    assert!(matches!(
+        check(&format!("{OWN}:41000")).await,
+        Err(Refusal::ThisMachine(_))
+    ));
     assert_eq!(fake.asked().len(), asked_before);
     assert!(fake.asked().contains(&"100.101.1.1:41000".to_owned()));
     // No tailscaled at all.
