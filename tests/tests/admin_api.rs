@@ -556,3 +556,36 @@ fn the_approval_page_in_headless_chromium_shows_the_diff_and_applies_what_it_sho
     // The refused click was recorded too.
     assert_eq!(s.audit_of("decision_refused").len(), 1);
 }
+
+#[test]
+fn the_admin_api_waits_for_the_tailscale_address_while_the_rest_runs() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fake = rt.block_on(FakeTailscaled::start(peers(&[(
+        "100.101.10.2",
+        Known::User(ALICE.into()),
+    )])));
+    // The address is not on this machine yet, as before tailscaled is up.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen: SocketAddr = format!("100.101.10.1:{port}").parse().unwrap();
+    let mut s = Serve::init(&config(listen, &fake.socket));
+    s.start();
+    let (_, replies) = s.send("console", "hello", 120).unwrap();
+    assert_eq!(replies.len(), 1, "the console works meanwhile");
+    assert!(s.log_text().contains("the admin API cannot listen yet"));
+    let server = LoopbackAddress::add("100.101.10.1");
+    let laptop = LoopbackAddress::add("100.101.10.2");
+    let api = Client {
+        rt: &rt,
+        to: listen,
+    };
+    api.wait_listening(laptop.ip);
+    assert_eq!(
+        api.get(laptop.ip, "/api/v1/health").json()["you"],
+        format!("tailnet:{ALICE}")
+    );
+    drop(server);
+}
