@@ -149,9 +149,10 @@ fn admin_api() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let server = LoopbackAddress::add("100.101.9.1");
     let other = LoopbackAddress::add("100.101.9.2");
+    let laptop = LoopbackAddress::add("100.101.9.3");
     let peers = [
         (
-            "100.101.9.1".to_owned(),
+            "100.101.9.3".to_owned(),
             Known::User("alice@example.com".into()),
         ),
         (
@@ -181,11 +182,11 @@ fn admin_api() {
         .map(|(_, a)| a.status)
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while get(server.ip).is_err() && Instant::now() < deadline {
+    while get(laptop.ip).is_err() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     for (who, from, status) in [
-        ("operator", server.ip, 200),
+        ("operator", laptop.ip, 200),
         ("refused peer", other.ip, 403),
     ] {
         let mut times = Vec::new();
