@@ -20,10 +20,13 @@ impl LoopbackAddress {
     pub fn add(ip: &str) -> LoopbackAddress {
         let parsed: IpAddr = ip.parse().expect("an IP address");
         let prefix = if parsed.is_ipv4() { 32 } else { 128 };
-        let out = Command::new("ip")
-            .args(["addr", "add", &format!("{ip}/{prefix}"), "dev", "lo"])
-            .output()
-            .expect("run ip (iproute2)");
+        let mut cmd = Command::new("ip");
+        cmd.args(["addr", "add", &format!("{ip}/{prefix}"), "dev", "lo"]);
+        if parsed.is_ipv6() {
+            // Usable at once, without duplicate address detection.
+            cmd.arg("nodad");
+        }
+        let out = cmd.output().expect("run ip (iproute2)");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             out.status.success() || err.contains("File exists") || err.contains("already assigned"),

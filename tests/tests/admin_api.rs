@@ -589,3 +589,48 @@ fn the_admin_api_waits_for_the_tailscale_address_while_the_rest_runs() {
     );
     drop(server);
 }
+
+#[test]
+fn the_tailnets_ipv6_range_is_checked_the_same_way() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = LoopbackAddress::add("fd7a:115c:a1e0::a:1");
+    let laptop = LoopbackAddress::add("fd7a:115c:a1e0::a:2");
+    let mallory = LoopbackAddress::add("fd7a:115c:a1e0::a:3");
+    let (_s, fake, _text, listen) = started(
+        &rt,
+        &server,
+        laptop.ip,
+        &[
+            ("fd7a:115c:a1e0::a:2", Known::User(ALICE.into())),
+            (
+                "fd7a:115c:a1e0::a:3",
+                Known::User("mallory@example.com".into()),
+            ),
+            ("fd7a:115c:a1e0::a:1", Known::User(ALICE.into())),
+        ],
+    );
+    let api = Client {
+        rt: &rt,
+        to: listen,
+    };
+    let (port, ok) = api.send(laptop.ip, "GET", "/api/v1/health", &[], b"");
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json()["you"], format!("tailnet:{ALICE}"));
+    assert_eq!(fake.asked().last(), Some(&port.to_string()));
+    assert!(port.to_string().starts_with("[fd7a:115c:a1e0::a:2]:"));
+    let (_, refused) = api.send(
+        mallory.ip,
+        "GET",
+        "/api/v1/health",
+        &[("X-Forwarded-For", "fd7a:115c:a1e0::a:2")],
+        b"",
+    );
+    assert_eq!(refused.status, 403);
+    let asked = fake.asked().len();
+    assert!(
+        api.try_send(server.ip, "GET", "/api/v1/health", &[], b"")
+            .is_err(),
+        "the server's own address"
+    );
+    assert_eq!(fake.asked().len(), asked);
+}
