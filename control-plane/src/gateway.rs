@@ -326,6 +326,11 @@ fn combine(weights: impl IntoIterator<Item = f64>) -> f64 {
     ((1.0 - keep) * 100.0).round() / 100.0
 }
 
+/// Whether `after` holds anything `before` does not.
+fn added<T: PartialEq>(before: &[T], after: &[T]) -> bool {
+    after.iter().any(|v| !before.contains(v))
+}
+
 /// The operations a change performs and its risk score. Weights (SECURITY.md lists
 /// them): the runtime, a host path or tailscaled's socket 0.9, operators added 0.9, the
 /// model endpoint 0.8,
@@ -354,19 +359,18 @@ pub fn change_risk(before: &Config, after: &Config, by_agent: bool) -> (Vec<Oper
         "a host binary path changed",
         0.9,
     );
-    let added = |x: &[i64], y: &[i64]| y.iter().any(|v| !x.contains(v));
     let (bo, ao) = (&b.operators, &a.operators);
     op(
         added(&bo.telegram, &ao.telegram)
-            || ao.unix_uids.iter().any(|u| !bo.unix_uids.contains(u))
-            || ao.tailnet.iter().any(|t| !bo.tailnet.contains(t)),
+            || added(&bo.unix_uids, &ao.unix_uids)
+            || added(&bo.tailnet, &ao.tailnet),
         "operators added",
         0.9,
     );
     op(
         added(&ao.telegram, &bo.telegram)
-            || bo.unix_uids.iter().any(|u| !ao.unix_uids.contains(u))
-            || bo.tailnet.iter().any(|t| !ao.tailnet.contains(t)),
+            || added(&ao.unix_uids, &bo.unix_uids)
+            || added(&ao.tailnet, &bo.tailnet),
         "operators removed",
         0.3,
     );
