@@ -2,7 +2,6 @@
 //! WebDriver protocol: plain JSON over HTTP on loopback. Each [`Browser`] is a fresh
 //! chromedriver, a fresh profile directory and one session.
 
-use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,8 @@ const CHROMIUM_ARGS: [&str; 8] = [
 /// One browser session.
 #[derive(Debug)]
 pub struct Browser {
+    /// Runs the WebDriver calls (HTTP on loopback).
+    rt: tokio::runtime::Runtime,
     driver: Child,
     port: u16,
     session: String,
@@ -54,6 +55,10 @@ impl Browser {
             .spawn()
             .expect("start chromedriver");
         let profile = tempfile::tempdir().expect("profile dir");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
         let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| (*a).to_owned()).collect();
         args.push(format!("--user-data-dir={}", profile.path().display()));
         let caps = json!({ "capabilities": { "alwaysMatch": {
@@ -62,7 +67,7 @@ impl Browser {
         } } });
         let deadline = Instant::now() + Duration::from_secs(30);
         let session = loop {
-            match call(port, "POST", "/session", Some(&caps)) {
+            match call(&rt, port, "POST", "/session", Some(&caps)) {
                 Ok((200, v)) => {
                     break v["value"]["sessionId"]
                         .as_str()
@@ -77,6 +82,7 @@ impl Browser {
             }
         };
         Browser {
+            rt,
             driver,
             port,
             session,
@@ -86,7 +92,8 @@ impl Browser {
 
     fn command(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
         let path = format!("/session/{}{path}", self.session);
-        let (status, v) = call(self.port, method, &path, body).expect("chromedriver answers");
+        let (status, v) =
+            call(&self.rt, self.port, method, &path, body).expect("chromedriver answers");
         assert_eq!(status, 200, "WebDriver {method} {path}: {v}");
         v["value"].clone()
     }
@@ -157,6 +164,7 @@ impl Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         let _ = call(
+            &self.rt,
             self.port,
             "DELETE",
             &format!("/session/{}", self.session),
@@ -167,59 +175,24 @@ impl Drop for Browser {
     }
 }
 
-/// One WebDriver call: status and JSON answer.
+/// One WebDriver call, on `rt`: status and JSON answer.
 fn call(
+    rt: &tokio::runtime::Runtime,
     port: u16,
     method: &str,
     path: &str,
     body: Option<&Value>,
 ) -> std::io::Result<(u16, Value)> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let body = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    // chromedriver may keep the connection open: read the head, then Content-Length bytes.
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    let split = loop {
-        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            return Err(std::io::Error::other("not an HTTP answer"));
-        }
-        raw.extend_from_slice(&buf[..n]);
-    };
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no status"))?;
-    let length = head
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(n, _)| n.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok());
-    match length {
-        Some(n) => {
-            while raw.len() < split + 4 + n {
-                let got = stream.read(&mut buf)?;
-                if got == 0 {
-                    break;
-                }
-                raw.extend_from_slice(&buf[..got]);
-            }
-        }
-        None => {
-            stream.read_to_end(&mut raw)?;
-        }
-    }
-    let value = serde_json::from_slice(&raw[split + 4..]).unwrap_or(Value::Null);
-    Ok((status, value))
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let (_, answer) = rt.block_on(crate::loopback::request_from(
+        to.ip(),
+        to,
+        method,
+        path,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    ))?;
+    let value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+    Ok((answer.status, value))
 }
