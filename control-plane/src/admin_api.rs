@@ -193,8 +193,9 @@ fn error(status: StatusCode, message: &str) -> Answer {
 /// One request: who is asking first, then whether a browser could be acting for them,
 /// then what they ask.
 async fn respond(api: &Api, peer: SocketAddr, req: hyper::Request<Incoming>) -> Answer {
-    let operators = api.service.config().operators.tailnet.clone();
-    let who = match tailnet::authorize(peer, api.own, &api.whois, &operators).await {
+    let config = api.service.config();
+    let operators = &config.operators.tailnet;
+    let who = match tailnet::authorize(peer, api.own, &api.whois, operators).await {
         Ok(who) => who,
         Err(why) => {
             refused(
