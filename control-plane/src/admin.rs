@@ -3,9 +3,8 @@
 //! response line. The peer's uid, as the kernel reports it (`SO_PEERCRED`), must be one
 //! of the configured `operators.unix_uids`; the request never names its sender.
 //!
-//! The console channel lives here too: `send` stores the text as a message of the
-//! console chat named after its session, waits until the message is settled, and
-//! returns every reply waiting for that chat, acknowledged once the answer is written.
+//! `send` is the console channel's (see [`crate::channels::console`]); the admin socket
+//! only carries it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -14,24 +13,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use queue_proto::ids::SessionId;
-use queue_proto::items::MAX_TEXT_BYTES;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
+use crate::channels::console::{self, Ack};
 use crate::error_chain as chain;
 use crate::gateway::{self, Identity};
-use crate::service::Service;
-use crate::state::now_secs;
-use crate::store::{
-    Accepted, ChangeDetail, ChangeSummary, Decided, Decision, Inbound, SessionSummary, TurnRow,
-};
-
-/// Session name prefixes the other channels own.
-const TELEGRAM_PREFIX: &str = "tg-";
-const BRIDGE_PREFIX: &str = "br-";
-
-/// The console channel's name in the store.
-pub const CONSOLE: &str = "console";
+use crate::service::{Service, ServiceError};
+use crate::store::changes::{ChangeDetail, ChangeSummary, Decided, Decision, TurnRow};
+use crate::store::sessions::SessionSummary;
+use crate::store::state::MessageState;
 
 /// The largest request line read.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -94,7 +85,8 @@ pub enum Response {
     /// The message's state when `send` stopped waiting, and the replies it collected.
     Replies {
         message: i64,
-        state: String,
+        /// `None`: the message is gone (its session was deleted meanwhile).
+        state: Option<MessageState>,
         replies: Vec<String>,
     },
     Sessions(Vec<SessionSummary>),
@@ -106,9 +98,9 @@ pub enum Response {
         diff: String,
     },
     Filed(ChangeSummary),
-    /// `applied` (with the new version), `rejected`, or `refused` (with why).
+    /// Applied (with the new version), rejected, or refused (with why).
     Decided {
-        outcome: String,
+        outcome: Outcome,
         version: Option<u64>,
         why: Option<String>,
     },
@@ -118,7 +110,105 @@ pub enum Response {
         pending_changes: u64,
     },
     Audit(Vec<crate::audit::Entry>),
-    Error(String),
+    Error(Failure),
+}
+
+/// How a decision ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Applied,
+    Rejected,
+    /// Nothing changed; why is in the answer and the audit trail.
+    Refused,
+}
+
+impl Outcome {
+    /// The outcome's word, as the admin protocol spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Rejected => "rejected",
+            Outcome::Refused => "refused",
+        }
+    }
+}
+
+/// What kind of failure a request met. The CLI's exit code and the admin API's HTTP
+/// status are derived from it, never from the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The request is malformed, too large, or asks for something invalid.
+    BadRequest,
+    /// No such session or change request.
+    NotFound,
+    /// The peer is not an operator.
+    NotOperator,
+    /// The service could not do it (its store failed, a session is busy).
+    Unavailable,
+}
+
+impl FailureKind {
+    /// The CLI's exit status for it (see the CLI's usage text).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            FailureKind::BadRequest | FailureKind::Unavailable => 1,
+            FailureKind::NotFound => 4,
+            FailureKind::NotOperator => 5,
+        }
+    }
+
+    /// The admin API's HTTP status for it.
+    pub fn http_status(self) -> u16 {
+        match self {
+            FailureKind::BadRequest => 400,
+            FailureKind::NotOperator => 403,
+            FailureKind::NotFound => 404,
+            FailureKind::Unavailable => 503,
+        }
+    }
+}
+
+/// A failed request: its kind, and words for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// A request that cannot be done as asked.
+    pub fn bad(message: impl Into<String>) -> Failure {
+        Failure::new(FailureKind::BadRequest, message)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+impl From<&ServiceError> for Failure {
+    fn from(e: &ServiceError) -> Failure {
+        let kind = match e {
+            ServiceError::NoSession(_) => FailureKind::NotFound,
+            ServiceError::WrongChannel { .. } => FailureKind::BadRequest,
+            _ => FailureKind::Unavailable,
+        };
+        Failure::new(kind, chain(e))
+    }
 }
 
 /// Why a client request failed.
@@ -209,19 +299,22 @@ async fn connection(service: Arc<Service>, stream: tokio::net::UnixStream) -> st
     let mut line = Vec::new();
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1);
     let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
-    let mut delivered = None;
+    let mut delivered = Ack::none();
     let answer = if !service.config().operators.unix_uids.contains(&uid) {
         // Logged when recorded, so a local user knocking in a loop fills neither.
         if service.refuse_admin_peer(&format!("uid:{uid}"), serde_json::json!({ "uid": uid })) {
             tracing::warn!(uid, "admin socket: refused a peer that is not an operator");
         }
-        Response::Error("this user is not an operator (operators.unix_uids)".into())
+        Response::Error(Failure::new(
+            FailureKind::NotOperator,
+            "this user is not an operator (operators.unix_uids)",
+        ))
     } else {
         match read {
-            Err(_) => Response::Error("no request in time".into()),
+            Err(_) => Response::Error(Failure::bad("no request in time")),
             Ok(Err(e)) => return Err(e),
             Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => {
-                Response::Error("the request is larger than 1 MiB".into())
+                Response::Error(Failure::bad("the request is larger than 1 MiB"))
             }
             Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => {
@@ -229,7 +322,7 @@ async fn connection(service: Arc<Service>, stream: tokio::net::UnixStream) -> st
                     delivered = ack;
                     answer
                 }
-                Err(e) => Response::Error(format!("malformed request: {e}")),
+                Err(e) => Response::Error(Failure::bad(format!("malformed request: {e}"))),
             },
         }
     };
@@ -238,27 +331,7 @@ async fn connection(service: Arc<Service>, stream: tokio::net::UnixStream) -> st
     write.write_all(&bytes).await?;
     // Console replies count as delivered once they are written to the client; the
     // chat's lock is held until then, so the next `send` cannot show them again.
-    if let Some((chat, upto, _held)) = delivered {
-        service
-            .db(|s| s.acknowledge(CONSOLE, Some(&chat), upto))
-            .map_err(std::io::Error::other)?;
-    }
-    Ok(())
-}
-
-/// Console replies to acknowledge once the answer is written: the chat, the last id,
-/// and the chat's lock.
-pub(crate) type Ack = Option<(String, i64, tokio::sync::OwnedMutexGuard<()>)>;
-
-/// One lock per console chat, held from reading its waiting replies to acknowledging
-/// them.
-fn chat_lock(chat: &str) -> Arc<tokio::sync::Mutex<()>> {
-    static LOCKS: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    > = std::sync::OnceLock::new();
-    let locks = LOCKS.get_or_init(Default::default);
-    let mut map = locks.lock().unwrap_or_else(|p| p.into_inner());
-    map.entry(chat.to_owned()).or_default().clone()
+    console::acknowledge(&service, delivered).map_err(std::io::Error::other)
 }
 
 /// Answers one request from `peer`, an operator identified by the caller. The answer's
@@ -274,34 +347,46 @@ pub(crate) async fn handle(
             text,
             wait_secs,
         } => {
-            return match console_send(service, &session, text, wait_secs.min(MAX_WAIT_SECS)).await {
-                Ok(r) => r,
-                Err(e) => (Response::Error(e), None),
+            return match console::send(service, &session, text, wait_secs.min(MAX_WAIT_SECS)).await
+            {
+                Ok(sent) => (
+                    Response::Replies {
+                        message: sent.message,
+                        state: sent.state,
+                        replies: sent.replies,
+                    },
+                    sent.ack,
+                ),
+                Err(e) => (Response::Error(Failure::bad(e)), Ack::none()),
             };
         }
         Request::SessionsList => match service.sessions() {
             Ok(s) => Response::Sessions(s),
-            Err(e) => Response::Error(chain(&e)),
+            Err(e) => Response::Error(Failure::from(&e)),
         },
         Request::SessionsDelete { name } => match SessionId::try_from(name.as_str()) {
-            Err(_) => Response::Error(format!("{name:?} is not a valid session name")),
+            Err(_) => Response::Error(Failure::bad(format!(
+                "{name:?} is not a valid session name"
+            ))),
             Ok(id) => match service.delete_session(&id).await {
                 Ok(s) => Response::Deleted(s),
-                Err(e) => Response::Error(chain(&e)),
+                Err(e) => Response::Error(Failure::from(&e)),
             },
         },
         Request::SessionsShow { name } => match SessionId::try_from(name.as_str()) {
-            Err(_) => Response::Error(format!("{name:?} is not a valid session name")),
-            Ok(id) => match service.db(|s| s.turns(&id, 50)) {
+            Err(_) => Response::Error(Failure::bad(format!(
+                "{name:?} is not a valid session name"
+            ))),
+            Ok(id) => match service.turns(&id, 50) {
                 Ok(t) => Response::Turns(t),
-                Err(e) => Response::Error(chain(&e)),
+                Err(e) => Response::Error(Failure::from(&e)),
             },
         },
-        Request::ChangesList { all } => match service.db(|s| s.changes(all, 10_000)) {
+        Request::ChangesList { all } => match service.changes(all, 10_000) {
             Ok(c) => Response::Changes(c),
-            Err(e) => Response::Error(chain(&e)),
+            Err(e) => Response::Error(Failure::from(&e)),
         },
-        Request::ChangesShow { id } => match service.db(|s| s.change(&id)) {
+        Request::ChangesShow { id } => match service.change(&id) {
             Ok(Some(detail)) => Response::Change {
                 // A request denied before it could be built holds the raw value asked
                 // for, not a configuration: shown as it is.
@@ -315,12 +400,15 @@ pub(crate) async fn handle(
                 },
                 detail: Box::new(detail),
             },
-            Ok(None) => Response::Error(format!("no change request {id:?}")),
-            Err(e) => Response::Error(chain(&e)),
+            Ok(None) => Response::Error(Failure::new(
+                FailureKind::NotFound,
+                format!("no change request {id:?}"),
+            )),
+            Err(e) => Response::Error(Failure::from(&e)),
         },
         Request::ChangesPropose { text, reason } => match service.propose(&peer, &text, &reason) {
             Ok(filed) => Response::Filed(filed),
-            Err(e) => Response::Error(e),
+            Err(e) => Response::Error(Failure::bad(e)),
         },
         Request::ChangesDecide { id, approve, hash } => {
             let decision = if approve {
@@ -330,104 +418,37 @@ pub(crate) async fn handle(
             };
             match service.decide(&id, decision, &peer, hash.as_deref()).await {
                 Ok(d) => decided(d),
-                Err(e) => Response::Error(chain(&e)),
+                Err(e) => Response::Error(Failure::from(&e)),
             }
         }
-        Request::Health => {
-            let counts = service.db(|s| Ok((s.summaries()?.len(), s.pending_changes()?)));
-            match counts {
-                Ok((sessions, pending_changes)) => Response::Health {
-                    version: service.effective().version,
-                    sessions: sessions as u64,
-                    pending_changes,
-                },
-                Err(e) => Response::Error(chain(&e)),
-            }
-        }
+        Request::Health => match service.health() {
+            Ok(h) => Response::Health {
+                version: h.version,
+                sessions: h.sessions,
+                pending_changes: h.pending_changes,
+            },
+            Err(e) => Response::Error(Failure::from(&e)),
+        },
         Request::AuditPage { after, limit } => {
             let limit = limit.min(MAX_AUDIT_PAGE);
-            match service.db(|s| Ok(crate::audit::page(s.connection(), after, limit)?)) {
+            match service.audit_page(after, limit) {
                 Ok(entries) => Response::Audit(entries),
-                Err(e) => Response::Error(chain(&e)),
+                Err(e) => Response::Error(Failure::from(&e)),
             }
         }
     };
-    (answer, None)
+    (answer, Ack::none())
 }
 
 fn decided(d: Decided) -> Response {
     let (outcome, version, why) = match d {
-        Decided::Applied(v) => ("applied", Some(v.version), None),
-        Decided::Rejected => ("rejected", None, None),
-        Decided::Refused(why) => ("refused", None, Some(why)),
+        Decided::Applied(v) => (Outcome::Applied, Some(v.version), None),
+        Decided::Rejected => (Outcome::Rejected, None, None),
+        Decided::Refused(why) => (Outcome::Refused, None, Some(why)),
     };
     Response::Decided {
-        outcome: outcome.into(),
+        outcome,
         version,
         why,
-    }
-}
-
-async fn console_send(
-    service: &Arc<Service>,
-    session: &str,
-    text: String,
-    wait_secs: u64,
-) -> Result<(Response, Ack), String> {
-    let id = SessionId::try_from(session).map_err(|_| {
-        format!("{session:?} is not a valid session name (a-z, 0-9, _ and -, at most 32)")
-    })?;
-    if [TELEGRAM_PREFIX, BRIDGE_PREFIX]
-        .iter()
-        .any(|p| id.as_str().starts_with(p))
-    {
-        return Err(format!(
-            "{session:?}: names starting tg- or br- belong to the Telegram and bridge channels"
-        ));
-    }
-    if text.len() > MAX_TEXT_BYTES {
-        return Err("the message is longer than 64 KiB; nothing was sent".into());
-    }
-    if text.trim().is_empty() {
-        return Err("the message is empty; nothing was sent".into());
-    }
-    let inbound = Inbound {
-        channel: CONSOLE.into(),
-        chat: id.as_str().into(),
-        external_id: None,
-        text,
-        received_at: now_secs(),
-    };
-    let mut changes = service.watch_outbound();
-    let message = match service.submit(&id, &inbound, None).await {
-        Ok(Accepted::Stored(m) | Accepted::Refused(m)) => m,
-        Ok(Accepted::Duplicate) => return Err("duplicate message".into()),
-        Err(e) => return Err(e.to_string()),
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
-    loop {
-        let state = service
-            .db(|s| s.message_state(message))
-            .map_err(|e| e.to_string())?
-            .unwrap_or_else(|| "dead".into());
-        let settled = !matches!(state.as_str(), "received" | "published");
-        if settled || tokio::time::Instant::now() >= deadline {
-            // Every reply waiting for this chat, earlier ones included; acknowledged once
-            // the answer reaches the client.
-            let held = chat_lock(id.as_str()).lock_owned().await;
-            let pending = service
-                .db(|s| s.pending_for(CONSOLE, Some(id.as_str()), 0, 1000))
-                .map_err(|e| e.to_string())?;
-            let ack = pending
-                .last()
-                .map(|last| (id.as_str().to_owned(), last.id, held));
-            let answer = Response::Replies {
-                message,
-                state,
-                replies: pending.into_iter().map(|o| o.text).collect(),
-            };
-            return Ok((answer, ack));
-        }
-        let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
     }
 }

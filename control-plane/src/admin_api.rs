@@ -44,7 +44,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use crate::admin::{self, MAX_REQUEST_BYTES, Request, Response};
+use crate::admin::{self, MAX_REQUEST_BYTES, Outcome, Request, Response};
 use crate::config::AdminApiConfig;
 use crate::gateway::Identity;
 use crate::service::Service;
@@ -400,10 +400,14 @@ fn full_sha256(hash: &str) -> bool {
 /// status that says how it went.
 fn translate(response: Response, who: &Identity) -> Answer {
     let status = match &response {
-        Response::Error(e) if e.starts_with("no change request") => StatusCode::NOT_FOUND,
-        Response::Error(_) => StatusCode::BAD_REQUEST,
+        Response::Error(f) => {
+            StatusCode::from_u16(f.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        }
         Response::Filed(_) => StatusCode::CREATED,
-        Response::Decided { outcome, .. } if outcome == "refused" => StatusCode::CONFLICT,
+        Response::Decided {
+            outcome: Outcome::Refused,
+            ..
+        } => StatusCode::CONFLICT,
         _ => StatusCode::OK,
     };
     let Ok(Value::Object(tagged)) = serde_json::to_value(&response) else {
@@ -413,8 +417,8 @@ fn translate(response: Response, who: &Identity) -> Answer {
         );
     };
     let mut inner = tagged.into_iter().next().map_or(Value::Null, |(_, v)| v);
-    if let (Response::Error(_), Value::String(e)) = (&response, &inner) {
-        inner = json!({ "error": e });
+    if let Response::Error(f) = &response {
+        inner = json!({ "error": f.message, "kind": f.kind });
     }
     if let (Response::Health { .. }, Value::Object(o)) = (&response, &mut inner) {
         o.insert("you".into(), Value::String(who.to_string()));

@@ -15,12 +15,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use control_plane::admin::{self, Request, Response};
+use control_plane::admin::{self, Outcome, Request, Response};
 use control_plane::config::Config;
 use control_plane::error_chain as chain;
 use control_plane::printable;
 use control_plane::service::Service;
 use control_plane::state::StateDir;
+use control_plane::store::state::{ChangeState, MessageState};
 
 const USAGE: &str = "usage:
   ironclaw init [--state-dir DIR]
@@ -31,6 +32,8 @@ const USAGE: &str = "usage:
   ironclaw changes approve ID | reject ID
   ironclaw audit verify | export
   ironclaw doctor [--json]                                (exit 1 on any critical finding)
+Exit status: 0 done; 1 refused or failed; 2 usage; 3 `send` has no reply yet;
+4 no such session or change request; 5 not an operator.
 The state directory is --state-dir, else $IRONCLAW_STATE_DIR, else /var/lib/ironclaw.";
 
 struct Args {
@@ -113,7 +116,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ironclaw: {e}");
-            ExitCode::FAILURE
+            // The service's failures carry their kind; anything else is a failure.
+            e.downcast_ref::<admin::Failure>()
+                .map_or(ExitCode::FAILURE, |f| ExitCode::from(f.kind.exit_code()))
         }
     }
 }
@@ -223,7 +228,7 @@ fn send(state: &StateDir, args: &Args, text: &[&str]) -> CliResult {
             for r in &replies {
                 println!("{r}");
             }
-            if matches!(state.as_str(), "received" | "published") {
+            if state.is_some_and(MessageState::is_waiting) {
                 eprintln!(
                     "ironclaw: no reply yet; it stays queued and the next `send` to this session prints it"
                 );
@@ -305,9 +310,13 @@ fn sessions_delete(state: &StateDir, name: &str) -> CliResult {
 }
 
 /// One request to the running service; an `Error` answer becomes the command's error.
-fn ask(state: &StateDir, req: &Request, timeout: Duration) -> Result<Response, String> {
+fn ask(
+    state: &StateDir,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, Box<dyn std::error::Error>> {
     match admin::request(&state.admin_socket(), req, timeout).map_err(|e| chain(&e))? {
-        Response::Error(e) => Err(e),
+        Response::Error(e) => Err(e.into()),
         other => Ok(other),
     }
 }
@@ -464,8 +473,8 @@ fn changes_propose(state: &StateDir, file: &str, reason: Option<&str>) -> CliRes
     let Response::Filed(c) = ask(state, &req, Duration::from_secs(30))? else {
         return Err(unexpected());
     };
-    match c.state.as_str() {
-        "pending" => {
+    match c.state {
+        ChangeState::Pending => {
             println!(
                 "filed {} (risk {:.2}); another operator approves it with: ironclaw changes approve {}",
                 c.id, c.risk, c.id
@@ -499,12 +508,12 @@ fn changes_decide(state: &StateDir, id: &str, approve: bool) -> CliResult {
     else {
         return Err(unexpected());
     };
-    match (outcome.as_str(), version) {
-        ("applied", Some(v)) => {
+    match (outcome, version) {
+        (Outcome::Applied, Some(v)) => {
             println!("approved and applied: configuration version {v} is in force");
             Ok(ExitCode::SUCCESS)
         }
-        ("rejected", _) => {
+        (Outcome::Rejected, _) => {
             println!("rejected");
             Ok(ExitCode::SUCCESS)
         }

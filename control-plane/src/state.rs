@@ -114,8 +114,9 @@ impl StateDir {
             .map_err(create(&self.master_key()))?;
         write_new(&self.config(), DEFAULT_CONFIG.as_bytes(), 0o600)
             .map_err(create(&self.config()))?;
-        let mut store = Store::create(&self.store(), &master)?;
-        store.record("initialised", &serde_json::json!({}), now_secs())?;
+        let now = now_secs();
+        let mut store = Store::create(&self.store(), &master, now)?;
+        store.record("initialised", &serde_json::json!({}), now)?;
         Ok(())
     }
 

@@ -103,7 +103,13 @@ fn main() {
             .unwrap();
         applied.push(t.elapsed());
         assert!(
-            matches!(&answer, Response::Decided { outcome, .. } if outcome == "applied"),
+            matches!(
+                &answer,
+                Response::Decided {
+                    outcome: control_plane::admin::Outcome::Applied,
+                    ..
+                }
+            ),
             "{answer:?}"
         );
     }
@@ -117,7 +123,8 @@ fn main() {
     // The audit trail: appending, and verifying it whole.
     let dir = tempfile::tempdir().unwrap();
     let master = MasterKey::from_bytes([3; 32]);
-    let mut store = control_plane::store::Store::create(&dir.path().join("c.db"), &master).unwrap();
+    let mut store =
+        control_plane::store::Store::create(&dir.path().join("c.db"), &master, 1).unwrap();
     let n = 100_000;
     let detail = serde_json::json!({ "session": "tg-123456789", "provider": "anthropic",
         "input_tokens": 1234, "output_tokens": 567, "bytes": 8901 });

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use control_plane::admin::{self, Request, Response};
 use control_plane::sandbox::layout::Layout;
 use control_plane::sandbox::runtime::{RunscRuntime, Runtime};
-use control_plane::store::{ChangeDetail, ChangeSummary, SessionSummary};
+use control_plane::store::changes::{ChangeDetail, ChangeSummary};
+use control_plane::store::sessions::SessionSummary;
 
 /// The `ironclaw` binary under test.
 pub fn ironclaw_bin() -> PathBuf {
@@ -165,8 +166,11 @@ impl Serve {
             wait_secs,
         };
         match self.request(&req).map_err(|e| e.to_string())? {
-            Response::Replies { state, replies, .. } => Ok((state, replies)),
-            Response::Error(e) => Err(e),
+            // The state's word, as the CLI's users read it ("gone" if the message is).
+            Response::Replies { state, replies, .. } => {
+                Ok((state.map_or("gone", |s| s.as_str()).to_owned(), replies))
+            }
+            Response::Error(e) => Err(e.message),
             other => Err(format!("unexpected answer {other:?}")),
         }
     }
@@ -241,7 +245,7 @@ impl Serve {
             hash: hash.map(str::to_owned),
         };
         match self.request(&req).expect("changes decide") {
-            Response::Decided { outcome, why, .. } => (outcome, why),
+            Response::Decided { outcome, why, .. } => (outcome.as_str().to_owned(), why),
             other => panic!("unexpected answer {other:?}"),
         }
     }

@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use control_plane::store::state::ChangeState;
 use serde_json::{Value, json};
 use tests::fake_tailscaled::{FakeTailscaled, Known};
 use tests::loopback::{Answer, Conn, LoopbackAddress, request_from};
@@ -147,7 +148,7 @@ fn propose(s: &Serve, text: &str, reason: &str) -> String {
     );
     s.changes(false)
         .into_iter()
-        .find(|c| c.state == "pending")
+        .find(|c| c.state == ChangeState::Pending)
         .expect("the proposal is pending")
         .id
 }
@@ -548,7 +549,7 @@ fn the_approval_page_in_headless_chromium_shows_the_diff_and_applies_what_it_sho
     assert_eq!(approved[0]["detail"]["by"], format!("tailnet:{ALICE}"));
     let all = s.changes(true);
     let decided = all.iter().find(|c| c.id == id).unwrap();
-    assert_eq!(decided.state, "applied");
+    assert_eq!(decided.state, ChangeState::Applied);
     assert_eq!(
         decided.decided_by.as_deref(),
         Some(format!("tailnet:{ALICE}").as_str())

@@ -128,8 +128,9 @@ poll_timeout_secs = 1
     };
 
     // Every update stored once: Telegram forgot each only after the store held it.
-    let count =
-        |f: fn(&control_plane::store::SessionSummary) -> u64| settled.iter().map(f).sum::<u64>();
+    let count = |f: fn(&control_plane::store::sessions::SessionSummary) -> u64| {
+        settled.iter().map(f).sum::<u64>()
+    };
     let (answered, failed, refused, dead) = (
         count(|x| x.answered),
         count(|x| x.failed),

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use control_plane::config::Config;
 use control_plane::service::notice;
+use control_plane::store::state::ChangeState;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tests::fake_model::{ECHO, start_echo_model};
@@ -219,7 +220,10 @@ max_requests_per_minute = 100000
     assert_eq!(all.len() as u64, issued);
     let mut rules: BTreeMap<String, u32> = BTreeMap::new();
     for c in &all {
-        assert!(c.state == "pending" || c.state == "denied", "{c:?}");
+        assert!(
+            matches!(c.state, ChangeState::Pending | ChangeState::Denied),
+            "{c:?}"
+        );
         let rule = c.rule.clone().unwrap_or_else(|| "pending".into());
         *rules
             .entry(rule.split(':').next().unwrap().to_owned())
@@ -904,7 +908,7 @@ fn a_hand_edit_changes_nothing_until_approved_and_everything_survives_kill_9() {
     assert!(s.changes(false).is_empty());
     let all = s.changes(true);
     let decided = all.iter().find(|c| c.id == id).unwrap();
-    assert_eq!(decided.state, "applied");
+    assert_eq!(decided.state, ChangeState::Applied);
     assert_eq!(decided.decided_by.as_deref(), Some("unix:0"));
     assert_eq!(s.versions().len(), 2);
     assert_eq!(s.versions()[1].1, edited);

@@ -99,9 +99,9 @@ fn post(port: u16, token: &str, body: &Value) -> (u16, Value) {
 }
 
 fn summary<'a>(
-    list: &'a [control_plane::store::SessionSummary],
+    list: &'a [control_plane::store::sessions::SessionSummary],
     name: &str,
-) -> &'a control_plane::store::SessionSummary {
+) -> &'a control_plane::store::sessions::SessionSummary {
     list.iter()
         .find(|s| s.name == name)
         .unwrap_or_else(|| panic!("no session {name} in {list:?}"))

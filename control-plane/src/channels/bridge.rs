@@ -21,19 +21,18 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use queue_proto::ids::SessionId;
 use queue_proto::items::MAX_TEXT_BYTES;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use tokio::task::JoinHandle;
 
-use super::ChannelError;
+use super::{ChannelError, naming};
 use crate::config::BridgeConfig;
 use crate::model::http::ApiKey;
-use crate::service::Service;
+use crate::service::{Arrival, Service};
 use crate::state::now_secs;
-use crate::store::{Accepted, Inbound};
+use crate::store::messages::{Accepted, Inbound};
 
 /// The channel's name in the store.
 pub const CHANNEL: &str = "bridge";
@@ -53,17 +52,6 @@ struct PostMessage {
     text: String,
     #[serde(default)]
     id: Option<String>,
-}
-
-/// The session of bridge chat `chat`, if the chat name is acceptable.
-pub fn session_for(chat: &str) -> Option<SessionId> {
-    let ok = !chat.is_empty()
-        && chat.len() <= 29
-        && chat
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    ok.then(|| SessionId::try_from(format!("br-{chat}").as_str()).ok())
-        .flatten()
 }
 
 /// Binds the listener and serves it in a task.
@@ -173,7 +161,7 @@ async fn post_message(service: &Arc<Service>, req: Request<Incoming>) -> Respons
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("malformed message: {e}")),
     };
-    let Some(session) = session_for(&msg.chat) else {
+    let Some(session) = naming::bridge(&msg.chat) else {
         return error(
             StatusCode::BAD_REQUEST,
             "chat must be 1-29 of a-z, 0-9, _ and -",
@@ -199,7 +187,11 @@ async fn post_message(service: &Arc<Service>, req: Request<Incoming>) -> Respons
         text: msg.text,
         received_at: now_secs(),
     };
-    match service.submit(&session, &inbound, None).await {
+    let arrival = Arrival::Message {
+        session: &session,
+        inbound: &inbound,
+    };
+    match service.receive(arrival, None).await {
         Ok(Accepted::Stored(id)) => reply(
             StatusCode::ACCEPTED,
             &json!({ "message": id, "state": "accepted" }),
@@ -243,7 +235,7 @@ async fn get_replies(service: &Arc<Service>, req: &Request<Incoming>) -> Respons
     let after = i64::try_from(after.unwrap_or(0)).unwrap_or(i64::MAX);
     let wait = Duration::from_secs(wait.unwrap_or(0).min(MAX_WAIT_SECS));
     if after > 0
-        && let Err(e) = service.db(|s| s.acknowledge(CHANNEL, None, after))
+        && let Err(e) = service.acknowledge_replies(CHANNEL, None, after)
     {
         tracing::error!(error = %e, "acknowledging bridge replies failed");
         return error(StatusCode::SERVICE_UNAVAILABLE, "try again");
@@ -251,7 +243,7 @@ async fn get_replies(service: &Arc<Service>, req: &Request<Incoming>) -> Respons
     let mut changes = service.watch_outbound();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let pending = match service.db(|s| s.pending_for(CHANNEL, None, after, MAX_REPLIES)) {
+        let pending = match service.pending_replies(CHANNEL, None, after, MAX_REPLIES) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "reading bridge replies failed");
@@ -275,14 +267,6 @@ async fn get_replies(service: &Arc<Service>, req: &Request<Incoming>) -> Respons
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chat_names_map_to_sessions_only_when_safe() {
-        assert_eq!(session_for("family").unwrap().as_str(), "br-family");
-        for bad in ["", "Family", "../x", "a.b", "x y", &"a".repeat(30)] {
-            assert!(session_for(bad).is_none(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn the_replies_query_is_closed() {

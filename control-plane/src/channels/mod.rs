@@ -1,12 +1,18 @@
-//! Chat channels. Each brings messages in through [`Service::submit`] (stored before
-//! anything else happens) and takes replies out of the store's outbound queue.
+//! Chat channels. Every arrival, accepted or refused, goes in through one call,
+//! [`Service::receive`] (stored before anything else happens); every reply comes out of
+//! the service's outbound queue. A channel holds no store handle.
 //!
 //! Two ways out: a push channel (Telegram) implements [`Channel`] and a delivery worker
-//! hands it one reply at a time, recording each result; a pull channel (the console on
-//! the admin socket, the bridge's long-poll) keeps replies queued until its client
-//! fetches and acknowledges them.
+//! hands it one reply at a time, recording each result; a pull channel (the
+//! [`console`] on the admin socket, the [`bridge`]'s long-poll) keeps replies queued
+//! until its client fetches and acknowledges them. [`naming`] says which session each
+//! channel's chat belongs to.
+//!
+//! [`Service::receive`]: crate::service::Service::receive
 
 pub mod bridge;
+pub mod console;
+pub mod naming;
 pub mod telegram;
 
 use std::future::Future;
@@ -17,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::service::Service;
 use crate::state::now_secs;
-use crate::store::Delivered;
+use crate::store::outbound::Delivered;
 
 /// Why a channel could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +51,7 @@ pub trait Channel: Send + Sync + 'static {
     fn deliver(&self, chat: &str, text: &str) -> impl Future<Output = Delivered> + Send;
 }
 
-/// Starts every configured channel; the console is served by the admin socket.
+/// Starts every configured channel; the console is carried by the admin socket.
 pub fn start(service: &Arc<Service>) -> Result<Vec<JoinHandle<()>>, ChannelError> {
     let mut tasks = Vec::new();
     if let Some(cfg) = &service.config().channels.telegram {
@@ -64,18 +70,15 @@ pub fn start(service: &Arc<Service>) -> Result<Vec<JoinHandle<()>>, ChannelError
 /// ones or for the next retry time.
 pub async fn deliver_loop<C: Channel>(service: Arc<Service>, channel: Arc<C>) {
     let mut changes = service.watch_outbound();
-    let max_attempts = service.config().delivery.max_delivery_attempts;
     loop {
-        let next = service.db(|s| s.next_outbound(channel.name(), now_secs()));
+        let next = service.next_delivery(channel.name(), now_secs());
         match next {
             Ok(Some(out)) => {
                 let result = channel.deliver(&out.chat, &out.text).await;
                 if let Delivered::Failed(reason) = &result {
                     tracing::warn!(channel = channel.name(), outbound = out.id, reason = %reason, "a reply could not be delivered");
                 }
-                if let Err(e) =
-                    service.db(|s| s.delivered(out.id, &result, max_attempts, now_secs()))
-                {
+                if let Err(e) = service.record_delivery(out.id, &result, now_secs()) {
                     tracing::error!(error = %e, "recording a delivery failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }

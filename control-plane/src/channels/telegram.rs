@@ -25,9 +25,13 @@ use super::{Channel, ChannelError, split_message};
 use crate::config::TelegramConfig;
 use crate::gateway::{self, Identity};
 use crate::model::http::{ApiKey, ApprovedEndpoint};
+use crate::service::Arrival;
 use crate::service::{Service, notice};
 use crate::state::now_secs;
-use crate::store::{ChangeDetail, Decided, Decision, Delivered, Inbound, Prompt};
+use crate::store::changes::{ChangeDetail, Decided, Decision, Prompt};
+use crate::store::cursors::Cursor;
+use crate::store::messages::{Inbound, Refusal};
+use crate::store::outbound::Delivered;
 
 /// The channel's name in the store.
 pub const CHANNEL: &str = "telegram";
@@ -81,14 +85,9 @@ enum CallError {
     },
 }
 
-/// The session of a Telegram chat: `tg-<id>`, `tg-n<id>` for negative ids.
+/// The session of a Telegram chat (see [`super::naming::telegram`]).
 pub fn session_for(chat: i64) -> SessionId {
-    let name = if chat < 0 {
-        format!("tg-n{}", chat.unsigned_abs())
-    } else {
-        format!("tg-{chat}")
-    };
-    SessionId::try_from(name.as_str()).expect("tg- and at most 20 digits is a valid session id")
+    super::naming::telegram(chat)
 }
 
 impl Telegram {
@@ -288,7 +287,7 @@ impl Channel for Telegram {
 
 /// Long-polls `getUpdates` until the task is aborted, reconnecting after outages.
 pub async fn poll(service: Arc<Service>, tg: Arc<Telegram>) {
-    let stored = service.db(|s| s.cursor(CHANNEL)).ok().flatten();
+    let stored = service.cursor(CHANNEL).ok().flatten();
     let mut offset: i64 = stored.and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut limit = 100;
     let mut backoff = Duration::from_secs(1);
@@ -334,18 +333,22 @@ pub async fn poll(service: Arc<Service>, tg: Arc<Telegram>) {
                 match first {
                     Some(id) if id >= offset && id < i64::MAX => {
                         let next = (id + 1).to_string();
-                        let skipped = service.db(|s| {
-                            s.refuse(
-                                CHANNEL,
-                                "",
-                                Some(&id.to_string()),
-                                MAX_UPDATES_BYTES,
-                                "update larger than 16 MiB",
-                                None,
-                                Some((CHANNEL, &next)),
-                                now_secs(),
-                            )
-                        });
+                        let ext = id.to_string();
+                        let refusal = Refusal {
+                            channel: CHANNEL,
+                            chat: "",
+                            external_id: Some(&ext),
+                            bytes: MAX_UPDATES_BYTES,
+                            reason: "update larger than 16 MiB",
+                            notice: None,
+                        };
+                        let cursor = Cursor {
+                            name: CHANNEL,
+                            value: &next,
+                        };
+                        let skipped = service
+                            .receive(Arrival::Refused(refusal), Some(cursor))
+                            .await;
                         if skipped.is_ok() {
                             tracing::warn!(update = id, "skipped an update larger than 16 MiB");
                             offset = id + 1;
@@ -482,15 +485,22 @@ async fn handle(
     let next = (update_id + 1).to_string();
     if let Some(cq) = u.get("callback_query") {
         button_pressed(service, tg, cq).await;
-        return match service.db(|s| s.set_cursor(CHANNEL, &next)) {
-            Ok(()) => Ok(Some(update_id + 1)),
+        let cursor = Cursor {
+            name: CHANNEL,
+            value: &next,
+        };
+        return match service.receive(Arrival::Nothing, Some(cursor)).await {
+            Ok(_) => Ok(Some(update_id + 1)),
             Err(e) => {
                 tracing::error!(error = %e, "storing the telegram offset failed");
                 Err(())
             }
         };
     }
-    let cursor = Some((CHANNEL, next.as_str()));
+    let cursor = Some(Cursor {
+        name: CHANNEL,
+        value: &next,
+    });
     let ext = update_id.to_string();
     let msg = u.get("message");
     let from = msg
@@ -506,54 +516,40 @@ async fn handle(
     let text = msg.and_then(|m| m.get("text")).and_then(Value::as_str);
     let bytes = text.map_or(0, str::len);
     let now = now_secs();
-    let refuse = |chat: String, reason: &'static str, notice: Option<&'static str>| {
-        service.db(|s| {
-            s.refuse(
-                CHANNEL,
-                &chat,
-                Some(&ext),
-                bytes,
-                reason,
-                notice,
-                cursor,
-                now,
-            )
-        })
+    let refuse = async |chat: String, reason: &'static str, notice: Option<&'static str>| {
+        let refusal = Refusal {
+            channel: CHANNEL,
+            chat: &chat,
+            external_id: Some(&ext),
+            bytes,
+            reason,
+            notice,
+        };
+        service.receive(Arrival::Refused(refusal), cursor).await
     };
     let refused = match (from, chat) {
         // Nothing is said in a group: others there were not allowed to ask.
-        (Some(_), Some(chat)) if !private => {
-            Some(refuse(chat.to_string(), "not a private chat", None))
-        }
+        (Some(_), Some(chat)) if !private => Some((chat.to_string(), "not a private chat", None)),
         (Some(from), Some(chat)) if !allowed(service, from) => {
             let n = tg.may_refuse(from).then_some(notice::NOT_ALLOWED);
-            Some(refuse(chat.to_string(), "sender not in allowed_users", n))
+            Some((chat.to_string(), "sender not in allowed_users", n))
         }
-        (Some(_), Some(chat)) if text.is_none() => Some(refuse(
+        (Some(_), Some(chat)) if text.is_none() => Some((
             chat.to_string(),
             "not a text message",
             Some(notice::NOT_TEXT),
         )),
-        (Some(_), Some(chat)) if bytes > MAX_TEXT_BYTES => Some(refuse(
+        (Some(_), Some(chat)) if bytes > MAX_TEXT_BYTES => Some((
             chat.to_string(),
             "longer than 64 KiB",
             Some(notice::TOO_LONG),
         )),
         (Some(_), Some(_)) => None,
-        _ => Some(refuse(
-            String::new(),
-            "malformed or unsupported update",
-            None,
-        )),
+        _ => Some((String::new(), "malformed or unsupported update", None)),
     };
-    if let Some(result) = refused {
-        return match result {
-            Ok(noticed) => {
-                if noticed {
-                    service.outbound_changed();
-                }
-                Ok(Some(update_id + 1))
-            }
+    if let Some((chat, reason, notice)) = refused {
+        return match refuse(chat, reason, notice).await {
+            Ok(_) => Ok(Some(update_id + 1)),
             Err(e) => {
                 tracing::error!(error = %e, "recording a refused update failed");
                 Err(())
@@ -568,7 +564,12 @@ async fn handle(
         text: text.expect("matched above").to_owned(),
         received_at: now,
     };
-    match service.submit(&session_for(chat), &inbound, cursor).await {
+    let session = session_for(chat);
+    let arrival = Arrival::Message {
+        session: &session,
+        inbound: &inbound,
+    };
+    match service.receive(arrival, cursor).await {
         Ok(_) => Ok(Some(update_id + 1)),
         // Not a store failure: this update can never be stored, so it is refused and
         // passed, rather than holding up every update after it.
@@ -579,6 +580,7 @@ async fn handle(
                 "session name taken by another channel",
                 None,
             )
+            .await
             .map(|_| Some(update_id + 1))
             .map_err(|_| ())
         }
@@ -654,7 +656,7 @@ fn prompt_text(d: &ChangeDetail) -> (String, bool) {
 /// task is aborted.
 pub async fn prompts(service: Arc<Service>, tg: Arc<Telegram>) {
     loop {
-        let due = service.db(|s| s.prompts_due()).unwrap_or_else(|e| {
+        let due = service.prompts_due().unwrap_or_else(|e| {
             tracing::error!(error = %e, "reading approval prompts failed");
             Vec::new()
         });
@@ -670,14 +672,10 @@ pub async fn prompts(service: Arc<Service>, tg: Arc<Telegram>) {
 /// Sends or closes one prompt; false if it should be tried again later.
 async fn prompt_step(service: &Service, tg: &Telegram, p: &Prompt) -> bool {
     let timeout = Duration::from_secs(30);
-    let done = |sent: Option<i64>| {
-        service
-            .db(|s| s.prompt_done(&p.change_id, p.chat, sent))
-            .is_ok()
-    };
+    let done = |sent: Option<i64>| service.prompt_done(&p.change_id, p.chat, sent).is_ok();
     match p.message_id {
         None => {
-            let Ok(Some(detail)) = service.db(|s| s.change(&p.change_id)) else {
+            let Ok(Some(detail)) = service.change(&p.change_id) else {
                 return done(None);
             };
             let short = &detail.after_hash[..BUTTON_HASH_DIGITS];
@@ -737,7 +735,7 @@ async fn prompt_step(service: &Service, tg: &Telegram, p: &Prompt) -> bool {
 
 /// Whether change `id` fits its prompt (unknown ids are left to the decision to refuse).
 fn whole_in_prompt(service: &Service, id: &str) -> bool {
-    match service.db(|s| s.change(id)) {
+    match service.change(id) {
         Ok(Some(d)) => prompt_text(&d).1,
         // Unknown: the decision refuses it and says so.
         Ok(None) => true,

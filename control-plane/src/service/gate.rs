@@ -14,7 +14,11 @@ use crate::config::Config;
 use crate::gateway::{self, Denial, Identity, Requester, TurnSummary};
 use crate::model::AnyProvider;
 use crate::state::now_secs;
-use crate::store::{ChangeSummary, ConfigVersion, Decided, Decision, NewChange};
+use crate::store::changes::{
+    ChangeSummary, ConfigVersion, Decided, Decision, FILE_SEEN, NewChange, seen_key,
+};
+use crate::store::cursors::Cursor;
+use crate::store::state::ChangeState;
 
 /// Refusals of one admin peer recorded one by one each minute; the rest are counted.
 const REFUSALS_RECORDED_PER_MINUTE: u32 = 10;
@@ -49,21 +53,23 @@ impl Service {
     pub fn check_drift(&self, file_text: &str) -> Option<ChangeSummary> {
         let eff = self.effective();
         let hash = gateway::text_hash(file_text);
-        let seen = self
-            .db(|s| s.cursor(crate::store::FILE_SEEN))
-            .ok()
-            .flatten();
+        let seen = self.db(|s| s.cursor(FILE_SEEN)).ok().flatten();
         // A text once approved is a file left behind, not an edit; a text filed against
         // the version in force waits for its decision.
-        let approved_once = crate::store::seen_key(None, &hash);
-        let filed_now = crate::store::seen_key(Some(eff.version), &hash);
+        let approved_once = seen_key(None, &hash);
+        let filed_now = seen_key(Some(eff.version), &hash);
         if seen.as_deref() == Some(approved_once.as_str())
             || seen.as_deref() == Some(filed_now.as_str())
         {
             return None;
         }
         if file_text == eff.text {
-            if let Err(e) = self.db(|s| s.set_cursor(crate::store::FILE_SEEN, &approved_once)) {
+            if let Err(e) = self.db(|s| {
+                s.set_cursor(Cursor {
+                    name: FILE_SEEN,
+                    value: &approved_once,
+                })
+            }) {
                 tracing::warn!(error = %e, "remembering the configuration file's hash failed");
             }
             return None;
@@ -102,7 +108,7 @@ impl Service {
             )
         }) {
             Ok(filed) => {
-                if filed.state == "pending" {
+                if filed.state == ChangeState::Pending {
                     self.prompts.notify_one();
                 }
                 Some(filed)
@@ -251,7 +257,7 @@ impl Service {
         if decision == Decision::Approve
             && operator
             && let Some(detail) = self.db(|s| s.change(id))?
-            && detail.summary.state == "pending"
+            && detail.summary.state.can_decide()
             && let Ok(candidate) = Config::parse(&detail.after)
         {
             match provider(&candidate) {

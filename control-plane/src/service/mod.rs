@@ -33,8 +33,12 @@ use crate::sandbox::layout;
 use crate::sandbox::lifecycle::{Event, Exit, Manager, ManagerError};
 use crate::sandbox::runtime::{HostRuntime, RunscRuntime, Runtime, blocking};
 use crate::state::{StateDir, now_secs};
-use crate::store::{Accepted, Inbound, SessionSummary, Store, StoreError, Waiting};
+use crate::store::cursors::Cursor;
+use crate::store::messages::{Accepted, Inbound, Refusal, Waiting};
+use crate::store::sessions::SessionSummary;
+use crate::store::{Store, StoreError};
 
+mod calls;
 mod gate;
 pub use gate::Effective;
 
@@ -101,6 +105,20 @@ pub enum ServiceError {
         #[source]
         source: Box<queue_proto::segment::SegmentError>,
     },
+}
+
+/// What a channel hands to [`Service::receive`].
+#[derive(Debug)]
+pub enum Arrival<'a> {
+    /// A message that passed the channel's rules, for `session`.
+    Message {
+        session: &'a SessionId,
+        inbound: &'a Inbound,
+    },
+    /// A message the channel refused (unknown sender, too large, malformed).
+    Refused(Refusal<'a>),
+    /// Nothing to store (an update handled elsewhere): only the cursor moves.
+    Nothing,
 }
 
 /// One live session: its keys, its proxy and the task that consumes its events.
@@ -323,11 +341,9 @@ impl Service {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` on the store, off the async workers.
-    pub fn db<T>(
-        &self,
-        f: impl FnOnce(&mut Store) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    /// Runs `f` on the store, off the async workers. Private to the service: channels
+    /// and the operator interfaces go through its methods (see `calls.rs`).
+    fn db<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
         blocking(|| f(&mut self.store.lock().unwrap_or_else(|p| p.into_inner())))
     }
 
@@ -409,15 +425,38 @@ impl Service {
         }
     }
 
-    /// Accepts a message for `session` from `channel`'s `chat`: stored first (with the
-    /// channel's cursor, if any, in the same transaction), then published.
-    pub async fn submit(
+    /// The one way in for everything a channel receives: a message for a session is
+    /// stored first (with the channel's cursor, if any, in the same transaction), then
+    /// published; a message the channel refused by its own rules is recorded (metadata
+    /// only) with its notice, if one is due; a cursor on its own just moves. A refused
+    /// arrival seen before comes back as [`Accepted::Duplicate`].
+    pub async fn receive(
         self: &Arc<Self>,
-        session: &SessionId,
-        inbound: &Inbound,
-        cursor: Option<(&str, &str)>,
+        arrival: Arrival<'_>,
+        cursor: Option<Cursor<'_>>,
     ) -> Result<Accepted, ServiceError> {
         let now = now_secs();
+        let (session, inbound) = match arrival {
+            Arrival::Message { session, inbound } => (session, inbound),
+            Arrival::Refused(refusal) => {
+                let recorded = self.db(|s| s.refuse(&refusal, cursor, now))?;
+                return Ok(match recorded {
+                    Some(id) => {
+                        if refusal.notice.is_some() {
+                            self.outbound_changed();
+                        }
+                        Accepted::Refused(id)
+                    }
+                    None => Accepted::Duplicate,
+                });
+            }
+            Arrival::Nothing => {
+                if let Some(c) = cursor {
+                    self.db(|s| s.set_cursor(c))?;
+                }
+                return Ok(Accepted::Duplicate);
+            }
+        };
         let row = self.db(|s| s.bind(session, &inbound.channel, &inbound.chat, now))?;
         if row.channel != inbound.channel || row.chat != inbound.chat {
             return Err(ServiceError::WrongChannel {

@@ -8,6 +8,8 @@ use queue_proto::ids::SessionId;
 use rusqlite::{OptionalExtension, params};
 use serde_json::json;
 
+use super::cursors::{Cursor, set_cursor};
+use super::state::{ChangeState, PROMPT_DUE_SQL, PromptState};
 use super::{Store, StoreError};
 use crate::audit;
 use crate::config::Config;
@@ -100,7 +102,7 @@ pub struct ChangeSummary {
     pub expires_at: i64,
     pub requester: String,
     pub target: String,
-    pub state: String,
+    pub state: ChangeState,
     pub risk: f64,
     /// The policy rule that denied it, or why it ended without a decision.
     pub rule: Option<String>,
@@ -146,7 +148,7 @@ pub struct Prompt {
     /// Set once sent: the message whose buttons are removed after the decision.
     pub message_id: Option<i64>,
     /// The change's state now (for the closing text).
-    pub change_state: String,
+    pub change_state: ChangeState,
 }
 
 /// One recorded agent turn.
@@ -159,11 +161,7 @@ pub struct TurnRow {
 
 fn change_id() -> Result<String, StoreError> {
     let mut n = [0u8; 8];
-    getrandom::getrandom(&mut n).map_err(|_| {
-        StoreError::Query(rusqlite::Error::InvalidParameterName(
-            "no randomness".into(),
-        ))
-    })?;
+    getrandom::getrandom(&mut n).map_err(|_| StoreError::NoRandomness)?;
     Ok(format!("c{}", hex::encode(n)))
 }
 
@@ -279,15 +277,18 @@ impl Store {
         let tx = self.tx()?;
         // A text from the file is filed once: the file's hash is remembered with it.
         if new.requester == gateway::Requester::ConfigFile.to_string() {
-            tx.execute(
-                "INSERT INTO channel_state (channel, value) VALUES (?1, ?2)
-                 ON CONFLICT (channel) DO UPDATE SET value = excluded.value",
-                params![FILE_SEEN, seen_key(Some(new.base_version), &hash)],
+            let seen = seen_key(Some(new.base_version), &hash);
+            set_cursor(
+                &tx,
+                Some(Cursor {
+                    name: FILE_SEEN,
+                    value: &seen,
+                }),
             )?;
         }
         let pending: i64 = tx.query_row(
-            "SELECT count(*) FROM changes WHERE state = 'pending' AND requester = ?1",
-            [&new.requester],
+            "SELECT count(*) FROM changes WHERE state = ?2 AND requester = ?1",
+            params![new.requester, ChangeState::Pending],
             |r| r.get(0),
         )?;
         let outcome = match &new.outcome {
@@ -298,9 +299,9 @@ impl Store {
             other => other.clone(),
         };
         let (state, rule, ops, risk) = match &outcome {
-            Ok((ops, risk)) => ("pending", None, ops.clone(), *risk),
+            Ok((ops, risk)) => (ChangeState::Pending, None, ops.clone(), *risk),
             Err(d) => (
-                "denied",
+                ChangeState::Denied,
                 Some(format!("{}: {}", d.rule, d.why)),
                 Vec::new(),
                 1.0,
@@ -310,7 +311,7 @@ impl Store {
         let expires_at = now.saturating_add(ttl as i64);
         // A denied request keeps only the start of its text (its hash is of the whole):
         // denials cannot be used to fill the store.
-        let after = if state == "denied" && new.after.len() > DENIED_TEXT_CHARS {
+        let after = if state == ChangeState::Denied && new.after.len() > DENIED_TEXT_CHARS {
             let start: String = new.after.chars().take(DENIED_TEXT_CHARS).collect();
             format!("{start}\n… ({} bytes in all)", new.after.len())
         } else {
@@ -336,11 +337,11 @@ impl Store {
                 rule
             ],
         )?;
-        if state == "pending" {
+        if state == ChangeState::Pending {
             for chat in notify {
                 tx.execute(
-                    "INSERT OR IGNORE INTO prompts (change_id, chat, state) VALUES (?1, ?2, 'waiting')",
-                    params![id, chat],
+                    "INSERT OR IGNORE INTO prompts (change_id, chat, state) VALUES (?1, ?2, ?3)",
+                    params![id, chat, PromptState::Waiting],
                 )?;
             }
         }
@@ -360,7 +361,7 @@ impl Store {
             expires_at,
             requester: new.requester.clone(),
             target: new.target.clone(),
-            state: state.into(),
+            state,
             risk,
             rule,
             decided_by: None,
@@ -370,19 +371,21 @@ impl Store {
 
     /// Change requests, newest first: the undecided ones, or all (at most `limit`).
     pub fn changes(&self, all: bool, limit: u32) -> Result<Vec<ChangeSummary>, StoreError> {
-        let filter = if all { "" } else { "WHERE state = 'pending'" };
+        // ?2 IS NULL lists every state.
+        let only = (!all).then_some(ChangeState::Pending);
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT {SUMMARY_COLUMNS} FROM changes {filter} ORDER BY created_at DESC, id LIMIT ?1"
+            "SELECT {SUMMARY_COLUMNS} FROM changes WHERE ?2 IS NULL OR state = ?2
+             ORDER BY created_at DESC, id LIMIT ?1"
         ))?;
-        let rows = stmt.query_map([limit], summary_row)?;
+        let rows = stmt.query_map(params![limit, only], summary_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// How many change requests are undecided.
     pub fn pending_changes(&self) -> Result<u64, StoreError> {
         let n: i64 = self.conn.query_row(
-            "SELECT count(*) FROM changes WHERE state = 'pending'",
-            [],
+            "SELECT count(*) FROM changes WHERE state = ?1",
+            [ChangeState::Pending],
             |r| r.get(0),
         )?;
         Ok(n as u64)
@@ -433,7 +436,7 @@ impl Store {
     ) -> Result<Decided, StoreError> {
         let tx = self.tx()?;
         let by_name = by.to_string();
-        let row: Option<(String, String, i64, i64, String, String)> = tx
+        let row: Option<(ChangeState, String, i64, i64, String, String)> = tx
             .query_row(
                 "SELECT state, requester, expires_at, base_version, after, after_hash
                  FROM changes WHERE id = ?1",
@@ -471,7 +474,7 @@ impl Store {
         let Some((state, requester, expires_at, base, after, filed_hash)) = row else {
             return refuse(tx, "no such change request".into());
         };
-        if state != "pending" {
+        if !state.can_decide() {
             return refuse(tx, format!("the request is already {state}"));
         }
         if now >= expires_at {
@@ -487,8 +490,8 @@ impl Store {
         }
         if decision == Decision::Reject {
             tx.execute(
-                "UPDATE changes SET state = 'rejected', decided_by = ?2, decided_at = ?3 WHERE id = ?1",
-                params![id, by_name, now],
+                "UPDATE changes SET state = ?4, decided_by = ?2, decided_at = ?3 WHERE id = ?1",
+                params![id, by_name, now, ChangeState::Rejected],
             )?;
             close_prompts(&tx, id)?;
             audit::append(
@@ -512,13 +515,14 @@ impl Store {
         };
         if cur.version != base as u64 {
             tx.execute(
-                "UPDATE changes SET state = 'superseded', rule = ?2 WHERE id = ?1",
+                "UPDATE changes SET state = ?3, rule = ?2 WHERE id = ?1",
                 params![
                     id,
                     format!(
                         "made from version {base}; version {} is in force",
                         cur.version
-                    )
+                    ),
+                    ChangeState::Superseded
                 ],
             )?;
             close_prompts(&tx, id)?;
@@ -543,9 +547,9 @@ impl Store {
             params![version as i64, after, hash, id, now],
         )?;
         tx.execute(
-            "UPDATE changes SET state = 'applied', decided_by = ?2, decided_at = ?3,
+            "UPDATE changes SET state = ?5, decided_by = ?2, decided_at = ?3,
              applied_version = ?4 WHERE id = ?1",
-            params![id, by_name, now, version as i64],
+            params![id, by_name, now, version as i64, ChangeState::Applied],
         )?;
         close_prompts(&tx, id)?;
         audit::append(
@@ -573,8 +577,8 @@ impl Store {
         let ids: Vec<String> = {
             let mut stmt = self
                 .conn
-                .prepare("SELECT id FROM changes WHERE state = 'pending' AND expires_at <= ?1")?;
-            stmt.query_map([now], |r| r.get(0))?
+                .prepare("SELECT id FROM changes WHERE state = ?2 AND expires_at <= ?1")?;
+            stmt.query_map(params![now, ChangeState::Pending], |r| r.get(0))?
                 .collect::<Result<_, _>>()?
         };
         if ids.is_empty() {
@@ -590,11 +594,11 @@ impl Store {
 
     /// Prompts to send (no message yet) or to close (decided, buttons still shown).
     pub fn prompts_due(&self) -> Result<Vec<Prompt>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn.prepare(&format!(
             "SELECT p.change_id, p.chat, p.message_id, c.state FROM prompts p
              JOIN changes c ON c.id = p.change_id
-             WHERE p.state IN ('waiting', 'closing') ORDER BY c.created_at LIMIT 100",
-        )?;
+             WHERE {PROMPT_DUE_SQL} ORDER BY c.created_at LIMIT 100"
+        ))?;
         let rows = stmt.query_map([], |r| {
             Ok(Prompt {
                 change_id: r.get(0)?,
@@ -619,13 +623,20 @@ impl Store {
             // Decided meanwhile: the buttons just sent are removed next.
             Some(m) => tx.execute(
                 "UPDATE prompts SET message_id = ?3, state = CASE WHEN
-                   (SELECT state FROM changes WHERE id = ?1) = 'pending' THEN 'sent' ELSE 'closing' END
+                   (SELECT state FROM changes WHERE id = ?1) = ?4 THEN ?5 ELSE ?6 END
                  WHERE change_id = ?1 AND chat = ?2",
-                params![change_id, chat, m],
+                params![
+                    change_id,
+                    chat,
+                    m,
+                    ChangeState::Pending,
+                    PromptState::Sent,
+                    PromptState::Closing
+                ],
             )?,
             None => tx.execute(
-                "UPDATE prompts SET state = 'closed' WHERE change_id = ?1 AND chat = ?2",
-                params![change_id, chat],
+                "UPDATE prompts SET state = ?3 WHERE change_id = ?1 AND chat = ?2",
+                params![change_id, chat, PromptState::Closed],
             )?,
         };
         tx.commit()?;
@@ -651,22 +662,24 @@ impl Store {
 /// Marks `id` expired, with its audit entry.
 fn expire(tx: &rusqlite::Transaction<'_>, id: &str, now: i64) -> rusqlite::Result<()> {
     tx.execute(
-        "UPDATE changes SET state = 'expired', rule = 'expired before a decision' WHERE id = ?1",
-        [id],
+        "UPDATE changes SET state = ?2, rule = 'expired before a decision' WHERE id = ?1",
+        params![id, ChangeState::Expired],
     )?;
     close_prompts(tx, id)?;
     audit::append(tx, now, "change_expired", &json!({ "change": id }))
 }
 
 fn close_prompts(tx: &rusqlite::Transaction<'_>, id: &str) -> rusqlite::Result<()> {
-    tx.execute(
-        "UPDATE prompts SET state = 'closed' WHERE change_id = ?1 AND state = 'waiting'",
-        [id],
-    )?;
-    tx.execute(
-        "UPDATE prompts SET state = 'closing' WHERE change_id = ?1 AND state = 'sent'",
-        [id],
-    )?;
+    // One never sent is closed; one showing its buttons has them removed.
+    for (from, to) in [
+        (PromptState::Waiting, PromptState::Closed),
+        (PromptState::Sent, PromptState::Closing),
+    ] {
+        tx.execute(
+            "UPDATE prompts SET state = ?3 WHERE change_id = ?1 AND state = ?2",
+            params![id, from, to],
+        )?;
+    }
     Ok(())
 }
 
@@ -680,7 +693,7 @@ mod tests {
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let mut s =
-            Store::create(&dir.path().join("c.db"), &MasterKey::from_bytes([1; 32])).unwrap();
+            Store::create(&dir.path().join("c.db"), &MasterKey::from_bytes([1; 32]), 1).unwrap();
         s.bootstrap_config(DEFAULT_CONFIG, 100).unwrap();
         (dir, s)
     }
@@ -709,7 +722,7 @@ mod tests {
     fn only_an_operator_other_than_the_requester_applies_exactly_the_filed_text() {
         let (_d, mut s) = store();
         let c = agent_change(&mut s, "Be brief.", 200);
-        assert_eq!(c.state, "pending");
+        assert_eq!(c.state, ChangeState::Pending);
         let detail = s.change(&c.id).unwrap().unwrap();
         assert_eq!(detail.before, DEFAULT_CONFIG);
         let stranger = Identity::Unix(1000);
@@ -788,7 +801,7 @@ mod tests {
         let a = agent_change(&mut s, "one", 200);
         let b = agent_change(&mut s, "two", 200);
         let _c = agent_change(&mut s, "three", 200);
-        assert_eq!(agent_change(&mut s, "four", 200).state, "denied");
+        assert_eq!(agent_change(&mut s, "four", 200).state, ChangeState::Denied);
         let Decided::Applied(_) = s
             .decide(&a.id, Decision::Approve, &OP, true, None, 201)
             .unwrap()
@@ -802,7 +815,7 @@ mod tests {
         ));
         assert_eq!(
             s.change(&b.id).unwrap().unwrap().summary.state,
-            "superseded"
+            ChangeState::Superseded
         );
         assert_eq!(s.expire_changes(300).unwrap(), 1);
         assert_eq!(s.changes(false, 10).unwrap().len(), 0);

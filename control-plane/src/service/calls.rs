@@ -1,0 +1,115 @@
+//! The service's calls for channels and the operator interfaces: each is one question
+//! or one step, answered from the store. Nothing outside the service holds the store;
+//! what a channel or the admin socket may do to it is exactly this list (and
+//! [`Service::receive`] for what arrives).
+
+use queue_proto::ids::SessionId;
+
+use super::{Service, ServiceError};
+use crate::audit;
+use crate::store::changes::{ChangeDetail, ChangeSummary, Prompt, TurnRow};
+use crate::store::outbound::{Delivered, Outbound};
+use crate::store::state::MessageState;
+
+/// The counts `health` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    pub version: u64,
+    pub sessions: u64,
+    pub pending_changes: u64,
+}
+
+impl Service {
+    /// The stored value of cursor `name` (a channel's offset).
+    pub fn cursor(&self, name: &str) -> Result<Option<String>, ServiceError> {
+        Ok(self.db(|s| s.cursor(name))?)
+    }
+
+    /// The oldest reply due on push channel `channel`, marked as being sent.
+    pub fn next_delivery(&self, channel: &str, now: i64) -> Result<Option<Outbound>, ServiceError> {
+        Ok(self.db(|s| s.next_outbound(channel, now))?)
+    }
+
+    /// Records how a push channel's delivery attempt of `id` ended.
+    pub fn record_delivery(
+        &self,
+        id: i64,
+        result: &Delivered,
+        now: i64,
+    ) -> Result<(), ServiceError> {
+        let max_attempts = self.config().delivery.max_delivery_attempts;
+        Ok(self.db(|s| s.delivered(id, result, max_attempts, now))?)
+    }
+
+    /// A pull channel's replies after `after` not yet acknowledged, for one chat or all.
+    pub fn pending_replies(
+        &self,
+        channel: &str,
+        chat: Option<&str>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Outbound>, ServiceError> {
+        Ok(self.db(|s| s.pending_for(channel, chat, after, limit))?)
+    }
+
+    /// A pull channel's client has everything up to `upto`.
+    pub fn acknowledge_replies(
+        &self,
+        channel: &str,
+        chat: Option<&str>,
+        upto: i64,
+    ) -> Result<u64, ServiceError> {
+        Ok(self.db(|s| s.acknowledge(channel, chat, upto))?)
+    }
+
+    /// Where message `id` stands, if it exists.
+    pub fn message_state(&self, id: i64) -> Result<Option<MessageState>, ServiceError> {
+        Ok(self.db(|s| s.message_state(id))?)
+    }
+
+    /// A session's last `limit` agent turns, newest first.
+    pub fn turns(&self, session: &SessionId, limit: u32) -> Result<Vec<TurnRow>, ServiceError> {
+        Ok(self.db(|s| s.turns(session, limit))?)
+    }
+
+    /// Change requests, newest first: the undecided ones, or all (at most `limit`).
+    pub fn changes(&self, all: bool, limit: u32) -> Result<Vec<ChangeSummary>, ServiceError> {
+        Ok(self.db(|s| s.changes(all, limit))?)
+    }
+
+    /// One change request in full.
+    pub fn change(&self, id: &str) -> Result<Option<ChangeDetail>, ServiceError> {
+        Ok(self.db(|s| s.change(id))?)
+    }
+
+    /// Approval prompts to send or to close.
+    pub fn prompts_due(&self) -> Result<Vec<Prompt>, ServiceError> {
+        Ok(self.db(|s| s.prompts_due())?)
+    }
+
+    /// Records what became of a prompt: sent as `sent_as`, or finished.
+    pub fn prompt_done(
+        &self,
+        change_id: &str,
+        chat: i64,
+        sent_as: Option<i64>,
+    ) -> Result<(), ServiceError> {
+        Ok(self.db(|s| s.prompt_done(change_id, chat, sent_as))?)
+    }
+
+    /// The version in force and how many sessions and undecided requests there are.
+    pub fn health(&self) -> Result<Health, ServiceError> {
+        let (sessions, pending_changes) =
+            self.db(|s| Ok((s.summaries()?.len(), s.pending_changes()?)))?;
+        Ok(Health {
+            version: self.effective().version,
+            sessions: sessions as u64,
+            pending_changes,
+        })
+    }
+
+    /// At most `limit` audit entries after sequence number `after`, oldest first.
+    pub fn audit_page(&self, after: i64, limit: u32) -> Result<Vec<audit::Entry>, ServiceError> {
+        Ok(self.db(|s| Ok(audit::page(s.connection(), after, limit)?))?)
+    }
+}

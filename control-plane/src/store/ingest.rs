@@ -1,0 +1,216 @@
+//! Ingestion: one validated outbox segment of a session, taken in once. Replies to the
+//! session's own published messages are queued for delivery and the messages marked
+//! answered; replies to anything else are dropped; reminders become timers; the turn
+//! that ended with the segment is kept with its risk. All of it, and its audit entry,
+//! is one transaction.
+
+use queue_proto::ids::{Seq, SessionId};
+use queue_proto::items::OutboxItem;
+use rusqlite::{OptionalExtension, params};
+use serde_json::json;
+
+use super::outbound::queue_outbound;
+use super::sessions::session_row;
+use super::state::{MessageState, OutboundKind};
+use super::timers::add_timer;
+use super::{Store, StoreError};
+use crate::audit;
+use crate::gateway::{TurnSummary, turn_risk};
+
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ingested (
+    session TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (session, seq)
+);
+";
+
+/// What ingesting one outbox segment did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ingested {
+    pub duplicate: bool,
+    pub replies: u32,
+    pub dropped_replies: u32,
+    pub timers: u32,
+    pub notes: u32,
+    pub change_requests: u32,
+}
+
+impl Store {
+    /// Takes in one validated outbox segment of `session`, once (see the module doc).
+    pub fn ingest(
+        &mut self,
+        session: &SessionId,
+        seq: Seq,
+        items: &[OutboxItem],
+        turn: &TurnSummary,
+        now: i64,
+    ) -> Result<Ingested, StoreError> {
+        let tx = self.tx()?;
+        let mut out = Ingested::default();
+        let fresh = tx.execute(
+            "INSERT OR IGNORE INTO ingested (session, seq) VALUES (?1, ?2)",
+            params![session.as_str(), seq.0 as i64],
+        )?;
+        if fresh == 0 {
+            out.duplicate = true;
+            return Ok(out);
+        }
+        let row = session_row(&tx, session)?.ok_or(StoreError::BadSession)?;
+        // The segment ends the agent's turn: its summary is kept with the items.
+        let risk = turn_risk(turn);
+        tx.execute(
+            "INSERT INTO turns (session, at, summary, risk) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                session.as_str(),
+                now,
+                serde_json::to_string(turn).unwrap_or_default(),
+                risk
+            ],
+        )?;
+        let mut answered_here: Vec<i64> = Vec::new();
+        for item in items {
+            match item {
+                OutboxItem::AssistantReply(r) => {
+                    // An empty reply would count as an answer while showing nothing.
+                    let Ok(id) = i64::try_from(r.in_reply_to) else {
+                        out.dropped_replies += 1;
+                        continue;
+                    };
+                    if r.text.trim().is_empty() {
+                        out.dropped_replies += 1;
+                        continue;
+                    }
+                    let state: Option<MessageState> = tx
+                        .query_row(
+                            "SELECT state FROM messages WHERE id = ?1 AND session = ?2",
+                            params![id, session.as_str()],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    let deliver = match state {
+                        Some(MessageState::Published) => true,
+                        // More than one reply to a message within one segment is fine;
+                        // a later segment answering it again is a re-run, not news.
+                        Some(MessageState::Answered) => answered_here.contains(&id),
+                        _ => false,
+                    };
+                    if !deliver {
+                        out.dropped_replies += 1;
+                        continue;
+                    }
+                    tx.execute(
+                        "UPDATE messages SET state = ?2, text = '' WHERE id = ?1",
+                        params![id, MessageState::Answered],
+                    )?;
+                    answered_here.push(id);
+                    queue_outbound(
+                        &tx,
+                        &row.channel,
+                        &row.chat,
+                        Some(session),
+                        Some(id),
+                        OutboundKind::Reply,
+                        &r.text,
+                    )?;
+                    out.replies += 1;
+                }
+                OutboxItem::ScheduleRequest(s) => {
+                    if add_timer(&tx, session, s.at, &s.text)? {
+                        out.timers += 1;
+                    }
+                }
+                OutboxItem::Note(_) => out.notes += 1,
+                OutboxItem::ChangeRequest(_) => out.change_requests += 1,
+            }
+        }
+        audit::append(
+            &tx,
+            now,
+            "outbox_ingested",
+            &json!({ "session": session.as_str(), "seq": seq.0, "replies": out.replies,
+                     "dropped_replies": out.dropped_replies, "timers": out.timers,
+                     "notes": out.notes, "change_requests": out.change_requests,
+                     "risk": risk, "turn": turn }),
+        )?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::messages::Accepted;
+    use crate::store::testing::{accept, id, store};
+    use queue_proto::items::AssistantReply;
+
+    fn reply(to: i64, text: &str) -> OutboxItem {
+        OutboxItem::AssistantReply(AssistantReply {
+            in_reply_to: to as u64,
+            text: text.into(),
+        })
+    }
+
+    #[test]
+    fn replies_settle_only_their_own_sessions_published_messages_once() {
+        let (_d, mut s) = store();
+        let turn = TurnSummary::default();
+        let Accepted::Stored(m1) = accept(&mut s, "a", None, 10) else {
+            panic!()
+        };
+        let Accepted::Stored(other) = accept(&mut s, "b", None, 10) else {
+            panic!()
+        };
+        let (seq, batch) = s.take_batch(&id("a"), 5).unwrap().unwrap();
+        assert_eq!((seq, batch.len()), (Seq(1), 1));
+        assert!(s.take_batch(&id("a"), 5).unwrap().is_none());
+        assert_eq!(s.published(&id("a")).unwrap()[0].0, Seq(1));
+
+        // Session a answers its message, and tries to answer b's and an unknown one.
+        let items = [
+            reply(m1, "one"),
+            reply(m1, "two"),
+            reply(other, "x"),
+            reply(9999, "y"),
+        ];
+        let got = s.ingest(&id("a"), Seq(1), &items, &turn, 6).unwrap();
+        assert_eq!((got.replies, got.dropped_replies), (2, 2));
+        assert_eq!(s.message_state(m1).unwrap(), Some(MessageState::Answered));
+        assert_eq!(
+            s.message_state(other).unwrap(),
+            Some(MessageState::Received)
+        );
+        // The same segment again, or a later one answering the same message: nothing new.
+        assert!(
+            s.ingest(&id("a"), Seq(1), &items, &turn, 7)
+                .unwrap()
+                .duplicate
+        );
+        assert_eq!(
+            s.ingest(&id("a"), Seq(2), &[reply(m1, "again")], &turn, 7)
+                .unwrap()
+                .replies,
+            0
+        );
+        let out: Vec<String> = s
+            .pending_for("telegram", Some("a"), 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.text)
+            .collect();
+        assert_eq!(out, ["one", "two"]);
+
+        // An empty reply is no answer: the message stays waiting.
+        let Accepted::Stored(m2) = accept(&mut s, "a", None, 10) else {
+            panic!()
+        };
+        assert_eq!(s.take_batch(&id("a"), 8).unwrap().unwrap().0, Seq(2));
+        let got = s
+            .ingest(&id("a"), Seq(3), &[reply(m2, " \n ")], &turn, 9)
+            .unwrap();
+        assert_eq!((got.replies, got.dropped_replies), (0, 1));
+        assert_eq!(s.message_state(m2).unwrap(), Some(MessageState::Published));
+        assert_eq!(s.inbox_needed_from(&id("a")).unwrap(), Seq(2));
+    }
+}
