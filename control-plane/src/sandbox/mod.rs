@@ -2,6 +2,8 @@
 //! ([`runtime`]: real `runsc`, or the development-only host runtime), how it is launched
 //! ([`launch`]), and how it lives and dies ([`lifecycle`]).
 
+#[cfg(test)]
+mod fake;
 pub mod launch;
 pub mod layout;
 pub mod lifecycle;
