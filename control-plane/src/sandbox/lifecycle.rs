@@ -697,7 +697,13 @@ mod tests {
             let spawn = r.fake.spawns().pop().unwrap();
             assert_eq!(r.manager.pid(&s).await, spawn.pid());
             assert!(r.keys_held(&s).await);
-            // Not idle yet.
+            // Activity keeps it running past the idle timeout.
+            let busy_until = Instant::now() + Duration::from_millis(700);
+            while Instant::now() < busy_until {
+                r.manager.ensure_running(&s, &keys).await.unwrap();
+                r.manager.tick().await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             assert_eq!(r.tick_for(Duration::from_millis(100)).await, [started(&s)]);
             assert!(r.manager.is_running(&s).await);
 
