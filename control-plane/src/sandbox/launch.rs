@@ -227,7 +227,10 @@ pub async fn launch(
     let stdout = head.into_inner();
     drain(stdout);
 
-    // 8. Register and record: the caller owns the handle from here.
+    // 8. Hand the ready sandbox over: log it and return its child. The caller registers
+    //    it (the lifecycle's `Manager` marks the session running and emits
+    //    `Event::Started`, which the service writes to the audit trail); launch itself
+    //    keeps nothing.
     tracing::info!(session = %session, runtime = ?runtime.kind(), ms = started.elapsed().as_millis() as u64, "sandbox ready");
     Ok(Launched { child, started })
 }
