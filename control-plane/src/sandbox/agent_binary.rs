@@ -319,7 +319,8 @@ mod tests {
 
     /// The static agent `scripts/build-static` makes (`$IRONCLAW_AGENT_BIN` under
     /// scripts/test), and the dynamic one a plain `cargo build -p sandbox-agent` leaves in
-    /// target/debug, when they are there; the test binary itself and `/bin/sh` always.
+    /// target/debug, and a shared library, when they are there; the test binary itself
+    /// and `/bin/sh` always.
     #[test]
     fn real_binaries_are_told_apart() {
         let this = std::env::current_exe().unwrap();
@@ -333,6 +334,14 @@ mod tests {
             linking(&std::fs::read("/bin/sh").unwrap()),
             Linking::Interpreter
         );
+        // A shared library names no interpreter, but needs libc.
+        let libm = Path::new("/lib/x86_64-linux-gnu/libm.so.6");
+        if libm.is_file() {
+            assert_eq!(
+                linking(&std::fs::read(libm).unwrap()),
+                Linking::SharedLibraries
+            );
+        }
         if let Some(agent) = std::env::var_os(AGENT_BIN_VAR) {
             require_static(Path::new(&agent)).unwrap();
         }
