@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::sandbox::agent_binary::{self, AgentBinaryError};
 use crate::state::StateDir;
 use crate::store::Store;
 
@@ -411,7 +412,7 @@ fn host(t: &toml::Table, r: &mut Report) {
     let configured = get(t, &["sandbox", "agent_binary"])
         .and_then(|v| v.as_str())
         .map(Path::new);
-    agent_binary(&crate::service::agent_binary_at(configured), r);
+    agent(&agent_binary::resolve(configured), r);
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
@@ -422,7 +423,8 @@ fn on_path(name: &str) -> Option<PathBuf> {
     })
 }
 
-fn agent_binary(path: &Path, r: &mut Report) {
+/// The agent binary: there, root's alone, and static.
+fn agent(path: &Path, r: &mut Report) {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) => {
@@ -448,65 +450,30 @@ fn agent_binary(path: &Path, r: &mut Report) {
             "chown root and chmod 0755 the agent binary",
         );
     }
-    match std::fs::read(path) {
-        Ok(bytes) if interpreter(&bytes) => r.add(
+    // The same check `serve` refuses the binary by.
+    match agent_binary::require_static(path) {
+        Ok(()) => {}
+        Err(AgentBinaryError::NotStatic { linking, .. }) => r.add(
             "agent.not-static",
             Severity::Critical,
             format!(
-                "the agent binary {} is dynamically linked: it would load libraries from the sandbox's root",
+                "the agent binary {} is not statically linked ({linking}): the sandbox's root holds nothing else, so `serve` refuses it",
                 path.display()
             ),
             "build it with scripts/build-static",
         ),
-        Ok(_) => {}
-        Err(e) => r.add(
+        Err(AgentBinaryError::Unreadable { source, .. }) => r.add(
             "agent.missing",
             Severity::Critical,
-            format!("the agent binary {} cannot be read: {e}", path.display()),
+            format!("the agent binary {} cannot be read: {source}", path.display()),
             "build it with scripts/build-static",
         ),
     }
-}
-
-/// Whether a 64-bit little-endian ELF file asks for a program interpreter (PT_INTERP),
-/// that is, is dynamically linked. Anything that is not such an ELF counts as not static.
-fn interpreter(b: &[u8]) -> bool {
-    let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
-    let u32_at = |o: usize| {
-        b.get(o..o + 4)
-            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-    };
-    let u64_at = |o: usize| {
-        b.get(o..o + 8).map(|s| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(s);
-            u64::from_le_bytes(a)
-        })
-    };
-    if b.get(0..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
-        return true;
-    }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
-        return true;
-    };
-    (0..usize::from(phnum)).any(|i| {
-        let at = phoff as usize + i * usize::from(phentsize);
-        u32_at(at).is_none_or(|kind| kind == 3)
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_dynamic_binary_is_told_from_a_static_one() {
-        let this = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-        assert!(interpreter(&this), "test binaries are dynamically linked");
-        assert!(interpreter(b"#!/bin/sh\n"));
-        assert!(interpreter(&[]));
-    }
 
     #[test]
     fn endpoints_are_judged_like_the_policy() {

@@ -34,7 +34,11 @@ fn doctor(state: &std::path::Path, env: &[(&str, &str)]) -> (i32, Vec<(String, S
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
+    findings(&cmd.output().unwrap())
+}
+
+/// Doctor's exit code and findings (id, severity) from its output.
+fn findings(out: &std::process::Output) -> (i32, Vec<(String, String)>) {
     let findings: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
         panic!(
             "not JSON: {}{}",
@@ -220,4 +224,34 @@ fn doctor_sees_pending_drift_and_a_broken_audit_trail() {
     std::fs::write(&config, &text).unwrap();
     s.store().execute("DELETE FROM audit_head", []).unwrap();
     only(&s.state, &[], "audit.chain-broken", "critical");
+}
+
+/// The trap a plain `cargo build --workspace` lays: a dynamically linked
+/// `ironclaw-agent` next to `ironclaw`, where the agent is looked for when nothing names
+/// it. Doctor finds exactly that, and nothing once the static agent is put there.
+#[test]
+fn doctor_refuses_a_dynamic_agent_next_to_ironclaw() {
+    let (_d, s) = state(str::to_owned);
+    let bin = tempfile::tempdir().unwrap();
+    let ironclaw = bin.path().join("ironclaw");
+    std::fs::copy(ironclaw_bin(), &ironclaw).unwrap();
+    let next_to_it = bin.path().join("ironclaw-agent");
+    let run = || {
+        let out = Command::new(&ironclaw)
+            .args(["doctor", "--json", "--state-dir"])
+            .arg(&s)
+            .env_remove("IRONCLAW_AGENT_BIN")
+            .output()
+            .unwrap();
+        findings(&out)
+    };
+    // Dynamically linked, root's and 0755, like the one cargo leaves in target/debug.
+    std::fs::copy("/bin/true", &next_to_it).unwrap();
+    assert_eq!(
+        run(),
+        (1, vec![("agent.not-static".into(), "critical".into())])
+    );
+    std::fs::copy(agent_bin(), &next_to_it).unwrap();
+    std::fs::set_permissions(&next_to_it, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(run(), (0, vec![]));
 }

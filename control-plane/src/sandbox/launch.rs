@@ -227,7 +227,10 @@ pub async fn launch(
     let stdout = head.into_inner();
     drain(stdout);
 
-    // 8. Register and record: the caller owns the handle from here.
+    // 8. Hand the ready sandbox over: log it and return its child. The caller registers
+    //    it (the lifecycle's `Manager` marks the session running and emits
+    //    `Event::Started`, which the service writes to the audit trail); launch itself
+    //    keeps nothing.
     tracing::info!(session = %session, runtime = ?runtime.kind(), ms = started.elapsed().as_millis() as u64, "sandbox ready");
     Ok(Launched { child, started })
 }
@@ -279,4 +282,234 @@ fn drain(mut stdout: ChildStdout) {
         let mut buf = [0u8; 4096];
         while matches!(stdout.read(&mut buf).await, Ok(n) if n > 0) {}
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::sandbox::fake::{self, Behaviour, Call, FakeRuntime};
+    use crate::sandbox::runtime::RuntimeKind;
+
+    struct Rig {
+        dir: tempfile::TempDir,
+        settings: SandboxSettings,
+        layout: Layout,
+        fake: Arc<FakeRuntime>,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = fake::settings(dir.path());
+        let layout = Layout::new(&settings.state_dir, &settings.run_dir);
+        Rig {
+            dir,
+            settings,
+            layout,
+            fake: FakeRuntime::new(RuntimeKind::Gvisor),
+        }
+    }
+
+    impl Rig {
+        async fn launch(&self, s: &SessionId, keys: &SessionKeys) -> Result<Launched, LaunchError> {
+            launch(self.fake.as_ref(), &self.settings, &self.layout, s, keys).await
+        }
+    }
+
+    /// Every key of the session, raw and in hex.
+    fn needles(keys: &SessionKeys) -> Vec<Vec<u8>> {
+        [
+            &keys.inbox.db,
+            &keys.inbox.envelope,
+            &keys.outbox.db,
+            &keys.outbox.envelope,
+            &keys.agent_state,
+        ]
+        .iter()
+        .flat_map(|k| {
+            let raw = k.expose_secret().to_vec();
+            let hex = hex::encode(&raw).into_bytes();
+            [raw, hex]
+        })
+        .collect()
+    }
+
+    fn holds_a_key(haystack: &[u8], keys: &SessionKeys) -> bool {
+        needles(keys)
+            .iter()
+            .any(|n| haystack.windows(n.len()).any(|w| w == n.as_slice()))
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_launch_writes_the_bundle_then_spawns_with_a_cleared_environment_and_keys_on_stdin_only()
+     {
+        let r = rig();
+        let (s, keys) = fake::session("alice");
+        let mut launched = r.launch(&s, &keys).await.unwrap();
+        let bundle = r.layout.bundle(&s);
+
+        // 4 before 5: the stale sandbox is removed, then the new one spawned, once.
+        assert_eq!(
+            r.fake.calls(),
+            [
+                Call::Destroy(s.clone()),
+                Call::Command {
+                    session: s.clone(),
+                    bundle_dir: bundle.clone()
+                }
+            ]
+        );
+        // 2: the outbox belongs to the agent's uid, the rest stays the control plane's.
+        let outbox = std::fs::metadata(r.layout.outbox(&s)).unwrap();
+        assert_eq!(
+            (outbox.uid(), outbox.gid()),
+            (r.settings.uid, r.settings.gid)
+        );
+        assert_eq!(
+            std::fs::metadata(r.layout.private(&s)).unwrap().mode() & 0o777,
+            0o700
+        );
+        // 3: the bundle is the checked spec, 0600, written whole.
+        let config_path = bundle.join("config.json");
+        let config = std::fs::read(&config_path).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&config).unwrap(),
+            oci_config(&spec_for(&r.settings, &r.layout, &s)).unwrap()
+        );
+        assert_eq!(
+            std::fs::metadata(&config_path)
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        assert!(!bundle.join(".config.json.tmp").exists());
+
+        // 5: the child got runsc's arguments for this bundle and nothing of this
+        // process's environment but a fixed PATH.
+        let spawns = r.fake.spawns();
+        let [spawn] = spawns.as_slice() else {
+            panic!("one spawn: {spawns:?}")
+        };
+        assert_eq!(
+            spawn.argv(),
+            runsc_run_args(&r.layout.runsc_root(), &bundle, &s)
+        );
+        assert_eq!(spawn.environ(), b"PATH=/usr/sbin:/usr/bin:/sbin:/bin\0");
+
+        // 6: exactly the handover on stdin, then the pipe closed; no key anywhere else.
+        assert_eq!(spawn.stdin(), keys.to_handover(&s).to_vec());
+        assert!(spawn.stdin_closed());
+        assert!(!holds_a_key(spawn.argv().join(" ").as_bytes(), &keys));
+        assert!(!holds_a_key(&spawn.environ(), &keys));
+        assert!(!holds_a_key(&config, &keys));
+
+        // 7 and 8: ready, and the caller holds the running child.
+        assert_eq!(launched.child.id(), spawn.pid());
+        assert!(launched.child.try_wait().unwrap().is_none());
+        r.fake.kill(&r.layout, &s);
+        let status = launched.child.wait().await.unwrap();
+        assert_eq!(status.code(), Some(137));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_spec_that_fails_generation_or_the_hardening_check_runs_nothing() {
+        let mut r = rig();
+        let (s, keys) = fake::session("refused");
+        // uid 0 inside the sandbox breaks a hardening invariant.
+        let good_uid = r.settings.uid;
+        r.settings.uid = 0;
+        match r.launch(&s, &keys).await {
+            Err(LaunchError::Unsafe { violations, .. }) => {
+                assert!(violations.contains(&Violation::RootUser), "{violations:?}")
+            }
+            other => panic!("not refused as unsafe: {other:?}"),
+        }
+        // A socket path too long for a unix socket cannot even be put in a spec.
+        r.settings.uid = good_uid;
+        r.settings.run_dir = r.dir.path().join("r".repeat(120));
+        r.layout = Layout::new(&r.settings.state_dir, &r.settings.run_dir);
+        match r.launch(&s, &keys).await {
+            Err(LaunchError::Spec {
+                source: runsc_config::SpecError::SocketPathTooLong { .. },
+                ..
+            }) => {}
+            other => panic!("not refused as an invalid spec: {other:?}"),
+        }
+        assert_eq!(r.fake.calls(), []);
+        assert!(!r.layout.session_dir(&s).exists());
+    }
+
+    /// Launches with the sandbox behaving as `behaviour`, expects it refused as not
+    /// ready, and checks the child is gone (killed and reaped) and its sandbox removed.
+    async fn not_ready(r: &Rig, name: &str, behaviour: Behaviour) -> (String, Option<ExitStatus>) {
+        let (s, keys) = fake::session(name);
+        r.fake.plan([behaviour]);
+        let (why, status) = match r.launch(&s, &keys).await {
+            Err(LaunchError::NotReady { why, status, .. }) => (why, status),
+            other => panic!("{behaviour:?}: not refused as not ready: {other:?}"),
+        };
+        let spawn = r.fake.spawns().pop().unwrap();
+        assert!(!spawn.alive(), "{behaviour:?}: the child is reaped");
+        let calls = r.fake.calls();
+        assert_eq!(
+            calls[calls.len() - 3..],
+            [
+                Call::Destroy(s.clone()),
+                Call::Command {
+                    session: s.clone(),
+                    bundle_dir: r.layout.bundle(&s)
+                },
+                Call::Destroy(s.clone()),
+            ],
+            "{behaviour:?}: the abandoned sandbox is removed"
+        );
+        (why, status)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_child_that_exits_early_is_reported_with_its_status_and_cleaned_up() {
+        let r = rig();
+        let (why, status) = not_ready(&r, "early", Behaviour::ExitEarly(3)).await;
+        assert_eq!(why, "it exited");
+        assert_eq!(status.and_then(|s| s.code()), Some(3));
+        let (why, status) = not_ready(&r, "chatty", Behaviour::SaysSomethingElse).await;
+        assert_eq!((why.as_str(), status), ("it printed something else", None));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_child_that_never_says_ready_is_killed_at_the_timeout_and_cleaned_up() {
+        let mut r = rig();
+        r.settings.ready_timeout = Duration::from_millis(300);
+        let (why, status) = not_ready(&r, "silent", Behaviour::Hangs).await;
+        assert_eq!((why.as_str(), status), ("timed out", None));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stale_sandbox_that_cannot_be_removed_stops_the_launch_before_the_spawn() {
+        let r = rig();
+        let (s, keys) = fake::session("stale");
+        r.fake.fail_destroy(true);
+        assert!(matches!(
+            r.launch(&s, &keys).await,
+            Err(LaunchError::Stale { .. })
+        ));
+        assert_eq!(r.fake.calls(), [Call::Destroy(s)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_runtime_that_cannot_be_spawned_is_an_error() {
+        let r = rig();
+        let (s, keys) = fake::session("nobinary");
+        r.fake.plan([Behaviour::Unspawnable]);
+        assert!(matches!(
+            r.launch(&s, &keys).await,
+            Err(LaunchError::Spawn { .. })
+        ));
+        assert_eq!(r.fake.commands(&s), 1);
+    }
 }

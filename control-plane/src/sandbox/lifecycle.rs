@@ -265,17 +265,17 @@ impl Manager {
             })
             .clone();
         let mut slot = slot.lock().await;
-        slot.keys = Some(keys.clone());
         let now = Instant::now();
-        match &mut slot.state {
-            State::Running { last_active, .. } => {
-                *last_active = now;
-                return Ok(());
-            }
-            State::Paused { until } if now < *until => {
-                return Err(ManagerError::Paused(session.clone()));
-            }
-            _ => {}
+        // A paused session is refused before it is given keys to hold.
+        if let State::Paused { until } = slot.state
+            && now < until
+        {
+            return Err(ManagerError::Paused(session.clone()));
+        }
+        slot.keys = Some(keys.clone());
+        if let State::Running { last_active, .. } = &mut slot.state {
+            *last_active = now;
+            return Ok(());
         }
         self.start(session, &mut slot).await
     }
@@ -572,6 +572,336 @@ mod tests {
                 h.after_exit(e, Instant::now(), &RestartPolicy::default()),
                 Next::StayStopped
             );
+        }
+    }
+
+    mod manager {
+        use super::*;
+        use crate::sandbox::fake::{self, Behaviour, Call, FakeRuntime};
+        use tokio::sync::mpsc::UnboundedReceiver;
+
+        struct Rig {
+            _dir: tempfile::TempDir,
+            fake: Arc<FakeRuntime>,
+            manager: Arc<Manager>,
+            events: UnboundedReceiver<Event>,
+        }
+
+        fn rig_with(kind: RuntimeKind, edit: impl FnOnce(&mut SandboxSettings)) -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let mut settings = fake::settings(dir.path());
+            edit(&mut settings);
+            let fake = FakeRuntime::new(kind);
+            let (manager, events) = Manager::new(fake.clone(), settings).unwrap();
+            Rig {
+                _dir: dir,
+                fake,
+                manager,
+                events,
+            }
+        }
+
+        fn rig(edit: impl FnOnce(&mut SandboxSettings)) -> Rig {
+            rig_with(RuntimeKind::Gvisor, edit)
+        }
+
+        impl Rig {
+            /// The next event, ticking the supervisor while there is none.
+            async fn next_event(&mut self) -> Event {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    if let Ok(e) = self.events.try_recv() {
+                        return e;
+                    }
+                    assert!(Instant::now() < deadline, "no event within 10 s");
+                    self.manager.tick().await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+
+            /// Ticks for `d`, and returns the events seen meanwhile.
+            async fn tick_for(&mut self, d: Duration) -> Vec<Event> {
+                let end = Instant::now() + d;
+                while Instant::now() < end {
+                    self.manager.tick().await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                std::iter::from_fn(|| self.events.try_recv().ok()).collect()
+            }
+
+            async fn keys_held(&self, s: &SessionId) -> bool {
+                match self.manager.get(s) {
+                    Some(slot) => slot.lock().await.keys.is_some(),
+                    None => false,
+                }
+            }
+
+            async fn state(&self, s: &SessionId) -> String {
+                match self.manager.get(s) {
+                    Some(slot) => format!("{:?}", *slot.lock().await),
+                    None => "forgotten".into(),
+                }
+            }
+        }
+
+        fn started(s: &SessionId) -> Event {
+            Event::Started { session: s.clone() }
+        }
+
+        fn ended(s: &SessionId, exit: Exit) -> Event {
+            Event::Ended {
+                session: s.clone(),
+                exit,
+            }
+        }
+
+        fn crashed(s: &SessionId, code: i32) -> Event {
+            ended(s, Exit::Crashed { code: Some(code) })
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn new_installs_the_agent_and_removes_the_leftovers_of_an_earlier_run() {
+            let dir = tempfile::tempdir().unwrap();
+            let settings = fake::settings(dir.path());
+            let fake = FakeRuntime::new(RuntimeKind::Gvisor);
+            let (a, _) = fake::session("left-a");
+            let (b, _) = fake::session("left-b");
+            fake.set_leftovers(vec![a.clone(), b.clone()]);
+            let (manager, _events) = Manager::new(fake.clone(), settings.clone()).unwrap();
+            assert_eq!(
+                fake.calls(),
+                [Call::Leftovers, Call::Destroy(a), Call::Destroy(b)]
+            );
+            let agent = manager.layout().rootfs().join("ironclaw-agent");
+            assert_eq!(
+                std::fs::read(&agent).unwrap(),
+                std::fs::read(&settings.agent_binary).unwrap()
+            );
+            // A leftover that cannot be removed stops the start.
+            fake.fail_destroy(true);
+            assert!(matches!(
+                Manager::new(fake.clone(), settings),
+                Err(ManagerError::Leftovers(_))
+            ));
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn a_sandbox_starts_on_demand_once_and_is_stopped_when_idle() {
+            let mut r = rig(|s| s.idle_timeout = Duration::from_millis(400));
+            let (s, keys) = fake::session("idler");
+            assert!(!r.manager.is_running(&s).await);
+            r.manager.ensure_running(&s, &keys).await.unwrap();
+            r.manager.ensure_running(&s, &keys).await.unwrap();
+            assert_eq!(r.fake.commands(&s), 1, "started once");
+            assert!(r.manager.is_running(&s).await);
+            let spawn = r.fake.spawns().pop().unwrap();
+            assert_eq!(r.manager.pid(&s).await, spawn.pid());
+            assert!(r.keys_held(&s).await);
+            // Activity keeps it running past the idle timeout.
+            let busy_until = Instant::now() + Duration::from_millis(700);
+            while Instant::now() < busy_until {
+                r.manager.ensure_running(&s, &keys).await.unwrap();
+                r.manager.tick().await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(r.tick_for(Duration::from_millis(100)).await, [started(&s)]);
+            assert!(r.manager.is_running(&s).await);
+
+            assert_eq!(r.next_event().await, ended(&s, Exit::Stopped));
+            assert!(!r.manager.is_running(&s).await);
+            assert!(!spawn.alive(), "the child is reaped");
+            assert!(
+                !r.keys_held(&s).await,
+                "a stopped session's keys are dropped"
+            );
+            let calls = r.fake.calls();
+            assert_eq!(
+                calls[calls.len() - 2..],
+                [Call::Kill(s.clone()), Call::Destroy(s.clone())]
+            );
+            // It stays stopped until the next message.
+            assert_eq!(r.tick_for(Duration::from_millis(300)).await, []);
+            assert_eq!(r.fake.commands(&s), 1);
+            r.manager.ensure_running(&s, &keys).await.unwrap();
+            assert_eq!(r.fake.commands(&s), 2);
+            r.manager.stop_all().await;
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn the_wall_clock_cap_ends_a_busy_sandbox() {
+            let mut r = rig(|s| s.wall_clock_cap = Duration::from_millis(300));
+            let (s, keys) = fake::session("busy");
+            r.manager.ensure_running(&s, &keys).await.unwrap();
+            assert_eq!(r.next_event().await, started(&s));
+            let exit = loop {
+                r.manager.ensure_running(&s, &keys).await.unwrap(); // activity
+                r.manager.tick().await;
+                if let Ok(e) = r.events.try_recv() {
+                    break e;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            assert_eq!(exit, ended(&s, Exit::WallClockCap));
+            assert!(r.fake.calls().contains(&Call::Kill(s.clone())));
+            assert!(!r.keys_held(&s).await);
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn a_crash_is_restarted_by_itself_after_its_backoff() {
+            let mut r = rig(|s| s.restart.first_delay = Duration::from_millis(400));
+            let (s, keys) = fake::session("crasher");
+            r.fake.plan([Behaviour::ReadyThenExit(1)]);
+            r.manager.ensure_running(&s, &keys).await.unwrap();
+            assert_eq!(r.next_event().await, started(&s));
+            assert_eq!(r.next_event().await, crashed(&s, 1));
+            let crashed_at = Instant::now();
+            // Nothing of the crashed sandbox is left; its keys wait for the restart.
+            assert_eq!(r.fake.calls().last(), Some(&Call::Destroy(s.clone())));
+            assert!(!r.manager.is_running(&s).await);
+            assert!(r.keys_held(&s).await);
+            // Not before the backoff.
+            assert_eq!(r.tick_for(Duration::from_millis(250)).await, []);
+            assert_eq!(r.fake.commands(&s), 1);
+            assert_eq!(r.next_event().await, started(&s));
+            assert!(crashed_at.elapsed() >= Duration::from_millis(350));
+            assert_eq!(r.fake.commands(&s), 2);
+            assert!(r.manager.is_running(&s).await);
+            r.manager.stop(&s).await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn repeated_crashes_pause_the_session_and_emit_gave_up() {
+            let mut r = rig(|s| {
+                s.restart.max_crashes = 2;
+                s.restart.first_delay = Duration::from_millis(20);
+            });
+            let (s, keys) = fake::session("flaky");
+            r.fake.plan([Behaviour::ExitEarly(1); 3]);
+            assert!(matches!(
+                r.manager.ensure_running(&s, &keys).await,
+                Err(ManagerError::Launch(LaunchError::NotReady { .. }))
+            ));
+            let mut seen = Vec::new();
+            while !seen.contains(&Event::GaveUp { session: s.clone() }) {
+                seen.push(r.next_event().await);
+            }
+            assert_eq!(
+                seen,
+                [
+                    crashed(&s, 1),
+                    crashed(&s, 1),
+                    crashed(&s, 1),
+                    Event::GaveUp { session: s.clone() }
+                ]
+            );
+            assert_eq!(r.state(&s).await, "paused");
+            assert!(!r.keys_held(&s).await);
+            // Paused: neither the supervisor nor a new message starts it.
+            assert_eq!(r.tick_for(Duration::from_millis(200)).await, []);
+            assert!(matches!(
+                r.manager.ensure_running(&s, &keys).await,
+                Err(ManagerError::Paused(_))
+            ));
+            assert_eq!(r.fake.commands(&s), 3);
+            assert!(!r.keys_held(&s).await, "a paused session holds no keys");
+            // Forgetting the session forgets its crashes too.
+            r.manager.forget(&s).await.unwrap();
+            assert_eq!(r.state(&s).await, "forgotten");
+            r.manager.ensure_running(&s, &keys).await.unwrap();
+            assert_eq!(r.fake.commands(&s), 4);
+            r.manager.stop_all().await;
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn a_limit_kill_is_reported_and_left_stopped_until_the_next_message() {
+            let mut r = rig(|s| s.restart.first_delay = Duration::from_millis(20));
+            let (s, keys) = fake::session("bomb");
+            // Killed while running (runsc exits 137) ...
+            r.fake.plan([Behaviour::ReadyThenExit(137)]);
+            r.manager.ensure_running(&s, &keys).await.unwrap();
+            assert_eq!(r.next_event().await, started(&s));
+            assert_eq!(r.next_event().await, ended(&s, Exit::KilledByLimit));
+            assert_eq!(r.tick_for(Duration::from_millis(200)).await, []);
+            assert_eq!(r.fake.commands(&s), 1, "not restarted by itself");
+            assert_eq!(r.state(&s).await, "stopped");
+            assert!(!r.keys_held(&s).await);
+            // ... or while starting (runsc exits 2).
+            r.fake.plan([Behaviour::ExitEarly(2)]);
+            assert!(r.manager.ensure_running(&s, &keys).await.is_err());
+            assert_eq!(r.next_event().await, ended(&s, Exit::KilledByLimit));
+            assert_eq!(r.tick_for(Duration::from_millis(200)).await, []);
+            assert_eq!(r.fake.commands(&s), 2);
+            // The next message starts it again.
+            r.manager.ensure_running(&s, &keys).await.unwrap();
+            assert_eq!(r.fake.commands(&s), 3);
+            r.manager.stop(&s).await.unwrap();
+
+            // The host runtime has no limits: the same status is a crash, restarted.
+            let mut r = rig_with(RuntimeKind::Host, |s| {
+                s.restart.first_delay = Duration::from_millis(20)
+            });
+            r.fake.plan([Behaviour::ReadyThenExit(137)]);
+            r.manager.ensure_running(&s, &keys).await.unwrap();
+            assert_eq!(r.next_event().await, started(&s));
+            assert_eq!(r.next_event().await, crashed(&s, 137));
+            assert_eq!(r.next_event().await, started(&s));
+            r.manager.stop(&s).await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn stop_cancels_a_pending_restart_and_stop_all_stops_every_sandbox() {
+            let mut r = rig(|s| s.restart.first_delay = Duration::from_millis(100));
+            let (a, a_keys) = fake::session("a");
+            let (b, b_keys) = fake::session("b");
+            let (c, c_keys) = fake::session("c");
+            r.manager.ensure_running(&a, &a_keys).await.unwrap();
+            r.manager.ensure_running(&b, &b_keys).await.unwrap();
+            r.fake.plan([Behaviour::ExitEarly(1)]);
+            assert!(r.manager.ensure_running(&c, &c_keys).await.is_err());
+            assert_eq!(r.state(&c).await, "waiting to restart");
+            r.manager.stop(&c).await.unwrap();
+            assert_eq!(r.state(&c).await, "stopped");
+            assert!(!r.keys_held(&c).await);
+
+            let spawns = r.fake.spawns();
+            r.manager.stop_all().await;
+            for s in [&a, &b] {
+                assert!(!r.manager.is_running(s).await);
+                assert!(!r.keys_held(s).await);
+                assert!(r.fake.calls().contains(&Call::Kill(s.clone())));
+            }
+            assert!(spawns.iter().all(|sp| !sp.alive()), "every child reaped");
+            let events = r.tick_for(Duration::from_millis(300)).await;
+            assert_eq!(events[..3], [started(&a), started(&b), crashed(&c, 1)]);
+            // stop_all goes through the sessions in no particular order.
+            assert_eq!(events.len(), 5, "{events:?}");
+            for s in [&a, &b] {
+                assert!(events[3..].contains(&ended(s, Exit::Stopped)), "{events:?}");
+            }
+            assert_eq!(r.fake.commands(&c), 1, "the cancelled restart never ran");
+            // Stopping what is stopped does nothing.
+            let calls = r.fake.calls().len();
+            r.manager.stop(&a).await.unwrap();
+            assert_eq!(r.fake.calls().len(), calls);
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn a_stop_whose_clean_up_fails_is_still_recorded() {
+            let mut r = rig(|_| {});
+            let (s, keys) = fake::session("sticky");
+            r.manager.ensure_running(&s, &keys).await.unwrap();
+            assert_eq!(r.next_event().await, started(&s));
+            r.fake.fail_destroy(true);
+            assert!(r.manager.stop(&s).await.is_err());
+            assert_eq!(r.next_event().await, ended(&s, Exit::Stopped));
+            assert!(!r.manager.is_running(&s).await);
+            assert!(!r.keys_held(&s).await);
+            // Forget reports the failure too, and forgets the session all the same.
+            r.fake.fail_destroy(false);
+            r.manager.ensure_running(&s, &keys).await.unwrap();
+            r.fake.fail_destroy(true);
+            assert!(r.manager.forget(&s).await.is_err());
+            assert_eq!(r.state(&s).await, "forgotten");
         }
     }
 }

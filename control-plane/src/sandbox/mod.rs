@@ -1,7 +1,11 @@
-//! One gVisor sandbox per session: where its files live ([`layout`]), how it is run
-//! ([`runtime`]: real `runsc`, or the development-only host runtime), how it is launched
-//! ([`launch`]), and how it lives and dies ([`lifecycle`]).
+//! One gVisor sandbox per session: the static agent binary it runs ([`agent_binary`]),
+//! where its files live ([`layout`]), how it is run ([`runtime`]: real `runsc`, or the
+//! development-only host runtime), how it is launched ([`launch`]), and how it lives and
+//! dies ([`lifecycle`]).
 
+pub mod agent_binary;
+#[cfg(test)]
+mod fake;
 pub mod launch;
 pub mod layout;
 pub mod lifecycle;

@@ -57,7 +57,9 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     fn leftovers(&self, layout: &Layout) -> Result<Vec<SessionId>, RuntimeError>;
 }
 
-fn base_command(program: &Path) -> Command {
+/// A runtime child's command: `program` with a cleared environment (but for a fixed
+/// `PATH`), `/` as its directory, the three standard streams piped, killed if dropped.
+pub(super) fn base_command(program: &Path) -> Command {
     let mut cmd = Command::new(program);
     cmd.env_clear()
         .env("PATH", CHILD_PATH)
@@ -266,5 +268,58 @@ impl Runtime for HostRuntime {
                 .status();
         }
         Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::*;
+
+    fn args(cmd: &Command) -> Vec<String> {
+        cmd.as_std()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// What the real runtimes' commands are built with; the fake runtime's launches show
+    /// the same base command clears the environment for real.
+    #[test]
+    fn the_real_runtimes_run_from_slash_with_only_a_fixed_path_and_their_arguments() {
+        let layout = Layout::new(Path::new("/state"), Path::new("/r"));
+        let s = SessionId::try_from("alice").unwrap();
+        let bundle = layout.bundle(&s);
+        let runsc = RunscRuntime {
+            runsc: "/usr/bin/runsc".into(),
+        }
+        .command(&layout, &s, &bundle);
+        let host = HostRuntime.command(&layout, &s, &bundle);
+        for cmd in [&runsc, &host] {
+            let std = cmd.as_std();
+            assert_eq!(std.get_current_dir(), Some(Path::new("/")));
+            assert_eq!(
+                std.get_envs().collect::<Vec<_>>(),
+                [(OsStr::new("PATH"), Some(OsStr::new(CHILD_PATH)))]
+            );
+        }
+        assert_eq!(runsc.as_std().get_program(), "/usr/bin/runsc");
+        assert_eq!(
+            args(&runsc),
+            runsc_run_args(&layout.runsc_root(), &bundle, &s)
+        );
+        assert_eq!(
+            host.as_std().get_program(),
+            layout.rootfs().join("ironclaw-agent")
+        );
+        assert_eq!(
+            args(&host),
+            [
+                "/state/sessions/alice/inbox.d",
+                "/state/sessions/alice/outbox.d",
+                "/r/alice/proxy.sock"
+            ]
+        );
     }
 }

@@ -87,6 +87,8 @@ pub enum ServiceError {
     Manager(#[source] ManagerError),
     #[error("the agent binary {0} does not exist; build it with scripts/build-static")]
     NoAgent(PathBuf),
+    #[error(transparent)]
+    AgentBinary(#[from] crate::sandbox::agent_binary::AgentBinaryError),
     #[error("preparing session {session} failed")]
     Prepare {
         session: SessionId,
@@ -216,24 +218,9 @@ pub fn provider(config: &Config) -> Result<AnyProvider, ServiceError> {
     })
 }
 
-/// The agent binary: the configured path, `$IRONCLAW_AGENT_BIN`, or `ironclaw-agent`
-/// next to this executable.
+/// The agent binary a configuration names (see [`crate::sandbox::agent_binary::resolve`]).
 pub fn agent_binary(config: &Config) -> PathBuf {
-    agent_binary_at(config.sandbox.agent_binary.as_deref())
-}
-
-/// The agent binary for a configured path, if any (see [`agent_binary`]).
-pub fn agent_binary_at(configured: Option<&std::path::Path>) -> PathBuf {
-    if let Some(p) = configured {
-        return p.to_owned();
-    }
-    if let Some(p) = std::env::var_os("IRONCLAW_AGENT_BIN") {
-        return PathBuf::from(p);
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("ironclaw-agent")))
-        .unwrap_or_else(|| PathBuf::from("ironclaw-agent"))
+    crate::sandbox::agent_binary::resolve(config.sandbox.agent_binary.as_deref())
 }
 
 /// The sandbox settings a configuration asks for.
@@ -286,6 +273,7 @@ impl Service {
         if !settings.agent_binary.is_file() {
             return Err(ServiceError::NoAgent(settings.agent_binary));
         }
+        crate::sandbox::agent_binary::require_static(&settings.agent_binary)?;
         let lost = store.recover_in_flight(now_secs())?;
         if lost > 0 {
             tracing::warn!(
