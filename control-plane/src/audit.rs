@@ -62,6 +62,147 @@ pub fn install_seal(conn: &Connection, key: SecretKey) -> rusqlite::Result<()> {
     )
 }
 
+/// What an audit entry records: its `kind`, spelled only here. The start-up check that
+/// the version in force is the one the trail last put in force reads the entries of
+/// [`AuditEvent::PUTS_IN_FORCE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuditEvent {
+    /// A minute's count of refused admin peers beyond those recorded one by one.
+    AdminRefusalsLimited,
+    /// A peer of the admin socket or API was refused.
+    AdminRefused,
+    /// An approved change became the version in force (with `change_approved`, in one transaction).
+    ChangeApplied,
+    /// An operator approved a change request.
+    ChangeApproved,
+    /// A change request expired undecided.
+    ChangeExpired,
+    /// An operator rejected a change request.
+    ChangeRejected,
+    /// A change request was filed (pending or denied).
+    ChangeRequested,
+    /// A minute's count of change requests refused unfiled by the rate limit.
+    ChangeRequestsLimited,
+    /// The configuration file became approved version 1.
+    ConfigBootstrapped,
+    /// A decision was refused, and why.
+    DecisionRefused,
+    /// A reply was given up on (or was in flight at a crash).
+    DeliveryDeadLettered,
+    /// `init` finished.
+    Initialised,
+    /// A message was stored for its session.
+    MessageAccepted,
+    /// A message was refused, by its channel's rules or the waiting limit.
+    MessageRefused,
+    /// Waiting messages were given up on, with a notice.
+    MessagesFailed,
+    /// A model call was made (metadata only).
+    ModelCall,
+    /// A model call failed or was refused by a budget.
+    ModelFailed,
+    /// An agent's outbox segment was taken in, with its turn's summary and risk.
+    OutboxIngested,
+    /// The proxy refused something an agent sent.
+    ProxyRefused,
+    /// A sandbox ended, and how.
+    SandboxEnded,
+    /// A session was paused after repeated crashes.
+    SandboxPaused,
+    /// A sandbox started.
+    SandboxStarted,
+    /// `serve` started, with the provider and version in force.
+    ServiceStarted,
+    /// `serve` stopped.
+    ServiceStopped,
+    /// A chat got its session (and salt).
+    SessionCreated,
+    /// A session was deleted and its keys' inputs destroyed.
+    SessionDeleted,
+    /// A live session was stopped to run under a newly applied version.
+    SessionRestarted,
+    /// The store and its tables were made (`init`); the first entry.
+    StoreCreated,
+}
+
+impl AuditEvent {
+    /// Every kind.
+    pub const ALL: &'static [AuditEvent] = &[
+        AuditEvent::AdminRefusalsLimited,
+        AuditEvent::AdminRefused,
+        AuditEvent::ChangeApplied,
+        AuditEvent::ChangeApproved,
+        AuditEvent::ChangeExpired,
+        AuditEvent::ChangeRejected,
+        AuditEvent::ChangeRequested,
+        AuditEvent::ChangeRequestsLimited,
+        AuditEvent::ConfigBootstrapped,
+        AuditEvent::DecisionRefused,
+        AuditEvent::DeliveryDeadLettered,
+        AuditEvent::Initialised,
+        AuditEvent::MessageAccepted,
+        AuditEvent::MessageRefused,
+        AuditEvent::MessagesFailed,
+        AuditEvent::ModelCall,
+        AuditEvent::ModelFailed,
+        AuditEvent::OutboxIngested,
+        AuditEvent::ProxyRefused,
+        AuditEvent::SandboxEnded,
+        AuditEvent::SandboxPaused,
+        AuditEvent::SandboxStarted,
+        AuditEvent::ServiceStarted,
+        AuditEvent::ServiceStopped,
+        AuditEvent::SessionCreated,
+        AuditEvent::SessionDeleted,
+        AuditEvent::SessionRestarted,
+        AuditEvent::StoreCreated,
+    ];
+
+    /// The entries that put a configuration version in force.
+    pub const PUTS_IN_FORCE: [AuditEvent; 2] =
+        [AuditEvent::ConfigBootstrapped, AuditEvent::ChangeApplied];
+
+    /// The kind as stored in the trail (and hashed into its entry).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditEvent::AdminRefusalsLimited => "admin_refusals_limited",
+            AuditEvent::AdminRefused => "admin_refused",
+            AuditEvent::ChangeApplied => "change_applied",
+            AuditEvent::ChangeApproved => "change_approved",
+            AuditEvent::ChangeExpired => "change_expired",
+            AuditEvent::ChangeRejected => "change_rejected",
+            AuditEvent::ChangeRequested => "change_requested",
+            AuditEvent::ChangeRequestsLimited => "change_requests_limited",
+            AuditEvent::ConfigBootstrapped => "config_bootstrapped",
+            AuditEvent::DecisionRefused => "decision_refused",
+            AuditEvent::DeliveryDeadLettered => "delivery_dead_lettered",
+            AuditEvent::Initialised => "initialised",
+            AuditEvent::MessageAccepted => "message_accepted",
+            AuditEvent::MessageRefused => "message_refused",
+            AuditEvent::MessagesFailed => "messages_failed",
+            AuditEvent::ModelCall => "model_call",
+            AuditEvent::ModelFailed => "model_failed",
+            AuditEvent::OutboxIngested => "outbox_ingested",
+            AuditEvent::ProxyRefused => "proxy_refused",
+            AuditEvent::SandboxEnded => "sandbox_ended",
+            AuditEvent::SandboxPaused => "sandbox_paused",
+            AuditEvent::SandboxStarted => "sandbox_started",
+            AuditEvent::ServiceStarted => "service_started",
+            AuditEvent::ServiceStopped => "service_stopped",
+            AuditEvent::SessionCreated => "session_created",
+            AuditEvent::SessionDeleted => "session_deleted",
+            AuditEvent::SessionRestarted => "session_restarted",
+            AuditEvent::StoreCreated => "store_created",
+        }
+    }
+}
+
+impl std::fmt::Display for AuditEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 fn entry_hash(prev: &[u8], seq: i64, at: i64, kind: &str, detail: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(prev);
@@ -77,9 +218,10 @@ fn entry_hash(prev: &[u8], seq: i64, at: i64, kind: &str, detail: &str) -> [u8; 
 pub fn append(
     tx: &Transaction<'_>,
     at: i64,
-    kind: &str,
+    kind: AuditEvent,
     detail: &serde_json::Value,
 ) -> rusqlite::Result<()> {
+    let kind = kind.as_str();
     let last: Option<(i64, Vec<u8>)> = tx
         .query_row(
             "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
@@ -257,7 +399,13 @@ mod tests {
     fn add(conn: &mut rusqlite::Connection, n: i64) {
         for i in 0..n {
             let tx = conn.transaction().unwrap();
-            append(&tx, 1000 + i, "test", &serde_json::json!({ "i": i })).unwrap();
+            append(
+                &tx,
+                1000 + i,
+                AuditEvent::ModelCall,
+                &serde_json::json!({ "i": i }),
+            )
+            .unwrap();
             tx.commit().unwrap();
         }
     }
@@ -312,10 +460,22 @@ mod tests {
             if sql.contains("audit_head") || sql.contains("seq = 5") && sql.starts_with("DELETE") {
                 let tx = conn.transaction().unwrap();
                 assert!(
-                    append(&tx, 2000, "next", &serde_json::json!({})).is_err(),
+                    append(&tx, 2000, AuditEvent::ModelCall, &serde_json::json!({})).is_err(),
                     "{sql}"
                 );
             }
         }
+    }
+
+    #[test]
+    fn every_event_has_its_own_kind() {
+        let kinds: std::collections::HashSet<&str> =
+            AuditEvent::ALL.iter().map(|e| e.as_str()).collect();
+        assert_eq!(kinds.len(), AuditEvent::ALL.len());
+        assert!(
+            kinds
+                .iter()
+                .all(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        );
     }
 }

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use queue_proto::keys::{KEY_BYTES, MasterKey};
 use zeroize::Zeroizing;
 
+use crate::audit::AuditEvent;
 use crate::config::DEFAULT_CONFIG;
 use crate::store::{STORE_FILE, Store, StoreError};
 
@@ -116,7 +117,7 @@ impl StateDir {
             .map_err(create(&self.config()))?;
         let now = now_secs();
         let mut store = Store::create(&self.store(), &master, now)?;
-        store.record("initialised", &serde_json::json!({}), now)?;
+        store.record(AuditEvent::Initialised, &serde_json::json!({}), now)?;
         Ok(())
     }
 

@@ -130,7 +130,9 @@ fn main() {
         "input_tokens": 1234, "output_tokens": 567, "bytes": 8901 });
     let t = Instant::now();
     for i in 0..n {
-        store.record("model_call", &detail, i).unwrap();
+        store
+            .record(control_plane::audit::AuditEvent::ModelCall, &detail, i)
+            .unwrap();
     }
     let append = t.elapsed();
     let t = Instant::now();

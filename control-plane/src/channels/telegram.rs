@@ -22,6 +22,7 @@ use queue_proto::items::MAX_TEXT_BYTES;
 use serde_json::{Value, json};
 
 use super::{Channel, ChannelError, split_message};
+use crate::audit::AuditEvent;
 use crate::config::TelegramConfig;
 use crate::gateway::{self, Identity};
 use crate::model::http::{ApiKey, ApprovedEndpoint};
@@ -760,7 +761,7 @@ async fn button_pressed(service: &Arc<Service>, tg: &Telegram, cq: &Value) {
     };
     let refuse = |why: &str| {
         service.audit(
-            "decision_refused",
+            AuditEvent::DecisionRefused,
             json!({ "via": "telegram", "by": from.map(|f| Identity::Telegram(f).to_string()),
                     "change": id.map(|i| i.chars().take(40).collect::<String>()), "why": why }),
         );

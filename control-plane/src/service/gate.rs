@@ -10,6 +10,7 @@ use queue_proto::items::{ChangeRequest, OutboxItem};
 use serde_json::json;
 
 use super::{Service, ServiceError, provider};
+use crate::audit::AuditEvent;
 use crate::config::Config;
 use crate::gateway::{self, Denial, Identity, Requester, TurnSummary};
 use crate::model::AnyProvider;
@@ -159,13 +160,13 @@ impl Service {
 
     /// Records each finished minute's count of change requests refused by the rate limit.
     pub(super) fn record_refusals(&self, done: impl IntoIterator<Item = gateway::Refusals>) {
-        self.record_limited("change_requests_limited", "requester", done);
+        self.record_limited(AuditEvent::ChangeRequestsLimited, "requester", done);
     }
 
     /// Records each finished minute's count as a `kind` entry naming its `who`.
     fn record_limited(
         &self,
-        kind: &str,
+        kind: AuditEvent,
         who: &str,
         done: impl IntoIterator<Item = gateway::Refusals>,
     ) {
@@ -197,9 +198,9 @@ impl Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .admit(peer, now_secs(), REFUSALS_RECORDED_PER_MINUTE);
-        self.record_limited("admin_refusals_limited", "peer", done);
+        self.record_limited(AuditEvent::AdminRefusalsLimited, "peer", done);
         if record {
-            self.audit("admin_refused", detail);
+            self.audit(AuditEvent::AdminRefused, detail);
         }
         record
     }
@@ -210,7 +211,7 @@ impl Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .flush(now);
-        self.record_limited("admin_refusals_limited", "peer", done);
+        self.record_limited(AuditEvent::AdminRefusalsLimited, "peer", done);
     }
 
     /// An operator's proposal: a whole new configuration text.
@@ -265,7 +266,7 @@ impl Service {
                 Err(e) => {
                     let why = format!("the new model provider cannot be set up: {e}");
                     self.audit(
-                        "decision_refused",
+                        AuditEvent::DecisionRefused,
                         json!({ "change": id, "by": by.to_string(), "decision": "approve", "why": why }),
                     );
                     return Ok(Decided::Refused(why));
@@ -351,7 +352,7 @@ impl Service {
             self.live_map().remove(&id);
             let version = self.effective().version;
             self.audit(
-                "session_restarted",
+                AuditEvent::SessionRestarted,
                 json!({ "session": id.as_str(), "config_version": version }),
             );
         }

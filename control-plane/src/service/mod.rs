@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::audit::AuditEvent;
 use crate::config::{Config, ProviderKind, RuntimeChoice};
 use crate::gateway::TurnSummary;
 use crate::model::anthropic::Anthropic;
@@ -282,7 +283,7 @@ impl Service {
             );
         }
         store.record(
-            "service_started",
+            AuditEvent::ServiceStarted,
             &json!({ "provider": provider.name(), "config_version": version.version }),
             now_secs(),
         )?;
@@ -688,7 +689,7 @@ impl Service {
         let limited = self.rate().flush(i64::MAX);
         self.record_refusals(limited);
         self.flush_refused_peers(i64::MAX);
-        let _ = self.db(|s| s.record("service_stopped", &json!({}), now_secs()));
+        let _ = self.db(|s| s.record(AuditEvent::ServiceStopped, &json!({}), now_secs()));
     }
 
     async fn on_session_event(&self, event: SessionEvent) {
@@ -737,12 +738,12 @@ impl Service {
                         *t.tools.entry(name.clone()).or_default() += 1;
                     }
                 });
-                self.audit("model_call", json!({ "session": session.as_str(), "provider": provider,
+                self.audit(AuditEvent::ModelCall, json!({ "session": session.as_str(), "provider": provider,
                     "input_tokens": input_tokens, "output_tokens": output_tokens, "bytes": bytes_sent }));
             }
             SessionEvent::ModelFailed { session, reason } => {
                 self.audit(
-                    "model_failed",
+                    AuditEvent::ModelFailed,
                     json!({ "session": session.as_str(), "reason": reason }),
                 );
             }
@@ -754,7 +755,7 @@ impl Service {
                 self.turn(&session, |t| t.refusals += 1);
                 let detail: String = detail.chars().take(256).collect();
                 self.audit(
-                    "proxy_refused",
+                    AuditEvent::ProxyRefused,
                     json!({ "session": session.as_str(), "what": what, "detail": detail }),
                 );
             }
@@ -794,20 +795,21 @@ impl Service {
         });
     }
 
-    pub(crate) fn audit(&self, kind: &str, detail: serde_json::Value) {
+    pub(crate) fn audit(&self, kind: AuditEvent, detail: serde_json::Value) {
         if let Err(e) = self.db(|s| s.record(kind, &detail, now_secs())) {
-            tracing::error!(kind, error = %e, "writing an audit entry failed");
+            tracing::error!(kind = %kind, error = %e, "writing an audit entry failed");
         }
     }
 
     async fn on_sandbox_event(&self, event: Event) {
         match event {
-            Event::Started { session } => {
-                self.audit("sandbox_started", json!({ "session": session.as_str() }))
-            }
+            Event::Started { session } => self.audit(
+                AuditEvent::SandboxStarted,
+                json!({ "session": session.as_str() }),
+            ),
             Event::Ended { session, exit } => {
                 self.audit(
-                    "sandbox_ended",
+                    AuditEvent::SandboxEnded,
                     json!({ "session": session.as_str(), "exit": format!("{exit:?}") }),
                 );
                 if exit == Exit::KilledByLimit {
@@ -815,7 +817,10 @@ impl Service {
                 }
             }
             Event::GaveUp { session } => {
-                self.audit("sandbox_paused", json!({ "session": session.as_str() }));
+                self.audit(
+                    AuditEvent::SandboxPaused,
+                    json!({ "session": session.as_str() }),
+                );
                 self.fail_session(
                     &session,
                     "the sandbox crashed repeatedly",

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::cursors::{Cursor, set_cursor};
 use super::state::{ChangeState, PROMPT_DUE_SQL, PromptState};
 use super::{Store, StoreError};
-use crate::audit;
+use crate::audit::{self, AuditEvent};
 use crate::config::Config;
 use crate::gateway::{self, Denial, Identity, Operation, TurnSummary};
 
@@ -211,9 +211,9 @@ impl Store {
             .conn
             .query_row(
                 "SELECT json_extract(detail, '$.version'), json_extract(detail, '$.hash')
-                 FROM audit WHERE kind IN ('config_bootstrapped', 'change_applied')
+                 FROM audit WHERE kind IN (?1, ?2)
                  ORDER BY seq DESC LIMIT 1",
-                [],
+                AuditEvent::PUTS_IN_FORCE.map(AuditEvent::as_str),
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
             )
             .optional()?)
@@ -250,7 +250,7 @@ impl Store {
         audit::append(
             &tx,
             now,
-            "config_bootstrapped",
+            AuditEvent::ConfigBootstrapped,
             &json!({ "version": 1, "hash": hash }),
         )?;
         tx.commit()?;
@@ -348,7 +348,7 @@ impl Store {
         audit::append(
             &tx,
             now,
-            "change_requested",
+            AuditEvent::ChangeRequested,
             &json!({ "change": id, "requester": new.requester, "target": new.target,
                      "base_version": new.base_version, "after_hash": hash, "risk": risk,
                      "state": state, "rule": outcome.as_ref().err().map(|d| d.rule),
@@ -461,7 +461,7 @@ impl Store {
             audit::append(
                 &tx,
                 now,
-                "decision_refused",
+                AuditEvent::DecisionRefused,
                 &json!({ "change": id, "by": by_name, "decision": verb, "why": why }),
             )?;
             tx.commit()?;
@@ -497,7 +497,7 @@ impl Store {
             audit::append(
                 &tx,
                 now,
-                "change_rejected",
+                AuditEvent::ChangeRejected,
                 &json!({ "change": id, "by": by_name }),
             )?;
             tx.commit()?;
@@ -555,13 +555,13 @@ impl Store {
         audit::append(
             &tx,
             now,
-            "change_approved",
+            AuditEvent::ChangeApproved,
             &json!({ "change": id, "by": by_name, "hash": hash }),
         )?;
         audit::append(
             &tx,
             now,
-            "change_applied",
+            AuditEvent::ChangeApplied,
             &json!({ "change": id, "version": version, "hash": hash }),
         )?;
         tx.commit()?;
@@ -666,7 +666,7 @@ fn expire(tx: &rusqlite::Transaction<'_>, id: &str, now: i64) -> rusqlite::Resul
         params![id, ChangeState::Expired],
     )?;
     close_prompts(tx, id)?;
-    audit::append(tx, now, "change_expired", &json!({ "change": id }))
+    audit::append(tx, now, AuditEvent::ChangeExpired, &json!({ "change": id }))
 }
 
 fn close_prompts(tx: &rusqlite::Transaction<'_>, id: &str) -> rusqlite::Result<()> {

@@ -14,7 +14,7 @@ use super::sessions::session_row;
 use super::state::{MessageState, OutboundKind};
 use super::timers::add_timer;
 use super::{Store, StoreError};
-use crate::audit;
+use crate::audit::{self, AuditEvent};
 use crate::gateway::{TurnSummary, turn_risk};
 
 pub(super) const SCHEMA: &str = "
@@ -127,7 +127,7 @@ impl Store {
         audit::append(
             &tx,
             now,
-            "outbox_ingested",
+            AuditEvent::OutboxIngested,
             &json!({ "session": session.as_str(), "seq": seq.0, "replies": out.replies,
                      "dropped_replies": out.dropped_replies, "timers": out.timers,
                      "notes": out.notes, "change_requests": out.change_requests,

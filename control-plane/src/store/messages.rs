@@ -12,7 +12,7 @@ use super::outbound::queue_outbound;
 use super::sessions::{session_ids, session_row};
 use super::state::{MESSAGE_WAITING_SQL, MessageState, OutboundKind};
 use super::{Store, StoreError};
-use crate::audit;
+use crate::audit::{self, AuditEvent};
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
@@ -149,9 +149,9 @@ impl Store {
             &tx,
             m.received_at,
             if refused {
-                "message_refused"
+                AuditEvent::MessageRefused
             } else {
-                "message_accepted"
+                AuditEvent::MessageAccepted
             },
             &json!({ "message": id, "session": session.as_str(), "channel": m.channel,
                      "bytes": m.text.len(), "reason": reason }),
@@ -202,7 +202,7 @@ impl Store {
             audit::append(
                 &tx,
                 now,
-                "message_refused",
+                AuditEvent::MessageRefused,
                 &json!({ "message": id, "channel": r.channel, "bytes": r.bytes, "reason": r.reason }),
             )?;
             if let Some(text) = r.notice {
@@ -424,7 +424,7 @@ fn fail(
         audit::append(
             tx,
             now,
-            "messages_failed",
+            AuditEvent::MessagesFailed,
             &json!({ "session": session.as_str(), "count": msgs.len(), "reason": reason }),
         )?;
     }

@@ -25,7 +25,7 @@ use queue_proto::keys::{MasterKey, derive_audit_head_key, derive_control_store_k
 use rusqlite::{Connection, Transaction};
 use serde_json::json;
 
-use crate::audit;
+use crate::audit::{self, AuditEvent};
 
 pub mod changes;
 pub mod cursors;
@@ -146,7 +146,7 @@ impl Store {
             tx.execute_batch(schema).map_err(open)?;
         }
         if let Some(now) = create {
-            audit::append(&tx, now, "store_created", &json!({})).map_err(open)?;
+            audit::append(&tx, now, AuditEvent::StoreCreated, &json!({})).map_err(open)?;
         }
         tx.commit().map_err(open)?;
         Ok(store)
@@ -174,7 +174,7 @@ impl Store {
     /// Appends an audit entry on its own (an event with no other state change).
     pub fn record(
         &mut self,
-        kind: &str,
+        kind: AuditEvent,
         detail: &serde_json::Value,
         now: i64,
     ) -> Result<(), StoreError> {

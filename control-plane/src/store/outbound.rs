@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::state::{OutboundKind, OutboundState};
 use super::{Store, StoreError};
-use crate::audit;
+use crate::audit::{self, AuditEvent};
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS outbound (
@@ -66,7 +66,7 @@ impl Store {
             audit::append(
                 &tx,
                 now,
-                "delivery_dead_lettered",
+                AuditEvent::DeliveryDeadLettered,
                 &json!({ "count": n, "reason": "in flight at a crash" }),
             )?;
         }
@@ -144,7 +144,7 @@ impl Store {
                 audit::append(
                     &tx,
                     now,
-                    "delivery_dead_lettered",
+                    AuditEvent::DeliveryDeadLettered,
                     &json!({ "outbound": id, "reason": reason }),
                 )?;
             }

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::state::{MessageState, OutboundState};
 use super::{Store, StoreError};
-use crate::audit;
+use crate::audit::{self, AuditEvent};
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sessions (
@@ -81,7 +81,7 @@ impl Store {
         audit::append(
             &tx,
             now,
-            "session_created",
+            AuditEvent::SessionCreated,
             &json!({ "session": name.as_str(), "channel": channel }),
         )?;
         tx.commit()?;
@@ -182,7 +182,7 @@ impl Store {
         audit::append(
             &tx,
             now,
-            "session_deleted",
+            AuditEvent::SessionDeleted,
             &json!({ "session": session.as_str(), "pending": summary.pending,
                      "replies_waiting": summary.replies_waiting }),
         )?;
