@@ -288,18 +288,6 @@ impl Default for Operators {
 }
 
 impl Config {
-    /// Reads and checks `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = Config::read_text(path)?;
-        Config::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                message,
-            },
-            other => other,
-        })
-    }
-
     /// Reads the text of `path` (at most [`MAX_CONFIG_BYTES`]) without checking it.
     pub fn read_text(path: &Path) -> Result<String, ConfigError> {
         use std::io::Read;

@@ -26,15 +26,6 @@ pub(crate) fn apply_key(conn: &Connection, key: &SecretKey) -> rusqlite::Result<
     conn.execute_batch(&pragma)
 }
 
-/// Opens (creating if needed) a private SQLCipher database keyed with `key`, with the
-/// same log silencing and no temp files on disk. For a side's own state (the agent's
-/// notes and history), never for segments.
-pub fn open_private(path: &Path, key: &SecretKey) -> rusqlite::Result<Connection> {
-    let conn = open_keyed(path, key)?;
-    conn.execute_batch("PRAGMA journal_mode = DELETE;")?;
-    Ok(conn)
-}
-
 /// Opens (creating if needed) a private SQLCipher database keyed with `key`, leaving
 /// its journal mode as the file has it, so a second connection can open a database
 /// another process holds in WAL mode.
