@@ -10,6 +10,7 @@ use queue_proto::items::{AgentConfig, MAX_INSTRUCTIONS_BYTES, ToolName};
 use serde::Deserialize;
 
 use crate::model::http::{ApprovedEndpoint, EndpointError};
+use crate::operator::Identity;
 use crate::proxy::budget::Budgets;
 
 /// The largest configuration file read.
@@ -283,6 +284,19 @@ impl Default for Operators {
             telegram: Vec::new(),
             unix_uids: root_only(),
             tailnet: Vec::new(),
+        }
+    }
+}
+
+// Written here, beside the lists it reads, so that `operator` depends on nothing.
+impl Identity {
+    /// Whether the current configuration names this identity as an operator.
+    pub fn is_operator(&self, config: &Config) -> bool {
+        let o = &config.operators;
+        match self {
+            Identity::Unix(u) => o.unix_uids.contains(u),
+            Identity::Telegram(t) => o.telegram.contains(t),
+            Identity::Tailnet(l) => o.tailnet.iter().any(|x| x == l),
         }
     }
 }

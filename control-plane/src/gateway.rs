@@ -16,36 +16,8 @@ use toml_edit::{DocumentMut, Item, Value as TomlValue};
 
 use crate::config::{Config, RuntimeChoice};
 
-/// An authenticated person: the admin socket's peer uid, the Telegram user who pressed a
-/// button (Telegram vouches for `from.id`), or a tailnet login.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
-    Unix(u32),
-    Telegram(i64),
-    Tailnet(String),
-}
-
-impl std::fmt::Display for Identity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Identity::Unix(u) => write!(f, "unix:{u}"),
-            Identity::Telegram(t) => write!(f, "telegram:{t}"),
-            Identity::Tailnet(l) => write!(f, "tailnet:{l}"),
-        }
-    }
-}
-
-impl Identity {
-    /// Whether the current configuration names this identity as an operator.
-    pub fn is_operator(&self, config: &Config) -> bool {
-        let o = &config.operators;
-        match self {
-            Identity::Unix(u) => o.unix_uids.contains(u),
-            Identity::Telegram(t) => o.telegram.contains(t),
-            Identity::Tailnet(l) => o.tailnet.iter().any(|x| x == l),
-        }
-    }
-}
+// moved: remove once callers use crate::operator::Identity
+pub use crate::operator::Identity;
 
 /// Who asked for a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
