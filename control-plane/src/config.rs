@@ -29,8 +29,12 @@ pub enum ConfigError {
     TooLarge { path: PathBuf },
     #[error("the configuration {} is not valid: {message}", shown(path))]
     Parse { path: PathBuf, message: String },
-    #[error("model.base_url is not an approved endpoint")]
-    Endpoint(#[source] EndpointError),
+    #[error("{key} is not an approved endpoint")]
+    Endpoint {
+        key: &'static str,
+        #[source]
+        source: EndpointError,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -346,13 +350,19 @@ impl Config {
 
     fn check(&self) -> Result<(), ConfigError> {
         let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        // Every endpoint the file names follows the one endpoint rule, used or not.
+        let endpoint = |key, url: &str| {
+            ApprovedEndpoint::parse(url).map_err(|source| ConfigError::Endpoint { key, source })
+        };
+        if let Some(base) = &self.model.base_url {
+            endpoint("model.base_url", base)?;
+        }
         match self.model.provider {
             ProviderKind::Demo => {}
             ProviderKind::Anthropic | ProviderKind::Openai => {
-                let Some(base) = &self.model.base_url else {
+                if self.model.base_url.is_none() {
                     return invalid("model.base_url is required for this provider");
-                };
-                ApprovedEndpoint::parse(base).map_err(ConfigError::Endpoint)?;
+                }
                 if self.model.model.as_deref().is_none_or(str::is_empty) {
                     return invalid("model.model is required for this provider");
                 }
@@ -399,7 +409,7 @@ impl Config {
                     "channels.telegram.allowed_users is empty: nobody could talk to the assistant",
                 );
             }
-            ApprovedEndpoint::parse(&t.api_base).map_err(ConfigError::Endpoint)?;
+            endpoint("channels.telegram.api_base", &t.api_base)?;
             if !(1..=50).contains(&t.poll_timeout_secs) {
                 return invalid("channels.telegram.poll_timeout_secs must be between 1 and 50");
             }
