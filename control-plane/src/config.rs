@@ -10,6 +10,7 @@ use queue_proto::items::{AgentConfig, MAX_INSTRUCTIONS_BYTES, ToolName};
 use serde::Deserialize;
 
 use crate::model::http::{ApprovedEndpoint, EndpointError};
+use crate::operator::Identity;
 use crate::proxy::budget::Budgets;
 
 /// The largest configuration file read.
@@ -28,8 +29,12 @@ pub enum ConfigError {
     TooLarge { path: PathBuf },
     #[error("the configuration {} is not valid: {message}", shown(path))]
     Parse { path: PathBuf, message: String },
-    #[error("model.base_url is not an approved endpoint")]
-    Endpoint(#[source] EndpointError),
+    #[error("{key} is not an approved endpoint")]
+    Endpoint {
+        key: &'static str,
+        #[source]
+        source: EndpointError,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -287,6 +292,19 @@ impl Default for Operators {
     }
 }
 
+// Written here, beside the lists it reads, so that `operator` depends on nothing.
+impl Identity {
+    /// Whether the current configuration names this identity as an operator.
+    pub fn is_operator(&self, config: &Config) -> bool {
+        let o = &config.operators;
+        match self {
+            Identity::Unix(u) => o.unix_uids.contains(u),
+            Identity::Telegram(t) => o.telegram.contains(t),
+            Identity::Tailnet(l) => o.tailnet.iter().any(|x| x == l),
+        }
+    }
+}
+
 impl Config {
     /// Reads the text of `path` (at most [`MAX_CONFIG_BYTES`]) without checking it.
     pub fn read_text(path: &Path) -> Result<String, ConfigError> {
@@ -320,13 +338,19 @@ impl Config {
 
     fn check(&self) -> Result<(), ConfigError> {
         let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        // Every endpoint the file names follows the one endpoint rule, used or not.
+        let endpoint = |key, url: &str| {
+            ApprovedEndpoint::parse(url).map_err(|source| ConfigError::Endpoint { key, source })
+        };
+        if let Some(base) = &self.model.base_url {
+            endpoint("model.base_url", base)?;
+        }
         match self.model.provider {
             ProviderKind::Demo => {}
             ProviderKind::Anthropic | ProviderKind::Openai => {
-                let Some(base) = &self.model.base_url else {
+                if self.model.base_url.is_none() {
                     return invalid("model.base_url is required for this provider");
-                };
-                ApprovedEndpoint::parse(base).map_err(ConfigError::Endpoint)?;
+                }
                 if self.model.model.as_deref().is_none_or(str::is_empty) {
                     return invalid("model.model is required for this provider");
                 }
@@ -373,7 +397,7 @@ impl Config {
                     "channels.telegram.allowed_users is empty: nobody could talk to the assistant",
                 );
             }
-            ApprovedEndpoint::parse(&t.api_base).map_err(ConfigError::Endpoint)?;
+            endpoint("channels.telegram.api_base", &t.api_base)?;
             if !(1..=50).contains(&t.poll_timeout_secs) {
                 return invalid("channels.telegram.poll_timeout_secs must be between 1 and 50");
             }

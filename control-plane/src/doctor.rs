@@ -292,8 +292,8 @@ fn configuration(where_: &str, t: &toml::Table, r: &mut Report) {
         r.add(
             "model.endpoint-insecure",
             Severity::Critical,
-            format!("{where_} sends model calls to {url}: not HTTPS and not loopback"),
-            "use an https:// endpoint, or a model server on 127.0.0.1",
+            format!("{where_} sends model calls to {url}: not HTTPS to a host name, nor loopback"),
+            "use https:// with a host name, or a model server on 127.0.0.1",
         );
     }
     if let Some(tg) = get(t, &["channels", "telegram"]).and_then(|v| v.as_table())
@@ -345,9 +345,9 @@ fn admin_api(where_: &str, t: &toml::Table, r: &mut Report) {
     }
 }
 
-/// Neither HTTPS nor plain HTTP to loopback.
+/// Refused by the endpoint rule, the one the configuration check and the policy apply.
 fn insecure(url: &str) -> bool {
-    url::Url::parse(url).map_or(true, |u| !crate::model::http::https_or_loopback(&u))
+    crate::model::http::ApprovedEndpoint::parse(url).is_err()
 }
 
 fn host(t: &toml::Table, r: &mut Report) {
@@ -481,5 +481,41 @@ mod tests {
         assert!(!insecure("http://127.0.0.1:11434"));
         assert!(insecure("http://10.0.0.5:11434"));
         assert!(insecure("not a url"));
+    }
+
+    /// One endpoint rule: for every endpoint of the rule's own table, the configuration
+    /// check, the policy on a first file, on an operator's change and on an agent's
+    /// request, and doctor's finding all give the same answer.
+    #[test]
+    fn the_config_check_the_policy_and_doctor_agree_on_every_endpoint() {
+        use crate::config::{Config, DEFAULT_CONFIG};
+        use crate::gateway::candidate::agent_candidate;
+        use crate::gateway::policy::{check, check_bootstrap};
+        use queue_proto::items::ChangeTarget;
+
+        let before = Config::parse(DEFAULT_CONFIG).unwrap();
+        for (url, rule) in crate::model::http::tests::ENDPOINTS {
+            let text = DEFAULT_CONFIG.replace(
+                "provider = \"demo\"",
+                &format!("provider = \"openai\"\nbase_url = \"{url}\"\nmodel = \"m\""),
+            );
+            let mut r = Report(Vec::new());
+            configuration("the file", &toml::from_str(&text).unwrap(), &mut r);
+            let by_agent = agent_candidate(DEFAULT_CONFIG, ChangeTarget::Endpoints, url)
+                .and_then(|t| check(&before, &t, true));
+            let answers = [
+                ("config", Config::parse(&text).is_ok()),
+                ("bootstrap", check_bootstrap(&text).is_ok()),
+                ("operator change", check(&before, &text, false).is_ok()),
+                ("agent request", by_agent.is_ok()),
+                (
+                    "doctor",
+                    r.0.iter().all(|f| f.id != "model.endpoint-insecure"),
+                ),
+            ];
+            for (who, ok) in answers {
+                assert_eq!(ok, rule.is_ok(), "{who} on {url}");
+            }
+        }
     }
 }

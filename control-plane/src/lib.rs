@@ -11,6 +11,8 @@
 //! [`channels`], the per-session [`sandbox`]es and [`proxy`]s and the [`model`]
 //! providers together for `serve`; [`admin`] is the local socket the CLI talks to, and
 //! [`admin_api`] the same operations over HTTP for operators on the tailnet ([`tailnet`]).
+//! Every change to the configuration passes the [`gateway`]; [`operator`] is who may
+//! decide one.
 
 #![deny(unsafe_code)]
 
@@ -23,6 +25,7 @@ pub mod doctor;
 pub mod gateway;
 pub mod http;
 pub mod model;
+pub mod operator;
 pub mod proxy;
 pub mod sandbox;
 pub mod service;

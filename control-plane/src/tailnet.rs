@@ -14,7 +14,7 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 
-use crate::gateway::Identity;
+use crate::operator::Identity;
 
 /// tailscaled's LocalAPI socket on Debian.
 pub const DEFAULT_SOCKET: &str = "/run/tailscale/tailscaled.sock";

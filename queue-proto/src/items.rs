@@ -137,6 +137,30 @@ pub enum ToolName {
     RequestChange,
 }
 
+impl ToolName {
+    pub const ALL: [ToolName; 6] = [
+        ToolName::Reply,
+        ToolName::NoteWrite,
+        ToolName::NoteRead,
+        ToolName::NoteList,
+        ToolName::Schedule,
+        ToolName::RequestChange,
+    ];
+
+    /// The tool's one spelling: its serde name, the name in the configuration, the name
+    /// the model calls and the key of a turn summary.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ToolName::Reply => "reply",
+            ToolName::NoteWrite => "note_write",
+            ToolName::NoteRead => "note_read",
+            ToolName::NoteList => "note_list",
+            ToolName::Schedule => "schedule",
+            ToolName::RequestChange => "request_change",
+        }
+    }
+}
+
 /// The agent's approved configuration, written by the control plane into the inbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -184,6 +208,32 @@ pub enum ChangeTarget {
     Budgets,
     AllowedUsers,
     SandboxLimits,
+}
+
+impl ChangeTarget {
+    pub const ALL: [ChangeTarget; 7] = [
+        ChangeTarget::Instructions,
+        ChangeTarget::Tools,
+        ChangeTarget::Model,
+        ChangeTarget::Endpoints,
+        ChangeTarget::Budgets,
+        ChangeTarget::AllowedUsers,
+        ChangeTarget::SandboxLimits,
+    ];
+
+    /// The target's one spelling: its serde name, and the name a change request is
+    /// stored and shown under.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeTarget::Instructions => "instructions",
+            ChangeTarget::Tools => "tools",
+            ChangeTarget::Model => "model",
+            ChangeTarget::Endpoints => "endpoints",
+            ChangeTarget::Budgets => "budgets",
+            ChangeTarget::AllowedUsers => "allowed_users",
+            ChangeTarget::SandboxLimits => "sandbox_limits",
+        }
+    }
 }
 
 /// The agent asks for a change to what it is or can do. The gateway decides; nothing
@@ -441,6 +491,47 @@ mod tests {
             OutboxItem::decode(ItemKind::Note, &huge),
             Err(ItemError::TooLarge { .. })
         ));
+    }
+
+    /// Where each name sits in `ALL`; the match is exhaustive, so a new variant does
+    /// not compile until it is placed, and a placement past the end fails below.
+    fn tool_position(t: ToolName) -> usize {
+        match t {
+            ToolName::Reply => 0,
+            ToolName::NoteWrite => 1,
+            ToolName::NoteRead => 2,
+            ToolName::NoteList => 3,
+            ToolName::Schedule => 4,
+            ToolName::RequestChange => 5,
+        }
+    }
+
+    fn target_position(t: ChangeTarget) -> usize {
+        match t {
+            ChangeTarget::Instructions => 0,
+            ChangeTarget::Tools => 1,
+            ChangeTarget::Model => 2,
+            ChangeTarget::Endpoints => 3,
+            ChangeTarget::Budgets => 4,
+            ChangeTarget::AllowedUsers => 5,
+            ChangeTarget::SandboxLimits => 6,
+        }
+    }
+
+    #[test]
+    fn tool_and_target_names_are_spelled_once_as_serde_spells_them() {
+        for (i, t) in ToolName::ALL.into_iter().enumerate() {
+            assert_eq!(tool_position(t), i, "{t:?}");
+            assert_eq!(serde_json::to_value(t).unwrap(), t.as_str(), "{t:?}");
+            let back: ToolName = serde_json::from_value(t.as_str().into()).unwrap();
+            assert_eq!(back, t);
+        }
+        for (i, t) in ChangeTarget::ALL.into_iter().enumerate() {
+            assert_eq!(target_position(t), i, "{t:?}");
+            assert_eq!(serde_json::to_value(t).unwrap(), t.as_str(), "{t:?}");
+            let back: ChangeTarget = serde_json::from_value(t.as_str().into()).unwrap();
+            assert_eq!(back, t);
+        }
     }
 
     #[test]

@@ -94,7 +94,7 @@ fn doctor_is_silent_on_the_default_and_each_check_fires_on_its_own_fault() {
         fake_socket.to_str().unwrap(),
         "\"a@example.com\"",
     );
-    let edits: [(&str, &str, &str, &str); 12] = [
+    let edits: [(&str, &str, &str, &str); 15] = [
         (
             "runtime = \"gvisor\"",
             "runtime = \"host\"",
@@ -128,6 +128,24 @@ fn doctor_is_silent_on_the_default_and_each_check_fires_on_its_own_fault() {
         (
             "provider = \"demo\"",
             "provider = \"openai\"\nbase_url = \"http://10.0.0.5:11434\"\nmodel = \"m\"",
+            "model.endpoint-insecure",
+            "critical",
+        ),
+        (
+            "provider = \"demo\"",
+            "provider = \"openai\"\nbase_url = \"https://203.0.113.9\"\nmodel = \"m\"",
+            "model.endpoint-insecure",
+            "critical",
+        ),
+        (
+            "provider = \"demo\"",
+            "provider = \"openai\"\nbase_url = \"https://[2001:db8::1]\"\nmodel = \"m\"",
+            "model.endpoint-insecure",
+            "critical",
+        ),
+        (
+            "provider = \"demo\"",
+            "provider = \"openai\"\nbase_url = \"https://user:pw@api.example.com\"\nmodel = \"m\"",
             "model.endpoint-insecure",
             "critical",
         ),

@@ -232,7 +232,7 @@ max_requests_per_minute = 100000
     for rule in [
         "agent_scope",
         "endpoint_ip_literal",
-        "invalid",
+        "endpoint_not_https",
         "parse",
         "too_many_pending",
         "pending",
@@ -913,4 +913,53 @@ fn a_hand_edit_changes_nothing_until_approved_and_everything_survives_kill_9() {
     assert_eq!(s.versions().len(), 2);
     assert_eq!(s.versions()[1].1, edited);
     assert!(s.cli(&["audit", "verify"]).status.success());
+}
+
+/// The first start takes the configuration file as approved version 1 only if the
+/// policy would let a change request put it in force: `serve` refuses a first file with
+/// no operator or with an endpoint at an IP address, and stores no version. gVisor off
+/// stays the one development exception, allowed in a first file only.
+#[test]
+fn serve_refuses_a_first_file_no_change_request_could_make() {
+    let default = control_plane::config::DEFAULT_CONFIG;
+    let refused = [
+        (
+            default.replace("unix_uids = [0]", "unix_uids = []"),
+            "no_operators",
+        ),
+        (
+            default.replace(
+                "provider = \"demo\"",
+                "provider = \"demo\"\nbase_url = \"https://203.0.113.9\"",
+            ),
+            "is not an approved endpoint",
+        ),
+    ];
+    for (text, why) in refused {
+        let s = Serve::init(&text);
+        let mut serve = std::process::Command::new(tests::service::ironclaw_bin())
+            .args(["serve", "--state-dir"])
+            .arg(&s.state)
+            .env("IRONCLAW_AGENT_BIN", tests::service::agent_bin())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let exited = wait_until(30, || serve.try_wait().unwrap().is_some());
+        if !exited {
+            let _ = serve.kill();
+        }
+        let out = serve.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(exited, "serve started on a first file with {why}");
+        assert!(!out.status.success(), "{why}: {err}");
+        assert!(err.contains(why), "{why}: {err}");
+        assert!(s.versions().is_empty(), "{why}: a version was stored");
+    }
+    let host = default.replace("runtime = \"gvisor\"", "runtime = \"host\"");
+    let mut s = Serve::init(&host);
+    s.start();
+    assert_eq!(s.versions().len(), 1, "the development mode starts");
+    assert_eq!(s.stop().map(|e| e.success()), Some(true));
 }

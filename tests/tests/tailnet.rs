@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use control_plane::gateway::Identity;
+use control_plane::operator::Identity;
 use control_plane::tailnet::{Refusal, Whois, authorize};
 use tests::fake_tailscaled::{FakeTailscaled, Known};
 

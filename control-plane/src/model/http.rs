@@ -13,8 +13,11 @@ use super::ProviderError;
 /// Largest provider answer read, in bytes.
 pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 
-/// A model endpoint the operator approved: HTTPS, or plain HTTP to a loopback address
-/// (a local Ollama or llama.cpp server). The agent never supplies one.
+/// An endpoint the control plane may call (a model provider, the Telegram Bot API),
+/// built only through [`ApprovedEndpoint::parse`], which is the endpoint rule: HTTPS to a
+/// DNS name, or HTTP or HTTPS to loopback (a local Ollama or llama.cpp server). The
+/// configuration check, the gateway's policy and `doctor` all ask it, so what a file may
+/// hold and what a change request may ask for are the same. The agent never supplies one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApprovedEndpoint(Url);
 
@@ -23,14 +26,16 @@ pub struct ApprovedEndpoint(Url);
 pub enum EndpointError {
     #[error("{0} is not a URL")]
     NotAUrl(String),
-    #[error("{0} is neither HTTPS nor a loopback address")]
-    NotHttps(String),
     #[error("{0} carries credentials, a query or a fragment")]
     Extras(String),
+    #[error("{0} is an IP address, not a host name")]
+    IpLiteral(String),
+    #[error("{0} is neither HTTPS nor a loopback address")]
+    NotHttps(String),
 }
 
 /// Whether `url`'s host is a loopback address or `localhost`.
-pub fn is_loopback(url: &Url) -> bool {
+fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Ipv4(a)) => a.is_loopback(),
         Some(url::Host::Ipv6(a)) => a.is_loopback(),
@@ -39,24 +44,27 @@ pub fn is_loopback(url: &Url) -> bool {
     }
 }
 
-/// HTTPS, or plain HTTP to loopback: the rule every endpoint the control plane calls
-/// follows.
-pub fn https_or_loopback(url: &Url) -> bool {
-    url.scheme() == "https" || (url.scheme() == "http" && is_loopback(url))
-}
-
 impl ApprovedEndpoint {
+    /// The endpoint rule. Away from loopback the host must be a DNS name: it is what the
+    /// certificate is checked against and what an approver reads, where an IP address
+    /// says neither who answers nor that it is the one meant.
     pub fn parse(base: &str) -> Result<Self, EndpointError> {
         let url = Url::parse(base).map_err(|_| EndpointError::NotAUrl(base.into()))?;
-        if !https_or_loopback(&url) {
-            return Err(EndpointError::NotHttps(base.into()));
-        }
         if !url.username().is_empty()
             || url.password().is_some()
             || url.query().is_some()
             || url.fragment().is_some()
         {
             return Err(EndpointError::Extras(base.into()));
+        }
+        let loopback = is_loopback(&url);
+        match url.scheme() {
+            "https" => {}
+            "http" if loopback => {}
+            _ => return Err(EndpointError::NotHttps(base.into())),
+        }
+        if !loopback && matches!(url.host(), Some(url::Host::Ipv4(_) | url::Host::Ipv6(_))) {
+            return Err(EndpointError::IpLiteral(base.into()));
         }
         Ok(ApprovedEndpoint(url))
     }
@@ -275,8 +283,51 @@ async fn once(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The endpoint rule's answer for each kind of endpoint; `doctor`'s tests hold the
+    /// configuration check, the policy and doctor to the same table.
+    pub(crate) const ENDPOINTS: [(&str, Result<(), &str>); 18] = [
+        ("https://api.anthropic.com", Ok(())),
+        ("https://api.example.com/v1/", Ok(())),
+        ("http://127.0.0.1:11434", Ok(())),
+        ("http://localhost:8080/v1", Ok(())),
+        ("http://[::1]:1", Ok(())),
+        ("https://127.0.0.1:8443", Ok(())),
+        ("https://203.0.113.9", Err("ip_literal")),
+        ("https://[2001:db8::1]:443", Err("ip_literal")),
+        ("https://[::ffff:127.0.0.1]", Err("ip_literal")),
+        ("http://10.0.0.5:11434", Err("not_https")),
+        ("http://169.254.169.254/latest", Err("not_https")),
+        ("http://api.example.com", Err("not_https")),
+        ("http://localhost.example.com", Err("not_https")),
+        ("ftp://127.0.0.1", Err("not_https")),
+        ("https://user:pw@api.example.com", Err("extras")),
+        ("http://user@127.0.0.1:11434", Err("extras")),
+        ("https://api.example.com/?x=1", Err("extras")),
+        ("not a url", Err("not_a_url")),
+    ];
+
+    /// The variant's name in [`ENDPOINTS`].
+    pub(crate) fn kind(e: &EndpointError) -> &'static str {
+        match e {
+            EndpointError::NotAUrl(_) => "not_a_url",
+            EndpointError::Extras(_) => "extras",
+            EndpointError::IpLiteral(_) => "ip_literal",
+            EndpointError::NotHttps(_) => "not_https",
+        }
+    }
+
+    #[test]
+    fn the_endpoint_rule_answers_the_table() {
+        for (url, want) in ENDPOINTS {
+            let got = ApprovedEndpoint::parse(url)
+                .map(|_| ())
+                .map_err(|e| kind(&e));
+            assert_eq!(got, want, "{url}");
+        }
+    }
 
     #[test]
     fn only_https_or_loopback_endpoints_are_approved() {

@@ -248,6 +248,8 @@ impl Service {
         blocking(|| store.verify_audit(&master)).map_err(ServiceError::AuditBroken)?;
         if store.current_config()?.is_none() {
             Config::parse(&file_text).map_err(ServiceError::Bootstrap)?;
+            crate::gateway::policy::check_bootstrap(&file_text)
+                .map_err(|denial| ServiceError::Bootstrap(denial.into()))?;
         }
         let version = store.bootstrap_config(&file_text, now_secs())?;
         if !store.version_recorded(&version)? {
