@@ -18,7 +18,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::channels::console::{self, Ack};
 use crate::error_chain as chain;
-use crate::gateway::{self, Identity};
+use crate::gateway;
+use crate::operator::Identity;
 use crate::service::{Service, ServiceError};
 use crate::store::changes::{ChangeDetail, ChangeSummary, Decided, Decision, TurnRow};
 use crate::store::sessions::SessionSummary;
@@ -391,7 +392,7 @@ pub(crate) async fn handle(
                 // A request denied before it could be built holds the raw value asked
                 // for, not a configuration: shown as it is.
                 diff: if detail.after.parse::<toml::Table>().is_ok() {
-                    gateway::diff(&detail.before, &detail.after)
+                    gateway::diff::diff(&detail.before, &detail.after)
                 } else {
                     format!(
                         "(not a configuration; the value asked for)\n{}\n",

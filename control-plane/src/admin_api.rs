@@ -46,7 +46,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, MAX_REQUEST_BYTES, Outcome, Request, Response};
 use crate::config::AdminApiConfig;
-use crate::gateway::Identity;
+use crate::operator::Identity;
 use crate::service::Service;
 use crate::tailnet::{self, Whois};
 

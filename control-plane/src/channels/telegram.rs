@@ -24,8 +24,9 @@ use serde_json::{Value, json};
 use super::{Channel, ChannelError, split_message};
 use crate::audit::AuditEvent;
 use crate::config::TelegramConfig;
-use crate::gateway::{self, Identity};
+use crate::gateway;
 use crate::model::http::{ApiKey, ApprovedEndpoint};
+use crate::operator::Identity;
 use crate::service::Arrival;
 use crate::service::{Service, notice};
 use crate::state::now_secs;
@@ -613,7 +614,7 @@ const BUTTON_HASH_DIGITS: usize = 32;
 /// wrote is shown with control and bidirectional characters escaped.
 fn prompt_text(d: &ChangeDetail) -> (String, bool) {
     let c = &d.summary;
-    let diff = crate::printable(&gateway::diff(&d.before, &d.after));
+    let diff = crate::printable(&gateway::diff::diff(&d.before, &d.after));
     let reason: String = crate::printable(&d.reason.replace('\n', " "))
         .chars()
         .take(300)

@@ -15,11 +15,9 @@ pub mod rate;
 pub mod risk;
 
 use queue_proto::ids::SessionId;
-use queue_proto::items::ChangeTarget;
 use sha2::{Digest, Sha256};
 
-// moved: remove once callers use crate::operator::Identity
-pub use crate::operator::Identity;
+use crate::operator::Identity;
 
 /// Who asked for a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,29 +58,3 @@ fn deny<T>(rule: &'static str, why: impl Into<String>) -> Result<T, Denial> {
 pub fn text_hash(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
-
-/// The target's name as stored and shown.
-// moved: remove once callers use ChangeTarget::as_str
-pub fn target_name(t: ChangeTarget) -> &'static str {
-    t.as_str()
-}
-
-// The paths callers outside the gateway use today, each kept until they name its module.
-// moved: remove once callers use gateway::candidate::agent_candidate
-pub use candidate::agent_candidate;
-// moved: remove once callers use gateway::diff::diff
-pub use diff::diff;
-// moved: remove once callers use gateway::policy::check
-pub use policy::check;
-// moved: remove once callers use gateway::rate::RateLimit
-pub use rate::RateLimit;
-// moved: remove once callers use gateway::rate::Refusals
-pub use rate::Refusals;
-// moved: remove once callers use gateway::risk::Operation
-pub use risk::Operation;
-// moved: remove once callers use gateway::risk::TurnSummary
-pub use risk::TurnSummary;
-// moved: remove once callers use gateway::risk::change_risk
-pub use risk::change_risk;
-// moved: remove once callers use gateway::risk::turn_risk
-pub use risk::turn_risk;

@@ -12,8 +12,11 @@ use serde_json::json;
 use super::{Service, ServiceError, provider};
 use crate::audit::AuditEvent;
 use crate::config::Config;
-use crate::gateway::{self, Denial, Identity, Requester, TurnSummary};
+use crate::gateway::rate::{RateLimit, Refusals};
+use crate::gateway::risk::{TurnSummary, change_risk};
+use crate::gateway::{self, Denial, Requester, candidate, policy};
 use crate::model::AnyProvider;
+use crate::operator::Identity;
 use crate::state::now_secs;
 use crate::store::changes::{
     ChangeSummary, ConfigVersion, Decided, Decision, FILE_SEEN, NewChange, seen_key,
@@ -75,8 +78,8 @@ impl Service {
             }
             return None;
         }
-        let outcome = gateway::check(&eff.config, file_text, false)
-            .map(|after| gateway::change_risk(&eff.config, &after, false));
+        let outcome = policy::check(&eff.config, file_text, false)
+            .map(|after| change_risk(&eff.config, &after, false));
         let new = NewChange {
             requester: Requester::ConfigFile.to_string(),
             target: "file".into(),
@@ -136,14 +139,14 @@ impl Service {
         if !admitted {
             return None;
         }
-        let candidate = gateway::agent_candidate(&eff.text, request.target, &request.after);
+        let candidate = candidate::agent_candidate(&eff.text, request.target, &request.after);
         let outcome = candidate.as_ref().map_err(Denial::clone).and_then(|text| {
-            gateway::check(&eff.config, text, true)
-                .map(|after| gateway::change_risk(&eff.config, &after, true))
+            policy::check(&eff.config, text, true)
+                .map(|after| change_risk(&eff.config, &after, true))
         });
         let new = NewChange {
             requester,
-            target: gateway::target_name(request.target).into(),
+            target: request.target.as_str().into(),
             reason: request.reason.clone(),
             base_version: eff.version,
             // What was asked for stays visible even when it could not be built.
@@ -154,12 +157,12 @@ impl Service {
         ChangeId::try_from(filed.id.as_str()).ok()
     }
 
-    pub(super) fn rate(&self) -> std::sync::MutexGuard<'_, gateway::RateLimit> {
+    pub(super) fn rate(&self) -> std::sync::MutexGuard<'_, RateLimit> {
         self.rate.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records each finished minute's count of change requests refused by the rate limit.
-    pub(super) fn record_refusals(&self, done: impl IntoIterator<Item = gateway::Refusals>) {
+    pub(super) fn record_refusals(&self, done: impl IntoIterator<Item = Refusals>) {
         self.record_limited(AuditEvent::ChangeRequestsLimited, "requester", done);
     }
 
@@ -168,7 +171,7 @@ impl Service {
         &self,
         kind: AuditEvent,
         who: &str,
-        done: impl IntoIterator<Item = gateway::Refusals>,
+        done: impl IntoIterator<Item = Refusals>,
     ) {
         for r in done {
             self.audit(
@@ -225,8 +228,8 @@ impl Service {
             return Err("the proposed configuration is larger than 256 KiB".into());
         }
         let eff = self.effective();
-        let outcome = gateway::check(&eff.config, text, false)
-            .map(|after| gateway::change_risk(&eff.config, &after, false));
+        let outcome = policy::check(&eff.config, text, false)
+            .map(|after| change_risk(&eff.config, &after, false));
         let new = NewChange {
             requester: Requester::Operator(by.clone()).to_string(),
             target: "file".into(),

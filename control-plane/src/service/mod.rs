@@ -21,7 +21,8 @@ use tokio::task::JoinHandle;
 
 use crate::audit::AuditEvent;
 use crate::config::{Config, ProviderKind, RuntimeChoice};
-use crate::gateway::TurnSummary;
+use crate::gateway::rate::RateLimit;
+use crate::gateway::risk::TurnSummary;
 use crate::model::anthropic::Anthropic;
 use crate::model::demo::DemoProvider;
 use crate::model::http::{ApiKey, ApprovedEndpoint};
@@ -173,9 +174,9 @@ pub struct Service {
     /// What each session's agent has done since its last outbox segment.
     turns: std::sync::Mutex<HashMap<SessionId, TurnSummary>>,
     /// Change requests per agent per minute.
-    rate: std::sync::Mutex<crate::gateway::RateLimit>,
+    rate: std::sync::Mutex<RateLimit>,
     /// Refused admin peers recorded one by one, per peer per minute.
-    refused_peers: std::sync::Mutex<crate::gateway::RateLimit>,
+    refused_peers: std::sync::Mutex<RateLimit>,
     /// Wakes the Telegram channel when approval prompts are waiting.
     prompts: tokio::sync::Notify,
     /// Applying one change at a time: decisions, and the restarts that follow them.
@@ -303,8 +304,8 @@ impl Service {
             provider: std::sync::RwLock::new(provider),
             limits: ProxyLimits::default(),
             turns: std::sync::Mutex::new(HashMap::new()),
-            rate: std::sync::Mutex::new(crate::gateway::RateLimit::default()),
-            refused_peers: std::sync::Mutex::new(crate::gateway::RateLimit::default()),
+            rate: std::sync::Mutex::new(RateLimit::default()),
+            refused_peers: std::sync::Mutex::new(RateLimit::default()),
             prompts: tokio::sync::Notify::new(),
             applying: tokio::sync::Mutex::new(()),
             live: std::sync::Mutex::new(HashMap::new()),

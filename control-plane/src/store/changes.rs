@@ -13,7 +13,9 @@ use super::state::{ChangeState, PROMPT_DUE_SQL, PromptState};
 use super::{Store, StoreError};
 use crate::audit::{self, AuditEvent};
 use crate::config::Config;
-use crate::gateway::{self, Denial, Identity, Operation, TurnSummary};
+use crate::gateway::risk::{Operation, TurnSummary};
+use crate::gateway::{self, Denial, policy};
+use crate::operator::Identity;
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS config_versions (
@@ -536,7 +538,7 @@ impl Store {
                 rule: "invalid",
                 why: e.to_string(),
             })
-            .and_then(|before| gateway::check(&before, &after, requester.starts_with("agent:")));
+            .and_then(|before| policy::check(&before, &after, requester.starts_with("agent:")));
         if let Err(d) = policy {
             return refuse(tx, format!("the policy refuses it: {}: {}", d.rule, d.why));
         }
@@ -701,10 +703,14 @@ mod tests {
     fn agent_change(s: &mut Store, instructions: &str, now: i64) -> ChangeSummary {
         let base = s.current_config().unwrap().unwrap();
         let before = Config::parse(&base.text).unwrap();
-        let after =
-            gateway::agent_candidate(&base.text, ChangeTarget::Instructions, instructions).unwrap();
-        let outcome =
-            gateway::check(&before, &after, true).map(|a| gateway::change_risk(&before, &a, true));
+        let after = gateway::candidate::agent_candidate(
+            &base.text,
+            ChangeTarget::Instructions,
+            instructions,
+        )
+        .unwrap();
+        let outcome = policy::check(&before, &after, true)
+            .map(|a| gateway::risk::change_risk(&before, &a, true));
         let new = NewChange {
             requester: "agent:console".into(),
             target: "instructions".into(),
