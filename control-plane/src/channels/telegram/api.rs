@@ -1,0 +1,163 @@
+//! The Bot API transport: one HTTPS `POST` per call, its answer read up to a size limit
+//! before anything is parsed, and every failure sorted by what it says about whether
+//! Telegram acted on the request.
+//!
+//! The bot token is part of every URL: errors are reported without their URL, and
+//! nothing here logs a URL.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::updates::{Answer, FirstUpdateId, Object};
+use crate::model::http::{ApiKey, ApprovedEndpoint};
+
+/// The largest `getUpdates` answer read; a larger one is asked for again one update at
+/// a time, and a single update larger than this is skipped and recorded.
+pub(super) const MAX_UPDATES_BYTES: usize = 16 * 1024 * 1024;
+/// The largest answer to any other call.
+pub(super) const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+/// Attempts to send one part of a reply before giving up on it for now.
+pub(super) const SEND_TRIES: u32 = 5;
+/// The longest `retry_after` believed; a larger one is clamped to this.
+pub(super) const MAX_RETRY_AFTER_SECS: u64 = 3600;
+/// The longest wait between attempts to reach Telegram while it is unreachable.
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The Bot API of one bot: where it is, and the token every call carries.
+pub(super) struct BotApi {
+    endpoint: ApprovedEndpoint,
+    token: ApiKey,
+    client: reqwest::Client,
+}
+
+impl std::fmt::Debug for BotApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BotApi")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a Bot API call failed.
+#[derive(Debug)]
+pub(super) enum CallError {
+    /// Not reached: the request was not sent (details withheld: they hold the URL).
+    Network,
+    /// Sent, but no whole answer came back: whether Telegram acted on it is unknown.
+    Uncertain,
+    /// The answer was larger than allowed; the first update's id, if one was found.
+    TooLarge(Option<i64>),
+    /// Telegram answered `ok: false`, or with a non-JSON error.
+    Status {
+        code: u16,
+        retry_after: Option<u64>,
+        description: String,
+    },
+}
+
+impl BotApi {
+    pub(super) fn new(endpoint: ApprovedEndpoint, token: ApiKey) -> BotApi {
+        BotApi {
+            endpoint,
+            token,
+            client: crate::model::http::client(),
+        }
+    }
+
+    /// Where the Bot API is (the token is not part of it).
+    pub(super) fn endpoint(&self) -> &ApprovedEndpoint {
+        &self.endpoint
+    }
+
+    /// Calls `method` with `body`, reading at most `cap` bytes of answer. A successful
+    /// call's `result` is `None` if it is missing or not of the shape `T`.
+    pub(super) async fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        body: &Value,
+        timeout: Duration,
+        cap: usize,
+    ) -> Result<Option<T>, CallError> {
+        let url = self
+            .endpoint
+            .join(&format!("/bot{}/{method}", self.token.expose()));
+        let sent = self
+            .client
+            .post(url)
+            .json(body)
+            .timeout(timeout)
+            .send()
+            .await;
+        let mut resp = sent.map_err(|e| {
+            if e.is_connect() {
+                CallError::Network
+            } else {
+                CallError::Uncertain
+            }
+        })?;
+        let status = resp.status().as_u16();
+        let mut bytes = Vec::new();
+        let mut scanner: Option<FirstUpdateId> = None;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if let Some(scan) = scanner.as_mut() {
+                        scan.feed(&chunk);
+                    } else if bytes.len() + chunk.len() > cap {
+                        // Too large to keep: read on without keeping it, looking only
+                        // for the first update's id so that update can be skipped.
+                        let mut scan = FirstUpdateId::default();
+                        scan.feed(&bytes);
+                        scan.feed(&chunk);
+                        bytes = Vec::new();
+                        scanner = Some(scan);
+                    } else {
+                        bytes.extend_from_slice(&chunk);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return Err(CallError::Uncertain),
+            }
+        }
+        if let Some(scan) = scanner {
+            return Err(CallError::TooLarge(scan.found()));
+        }
+        let answer = match serde_json::from_slice::<Object<Answer<T>>>(&bytes) {
+            Ok(Object(answer)) => answer,
+            // JSON, but not an object: an error without a description.
+            Err(e) if e.is_data() => {
+                return Err(CallError::Status {
+                    code: status,
+                    retry_after: None,
+                    description: "no description".into(),
+                });
+            }
+            // Not Telegram's own answer: a front end failed, and may have passed the
+            // request on before it did.
+            Err(_) if status >= 500 => return Err(CallError::Uncertain),
+            Err(_) => {
+                return Err(CallError::Status {
+                    code: status,
+                    retry_after: None,
+                    description: "an answer that is not JSON".into(),
+                });
+            }
+        };
+        if answer.ok == Some(true) {
+            return Ok(answer.result);
+        }
+        Err(CallError::Status {
+            code: answer.error_code.map_or(status, |c| c as u16),
+            retry_after: answer.parameters.and_then(|p| p.retry_after),
+            description: answer
+                .description
+                .as_deref()
+                .unwrap_or("no description")
+                .chars()
+                .take(200)
+                .collect(),
+        })
+    }
+}

@@ -1,0 +1,83 @@
+//! Telegram Bot API: long-poll `getUpdates` (`message` and `callback_query` updates
+//! only), replies with `sendMessage`, approval prompts with inline buttons.
+//!
+//! - `api.rs`: the transport (one call, its size limits, how it failed, retry bounds);
+//! - `updates.rs`: the typed answers and updates read from Telegram;
+//! - `poll.rs`: long polling and the inbound rules (who may talk, in which chat, what);
+//! - `deliver.rs`: the [`Channel`](super::Channel) that sends replies, with retries;
+//! - `prompts.rs`: approval prompts and button presses, and the rules that make an
+//!   approval cover exactly what was shown;
+//! - here: the channel value.
+//!
+//! Everything that arrives goes in through [`Service::receive`](crate::service::Service::receive);
+//! the channel holds no store handle. The bot token is part of every URL: errors are
+//! reported without their URL, and nothing here logs a URL.
+
+mod api;
+mod deliver;
+mod poll;
+mod prompts;
+mod updates;
+
+use queue_proto::ids::SessionId;
+
+use super::ChannelError;
+use crate::config::TelegramConfig;
+use crate::model::http::{ApiKey, ApprovedEndpoint};
+
+pub use poll::poll;
+pub use prompts::prompts;
+
+/// The channel's name in the store.
+pub const CHANNEL: &str = "telegram";
+/// Telegram's limit on one message, in UTF-16 code units.
+pub const MAX_MESSAGE_UNITS: usize = 4096;
+
+/// A configured bot.
+pub struct Telegram {
+    api: api::BotApi,
+    poll_timeout: u64,
+    refusals: poll::Refusals,
+}
+
+impl std::fmt::Debug for Telegram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telegram")
+            .field("api", self.api.endpoint())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The session of a Telegram chat (see [`super::naming::telegram`]).
+pub fn session_for(chat: i64) -> SessionId {
+    super::naming::telegram(chat)
+}
+
+impl Telegram {
+    pub fn new(cfg: &TelegramConfig) -> Result<Telegram, ChannelError> {
+        let token = ApiKey::from_file(&cfg.token_file).map_err(|source| ChannelError::Token {
+            channel: CHANNEL,
+            path: cfg.token_file.clone(),
+            source,
+        })?;
+        let endpoint = ApprovedEndpoint::parse(&cfg.api_base)
+            .expect("the configuration check accepted api_base");
+        Ok(Telegram {
+            api: api::BotApi::new(endpoint, token),
+            poll_timeout: cfg.poll_timeout_secs,
+            refusals: poll::Refusals::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_named_after_the_chat() {
+        assert_eq!(session_for(42).as_str(), "tg-42");
+        assert_eq!(session_for(-1001234).as_str(), "tg-n1001234");
+        assert_eq!(session_for(i64::MIN).as_str(), "tg-n9223372036854775808");
+    }
+}
