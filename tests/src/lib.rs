@@ -12,6 +12,7 @@ pub mod fake_model;
 pub mod fake_tailscaled;
 pub mod fake_telegram;
 pub mod hostile_model;
+pub mod intake;
 pub mod loopback;
 pub mod service;
 pub mod webdriver;

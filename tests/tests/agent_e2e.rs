@@ -16,7 +16,7 @@ use control_plane::model::http::{ApiKey, ApprovedEndpoint, RetryPolicy};
 use control_plane::model::openai::OpenAiCompatible;
 use control_plane::proxy::budget::Budgets;
 use control_plane::proxy::server::{ProxyLimits, serve};
-use control_plane::proxy::session::{SessionEvent, SessionProxy};
+use control_plane::proxy::session::{Outlets, SessionEvent, SessionProxy};
 use control_plane::sandbox::SandboxSettings;
 use control_plane::sandbox::layout::{self, Layout};
 use control_plane::sandbox::lifecycle::Manager;
@@ -29,6 +29,7 @@ use queue_proto::items::{
 use queue_proto::keys::{MasterKey, SessionKeys, SessionSalt, derive_session_keys};
 use serde_json::json;
 use tests::fake_http::{FakeHttp, Scripted};
+use tests::intake::{Recorded, RecordingIntake};
 use tokio::sync::mpsc;
 
 const API_KEY: &str = "sk-e2e-9d41c07a55b3";
@@ -49,6 +50,7 @@ struct Rig {
     id: SessionId,
     keys: SessionKeys,
     events: mpsc::Receiver<SessionEvent>,
+    recorded: Recorded,
     /// Every byte the agent received from the proxy.
     seen: Arc<std::sync::Mutex<Vec<u8>>>,
 }
@@ -115,6 +117,7 @@ async fn rig_with<P: Provider>(name: &str, provider: P, budgets: Budgets) -> Rig
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     relay(agent_side, inner, seen.clone());
     let (tx, events) = mpsc::channel(control_plane::proxy::session::EVENT_QUEUE);
+    let (intake, recorded) = RecordingIntake::new(true);
     let outbox = OutboxReader::new(layout.outbox(&id), layout.private(&id), id.clone(), &keys);
     let (proxy, signal) = SessionProxy::new(
         id.clone(),
@@ -123,7 +126,10 @@ async fn rig_with<P: Provider>(name: &str, provider: P, budgets: Budgets) -> Rig
         Arc::new(provider),
         budgets,
         Duration::from_secs(30),
-        tx,
+        Outlets {
+            intake: Arc::new(intake),
+            events: tx,
+        },
     );
     tokio::spawn(serve(
         listener,
@@ -158,31 +164,25 @@ async fn rig_with<P: Provider>(name: &str, provider: P, budgets: Budgets) -> Rig
         id,
         keys,
         events,
+        recorded,
         seen,
     }
 }
 
 impl Rig {
-    /// Waits for the first outbox segment, collecting other events on the way.
+    /// Waits for the first outbox segment, with the audit records made before it.
     async fn outbox(&mut self) -> (Vec<OutboxItem>, Vec<SessionEvent>) {
-        let mut others = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-        loop {
-            let e = tokio::time::timeout_at(deadline, self.events.recv())
-                .await
-                .expect("an outbox segment in time")
-                .unwrap();
-            match e {
-                SessionEvent::Outbox {
-                    items, seq, stored, ..
-                } => {
-                    stored.send(()).unwrap();
-                    assert_eq!(seq, Seq(1));
-                    return (items, others);
-                }
-                other => others.push(other),
-            }
+        let taken = tokio::time::timeout(Duration::from_secs(90), self.recorded.taken.recv())
+            .await
+            .expect("an outbox segment in time")
+            .unwrap();
+        assert_eq!(taken.seq, Seq(1));
+        // Every record of the turn was sent before the agent saw its last answer.
+        let mut records = Vec::new();
+        while let Ok(e) = self.events.try_recv() {
+            records.push(e);
         }
+        (taken.items, records)
     }
 
     /// Every byte the agent could see or leave: its inbox, outbox, state and socket dir.

@@ -1,6 +1,8 @@
-//! The session proxy's outbox ingestion: each seq is taken in once and in order, a
-//! replayed or re-published seq is refused, and a hostile segment is refused and dropped.
-//! A segment is removed only once the consumer has stored its items.
+//! The session proxy's two ways to the rest of the control plane. Outbox ingestion: each
+//! seq is taken in once and in order, a replayed or re-published seq is refused, a
+//! hostile segment is refused and dropped, and a segment is removed only once the intake
+//! has stored its items. Change requests: the agent gets the gateway's id or a refusal,
+//! never silence. Neither waits behind the droppable audit records.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -10,187 +12,262 @@ use std::time::Duration;
 use control_plane::model::demo::DemoProvider;
 use control_plane::proxy::budget::Budgets;
 use control_plane::proxy::server::{Refused, SessionHandler};
-use control_plane::proxy::session::{SessionEvent, SessionProxy};
+use control_plane::proxy::session::{EVENT_QUEUE, Outlets, SessionEvent, SessionProxy};
 use queue_proto::agent::OutboxWriter;
 use queue_proto::control::OutboxReader;
-use queue_proto::ids::{Seq, SessionId};
-use queue_proto::items::{AssistantReply, OutboxItem};
-use queue_proto::keys::{MasterKey, SessionSalt, derive_session_keys};
+use queue_proto::ids::{ChangeId, Seq, SessionId};
+use queue_proto::items::{AssistantReply, ChangeRequest, ChangeTarget, OutboxItem};
+use queue_proto::keys::{MasterKey, SessionKeys, SessionSalt, derive_session_keys};
 use queue_proto::proxy::OutboxNotice;
+use tests::intake::{Filing, Recorded, RecordingIntake};
+use tokio::sync::mpsc;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn each_outbox_seq_is_taken_in_once_and_in_order() {
+struct Rig {
+    dir: tempfile::TempDir,
+    id: SessionId,
+    keys: SessionKeys,
+    proxy: Arc<SessionProxy<DemoProvider, RecordingIntake>>,
+    intake: Arc<RecordingIntake>,
+    recorded: Recorded,
+    /// The proxy's audit records, and a sender that can fill their queue.
+    events: mpsc::Receiver<SessionEvent>,
+    filler: mpsc::Sender<SessionEvent>,
+}
+
+fn rig(name: &str, storing: bool) -> Rig {
     let dir = tempfile::tempdir().unwrap();
-    let [inbox, outbox, private] = ["inbox.d", "outbox.d", "private"].map(|d| {
-        let p = dir.path().join(d);
-        std::fs::create_dir(&p).unwrap();
-        p
-    });
-    let id = SessionId::try_from("ingest").unwrap();
+    for d in ["inbox.d", "outbox.d", "private"] {
+        std::fs::create_dir(dir.path().join(d)).unwrap();
+    }
+    let id = SessionId::try_from(name).unwrap();
     let keys = derive_session_keys(
         &MasterKey::generate().unwrap(),
         &id,
         &SessionSalt::generate().unwrap(),
     );
-    let (tx, events) = tokio::sync::mpsc::channel(control_plane::proxy::session::EVENT_QUEUE);
-    let reader = OutboxReader::new(outbox.clone(), private, id.clone(), &keys);
+    let (tx, events) = mpsc::channel(EVENT_QUEUE);
+    let (intake, recorded) = RecordingIntake::new(storing);
+    let intake = Arc::new(intake);
+    let reader = OutboxReader::new(
+        dir.path().join("outbox.d"),
+        dir.path().join("private"),
+        id.clone(),
+        &keys,
+    );
     let (proxy, _signal) = SessionProxy::new(
         id.clone(),
-        inbox,
+        dir.path().join("inbox.d"),
         reader,
         Arc::new(DemoProvider),
         Budgets::default(),
         Duration::from_secs(1),
-        tx,
+        Outlets {
+            intake: intake.clone(),
+            events: tx.clone(),
+        },
     );
-    // The consumer stores nothing until told to, then confirms every outbox segment.
-    let storing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut log = consume(events, storing.clone());
-    let writer = OutboxWriter::new(outbox.clone(), id, &keys);
-    let reply = |t: &str| {
-        OutboxItem::AssistantReply(AssistantReply {
-            in_reply_to: 1,
-            text: t.into(),
-        })
-    };
+    Rig {
+        dir,
+        id,
+        keys,
+        proxy: Arc::new(proxy),
+        intake,
+        recorded,
+        events,
+        filler: tx,
+    }
+}
 
-    // Not confirmed as stored: refused, and the segment stays for a later announce.
+impl Rig {
+    fn outbox_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("outbox.d")
+    }
+
+    fn writer(&self) -> OutboxWriter {
+        OutboxWriter::new(self.outbox_dir(), self.id.clone(), &self.keys)
+    }
+
+    /// The name of the next audit record, if one is queued.
+    fn next_record(&mut self) -> Option<String> {
+        self.events.try_recv().ok().map(|e| match e {
+            SessionEvent::Refused { what, .. } => format!("refused {what}"),
+            other => format!("{other:?}"),
+        })
+    }
+
+    /// Fills the audit records' queue to the brim, as a flood of refusals would.
+    fn fill_records(&self) {
+        for _ in 0..EVENT_QUEUE {
+            self.filler
+                .try_send(SessionEvent::ModelFailed {
+                    session: self.id.clone(),
+                    reason: "filler".into(),
+                })
+                .unwrap();
+        }
+        assert!(
+            self.filler
+                .try_send(SessionEvent::ModelFailed {
+                    session: self.id.clone(),
+                    reason: "one more".into(),
+                })
+                .is_err()
+        );
+    }
+}
+
+fn reply(t: &str) -> OutboxItem {
+    OutboxItem::AssistantReply(AssistantReply {
+        in_reply_to: 1,
+        text: t.into(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_outbox_seq_is_taken_in_once_and_in_order() {
+    let mut r = rig("ingest", false);
+    let writer = r.writer();
+    let outbox = r.outbox_dir();
+
+    // Not stored: refused, and the segment stays for a later announce.
     writer.publish(Seq(2), &[reply("first")]).unwrap();
     assert_eq!(
-        proxy.outbox(OutboxNotice { seq: Seq(2) }).await,
+        r.proxy.outbox(OutboxNotice { seq: Seq(2) }).await,
         Err(Refused::UNAVAILABLE)
     );
     assert!(outbox.join(Seq(2).file_name()).exists());
-    assert_eq!(log.recv().await.unwrap(), "outbox 2 (not stored)");
-    storing.store(true, std::sync::atomic::Ordering::SeqCst);
-    proxy.outbox(OutboxNotice { seq: Seq(2) }).await.unwrap();
-    assert_eq!(log.recv().await.unwrap(), "outbox 2");
+    let t = r.recorded.taken.recv().await.unwrap();
+    assert_eq!((t.seq, t.stored), (Seq(2), false));
+    r.intake.set_storing(true);
+    r.proxy.outbox(OutboxNotice { seq: Seq(2) }).await.unwrap();
+    let t = r.recorded.taken.recv().await.unwrap();
+    assert_eq!((t.seq, t.stored, t.items.len()), (Seq(2), true, 1));
     assert!(
         !outbox.join(Seq(2).file_name()).exists(),
         "a stored segment is removed"
     );
 
-    // The agent publishes seq 2 again, and an older seq 1: both refused, nothing emitted.
+    // The agent publishes seq 2 again, and an older seq 1: both refused, nothing taken.
     writer.publish(Seq(2), &[reply("again")]).unwrap();
     writer.publish(Seq(1), &[reply("older")]).unwrap();
     for seq in [Seq(2), Seq(1)] {
         assert_eq!(
-            proxy.outbox(OutboxNotice { seq }).await,
+            r.proxy.outbox(OutboxNotice { seq }).await,
             Err(Refused::REJECTED)
         );
-        assert_eq!(log.recv().await.unwrap(), "refused outbox");
+        assert_eq!(r.next_record().as_deref(), Some("refused outbox"));
     }
 
     // A hostile file at the next seq is refused and dropped; a good one after it is taken.
     std::fs::write(outbox.join(Seq(3).file_name()), b"not a segment").unwrap();
     assert_eq!(
-        proxy.outbox(OutboxNotice { seq: Seq(3) }).await,
+        r.proxy.outbox(OutboxNotice { seq: Seq(3) }).await,
         Err(Refused::REJECTED)
     );
-    assert_eq!(log.recv().await.unwrap(), "refused outbox");
+    assert_eq!(r.next_record().as_deref(), Some("refused outbox"));
     assert!(!outbox.join(Seq(3).file_name()).exists());
     writer.publish(Seq(4), &[reply("next")]).unwrap();
-    proxy.outbox(OutboxNotice { seq: Seq(4) }).await.unwrap();
-    assert_eq!(log.recv().await.unwrap(), "outbox 4");
-    assert!(log.try_recv().is_err(), "no items were emitted twice");
+    r.proxy.outbox(OutboxNotice { seq: Seq(4) }).await.unwrap();
+    assert_eq!(r.recorded.taken.recv().await.unwrap().seq, Seq(4));
+    assert!(
+        r.recorded.taken.try_recv().is_err(),
+        "no items were taken twice"
+    );
 }
 
-/// Answers outbox events as stored when `storing` is set, and logs every event.
-fn consume(
-    mut events: tokio::sync::mpsc::Receiver<SessionEvent>,
-    storing: Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::sync::mpsc::UnboundedReceiver<String> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(e) = events.recv().await {
-            let line = match e {
-                SessionEvent::Outbox { seq, stored, .. } => {
-                    if storing.load(std::sync::atomic::Ordering::SeqCst) {
-                        stored.send(()).unwrap();
-                        format!("outbox {}", seq.0)
-                    } else {
-                        format!("outbox {} (not stored)", seq.0)
-                    }
-                }
-                SessionEvent::Refused { what, .. } => format!("refused {what}"),
-                other => format!("{other:?}"),
-            };
-            let _ = tx.send(line);
-        }
-    });
-    rx
+#[tokio::test(flavor = "multi_thread")]
+async fn a_segment_is_stored_while_the_audit_records_queue_is_full() {
+    let mut r = rig("full", true);
+    r.fill_records();
+    r.writer().publish(Seq(1), &[reply("hello")]).unwrap();
+    r.proxy
+        .outbox(OutboxNotice { seq: Seq(1) })
+        .await
+        .expect("stored although no record can be queued");
+    assert_eq!(r.recorded.taken.recv().await.unwrap().seq, Seq(1));
+    let request = ChangeRequest {
+        target: ChangeTarget::Tools,
+        after: "[\"shell\"]".into(),
+        reason: "x".into(),
+    };
+    r.intake.answer_next(Filing::Filed(
+        ChangeId::try_from("c0123456789abcdef").unwrap(),
+    ));
+    assert_eq!(
+        r.proxy.change_request(request).await.unwrap().id.as_str(),
+        "c0123456789abcdef",
+        "filed although no record can be queued"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_turn_ends_with_the_segment_that_is_stored() {
+    let mut r = rig("turn", false);
+    let request = ChangeRequest {
+        target: ChangeTarget::Tools,
+        after: "[]".into(),
+        reason: "x".into(),
+    };
+    // A change request and a refused segment belong to the turn in progress.
+    assert_eq!(
+        r.proxy.change_request(request).await,
+        Err(Refused::UNAVAILABLE)
+    );
+    std::fs::write(r.outbox_dir().join(Seq(1).file_name()), b"garbage").unwrap();
+    assert!(r.proxy.outbox(OutboxNotice { seq: Seq(1) }).await.is_err());
+    // A segment that is not stored hands the turn over, and gets it back.
+    r.writer().publish(Seq(2), &[reply("hi")]).unwrap();
+    assert!(r.proxy.outbox(OutboxNotice { seq: Seq(2) }).await.is_err());
+    let t = r.recorded.taken.recv().await.unwrap();
+    assert_eq!((t.turn.change_requests, t.turn.refusals), (1, 1));
+    r.intake.set_storing(true);
+    r.proxy.outbox(OutboxNotice { seq: Seq(2) }).await.unwrap();
+    let t = r.recorded.taken.recv().await.unwrap();
+    assert_eq!(
+        (t.turn.change_requests, t.turn.refusals),
+        (1, 1),
+        "the turn was kept while its segment was not stored"
+    );
+    // The next turn starts empty.
+    r.writer().publish(Seq(3), &[reply("again")]).unwrap();
+    r.proxy.outbox(OutboxNotice { seq: Seq(3) }).await.unwrap();
+    let t = r.recorded.taken.recv().await.unwrap();
+    assert_eq!(t.turn, Default::default());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_change_request_gets_the_gateways_id_or_a_refusal_never_silence() {
-    use control_plane::proxy::session::{EVENT_QUEUE, SessionEvent};
-    use queue_proto::ids::ChangeId;
-    use queue_proto::items::{ChangeRequest, ChangeTarget};
-    let dir = tempfile::tempdir().unwrap();
-    let id = SessionId::try_from("flood").unwrap();
-    let keys = derive_session_keys(
-        &MasterKey::generate().unwrap(),
-        &id,
-        &SessionSalt::generate().unwrap(),
-    );
-    let (tx, mut events) = tokio::sync::mpsc::channel(EVENT_QUEUE);
-    let filler = tx.clone();
-    let reader = OutboxReader::new(dir.path().into(), dir.path().into(), id.clone(), &keys);
-    let (proxy, _) = SessionProxy::new(
-        id.clone(),
-        dir.path().into(),
-        reader,
-        Arc::new(DemoProvider),
-        Budgets::default(),
-        Duration::from_secs(1),
-        tx,
-    );
-    let proxy = Arc::new(proxy);
+    let mut r = rig("flood", true);
     let request = ChangeRequest {
         target: ChangeTarget::Tools,
         after: "[\"shell\"]".into(),
         reason: "x".repeat(1000),
     };
     // The gateway files it: the agent learns the gateway's id.
-    let call = tokio::spawn({
-        let (p, r) = (proxy.clone(), request.clone());
-        async move { p.change_request(r).await }
-    });
-    let Some(SessionEvent::ChangeRequested { filed, session, .. }) = events.recv().await else {
-        panic!("no change request event");
-    };
-    assert_eq!(session, id);
-    filed
-        .send(ChangeId::try_from("c0123456789abcdef").unwrap())
-        .unwrap();
+    r.intake.answer_next(Filing::Filed(
+        ChangeId::try_from("c0123456789abcdef").unwrap(),
+    ));
     assert_eq!(
-        call.await.unwrap().unwrap().id.as_str(),
+        r.proxy
+            .change_request(request.clone())
+            .await
+            .unwrap()
+            .id
+            .as_str(),
         "c0123456789abcdef"
     );
-    // The gateway could not file it (the answer is dropped): refused.
-    let call = tokio::spawn({
-        let (p, r) = (proxy.clone(), request.clone());
-        async move { p.change_request(r).await }
-    });
-    drop(events.recv().await);
-    assert_eq!(call.await.unwrap(), Err(Refused::UNAVAILABLE));
-    // The queue is full: refused at once.
-    for _ in 0..EVENT_QUEUE {
-        filler
-            .try_send(SessionEvent::ModelFailed {
-                session: id.clone(),
-                reason: "filler".into(),
-            })
-            .unwrap();
-    }
+    let (session, asked) = r.recorded.requests.recv().await.unwrap();
+    assert_eq!((session, asked.reason.len()), (r.id.clone(), 1000));
+    // The gateway could not file it: refused.
+    r.intake.answer_next(Filing::NotFiled);
     assert_eq!(
-        proxy.change_request(request.clone()).await,
+        r.proxy.change_request(request.clone()).await,
         Err(Refused::UNAVAILABLE)
     );
-    // Nobody consumes any more: refused.
-    drop(events);
+    // The gateway never answers: refused when the proxy stops waiting.
+    r.intake.answer_next(Filing::Hang);
     assert_eq!(
-        proxy.change_request(request).await,
+        r.proxy.change_request(request).await,
         Err(Refused::UNAVAILABLE)
     );
 }

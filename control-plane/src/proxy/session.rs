@@ -1,7 +1,16 @@
 //! What the proxy endpoints do for one session: wake the agent when its inbox grows,
 //! forward model calls to the configured provider within the session's budgets, take in
 //! published outbox segments as hostile input, and pass change requests to the gateway.
-//! Everything that must reach the rest of the control plane leaves as a [`SessionEvent`].
+//!
+//! Two ways to the rest of the control plane, by what may be lost:
+//! - what must not be lost (an outbox segment's items, a change request) is handed to
+//!   the session's [`Intake`] in an ordinary awaited call, whose answer the agent gets;
+//! - records for the audit trail are [`SessionEvent`]s on a bounded queue, dropped when
+//!   its consumer is behind, so an agent cannot grow the control plane's memory.
+//!
+//! The proxy also keeps the summary of the agent's current turn (model calls, tools
+//! asked for, refusals, change requests), counted here as each happens, and hands it
+//! over with the outbox segment that ends the turn.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,50 +22,57 @@ use queue_proto::items::{ChangeRequest, OutboxItem, ToolName};
 use queue_proto::proxy::{
     ChangeRequestFiled, ContentBlock, ModelRequest, ModelResponse, OutboxNotice, WaitResponse,
 };
-use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 
 use super::budget::{BudgetMeter, Budgets};
 use super::server::{Refused, SessionHandler};
+use crate::gateway::risk::TurnSummary;
 use crate::model::{Provider, ProviderError};
 
-/// Something the proxy saw that the rest of the control plane acts on.
+/// A record for the audit trail; dropped, not queued, when the consumer is behind.
 #[derive(Debug)]
 pub enum SessionEvent {
-    /// Items from a published outbox segment, already validated. The segment is
-    /// removed only after the consumer sends on `stored` (its items are durable); if it
-    /// does not, the segment stays for the agent to announce again.
-    Outbox {
-        session: SessionId,
-        seq: Seq,
-        items: Vec<OutboxItem>,
-        stored: oneshot::Sender<()>,
-    },
-    /// A model call that was made (for the audit trail and the turn summary).
+    /// A model call that was made.
     ModelCall {
         session: SessionId,
         provider: &'static str,
-        /// The tools the model asked to use, by name (at most 64 listed).
-        tools: Vec<String>,
         input_tokens: u64,
         output_tokens: u64,
         bytes_sent: u64,
     },
-    /// A model call that failed or was refused (for the audit trail). The agent tells
-    /// the person; if it stays silent, the message fails with a notice at its timeout.
+    /// A model call that failed or was refused. The agent tells the person; if it stays
+    /// silent, the message fails with a notice at its timeout.
     ModelFailed { session: SessionId, reason: String },
-    /// A segment or request the proxy refused (for the audit trail).
+    /// A segment or request the proxy refused.
     Refused {
         session: SessionId,
         what: &'static str,
         detail: String,
     },
-    /// The agent asks for a change; the gateway files it and sends back its id (or
-    /// nothing, if it could not be filed).
-    ChangeRequested {
-        session: SessionId,
+}
+
+/// An outbox segment that was not stored: it stays for the agent to announce again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotStored;
+
+/// Where a session's proxy hands what must not be lost. Each call returns once the
+/// thing is durable (or known not to be).
+pub trait Intake: Send + Sync + 'static {
+    /// Stores a validated outbox segment's items with the summary of the turn it ends.
+    fn outbox(
+        &self,
+        session: &SessionId,
+        seq: Seq,
+        items: Vec<OutboxItem>,
+        turn: TurnSummary,
+    ) -> impl Future<Output = Result<(), NotStored>> + Send;
+    /// Files the agent's change request with the gateway: its id, or `None` if it was
+    /// not filed.
+    fn change_request(
+        &self,
+        session: &SessionId,
         request: ChangeRequest,
-        filed: oneshot::Sender<ChangeId>,
-    },
+    ) -> impl Future<Output = Option<ChangeId>> + Send;
 }
 
 /// Tells a waiting agent that its inbox grew.
@@ -78,7 +94,7 @@ impl InboxSignal {
 
 /// The endpoints' behaviour for one session.
 #[derive(Debug)]
-pub struct SessionProxy<P> {
+pub struct SessionProxy<P, I> {
     session: SessionId,
     inbox_dir: PathBuf,
     /// Ingestion holds this lock from read to removal, one segment at a time; the value
@@ -90,12 +106,22 @@ pub struct SessionProxy<P> {
     model_gate: Arc<tokio::sync::Semaphore>,
     latest: watch::Receiver<Option<Seq>>,
     wait_timeout: Duration,
-    /// Bounded: an agent cannot grow the control plane's memory by producing events
+    intake: Arc<I>,
+    /// What the agent has done since its last outbox segment.
+    turn: Arc<std::sync::Mutex<TurnSummary>>,
+    /// Bounded: an agent cannot grow the control plane's memory by producing records
     /// faster than they are consumed.
     events: mpsc::Sender<SessionEvent>,
 }
 
-impl<P: Provider> SessionProxy<P> {
+/// Where a session's proxy sends what it takes in and what it records.
+#[derive(Debug)]
+pub struct Outlets<I> {
+    pub intake: Arc<I>,
+    pub events: mpsc::Sender<SessionEvent>,
+}
+
+impl<P: Provider, I: Intake> SessionProxy<P, I> {
     /// A session's proxy behaviour, and the signal to call when its inbox grows.
     pub fn new(
         session: SessionId,
@@ -104,7 +130,7 @@ impl<P: Provider> SessionProxy<P> {
         provider: Arc<P>,
         budgets: Budgets,
         wait_timeout: Duration,
-        events: mpsc::Sender<SessionEvent>,
+        outlets: Outlets<I>,
     ) -> (Self, InboxSignal) {
         let latest = queue_proto::control::list_inbox(&inbox_dir)
             .ok()
@@ -119,7 +145,9 @@ impl<P: Provider> SessionProxy<P> {
             model_gate: Arc::new(tokio::sync::Semaphore::new(1)),
             latest: rx,
             wait_timeout,
-            events,
+            intake: outlets.intake,
+            turn: Arc::default(),
+            events: outlets.events,
         };
         (proxy, InboxSignal(Arc::new(tx)))
     }
@@ -131,7 +159,13 @@ impl<P: Provider> SessionProxy<P> {
         }
     }
 
+    /// Adds to the summary of the current turn.
+    fn count(&self, f: impl FnOnce(&mut TurnSummary)) {
+        f(&mut self.turn.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
     fn refuse(&self, what: &'static str, detail: String, refusal: Refused) -> Refused {
+        self.count(|t| t.refusals += 1);
         self.emit(SessionEvent::Refused {
             session: self.session.clone(),
             what,
@@ -141,10 +175,10 @@ impl<P: Provider> SessionProxy<P> {
     }
 }
 
-/// How many events a session's proxy may have waiting for the consumer.
+/// How many records a session's proxy may have waiting for the consumer.
 pub const EVENT_QUEUE: usize = 256;
 
-/// How long the consumer may take to store an outbox segment's items.
+/// How long the intake may take to store an outbox segment's items or file a request.
 pub const STORE_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// The most output tokens one model call may ask for.
@@ -156,7 +190,7 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-impl<P: Provider> SessionHandler for SessionProxy<P> {
+impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
     async fn wait(&self, after: Seq) -> Result<WaitResponse, Refused> {
         let mut latest = self.latest.clone();
         let newer = |l: &Option<Seq>| l.is_some_and(|l| l > after);
@@ -186,11 +220,12 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
         }
         // The call runs in its own task: if the agent hangs up or the handler times out,
         // the call is still charged and recorded when it ends.
-        let (provider, budget, events, session) = (
+        let (provider, budget, events, session, turn) = (
             self.provider.clone(),
             self.budget.clone(),
             self.events.clone(),
             self.session.clone(),
+            self.turn.clone(),
         );
         let call = tokio::spawn(async move {
             let result = provider.complete(&request).await;
@@ -200,23 +235,26 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
                 Err(_) => u64::from(request.max_tokens),
             };
             budget.lock().await.record_tokens(now_ms(), tokens);
+            // Counted before the agent sees the answer, so in the turn it belongs to.
+            if let Ok(r) = &result {
+                let mut t = turn.lock().unwrap_or_else(|p| p.into_inner());
+                t.model_calls += 1;
+                t.bytes_out += bytes;
+                let asked = r.content.iter().filter_map(|b| match b {
+                    ContentBlock::ToolUse { name, .. } => Some(name),
+                    _ => None,
+                });
+                for name in asked.take(64) {
+                    // Names the model chose are not ours to record verbatim.
+                    let known = serde_json::from_value::<ToolName>(serde_json::json!(name));
+                    let name = known.map_or_else(|_| "unknown".to_owned(), |_| name.clone());
+                    *t.tools.entry(name).or_default() += 1;
+                }
+            }
             let event = match &result {
                 Ok(r) => SessionEvent::ModelCall {
                     session: session.clone(),
                     provider: provider.name(),
-                    tools: r
-                        .content
-                        .iter()
-                        .filter_map(|b| match b {
-                            // Names the model chose are not ours to record verbatim.
-                            ContentBlock::ToolUse { name, .. } => Some(
-                                serde_json::from_value::<ToolName>(serde_json::json!(name))
-                                    .map_or_else(|_| "unknown".to_owned(), |_| name.clone()),
-                            ),
-                            _ => None,
-                        })
-                        .take(64)
-                        .collect(),
                     input_tokens: r.usage.input_tokens,
                     output_tokens: r.usage.output_tokens,
                     bytes_sent: bytes,
@@ -246,10 +284,6 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
         // Parsing a hostile file is blocking work: keep it off the async workers, and
         // take one segment at a time per session, each seq once, in order.
         let guard = self.outbox.clone().lock_owned().await;
-        // Room for the items must exist before the segment is taken in and removed.
-        let Ok(slot) = self.events.clone().try_reserve_owned() else {
-            return Err(Refused::UNAVAILABLE);
-        };
         if guard.1.is_some_and(|last| notice.seq <= last) {
             return Err(self.refuse(
                 "outbox",
@@ -266,17 +300,17 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
         let mut guard = guard;
         match read {
             Ok(items) => {
-                let (stored, was_stored) = oneshot::channel();
-                slot.send(SessionEvent::Outbox {
-                    session: self.session.clone(),
-                    seq: notice.seq,
-                    items,
-                    stored,
-                });
+                // The segment ends the turn; if it is not stored, the turn goes on.
+                let turn =
+                    std::mem::take(&mut *self.turn.lock().unwrap_or_else(|p| p.into_inner()));
+                let stored = self
+                    .intake
+                    .outbox(&self.session, notice.seq, items, turn.clone());
                 if !matches!(
-                    tokio::time::timeout(STORE_TIMEOUT, was_stored).await,
+                    tokio::time::timeout(STORE_TIMEOUT, stored).await,
                     Ok(Ok(()))
                 ) {
+                    self.count(|t| t.absorb(turn));
                     return Err(Refused::UNAVAILABLE);
                 }
                 guard.1 = Some(notice.seq);
@@ -297,18 +331,11 @@ impl<P: Provider> SessionHandler for SessionProxy<P> {
     }
 
     async fn change_request(&self, request: ChangeRequest) -> Result<ChangeRequestFiled, Refused> {
-        let (filed, id) = oneshot::channel();
-        let event = SessionEvent::ChangeRequested {
-            session: self.session.clone(),
-            request,
-            filed,
-        };
-        // A request that cannot be queued or filed is refused, never silently lost.
-        if self.events.try_send(event).is_err() {
-            return Err(Refused::UNAVAILABLE);
-        }
-        match tokio::time::timeout(STORE_TIMEOUT, id).await {
-            Ok(Ok(id)) => Ok(ChangeRequestFiled { id }),
+        self.count(|t| t.change_requests += 1);
+        // A request that cannot be filed is refused, never silently lost.
+        let filed = self.intake.change_request(&self.session, request);
+        match tokio::time::timeout(STORE_TIMEOUT, filed).await {
+            Ok(Some(id)) => Ok(ChangeRequestFiled { id }),
             _ => Err(Refused::UNAVAILABLE),
         }
     }

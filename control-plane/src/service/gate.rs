@@ -13,7 +13,7 @@ use super::{Service, ServiceError, provider};
 use crate::audit::AuditEvent;
 use crate::config::Config;
 use crate::gateway::rate::{RateLimit, Refusals};
-use crate::gateway::risk::{TurnSummary, change_risk};
+use crate::gateway::risk::change_risk;
 use crate::gateway::{self, Denial, Requester, candidate, policy};
 use crate::model::AnyProvider;
 use crate::operator::Identity;
@@ -360,31 +360,5 @@ impl Service {
             );
         }
         self.recover().await;
-    }
-
-    /// Adds to the summary of `session`'s current turn.
-    pub(super) fn turn(&self, session: &SessionId, f: impl FnOnce(&mut TurnSummary)) {
-        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
-        f(turns.entry(session.clone()).or_default());
-    }
-
-    /// The summary of the turn an outbox segment ends (taken from what the proxy saw,
-    /// plus the segment's own items); stored with the segment.
-    pub(super) fn end_turn(&self, session: &SessionId, items: &[OutboxItem]) -> TurnSummary {
-        let mut summary = {
-            let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
-            turns.remove(session).unwrap_or_default()
-        };
-        for item in items {
-            match item {
-                OutboxItem::AssistantReply(r) => {
-                    summary.replies += 1;
-                    summary.bytes_out += r.text.len() as u64;
-                }
-                OutboxItem::ChangeRequest(_) => summary.change_requests += 1,
-                OutboxItem::Note(_) | OutboxItem::ScheduleRequest(_) => {}
-            }
-        }
-        summary
     }
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use queue_proto::control::{InboxWriter, OutboxReader};
-use queue_proto::ids::{Seq, SessionId};
-use queue_proto::items::{InboxItem, UserMessage};
+use queue_proto::ids::{ChangeId, Seq, SessionId};
+use queue_proto::items::{ChangeRequest, InboxItem, OutboxItem, UserMessage};
 use queue_proto::keys::{MasterKey, SessionKeys, derive_session_keys};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -29,7 +29,9 @@ use crate::model::http::{ApiKey, ApprovedEndpoint};
 use crate::model::openai::OpenAiCompatible;
 use crate::model::{AnyProvider, Provider};
 use crate::proxy::server::{ProxyLimits, serve};
-use crate::proxy::session::{EVENT_QUEUE, InboxSignal, SessionEvent, SessionProxy};
+use crate::proxy::session::{
+    EVENT_QUEUE, InboxSignal, Intake, NotStored, Outlets, SessionEvent, SessionProxy,
+};
 use crate::sandbox::SandboxSettings;
 use crate::sandbox::layout;
 use crate::sandbox::lifecycle::{Event, Exit, Manager, ManagerError};
@@ -171,8 +173,6 @@ pub struct Service {
     manager: Arc<Manager>,
     provider: std::sync::RwLock<Arc<AnyProvider>>,
     limits: ProxyLimits,
-    /// What each session's agent has done since its last outbox segment.
-    turns: std::sync::Mutex<HashMap<SessionId, TurnSummary>>,
     /// Change requests per agent per minute.
     rate: std::sync::Mutex<RateLimit>,
     /// Refused admin peers recorded one by one, per peer per minute.
@@ -303,7 +303,6 @@ impl Service {
             manager,
             provider: std::sync::RwLock::new(provider),
             limits: ProxyLimits::default(),
-            turns: std::sync::Mutex::new(HashMap::new()),
             rate: std::sync::Mutex::new(RateLimit::default()),
             refused_peers: std::sync::Mutex::new(RateLimit::default()),
             prompts: tokio::sync::Notify::new(),
@@ -606,7 +605,10 @@ impl Service {
             self.provider(),
             self.config().budgets(),
             self.limits.wait_timeout,
-            tx,
+            Outlets {
+                intake: Arc::new(ServiceIntake(Arc::downgrade(self))),
+                events: tx,
+            },
         );
         let server = tokio::spawn(serve(listener, id.clone(), Arc::new(proxy), self.limits));
         let consumer = tokio::spawn(session_events_loop(Arc::downgrade(self), rx));
@@ -695,52 +697,45 @@ impl Service {
         let _ = self.db(|s| s.record(AuditEvent::ServiceStopped, &json!({}), now_secs()));
     }
 
-    async fn on_session_event(&self, event: SessionEvent) {
-        let now = now_secs();
+    /// Stores an outbox segment's items with the turn it ends, then files the change
+    /// requests among them and wakes the delivery workers.
+    fn take_outbox(
+        &self,
+        session: &SessionId,
+        seq: Seq,
+        items: &[OutboxItem],
+        mut turn: TurnSummary,
+    ) -> Result<(), NotStored> {
+        turn.add_items(items);
+        let ingested = self.db(|s| s.ingest(session, seq, items, &turn, now_secs()));
+        let done = ingested.map_err(|e| {
+            tracing::error!(session = %session, error = %e, "storing an outbox segment failed");
+            NotStored
+        })?;
+        if !done.duplicate {
+            self.file_outbox_requests(session, items);
+        }
+        if done.dropped_replies > 0 {
+            tracing::warn!(session = %session, count = done.dropped_replies,
+                "replies to unknown or settled messages were dropped");
+        }
+        if done.replies > 0 || done.timers > 0 {
+            self.outbound_changed();
+        }
+        self.prune_inbox(session);
+        Ok(())
+    }
+
+    /// Records what a session's proxy reported for the audit trail.
+    fn on_session_event(&self, event: SessionEvent) {
         match event {
-            SessionEvent::Outbox {
-                session,
-                seq,
-                items,
-                stored,
-            } => {
-                let turn = self.end_turn(&session, &items);
-                let ingested = self.db(|s| s.ingest(&session, seq, &items, &turn, now));
-                match ingested {
-                    Ok(done) => {
-                        let _ = stored.send(());
-                        if !done.duplicate {
-                            self.file_outbox_requests(&session, &items);
-                        }
-                        if done.dropped_replies > 0 {
-                            tracing::warn!(session = %session, count = done.dropped_replies,
-                                "replies to unknown or settled messages were dropped");
-                        }
-                        if done.replies > 0 || done.timers > 0 {
-                            self.outbound_changed();
-                        }
-                        self.prune_inbox(&session);
-                    }
-                    Err(e) => {
-                        tracing::error!(session = %session, error = %e, "storing an outbox segment failed")
-                    }
-                }
-            }
             SessionEvent::ModelCall {
                 session,
                 provider,
-                tools,
                 input_tokens,
                 output_tokens,
                 bytes_sent,
             } => {
-                self.turn(&session, |t| {
-                    t.model_calls += 1;
-                    t.bytes_out += bytes_sent;
-                    for name in &tools {
-                        *t.tools.entry(name.clone()).or_default() += 1;
-                    }
-                });
                 self.audit(AuditEvent::ModelCall, json!({ "session": session.as_str(), "provider": provider,
                     "input_tokens": input_tokens, "output_tokens": output_tokens, "bytes": bytes_sent }));
             }
@@ -755,22 +750,11 @@ impl Service {
                 what,
                 detail,
             } => {
-                self.turn(&session, |t| t.refusals += 1);
                 let detail: String = detail.chars().take(256).collect();
                 self.audit(
                     AuditEvent::ProxyRefused,
                     json!({ "session": session.as_str(), "what": what, "detail": detail }),
                 );
-            }
-            SessionEvent::ChangeRequested {
-                session,
-                request,
-                filed,
-            } => {
-                self.turn(&session, |t| t.change_requests += 1);
-                if let Some(id) = self.file_agent_change(&session, &request) {
-                    let _ = filed.send(id);
-                }
             }
         }
     }
@@ -860,13 +844,37 @@ impl Service {
     }
 }
 
+/// The service as a session proxy's intake.
+struct ServiceIntake(std::sync::Weak<Service>);
+
+impl Intake for ServiceIntake {
+    async fn outbox(
+        &self,
+        session: &SessionId,
+        seq: Seq,
+        items: Vec<OutboxItem>,
+        turn: TurnSummary,
+    ) -> Result<(), NotStored> {
+        let service = self.0.upgrade().ok_or(NotStored)?;
+        service.take_outbox(session, seq, &items, turn)
+    }
+
+    async fn change_request(
+        &self,
+        session: &SessionId,
+        request: ChangeRequest,
+    ) -> Option<ChangeId> {
+        self.0.upgrade()?.file_agent_change(session, &request)
+    }
+}
+
 async fn session_events_loop(
     service: std::sync::Weak<Service>,
     mut rx: mpsc::Receiver<SessionEvent>,
 ) {
     while let Some(event) = rx.recv().await {
         let Some(s) = service.upgrade() else { return };
-        s.on_session_event(event).await;
+        s.on_session_event(event);
     }
 }
 

@@ -1,0 +1,118 @@
+//! A stand-in for the service behind a session proxy: it hands each outbox segment it
+//! takes to the test, stores only while told to, and answers change requests as the
+//! test scripted.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use control_plane::gateway::risk::TurnSummary;
+use control_plane::proxy::session::{Intake, NotStored};
+use queue_proto::ids::{ChangeId, Seq, SessionId};
+use queue_proto::items::{ChangeRequest, OutboxItem};
+use tokio::sync::mpsc;
+
+/// An outbox segment handed to the intake.
+#[derive(Debug)]
+pub struct Taken {
+    pub seq: Seq,
+    pub items: Vec<OutboxItem>,
+    pub turn: TurnSummary,
+    /// Whether the intake said it was stored.
+    pub stored: bool,
+}
+
+/// How the intake answers one change request.
+#[derive(Debug, Clone)]
+pub enum Filing {
+    Filed(ChangeId),
+    NotFiled,
+    /// Never answers (the proxy must still answer the agent).
+    Hang,
+}
+
+/// Records every call; see the module documentation.
+#[derive(Debug)]
+pub struct RecordingIntake {
+    storing: AtomicBool,
+    taken: mpsc::UnboundedSender<Taken>,
+    filings: Mutex<VecDeque<Filing>>,
+    requests: mpsc::UnboundedSender<(SessionId, ChangeRequest)>,
+}
+
+/// What the test reads back.
+#[derive(Debug)]
+pub struct Recorded {
+    pub taken: mpsc::UnboundedReceiver<Taken>,
+    pub requests: mpsc::UnboundedReceiver<(SessionId, ChangeRequest)>,
+}
+
+impl RecordingIntake {
+    /// An intake that stores from the start if `storing`, and files nothing until told.
+    pub fn new(storing: bool) -> (RecordingIntake, Recorded) {
+        let (taken, taken_rx) = mpsc::unbounded_channel();
+        let (requests, requests_rx) = mpsc::unbounded_channel();
+        let intake = RecordingIntake {
+            storing: AtomicBool::new(storing),
+            taken,
+            filings: Mutex::new(VecDeque::new()),
+            requests,
+        };
+        (
+            intake,
+            Recorded {
+                taken: taken_rx,
+                requests: requests_rx,
+            },
+        )
+    }
+
+    pub fn set_storing(&self, storing: bool) {
+        self.storing.store(storing, Ordering::SeqCst);
+    }
+
+    /// Queues the answer to the next change request (none queued: not filed).
+    pub fn answer_next(&self, filing: Filing) {
+        self.filings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(filing);
+    }
+}
+
+impl Intake for RecordingIntake {
+    async fn outbox(
+        &self,
+        _session: &SessionId,
+        seq: Seq,
+        items: Vec<OutboxItem>,
+        turn: TurnSummary,
+    ) -> Result<(), NotStored> {
+        let stored = self.storing.load(Ordering::SeqCst);
+        let _ = self.taken.send(Taken {
+            seq,
+            items,
+            turn,
+            stored,
+        });
+        if stored { Ok(()) } else { Err(NotStored) }
+    }
+
+    async fn change_request(
+        &self,
+        session: &SessionId,
+        request: ChangeRequest,
+    ) -> Option<ChangeId> {
+        let _ = self.requests.send((session.clone(), request));
+        let next = self
+            .filings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front();
+        match next {
+            Some(Filing::Filed(id)) => Some(id),
+            Some(Filing::NotFiled) | None => None,
+            Some(Filing::Hang) => std::future::pending().await,
+        }
+    }
+}
