@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use control_plane::gateway::risk::TurnSummary;
 use control_plane::proxy::session::{Intake, NotStored};
+use control_plane::proxy::turn::TurnSummary;
 use queue_proto::ids::{ChangeId, Seq, SessionId};
 use queue_proto::items::{ChangeRequest, OutboxItem};
 use tokio::sync::mpsc;

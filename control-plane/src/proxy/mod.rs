@@ -5,3 +5,4 @@
 pub mod budget;
 pub mod server;
 pub mod session;
+pub mod turn;

@@ -26,8 +26,8 @@ use tokio::sync::{Mutex, mpsc, watch};
 
 use super::budget::{BudgetMeter, Budgets};
 use super::server::{Refused, SessionHandler};
-use crate::gateway::risk::TurnSummary;
 use crate::model::{Provider, ProviderError};
+use crate::proxy::turn::TurnSummary;
 
 /// A record for the audit trail; dropped, not queued, when the consumer is behind.
 #[derive(Debug)]

@@ -22,7 +22,6 @@ use tokio::task::JoinHandle;
 use crate::audit::AuditEvent;
 use crate::config::{Config, ProviderKind, RuntimeChoice};
 use crate::gateway::rate::RateLimit;
-use crate::gateway::risk::TurnSummary;
 use crate::model::anthropic::Anthropic;
 use crate::model::demo::DemoProvider;
 use crate::model::http::{ApiKey, ApprovedEndpoint};
@@ -32,6 +31,7 @@ use crate::proxy::server::{ProxyLimits, serve};
 use crate::proxy::session::{
     EVENT_QUEUE, InboxSignal, Intake, NotStored, Outlets, SessionEvent, SessionProxy,
 };
+use crate::proxy::turn::TurnSummary;
 use crate::sandbox::SandboxSettings;
 use crate::sandbox::layout;
 use crate::sandbox::lifecycle::{Event, Exit, Manager, ManagerError};

@@ -13,9 +13,10 @@ use super::state::{ChangeState, PROMPT_DUE_SQL, PromptState};
 use super::{Store, StoreError};
 use crate::audit::{self, AuditEvent};
 use crate::config::Config;
-use crate::gateway::risk::{Operation, TurnSummary};
+use crate::gateway::risk::Operation;
 use crate::gateway::{self, Denial, policy};
 use crate::operator::Identity;
+use crate::proxy::turn::TurnSummary;
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS config_versions (

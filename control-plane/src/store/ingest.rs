@@ -15,7 +15,8 @@ use super::state::{MessageState, OutboundKind};
 use super::timers::add_timer;
 use super::{Store, StoreError};
 use crate::audit::{self, AuditEvent};
-use crate::gateway::risk::{TurnSummary, turn_risk};
+use crate::gateway::risk::turn_risk;
+use crate::proxy::turn::TurnSummary;
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS ingested (

@@ -235,7 +235,7 @@ fn outbound_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Outbound> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::risk::TurnSummary;
+    use crate::proxy::turn::TurnSummary;
     use crate::store::testing::{id, store};
     use queue_proto::ids::Seq;
     use queue_proto::items::{OutboxItem, ScheduleRequest};
