@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use control_plane::admin::{self, Request, Response};
 use control_plane::sandbox::layout::Layout;
-use control_plane::sandbox::runtime::{RunscRuntime, Runtime};
+use control_plane::sandbox::runtime::{NetNs, RunscRuntime, Runtime};
 use control_plane::store::changes::{ChangeDetail, ChangeSummary};
 use control_plane::store::sessions::SessionSummary;
 
@@ -291,10 +291,13 @@ impl Drop for Serve {
         }
         // Sandboxes a killed serve left behind.
         let layout = Layout::new(&self.state, &self.state.join("run"));
-        let runtime = RunscRuntime::default();
-        for s in runtime.leftovers(&layout).unwrap_or_default() {
-            runtime.kill(&layout, &s);
-            let _ = runtime.destroy(&layout, &s);
+        if let Ok(runtime) = RunscRuntime::private("runsc".into(), &layout) {
+            for s in runtime.leftovers(&layout).unwrap_or_default() {
+                runtime.kill(&layout, &s);
+                let _ = runtime.destroy(&layout, &s);
+            }
         }
+        // The sandboxes' network namespace, which serve keeps across its restarts.
+        let _ = NetNs::of(&layout).remove();
     }
 }

@@ -32,6 +32,9 @@ impl Layout {
             run_dir: run_dir.to_owned(),
         }
     }
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
     pub fn rootfs(&self) -> PathBuf {
         self.state_dir.join("rootfs")
     }

@@ -118,22 +118,136 @@ pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
 
 /// gVisor: `runsc --network=none --host-uds=open --platform=ptrace run --bundle DIR ID`,
 /// with runsc's state under `<state>/runsc`.
+///
+/// Debian's runsc names each sandbox's control socket in the abstract socket namespace
+/// of the network namespace it starts in, and its peer check cannot tell host users
+/// apart; anyone who can connect can list, signal, pause, checkpoint or exec in the
+/// sandbox. So every runsc command of a [`RunscRuntime::private`] runtime (`run`,
+/// `kill`, `delete`, `list`) runs through `nsenter` in a network namespace of the
+/// control plane's own, which only a process with `CAP_SYS_ADMIN` can enter; no host
+/// process outside it can reach a control socket. `--network=none` still applies inside.
 #[derive(Debug, Clone)]
 pub struct RunscRuntime {
     pub runsc: PathBuf,
+    /// The network namespace every runsc command runs in; `None` runs them in the
+    /// caller's own (tests of the sandbox alone).
+    netns: Option<NetNs>,
+}
+
+/// A named network namespace (`ip netns`), kept at `/run/netns/<name>` so that it
+/// outlives the process that made it and a restarted control plane finds its sandboxes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetNs {
+    name: String,
+}
+
+/// Where `ip netns` keeps its namespaces.
+const NETNS_DIR: &str = "/run/netns";
+
+impl NetNs {
+    /// The namespace of the state directory `layout` belongs to: one per state
+    /// directory, named after a hash of its path.
+    pub fn of(layout: &Layout) -> NetNs {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(layout.state_dir().as_os_str().as_encoded_bytes());
+        NetNs {
+            name: format!("ironclaw-{}", &hex::encode(digest)[..12]),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new(NETNS_DIR).join(&self.name)
+    }
+
+    /// Makes the namespace if it does not exist yet. It holds nothing but a loopback
+    /// interface that stays down.
+    pub fn ensure(&self) -> Result<(), RuntimeError> {
+        if self.path().exists() {
+            return Ok(());
+        }
+        let args = ["netns".to_owned(), "add".to_owned(), self.name.clone()];
+        let out = run(Path::new("ip"), &args)?;
+        if !out.status.success() && !self.path().exists() {
+            return Err(RuntimeError::Failed {
+                command: format!("ip netns add {}", self.name),
+                stderr: String::from_utf8_lossy(&out.stderr).into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes the namespace (its sandboxes must be gone). Idempotent.
+    pub fn remove(&self) -> Result<(), RuntimeError> {
+        if !self.path().exists() {
+            return Ok(());
+        }
+        let args = ["netns".to_owned(), "delete".to_owned(), self.name.clone()];
+        let out = run(Path::new("ip"), &args)?;
+        if !out.status.success() && self.path().exists() {
+            return Err(RuntimeError::Failed {
+                command: format!("ip netns delete {}", self.name),
+                stderr: String::from_utf8_lossy(&out.stderr).into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for RunscRuntime {
     fn default() -> Self {
         RunscRuntime {
             runsc: "runsc".into(),
+            netns: None,
         }
     }
 }
 
 impl RunscRuntime {
+    /// The runtime the service uses: `runsc` at `runsc`, every command in the state
+    /// directory's own network namespace (made if missing).
+    pub fn private(runsc: PathBuf, layout: &Layout) -> Result<RunscRuntime, RuntimeError> {
+        let netns = NetNs::of(layout);
+        netns.ensure()?;
+        Ok(RunscRuntime {
+            runsc,
+            netns: Some(netns),
+        })
+    }
+
+    /// The namespace the runtime's commands run in, if it has one of its own.
+    pub fn netns(&self) -> Option<&NetNs> {
+        self.netns.as_ref()
+    }
+
     fn global(layout: &Layout) -> String {
         format!("--root={}", layout.runsc_root().display())
+    }
+
+    /// The program and arguments that run `runsc args…`, entering the namespace first
+    /// if the runtime has one.
+    fn invocation(&self, args: Vec<String>) -> (PathBuf, Vec<String>) {
+        match &self.netns {
+            None => (self.runsc.clone(), args),
+            Some(ns) => {
+                let mut all = vec![
+                    format!("--net={}", ns.path().display()),
+                    "--".to_owned(),
+                    self.runsc.display().to_string(),
+                ];
+                all.extend(args);
+                (PathBuf::from("nsenter"), all)
+            }
+        }
+    }
+
+    /// Runs one housekeeping command of runsc.
+    fn housekeeping(&self, args: Vec<String>) -> Result<std::process::Output, RuntimeError> {
+        let (program, args) = self.invocation(args);
+        run(&program, &args)
     }
 }
 
@@ -143,21 +257,20 @@ impl Runtime for RunscRuntime {
     }
 
     fn command(&self, layout: &Layout, session: &SessionId, bundle_dir: &Path) -> Command {
-        let mut cmd = base_command(&self.runsc);
-        cmd.args(runsc_run_args(&layout.runsc_root(), bundle_dir, session));
+        let (program, args) =
+            self.invocation(runsc_run_args(&layout.runsc_root(), bundle_dir, session));
+        let mut cmd = base_command(&program);
+        cmd.args(args);
         cmd
     }
 
     fn kill(&self, layout: &Layout, session: &SessionId) {
-        let _ = run(
-            &self.runsc,
-            &[
-                Self::global(layout),
-                "kill".into(),
-                container_id(session),
-                "KILL".into(),
-            ],
-        );
+        let _ = self.housekeeping(vec![
+            Self::global(layout),
+            "kill".into(),
+            container_id(session),
+            "KILL".into(),
+        ]);
     }
 
     fn destroy(&self, layout: &Layout, session: &SessionId) -> Result<(), RuntimeError> {
@@ -166,15 +279,12 @@ impl Runtime for RunscRuntime {
         // Then delete removes what is left and runsc's state; an unknown id is not an
         // error worth reporting.
         self.kill(layout, session);
-        let out = run(
-            &self.runsc,
-            &[
-                Self::global(layout),
-                "delete".into(),
-                "--force".into(),
-                id.clone(),
-            ],
-        )?;
+        let out = self.housekeeping(vec![
+            Self::global(layout),
+            "delete".into(),
+            "--force".into(),
+            id.clone(),
+        ])?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success()
             && !stderr.contains("does not exist")
@@ -192,10 +302,7 @@ impl Runtime for RunscRuntime {
         if !layout.runsc_root().exists() {
             return Ok(Vec::new());
         }
-        let out = run(
-            &self.runsc,
-            &[Self::global(layout), "list".into(), "--quiet".into()],
-        )?;
+        let out = self.housekeeping(vec![Self::global(layout), "list".into(), "--quiet".into()])?;
         if !out.status.success() {
             return Err(RuntimeError::Failed {
                 command: "runsc list".into(),
@@ -293,6 +400,7 @@ mod tests {
         let bundle = layout.bundle(&s);
         let runsc = RunscRuntime {
             runsc: "/usr/bin/runsc".into(),
+            netns: None,
         }
         .command(&layout, &s, &bundle);
         let host = HostRuntime.command(&layout, &s, &bundle);
@@ -321,5 +429,38 @@ mod tests {
                 "/r/alice/proxy.sock"
             ]
         );
+    }
+
+    #[test]
+    fn a_private_runtime_enters_its_namespace_for_every_runsc_command() {
+        let layout = Layout::new(Path::new("/state"), Path::new("/r"));
+        let s = SessionId::try_from("alice").unwrap();
+        let bundle = layout.bundle(&s);
+        let ns = NetNs::of(&layout);
+        assert_eq!(
+            ns,
+            NetNs::of(&Layout::new(Path::new("/state"), Path::new("/x")))
+        );
+        assert_ne!(
+            ns,
+            NetNs::of(&Layout::new(Path::new("/other"), Path::new("/r")))
+        );
+        assert!(ns.name().starts_with("ironclaw-") && ns.name().len() == 21);
+        let runtime = RunscRuntime {
+            runsc: "/usr/bin/runsc".into(),
+            netns: Some(ns.clone()),
+        };
+        let cmd = runtime.command(&layout, &s, &bundle);
+        assert_eq!(cmd.as_std().get_program(), "nsenter");
+        let mut expected = vec![
+            format!("--net=/run/netns/{}", ns.name()),
+            "--".into(),
+            "/usr/bin/runsc".into(),
+        ];
+        expected.extend(runsc_run_args(&layout.runsc_root(), &bundle, &s));
+        assert_eq!(args(&cmd), expected);
+        let (program, list) = runtime.invocation(vec!["list".into()]);
+        assert_eq!(program, Path::new("nsenter"));
+        assert_eq!(list[..3], expected[..3]);
     }
 }

@@ -69,6 +69,8 @@ pub const SWEEP_PERIOD: Duration = Duration::from_millis(500);
 pub enum ServiceError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("making the sandboxes' own network namespace failed (is iproute2 installed?)")]
+    Netns(#[source] crate::sandbox::runtime::RuntimeError),
     #[error("the model provider could not be set up: {0}")]
     Provider(String),
     #[error("the approved configuration (version {version}) is not valid")]
@@ -260,11 +262,18 @@ impl Service {
             version: version.version,
             source,
         })?;
+        let settings = sandbox_settings(&config, &state);
         let runtime: Arc<dyn Runtime> = match config.sandbox.runtime {
-            RuntimeChoice::Gvisor => Arc::new(match &config.sandbox.runsc {
-                Some(p) => RunscRuntime { runsc: p.clone() },
-                None => RunscRuntime::default(),
-            }),
+            RuntimeChoice::Gvisor => {
+                let runsc = config
+                    .sandbox
+                    .runsc
+                    .clone()
+                    .unwrap_or_else(|| "runsc".into());
+                let layout = layout::Layout::new(&settings.state_dir, &settings.run_dir);
+                let runtime = RunscRuntime::private(runsc, &layout).map_err(ServiceError::Netns)?;
+                Arc::new(runtime)
+            }
             RuntimeChoice::Host => {
                 tracing::warn!(
                     "sandbox.runtime = \"host\": agents run WITHOUT isolation (development only)"
@@ -273,7 +282,6 @@ impl Service {
             }
         };
         let provider = Arc::new(provider(&config)?);
-        let settings = sandbox_settings(&config, &state);
         if !settings.agent_binary.is_file() {
             return Err(ServiceError::NoAgent(settings.agent_binary));
         }

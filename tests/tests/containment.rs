@@ -1,0 +1,98 @@
+//! Containment, from the attacker's side, against the real `ironclaw serve` under real
+//! gVisor: what one local user, one agent or one stranger can reach beyond their lane.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::process::Command;
+
+use control_plane::sandbox::layout::Layout;
+use control_plane::sandbox::runtime::NetNs;
+use serde_json::Value;
+use tests::service::Serve;
+
+/// An unprivileged local user (not root, not the agents' uid).
+const LOCAL_USER: u32 = 1000;
+
+/// What an unprivileged local user finds of runsc's control sockets: every abstract
+/// socket named `@runsc-…` listed in `/proc/net/unix`, and whether connecting to each of
+/// those and to `expected` (as a name, written as `/proc/net/unix` shows it) succeeds.
+fn probe_control_sockets(expected: &str) -> Value {
+    let script = r#"
+import json, socket, sys
+names = set()
+with open("/proc/net/unix") as f:
+    for line in f:
+        parts = line.split()
+        if len(parts) >= 8 and parts[7].startswith("@runsc-"):
+            names.add(parts[7][1:])
+names_listed = sorted(names)
+names.add(sys.argv[1])
+reached = []
+for name in sorted(names):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # /proc/net/unix shows a NUL in a name as "@".
+        s.connect("\0" + name.replace("@", "\0"))
+        reached.append(name)
+    except OSError:
+        pass
+    finally:
+        s.close()
+print(json.dumps({"listed": names_listed, "reached": reached}))
+"#;
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={LOCAL_USER}"),
+            &format!("--regid={LOCAL_USER}"),
+            "--clear-groups",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            script,
+            expected,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the probe ran: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_local_user_reaches_no_runsc_control_socket_of_a_live_session() {
+    let mut s = Serve::init("[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n");
+    s.start();
+    let (state, _) = s.send("probe", "hello", 60).unwrap();
+    assert_eq!(state, "answered");
+    let found = probe_control_sockets("runsc-sandbox.ironclaw-probe@");
+    assert_eq!(
+        found["listed"],
+        serde_json::json!([]),
+        "no runsc control socket is visible to a local user: {found}"
+    );
+    assert_eq!(
+        found["reached"],
+        serde_json::json!([]),
+        "no runsc control socket answers a local user: {found}"
+    );
+    // The session's sandbox is live (it stops only when idle for ten minutes), and its
+    // control socket exists, in the namespace serve keeps for its sandboxes: the probe
+    // above looked for something that is there.
+    let layout = Layout::new(&s.state, &s.state.join("run"));
+    let ns = NetNs::of(&layout);
+    let inside = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .args(["--", "cat", "/proc/net/unix"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&inside.stdout).contains("@runsc-sandbox.ironclaw-probe"),
+        "the probe looks for a socket that exists"
+    );
+    // The sandbox still works behind its wall.
+    let (state, _) = s.send("probe", "still there?", 60).unwrap();
+    assert_eq!(state, "answered");
+}
