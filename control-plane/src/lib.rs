@@ -46,17 +46,42 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Text from an agent or a requester, safe to show an operator: control characters (a
-/// newline excepted) and bidirectional overrides become escapes, so nothing can move a
-/// terminal's cursor, recolour or reorder what an operator reads before approving.
+/// newline excepted), bidirectional marks and overrides, line and paragraph separators
+/// and invisible characters (zero-width spaces and joiners, word joiners, the byte-order
+/// mark) become escapes, so nothing can move a terminal's cursor, write its clipboard,
+/// recolour, reorder or hide what an operator reads. The approval page escapes the same
+/// set.
 pub fn printable(text: &str) -> String {
     text.chars()
         .map(|c| {
-            let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
-            if (c.is_control() && c != '\n') || bidi {
+            if (c.is_control() && c != '\n') || is_invisible(c) {
                 c.escape_unicode().to_string()
             } else {
                 c.to_string()
             }
         })
         .collect()
+}
+
+/// Characters that reorder, break or hide text without showing themselves.
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{061c}' | '\u{feff}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_what_could_act_on_a_terminal_or_hide_text() {
+        let hostile =
+            "ok\x1b]52;c;aGk=\x07 \u{202e}txt \u{2028}\u{2029}a\u{200b}b\u{feff}\u{2066}\r\n";
+        let shown = printable(hostile);
+        assert_eq!(
+            shown,
+            "ok\\u{1b}]52;c;aGk=\\u{7} \\u{202e}txt \\u{2028}\\u{2029}a\\u{200b}b\\u{feff}\\u{2066}\\u{d}\n"
+        );
+        assert!(!shown.chars().any(|c| c.is_control() && c != '\n'));
+        assert_eq!(printable("plain, ünïcödé 😀\n"), "plain, ünïcödé 😀\n");
+    }
 }

@@ -26,7 +26,8 @@ use control_plane::store::state::{ChangeState, MessageState};
 const USAGE: &str = "usage:
   ironclaw init [--state-dir DIR]
   ironclaw serve [--config FILE] [--state-dir DIR]
-  ironclaw send [--session NAME] [--wait SECS] TEXT...   (TEXT - reads standard input)
+  ironclaw send [--session NAME] [--wait SECS] [--raw] TEXT...   (TEXT - reads standard input;
+                 replies are printed with control and invisible characters escaped, unless --raw)
   ironclaw sessions list [--json] | show NAME [--json] | delete NAME
   ironclaw changes list [--all] [--json] | show ID [--json] | propose FILE [--reason TEXT]
   ironclaw changes approve ID | reject ID
@@ -44,6 +45,8 @@ struct Args {
     json: bool,
     all: bool,
     reason: Option<String>,
+    /// `send`: print replies exactly as they came, escape sequences included.
+    raw: bool,
     rest: Vec<String>,
 }
 
@@ -56,6 +59,7 @@ fn parse(raw: Vec<String>) -> Result<Args, String> {
         json: false,
         all: false,
         reason: None,
+        raw: false,
         rest: Vec::new(),
     };
     let mut it = raw.into_iter();
@@ -74,6 +78,7 @@ fn parse(raw: Vec<String>) -> Result<Args, String> {
             }
             "--json" => args.json = true,
             "--all" => args.all = true,
+            "--raw" => args.raw = true,
             "--reason" => args.reason = Some(value("--reason")?),
             "--version" | "-V" => args.rest.push("version".into()),
             "--" => args.rest.extend(it.by_ref()),
@@ -226,7 +231,12 @@ fn send(state: &StateDir, args: &Args, text: &[&str]) -> CliResult {
     match answer {
         Response::Replies { state, replies, .. } => {
             for r in &replies {
-                println!("{r}");
+                // An agent's text may hold escape sequences aimed at the terminal.
+                if args.raw {
+                    println!("{r}");
+                } else {
+                    println!("{}", printable(r));
+                }
             }
             if state.is_some_and(MessageState::is_waiting) {
                 eprintln!(

@@ -96,3 +96,41 @@ fn a_local_user_reaches_no_runsc_control_socket_of_a_live_session() {
     let (state, _) = s.send("probe", "still there?", 60).unwrap();
     assert_eq!(state, "answered");
 }
+
+#[test]
+fn an_agents_escape_sequences_never_reach_the_operators_terminal_raw() {
+    let mut s = Serve::init("[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n");
+    s.start();
+    // The demo model echoes the message: a compromised agent's reply could hold the same.
+    // OSC 52 writes the terminal's clipboard; CSI 2J clears the screen; U+2028 breaks
+    // a line where none shows; U+200B hides inside a word.
+    let hostile = "copy \x1b]52;c;cm0gLXJmIH4=\x07 clear \x1b[2J sep\u{2028}x zero\u{200b}width";
+    let out = s.cli(&["send", "--session", "esc", hostile]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(shown.contains("You said: copy"), "{shown}");
+    assert!(
+        !shown.contains('\x1b') && !shown.contains('\x07'),
+        "no escape byte reaches the terminal: {shown:?}"
+    );
+    assert!(
+        !shown.contains('\u{2028}') && !shown.contains('\u{200b}'),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains("\\u{1b}]52;c;cm0gLXJmIH4=\\u{7}") && shown.contains("\\u{200b}"),
+        "they are shown as escapes: {shown:?}"
+    );
+    // --raw prints the reply as it came, for an operator who asks for it.
+    let out = s.cli(&["send", "--session", "esc", "--raw", hostile]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .contains("\x1b]52;c;")
+    );
+}

@@ -17,7 +17,7 @@ async function api(method, path, body) {
 // operator reads before approving: they are shown as escapes, as the CLI shows them.
 function visible(text) {
   return String(text).replace(
-    /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]/g,
+    /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]/g,
     (c) => `\\u{${c.codePointAt(0).toString(16)}}`,
   );
 }
