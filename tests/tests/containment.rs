@@ -134,3 +134,47 @@ fn an_agents_escape_sequences_never_reach_the_operators_terminal_raw() {
             .contains("\x1b]52;c;")
     );
 }
+
+/// Copies a directory tree as root keeps it (owners and modes), replacing `to`.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn an_agent_whose_state_went_back_still_has_its_new_replies_delivered() {
+    let mut s = Serve::init("[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n");
+    s.start();
+    assert_eq!(s.send("back", "first", 60).unwrap().0, "answered");
+    // A snapshot of the agent's own state, taken while its sandbox is stopped.
+    s.stop();
+    let state = s.state.join("sessions/back/outbox.d/state");
+    let snapshot = s.state.join("agent-state-snapshot");
+    copy_tree(&state, &snapshot);
+    s.start();
+    assert_eq!(s.send("back", "second", 60).unwrap().0, "answered");
+    // The agent's state goes back (its database is not synced at every commit): its
+    // next turn is published under the seq the second one used.
+    s.stop();
+    copy_tree(&snapshot, &state);
+    s.start();
+    let (state_word, replies) = s.send("back", "third", 30).unwrap();
+    assert_eq!(state_word, "answered", "{replies:?}");
+    assert!(
+        replies.iter().any(|r| r.contains("You said: third")),
+        "{replies:?}"
+    );
+    let ingested = s.audit_of("outbox_ingested");
+    assert!(
+        ingested
+            .iter()
+            .any(|e| e["detail"]["seq_reused"] == true && e["detail"]["replies"] == 1),
+        "the reuse is recorded: {ingested:#?}"
+    );
+}

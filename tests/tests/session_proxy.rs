@@ -1,7 +1,7 @@
-//! The session proxy's two ways to the rest of the control plane. Outbox ingestion: each
-//! seq is taken in once and in order, a replayed or re-published seq is refused, a
-//! hostile segment is refused and dropped, and a segment is removed only once the intake
-//! has stored its items. Change requests: the agent gets the gateway's id or a refusal,
+//! The session proxy's two ways to the rest of the control plane. Outbox ingestion: a
+//! segment is removed only once the intake has stored its items, a re-published seq is
+//! handed over again (the store binds each seq to its content), and a hostile segment
+//! is refused and dropped. Change requests: the agent gets the gateway's id or a refusal,
 //! never silence. Neither waits behind the droppable audit records.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
@@ -124,7 +124,7 @@ fn reply(t: &str) -> OutboxItem {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn each_outbox_seq_is_taken_in_once_and_in_order() {
+async fn a_segment_is_removed_only_once_stored_and_a_hostile_one_is_dropped() {
     let mut r = rig("ingest", false);
     let writer = r.writer();
     let outbox = r.outbox_dir();
@@ -147,15 +147,15 @@ async fn each_outbox_seq_is_taken_in_once_and_in_order() {
         "a stored segment is removed"
     );
 
-    // The agent publishes seq 2 again, and an older seq 1: both refused, nothing taken.
+    // The agent publishes seq 2 again, and an older seq 1 (its own state went back):
+    // each is read and handed over, for the store to bind the seq to its content.
     writer.publish(Seq(2), &[reply("again")]).unwrap();
     writer.publish(Seq(1), &[reply("older")]).unwrap();
     for seq in [Seq(2), Seq(1)] {
-        assert_eq!(
-            r.proxy.outbox(OutboxNotice { seq }).await,
-            Err(Refused::REJECTED)
-        );
-        assert_eq!(r.next_record().as_deref(), Some("refused outbox"));
+        r.proxy.outbox(OutboxNotice { seq }).await.unwrap();
+        let t = r.recorded.taken.recv().await.unwrap();
+        assert_eq!((t.seq, t.stored), (seq, true));
+        assert!(!outbox.join(seq.file_name()).exists());
     }
 
     // A hostile file at the next seq is refused and dropped; a good one after it is taken.

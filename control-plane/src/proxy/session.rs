@@ -97,9 +97,11 @@ impl InboxSignal {
 pub struct SessionProxy<P, I> {
     session: SessionId,
     inbox_dir: PathBuf,
-    /// Ingestion holds this lock from read to removal, one segment at a time; the value
-    /// is the last seq taken in, and only a later seq is accepted.
-    outbox: Arc<Mutex<(OutboxReader, Option<Seq>)>>,
+    /// Ingestion holds this lock from read to removal, one segment at a time. Which
+    /// seqs were taken in, with what content, is the store's to say (through the
+    /// intake): an agent whose state went back reuses seqs, and its new replies must
+    /// not be refused for it.
+    outbox: Arc<Mutex<OutboxReader>>,
     provider: Arc<P>,
     budget: Arc<Mutex<BudgetMeter>>,
     /// One model call in flight per session.
@@ -139,7 +141,7 @@ impl<P: Provider, I: Intake> SessionProxy<P, I> {
         let proxy = SessionProxy {
             session,
             inbox_dir,
-            outbox: Arc::new(Mutex::new((outbox, None))),
+            outbox: Arc::new(Mutex::new(outbox)),
             provider,
             budget: Arc::new(Mutex::new(BudgetMeter::new(budgets))),
             model_gate: Arc::new(tokio::sync::Semaphore::new(1)),
@@ -282,22 +284,14 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
 
     async fn outbox(&self, notice: OutboxNotice) -> Result<(), Refused> {
         // Parsing a hostile file is blocking work: keep it off the async workers, and
-        // take one segment at a time per session, each seq once, in order.
+        // take one segment at a time per session.
         let guard = self.outbox.clone().lock_owned().await;
-        if guard.1.is_some_and(|last| notice.seq <= last) {
-            return Err(self.refuse(
-                "outbox",
-                format!("seq {} was already taken in", notice.seq),
-                Refused::REJECTED,
-            ));
-        }
         let (guard, read) = tokio::task::spawn_blocking(move || {
-            let read = guard.0.read(notice.seq);
+            let read = guard.read(notice.seq);
             (guard, read)
         })
         .await
         .map_err(|_| Refused::UNAVAILABLE)?;
-        let mut guard = guard;
         match read {
             Ok(items) => {
                 // The segment ends the turn; if it is not stored, the turn goes on.
@@ -313,9 +307,7 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
                     self.count(|t| t.absorb(turn));
                     return Err(Refused::UNAVAILABLE);
                 }
-                guard.1 = Some(notice.seq);
                 guard
-                    .0
                     .remove(notice.seq)
                     .map_err(|e| self.refuse("outbox", e.to_string(), Refused::UNAVAILABLE))
             }
@@ -323,7 +315,7 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
                 // A segment that fails validation is hostile or broken: drop it. An I/O
                 // failure on our side leaves it for the agent to announce again.
                 if !matches!(e, queue_proto::segment::SegmentError::Io { .. }) {
-                    let _ = guard.0.remove(notice.seq);
+                    let _ = guard.remove(notice.seq);
                 }
                 Err(self.refuse("outbox", e.to_string(), Refused::REJECTED))
             }

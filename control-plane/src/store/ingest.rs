@@ -3,6 +3,11 @@
 //! answered; replies to anything else are dropped; reminders become timers; the turn
 //! that ended with the segment is kept with its risk. All of it, and its audit entry,
 //! is one transaction.
+//!
+//! A seq is bound to its content (the SHA-256 of its items): the same seq with the same
+//! items again is a duplicate, taken in once; the same seq with other items is an agent
+//! whose own state went back (its database is not synced at every commit) and counts
+//! seqs again, so the new items are taken in, not dropped, and the reuse is recorded.
 
 use queue_proto::ids::{Seq, SessionId};
 use queue_proto::items::OutboxItem;
@@ -22,14 +27,31 @@ pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS ingested (
     session TEXT NOT NULL,
     seq INTEGER NOT NULL,
+    content BLOB,
     PRIMARY KEY (session, seq)
 );
 ";
+
+/// Adds the `content` column to a store made before seqs were bound to their content
+/// (its earlier rows have none, and are taken as content that matches nothing).
+pub(super) fn upgrade(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let has: bool = tx.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('ingested') WHERE name = 'content'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        tx.execute_batch("ALTER TABLE ingested ADD COLUMN content BLOB")?;
+    }
+    Ok(())
+}
 
 /// What ingesting one outbox segment did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ingested {
     pub duplicate: bool,
+    /// The seq was taken in before with other items.
+    pub seq_reused: bool,
     pub replies: u32,
     pub dropped_replies: u32,
     pub timers: u32,
@@ -49,14 +71,27 @@ impl Store {
     ) -> Result<Ingested, StoreError> {
         let tx = self.tx()?;
         let mut out = Ingested::default();
-        let fresh = tx.execute(
-            "INSERT OR IGNORE INTO ingested (session, seq) VALUES (?1, ?2)",
-            params![session.as_str(), seq.0 as i64],
-        )?;
-        if fresh == 0 {
-            out.duplicate = true;
-            return Ok(out);
+        let content = content_hash(items);
+        let before: Option<Option<Vec<u8>>> = tx
+            .query_row(
+                "SELECT content FROM ingested WHERE session = ?1 AND seq = ?2",
+                params![session.as_str(), seq.0 as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match before {
+            Some(Some(c)) if c == content => {
+                out.duplicate = true;
+                return Ok(out);
+            }
+            Some(_) => out.seq_reused = true,
+            None => {}
         }
+        tx.execute(
+            "INSERT INTO ingested (session, seq, content) VALUES (?1, ?2, ?3)
+             ON CONFLICT (session, seq) DO UPDATE SET content = excluded.content",
+            params![session.as_str(), seq.0 as i64, content],
+        )?;
         let row = session_row(&tx, session)?.ok_or(StoreError::BadSession)?;
         // The segment ends the agent's turn: its summary is kept with the items.
         let risk = turn_risk(turn);
@@ -129,7 +164,8 @@ impl Store {
             &tx,
             now,
             AuditEvent::OutboxIngested,
-            &json!({ "session": session.as_str(), "seq": seq.0, "replies": out.replies,
+            &json!({ "session": session.as_str(), "seq": seq.0, "seq_reused": out.seq_reused,
+                     "replies": out.replies,
                      "dropped_replies": out.dropped_replies, "timers": out.timers,
                      "notes": out.notes, "change_requests": out.change_requests,
                      "risk": risk, "turn": turn }),
@@ -137,6 +173,23 @@ impl Store {
         tx.commit()?;
         Ok(out)
     }
+}
+
+/// SHA-256 over a segment's items: each one's kind and its encoding, length-prefixed.
+fn content_hash(items: &[OutboxItem]) -> Vec<u8> {
+    use queue_proto::items::QueueItem;
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for item in items {
+        // Items that were read from a segment encode again; one that would not still
+        // counts, as its kind alone.
+        let bytes = item.encode().unwrap_or_default();
+        for part in [item.kind().as_str().as_bytes(), &bytes] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+    }
+    h.finalize().to_vec()
 }
 
 #[cfg(test)]
@@ -183,11 +236,8 @@ mod tests {
             Some(MessageState::Received)
         );
         // The same segment again, or a later one answering the same message: nothing new.
-        assert!(
-            s.ingest(&id("a"), Seq(1), &items, &turn, 7)
-                .unwrap()
-                .duplicate
-        );
+        let again = s.ingest(&id("a"), Seq(1), &items, &turn, 7).unwrap();
+        assert!(again.duplicate && !again.seq_reused);
         assert_eq!(
             s.ingest(&id("a"), Seq(2), &[reply(m1, "again")], &turn, 7)
                 .unwrap()
@@ -213,5 +263,44 @@ mod tests {
         assert_eq!((got.replies, got.dropped_replies), (0, 1));
         assert_eq!(s.message_state(m2).unwrap(), Some(MessageState::Published));
         assert_eq!(s.inbox_needed_from(&id("a")).unwrap(), Seq(2));
+    }
+
+    #[test]
+    fn a_reused_seq_with_other_items_is_taken_in_and_recorded() {
+        let (_d, mut s) = store();
+        let turn = TurnSummary::default();
+        let Accepted::Stored(m1) = accept(&mut s, "a", None, 10) else {
+            panic!()
+        };
+        s.take_batch(&id("a"), 5).unwrap().unwrap();
+        assert_eq!(
+            s.ingest(&id("a"), Seq(1), &[reply(m1, "first")], &turn, 6)
+                .unwrap()
+                .replies,
+            1
+        );
+        // The agent's state went back: its next turn comes under seq 1 again.
+        let Accepted::Stored(m2) = accept(&mut s, "a", None, 10) else {
+            panic!()
+        };
+        s.take_batch(&id("a"), 7).unwrap().unwrap();
+        let got = s
+            .ingest(&id("a"), Seq(1), &[reply(m2, "second")], &turn, 8)
+            .unwrap();
+        assert!(got.seq_reused && !got.duplicate);
+        assert_eq!(got.replies, 1);
+        assert_eq!(s.message_state(m2).unwrap(), Some(MessageState::Answered));
+        let entries = audit::page(s.connection(), 0, 1000).unwrap();
+        let last = entries
+            .iter()
+            .rev()
+            .find(|e| e.kind == "outbox_ingested")
+            .unwrap();
+        assert_eq!(last.detail["seq_reused"], true);
+        // Those same items again are a duplicate of the reused seq.
+        let again = s
+            .ingest(&id("a"), Seq(1), &[reply(m2, "second")], &turn, 9)
+            .unwrap();
+        assert!(again.duplicate);
     }
 }
