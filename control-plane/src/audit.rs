@@ -95,6 +95,8 @@ pub enum AuditEvent {
     MessageAccepted,
     /// A message was refused, by its channel's rules or the waiting limit.
     MessageRefused,
+    /// Refused messages beyond the records kept a minute for one chat, counted.
+    MessageRefusalsLimited,
     /// Waiting messages were given up on, with a notice.
     MessagesFailed,
     /// A model call was made (metadata only).
@@ -142,6 +144,7 @@ impl AuditEvent {
         AuditEvent::Initialised,
         AuditEvent::MessageAccepted,
         AuditEvent::MessageRefused,
+        AuditEvent::MessageRefusalsLimited,
         AuditEvent::MessagesFailed,
         AuditEvent::ModelCall,
         AuditEvent::ModelFailed,
@@ -179,6 +182,7 @@ impl AuditEvent {
             AuditEvent::Initialised => "initialised",
             AuditEvent::MessageAccepted => "message_accepted",
             AuditEvent::MessageRefused => "message_refused",
+            AuditEvent::MessageRefusalsLimited => "message_refusals_limited",
             AuditEvent::MessagesFailed => "messages_failed",
             AuditEvent::ModelCall => "model_call",
             AuditEvent::ModelFailed => "model_failed",

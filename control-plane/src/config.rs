@@ -191,7 +191,7 @@ impl Default for DeliverySection {
 }
 
 /// How long change requests wait for a decision, and how many one requester may have.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySection {
     /// A change request not decided within this many seconds expires.
@@ -201,6 +201,10 @@ pub struct GatewaySection {
     /// Change requests one agent may file a minute; more are refused unfiled and
     /// recorded as a count.
     pub max_requests_per_minute: u32,
+    /// The highest risk a change may have and still be approved with a Telegram
+    /// button. Telegram's server vouches for who pressed it, and that server is not
+    /// ours: riskier changes are approved with the CLI or on the approval page.
+    pub telegram_max_risk: f64,
 }
 
 impl Default for GatewaySection {
@@ -209,6 +213,7 @@ impl Default for GatewaySection {
             request_ttl_secs: 86_400,
             max_pending_per_requester: 5,
             max_requests_per_minute: 20,
+            telegram_max_risk: 0.7,
         }
     }
 }
@@ -391,6 +396,9 @@ impl Config {
         if !(1..=100_000).contains(&self.gateway.max_requests_per_minute) {
             return invalid("gateway.max_requests_per_minute must be between 1 and 100000");
         }
+        if !(0.0..=1.0).contains(&self.gateway.telegram_max_risk) {
+            return invalid("gateway.telegram_max_risk must be between 0.0 and 1.0");
+        }
         if let Some(t) = &self.channels.telegram {
             if t.allowed_users.is_empty() {
                 return invalid(
@@ -500,6 +508,7 @@ max_delivery_attempts = 8
 request_ttl_secs = 86400     # a change request not decided within a day expires
 max_pending_per_requester = 5
 max_requests_per_minute = 20  # per agent; more are refused and counted
+telegram_max_risk = 0.7       # riskier changes are approved with the CLI or the page, not a Telegram button
 
 # [channels.telegram]
 # token_file = "/etc/ironclaw/telegram.token"

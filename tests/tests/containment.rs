@@ -7,8 +7,13 @@ use std::process::Command;
 
 use control_plane::sandbox::layout::Layout;
 use control_plane::sandbox::runtime::NetNs;
-use serde_json::Value;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tests::fake_telegram::FakeTelegram;
 use tests::service::Serve;
+
+const TG_TOKEN: &str = "123456:tg-token-c0ffee77";
 
 /// An unprivileged local user (not root, not the agents' uid).
 const LOCAL_USER: u32 = 1000;
@@ -176,5 +181,141 @@ fn an_agent_whose_state_went_back_still_has_its_new_replies_delivered() {
             .iter()
             .any(|e| e["detail"]["seq_reused"] == true && e["detail"]["replies"] == 1),
         "the reuse is recorded: {ingested:#?}"
+    );
+}
+
+#[test]
+fn strangers_and_groups_cost_a_bounded_number_of_records() {
+    const USER: i64 = 4242;
+    const STRANGER: i64 = 666;
+    const GROUP: i64 = -100_777;
+    const FLOOD: usize = 600;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
+    let mut s = Serve::init("");
+    let token = s.secret_file("tg.token", TG_TOKEN);
+    std::fs::write(
+        s.state.join("config.toml"),
+        format!(
+            "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n\n\
+             [channels.telegram]\ntoken_file = \"{}\"\napi_base = \"{}\"\n\
+             allowed_users = [{USER}]\npoll_timeout_secs = 1\n",
+            token.display(),
+            tg.http.base()
+        ),
+    )
+    .unwrap();
+    s.start();
+    for i in 0..FLOOD {
+        tg.push_text(STRANGER, &format!("let me in {i}"));
+        tg.push_raw(|id| {
+            json!({ "update_id": id, "message": { "message_id": id, "date": 0,
+                    "from": { "id": USER }, "chat": { "id": GROUP, "type": "group" },
+                    "text": format!("in a group {i}") } })
+        });
+    }
+    // The person the assistant serves is still answered in the flood.
+    tg.push_text(USER, "hello");
+    let answered = tg.wait_for(Duration::from_secs(60), |sent| {
+        sent.iter()
+            .any(|(chat, text)| *chat == USER && text.contains("You said: hello"))
+    });
+    assert!(rt.block_on(answered), "{:?}", tg.sent_to(USER));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tg.unconfirmed() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tg.unconfirmed(), 0, "every update was taken");
+    // Stopping ends the minute: the counts are recorded.
+    s.stop();
+    let refused = s.audit_of("message_refused");
+    let limited = s.audit_of("message_refusals_limited");
+    let counted = |chat: &str| -> u64 {
+        limited
+            .iter()
+            .filter(|e| e["detail"]["chat"] == chat)
+            .map(|e| e["detail"]["refused"].as_u64().unwrap())
+            .sum()
+    };
+    for chat in [STRANGER, GROUP] {
+        let key = format!("telegram:{chat}");
+        let name = chat.to_string();
+        let recorded = refused
+            .iter()
+            .filter(|e| e["detail"]["chat"].as_str() == Some(name.as_str()))
+            .count();
+        assert!(
+            recorded <= 10,
+            "at most ten records a minute for {chat}: {recorded}"
+        );
+        assert_eq!(
+            recorded as u64 + counted(&key),
+            FLOOD as u64,
+            "every refusal of {chat} is recorded or counted: {limited:#?}"
+        );
+    }
+    // The stranger was told once, and nobody in the group was told anything.
+    assert_eq!(tg.sent_to(STRANGER).len(), 1);
+    assert!(tg.sent_to(GROUP).is_empty());
+}
+
+/// Every text or blob value in every table of `conn` that holds `needle`, as
+/// `table: value`, leaving out the tables in `except`.
+fn rows_holding(conn: &rusqlite::Connection, needle: &str, except: &[&str]) -> Vec<String> {
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut found = Vec::new();
+    for t in tables.iter().filter(|t| !except.contains(&t.as_str())) {
+        let mut stmt = conn.prepare(&format!("SELECT * FROM \"{t}\"")).unwrap();
+        let columns = stmt.column_count();
+        let mut rows = stmt.query([]).unwrap();
+        while let Some(row) = rows.next().unwrap() {
+            for i in 0..columns {
+                let bytes = match row.get_ref(i).unwrap() {
+                    rusqlite::types::ValueRef::Text(b) | rusqlite::types::ValueRef::Blob(b) => b,
+                    _ => continue,
+                };
+                if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                    found.push(format!("{t}: {}", String::from_utf8_lossy(bytes)));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_deleted_session_leaves_nothing_in_the_store_but_its_audit_counts() {
+    const MARK: &str = "fig-7741-marker";
+    const NAME: &str = "gone7";
+    let mut s = Serve::init("[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n");
+    s.start();
+    assert_eq!(s.send(NAME, MARK, 60).unwrap().0, "answered");
+    assert_eq!(s.send("stays", "hello", 60).unwrap().0, "answered");
+    let before = rows_holding(&s.store(), NAME, &["audit"]);
+    assert!(
+        before.iter().any(|r| r.starts_with("turns:")) && before.len() >= 3,
+        "the session has rows to delete: {before:#?}"
+    );
+    let out = s.cli(&["sessions", "delete", NAME]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nothing of it is left in any table.
+    s.stop();
+    let store = s.store();
+    assert_eq!(rows_holding(&store, MARK, &[]), Vec::<String>::new());
+    assert_eq!(rows_holding(&store, NAME, &["audit"]), Vec::<String>::new());
+    assert!(!rows_holding(&store, "stays", &["audit"]).is_empty());
+    assert!(
+        !rows_holding(&store, NAME, &[]).is_empty(),
+        "the trail still counts it"
     );
 }

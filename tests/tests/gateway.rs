@@ -963,3 +963,75 @@ fn serve_refuses_a_first_file_no_change_request_could_make() {
     assert_eq!(s.versions().len(), 1, "the development mode starts");
     assert_eq!(s.stop().map(|e| e.success()), Some(true));
 }
+
+#[test]
+fn a_change_above_the_telegram_risk_limit_is_never_approved_by_a_button() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
+    let model = rt.block_on(start_echo_model());
+    let mut s = Serve::init("");
+    let first = telegram_config(&s, &model.base(), &tg.http.base(), &[USER], "");
+    std::fs::write(s.state.join("config.toml"), &first).unwrap();
+    s.start();
+    // A new model endpoint (risk 0.8) would send every conversation elsewhere.
+    let risky = telegram_config(&s, "http://127.0.0.1:9", &tg.http.base(), &[USER], "");
+    let file = s.dir.path().join("risky.toml");
+    std::fs::write(&file, &risky).unwrap();
+    let out = s.cli(&["changes", "propose", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = s.changes(false)[0].id.clone();
+    let detail = s.change(&id);
+    assert!(detail.summary.risk > 0.7, "{}", detail.summary.risk);
+
+    // The prompt shows the change, says where to approve it, and offers only Reject.
+    let mut keyboard = None;
+    assert!(
+        wait_until(30, || {
+            keyboard = tg
+                .keyboards()
+                .into_iter()
+                .find(|(chat, _, data)| *chat == OPERATOR && data.iter().any(|d| d.contains(&id)));
+            keyboard.is_some()
+        }),
+        "no prompt: {:?}",
+        tg.sent()
+    );
+    let (_, message, data) = keyboard.unwrap();
+    assert_eq!(data.len(), 1, "{data:?}");
+    assert!(data[0].starts_with(&format!("r:{id}:")), "{data:?}");
+    let text = tg
+        .sent_to(OPERATOR)
+        .into_iter()
+        .find(|t| t.contains(&id))
+        .unwrap();
+    assert!(
+        text.contains("too risky to approve from Telegram"),
+        "{text}"
+    );
+
+    // An Approve press made up with the right hash, from the operator's own chat, is
+    // refused: Telegram's word on who pressed does not carry this approval.
+    let approve = format!("a:{id}:{}", &detail.after_hash[..32]);
+    let q = tg.push_press(OPERATOR, OPERATOR, "private", message, &approve);
+    let mut answer = None;
+    assert!(wait_until(30, || {
+        answer = tg.answer_to(&q);
+        answer.is_some()
+    }));
+    assert!(answer.unwrap().contains("too risky"));
+    assert_eq!(s.versions().len(), 1, "nothing applied");
+    assert_eq!(s.changes(false).len(), 1, "still undecided");
+    assert!(
+        s.audit_of("decision_refused")
+            .iter()
+            .any(|e| e["detail"]["why"]
+                .as_str()
+                .unwrap_or("")
+                .contains("telegram_max_risk")),
+        "the refusal is recorded"
+    );
+}

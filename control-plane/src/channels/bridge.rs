@@ -200,7 +200,9 @@ async fn post_message(service: &Arc<Service>, req: Request<Incoming>) -> Respons
             StatusCode::ACCEPTED,
             &json!({ "message": id, "state": "refused" }),
         ),
-        Ok(Accepted::Duplicate) => reply(StatusCode::ACCEPTED, &json!({ "state": "duplicate" })),
+        Ok(Accepted::Duplicate | Accepted::Counted) => {
+            reply(StatusCode::ACCEPTED, &json!({ "state": "duplicate" }))
+        }
         Err(e) => {
             tracing::error!(error = %e, "storing a bridge message failed");
             error(

@@ -85,7 +85,7 @@ pub async fn send(
     };
     let message = match service.receive(arrival, None).await {
         Ok(Accepted::Stored(m) | Accepted::Refused(m)) => m,
-        Ok(Accepted::Duplicate) => return Err("duplicate message".into()),
+        Ok(Accepted::Duplicate | Accepted::Counted) => return Err("duplicate message".into()),
         Err(e) => return Err(e.to_string()),
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);

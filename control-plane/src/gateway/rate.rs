@@ -10,6 +10,12 @@ pub struct RateLimit {
     windows: std::collections::HashMap<String, Window>,
 }
 
+/// The most requesters counted apart within a minute; any more share [`OVERFLOW`], so
+/// a flood of new names cannot grow the map without bound.
+pub const MAX_REQUESTERS: usize = 10_000;
+/// The name the requesters beyond [`MAX_REQUESTERS`] are counted under.
+pub const OVERFLOW: &str = "(others)";
+
 #[derive(Debug, Clone, Copy)]
 struct Window {
     start: i64,
@@ -34,6 +40,12 @@ impl RateLimit {
         now: i64,
         per_minute: u32,
     ) -> (bool, Option<Refusals>) {
+        let requester =
+            if self.windows.len() >= MAX_REQUESTERS && !self.windows.contains_key(requester) {
+                OVERFLOW
+            } else {
+                requester
+            };
         let w = self.windows.entry(requester.to_owned()).or_insert(Window {
             start: now,
             filed: 0,
@@ -110,5 +122,31 @@ mod tests {
         assert_eq!(r.flush(200), Vec::new(), "the minute is not over");
         assert_eq!(r.flush(221).len(), 1);
         assert!(r.windows.is_empty());
+    }
+
+    #[test]
+    fn new_names_beyond_the_cap_share_one_count() {
+        let mut r = RateLimit::default();
+        for i in 0..MAX_REQUESTERS {
+            assert!(r.admit(&format!("chat:{i}"), 100, 1).0);
+        }
+        assert!(
+            r.admit("chat:new", 100, 1).0,
+            "the first one beyond shares a window"
+        );
+        assert!(
+            !r.admit("chat:newer", 100, 1).0,
+            "and the next is refused with it"
+        );
+        assert!(
+            r.admit("chat:5", 100, 2).0,
+            "a name already counted keeps its own"
+        );
+        assert_eq!(r.windows.len(), MAX_REQUESTERS + 1);
+        let done = r.flush(200);
+        assert!(
+            done.iter()
+                .any(|d| d.requester == OVERFLOW && d.refused == 1)
+        );
     }
 }

@@ -22,10 +22,16 @@ use crate::store::changes::{
     ChangeSummary, ConfigVersion, Decided, Decision, FILE_SEEN, NewChange, seen_key,
 };
 use crate::store::cursors::Cursor;
+use crate::store::messages::Refusal;
 use crate::store::state::ChangeState;
 
 /// Refusals of one admin peer recorded one by one each minute; the rest are counted.
 const REFUSALS_RECORDED_PER_MINUTE: u32 = 10;
+/// Refused messages recorded one by one a minute for one chat, and in all.
+pub(super) const REFUSALS_RECORDED_PER_CHAT: u32 = 10;
+pub(super) const REFUSALS_RECORDED_IN_ALL: u32 = 120;
+/// The name the refusals beyond the overall limit are counted under.
+const ALL_CHATS: &str = "(all chats)";
 
 /// The approved configuration in force: parsed, its version, and its exact text.
 #[derive(Debug)]
@@ -208,6 +214,41 @@ impl Service {
         record
     }
 
+    /// Whether a refused message is recorded on its own: at most
+    /// [`REFUSALS_RECORDED_PER_CHAT`] a minute for one chat and
+    /// [`REFUSALS_RECORDED_IN_ALL`] a minute in all; the rest are counted, one
+    /// `message_refusals_limited` entry a minute per chat (or for all), so strangers and
+    /// groups cannot grow the store and the trail by writing.
+    pub(super) fn record_refusal(&self, refusal: &Refusal<'_>, now: i64) -> bool {
+        let chat = format!("{}:{}", refusal.channel, refusal.chat);
+        let mut limits = self
+            .refused_messages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (mine, done) = limits.admit(&chat, now, REFUSALS_RECORDED_PER_CHAT);
+        let (all, done_all) = if mine {
+            limits.admit(ALL_CHATS, now, REFUSALS_RECORDED_IN_ALL)
+        } else {
+            (false, None)
+        };
+        drop(limits);
+        self.record_limited(
+            AuditEvent::MessageRefusalsLimited,
+            "chat",
+            done.into_iter().chain(done_all),
+        );
+        mine && all
+    }
+
+    pub(super) fn flush_refused_messages(&self, now: i64) {
+        let done = self
+            .refused_messages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush(now);
+        self.record_limited(AuditEvent::MessageRefusalsLimited, "chat", done);
+    }
+
     pub(super) fn flush_refused_peers(&self, now: i64) {
         let done = self
             .refused_peers
@@ -254,6 +295,23 @@ impl Service {
     ) -> Result<Decided, ServiceError> {
         let _one_at_a_time = self.applying.lock().await;
         let operator = by.is_operator(&self.config());
+        // Telegram's server says who pressed a button: above the threshold, that word
+        // does not carry an approval.
+        if decision == Decision::Approve
+            && matches!(by, Identity::Telegram(_))
+            && let Some(detail) = self.db(|s| s.change(id))?
+            && !telegram_may_approve(&self.config(), detail.summary.risk)
+        {
+            let why = format!(
+                "its risk {:.2} is above gateway.telegram_max_risk; approve it with `ironclaw changes approve` or on the approval page",
+                detail.summary.risk
+            );
+            self.audit(
+                AuditEvent::DecisionRefused,
+                json!({ "change": id, "by": by.to_string(), "decision": "approve", "why": why }),
+            );
+            return Ok(Decided::Refused(why));
+        }
         // Everything the new version needs is built before it is applied, so nothing
         // can fail once the store says it is in force (a missing key file refuses the
         // approval instead).
@@ -361,4 +419,9 @@ impl Service {
         }
         self.recover().await;
     }
+}
+
+/// Whether a change of risk `risk` may be approved with a Telegram button.
+pub fn telegram_may_approve(config: &Config, risk: f64) -> bool {
+    risk <= config.gateway.telegram_max_risk
 }

@@ -44,7 +44,7 @@ use crate::store::{Store, StoreError};
 
 mod calls;
 mod gate;
-pub use gate::Effective;
+pub use gate::{Effective, telegram_may_approve};
 
 /// Fixed notices sent to the person. None of them quotes the message.
 pub mod notice {
@@ -179,6 +179,8 @@ pub struct Service {
     rate: std::sync::Mutex<RateLimit>,
     /// Refused admin peers recorded one by one, per peer per minute.
     refused_peers: std::sync::Mutex<RateLimit>,
+    /// Refused messages recorded one by one, per chat per minute and in all.
+    refused_messages: std::sync::Mutex<RateLimit>,
     /// Wakes the Telegram channel when approval prompts are waiting.
     prompts: tokio::sync::Notify,
     /// Applying one change at a time: decisions, and the restarts that follow them.
@@ -313,6 +315,7 @@ impl Service {
             limits: ProxyLimits::default(),
             rate: std::sync::Mutex::new(RateLimit::default()),
             refused_peers: std::sync::Mutex::new(RateLimit::default()),
+            refused_messages: std::sync::Mutex::new(RateLimit::default()),
             prompts: tokio::sync::Notify::new(),
             applying: tokio::sync::Mutex::new(()),
             live: std::sync::Mutex::new(HashMap::new()),
@@ -438,6 +441,12 @@ impl Service {
         let (session, inbound) = match arrival {
             Arrival::Message { session, inbound } => (session, inbound),
             Arrival::Refused(refusal) => {
+                if !self.record_refusal(&refusal, now) {
+                    if let Some(c) = cursor {
+                        self.db(|s| s.set_cursor(c))?;
+                    }
+                    return Ok(Accepted::Counted);
+                }
                 let recorded = self.db(|s| s.refuse(&refusal, cursor, now))?;
                 return Ok(match recorded {
                     Some(id) => {
@@ -468,7 +477,7 @@ impl Service {
         match accepted {
             Accepted::Stored(_) => self.publish(session).await,
             Accepted::Refused(_) => self.outbound_changed(),
-            Accepted::Duplicate => {}
+            Accepted::Duplicate | Accepted::Counted => {}
         }
         Ok(accepted)
     }
@@ -689,6 +698,8 @@ impl Service {
             }
         }
         self.outbound_changed();
+        // Deleted is deleted only once the old pages are out of the log as well.
+        self.db(|s| s.fold_wal())?;
         Ok(summary)
     }
 
@@ -702,6 +713,7 @@ impl Service {
         let limited = self.rate().flush(i64::MAX);
         self.record_refusals(limited);
         self.flush_refused_peers(i64::MAX);
+        self.flush_refused_messages(i64::MAX);
         let _ = self.db(|s| s.record(AuditEvent::ServiceStopped, &json!({}), now_secs()));
     }
 
@@ -843,6 +855,7 @@ impl Service {
         let limited = self.rate().flush(now);
         self.record_refusals(limited);
         self.flush_refused_peers(now);
+        self.flush_refused_messages(now);
         match self.db(|s| s.expire_changes(now)) {
             Ok(n) if n > 0 => self.prompts.notify_one(),
             Ok(_) => {}

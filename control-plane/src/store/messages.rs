@@ -56,6 +56,9 @@ pub enum Accepted {
     Duplicate,
     /// The session has too many messages waiting: refused, with a notice queued.
     Refused(i64),
+    /// Refused by its channel beyond the refusals recorded a minute for its chat:
+    /// counted, not recorded (the channel's cursor still moves past it).
+    Counted,
 }
 
 /// A message the channel refused before it reached any session (unknown sender, too
@@ -203,7 +206,8 @@ impl Store {
                 &tx,
                 now,
                 AuditEvent::MessageRefused,
-                &json!({ "message": id, "channel": r.channel, "bytes": r.bytes, "reason": r.reason }),
+                &json!({ "message": id, "channel": r.channel, "chat": r.chat, "bytes": r.bytes,
+                         "reason": r.reason }),
             )?;
             if let Some(text) = r.notice {
                 queue_outbound(

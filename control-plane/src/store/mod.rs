@@ -62,6 +62,10 @@ pub enum StoreError {
     BadSession,
     #[error("the operating system gave no randomness for a new salt or id")]
     NoRandomness,
+    #[error(
+        "the control store's write-ahead log is held by another reader and could not be folded back; deleted rows stay in it until the next checkpoint"
+    )]
+    WalBusy,
 }
 
 /// The open control store.

@@ -7,9 +7,10 @@ use queue_proto::keys::SessionSalt;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::json;
 
-use super::state::{MessageState, OutboundState};
+use super::state::{ChangeState, MessageState, OutboundState};
 use super::{Store, StoreError};
 use crate::audit::{self, AuditEvent};
+use crate::gateway::Requester;
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sessions (
@@ -24,7 +25,10 @@ CREATE TABLE IF NOT EXISTS sessions (
 ";
 
 /// The tables holding rows of one session, emptied when it is deleted.
-const SESSION_TABLES: [&str; 4] = ["messages", "outbound", "timers", "ingested"];
+const SESSION_TABLES: [&str; 5] = ["messages", "outbound", "timers", "ingested", "turns"];
+
+/// How often folding the write-ahead log is tried while a reader holds it.
+const WAL_FOLD_TRIES: u32 = 20;
 
 /// A session and the chat it belongs to.
 #[derive(Debug, Clone)]
@@ -168,6 +172,8 @@ impl Store {
         else {
             return Ok(None);
         };
+        let row = session_row(&self.conn, session)?.ok_or(StoreError::BadSession)?;
+        let requester = Requester::Agent(session.clone()).to_string();
         let tx = self.tx()?;
         for table in SESSION_TABLES {
             tx.execute(
@@ -175,6 +181,27 @@ impl Store {
                 params![session.as_str()],
             )?;
         }
+        // What its chat sent or was sent without a session (refusals and notices).
+        for table in ["messages", "outbound"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE channel = ?1 AND chat = ?2"),
+                params![row.channel, row.chat],
+            )?;
+        }
+        // Its agent's change requests: their prompts, and every request but an applied
+        // one, whose text is a configuration version; that one loses the agent's reason.
+        tx.execute(
+            "DELETE FROM prompts WHERE change_id IN (SELECT id FROM changes WHERE requester = ?1)",
+            params![requester],
+        )?;
+        tx.execute(
+            "DELETE FROM changes WHERE requester = ?1 AND state != ?2",
+            params![requester, ChangeState::Applied],
+        )?;
+        tx.execute(
+            "UPDATE changes SET reason = '' WHERE requester = ?1",
+            params![requester],
+        )?;
         tx.execute(
             "DELETE FROM sessions WHERE name = ?1",
             params![session.as_str()],
@@ -187,10 +214,23 @@ impl Store {
                      "replies_waiting": summary.replies_waiting }),
         )?;
         tx.commit()?;
-        // Fold the WAL back so the old pages (salt included) leave it.
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(Some(summary))
+    }
+
+    /// Folds the write-ahead log back into the database and empties it, so pages that
+    /// held deleted rows (a session's salt among them) leave it; secure_delete has
+    /// overwritten them in the database. Tried a few times while a reader holds it.
+    pub fn fold_wal(&mut self) -> Result<(), StoreError> {
+        for _ in 0..WAL_FOLD_TRIES {
+            let busy: i64 = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+            if busy == 0 {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Err(StoreError::WalBusy)
     }
 }
 
@@ -266,5 +306,139 @@ mod tests {
         assert_eq!(a.salt.expose_secret(), again.salt.expose_secret());
         assert_ne!(a.salt.expose_secret(), b.salt.expose_secret());
         assert_eq!(s.session_names().unwrap(), [id("a"), id("b")]);
+    }
+
+    /// Every table's every text or blob value that holds `needle`, as `table: value`;
+    /// the tables named in `except` are not read.
+    fn holding(s: &crate::store::Store, needle: &str, except: &[&str]) -> Vec<String> {
+        let conn = s.connection();
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(tables.len() >= 10, "{tables:?}");
+        let mut found = Vec::new();
+        for t in tables.iter().filter(|t| !except.contains(&t.as_str())) {
+            let mut stmt = conn.prepare(&format!("SELECT * FROM \"{t}\"")).unwrap();
+            let columns = stmt.column_count();
+            let mut rows = stmt.query([]).unwrap();
+            while let Some(row) = rows.next().unwrap() {
+                for i in 0..columns {
+                    let bytes = match row.get_ref(i).unwrap() {
+                        rusqlite::types::ValueRef::Text(b) | rusqlite::types::ValueRef::Blob(b) => {
+                            b
+                        }
+                        _ => continue,
+                    };
+                    if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                        found.push(format!("{t}: {}", String::from_utf8_lossy(bytes)));
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn a_deleted_session_leaves_nothing_readable_but_its_audit_counts() {
+        use queue_proto::ids::Seq;
+        use queue_proto::items::{AssistantReply, OutboxItem, ScheduleRequest};
+
+        use crate::gateway::Denial;
+        use crate::proxy::turn::TurnSummary;
+        use crate::store::changes::NewChange;
+        use crate::store::messages::{Accepted, Refusal};
+
+        // Conversation content (messages, replies, reminders, an agent's requests) is
+        // marked; what the store records of it otherwise is fixed text and metadata.
+        const SECRET: &str = "marker-7f3a91";
+        const NAME: &str = "zzdel7";
+        let (_d, mut s) = store();
+        let sid = id(NAME);
+        s.bind(&sid, "telegram", NAME, 1).unwrap();
+        let mut inbound = crate::store::testing::inbound(NAME, Some("u1"), SECRET);
+        let Accepted::Stored(m) = s.accept(&sid, &inbound, 10, "busy", None).unwrap() else {
+            panic!()
+        };
+        inbound.external_id = Some("u2".into());
+        s.accept(&sid, &inbound, 10, "busy", None).unwrap();
+        s.refuse(
+            &Refusal {
+                channel: "telegram",
+                chat: NAME,
+                external_id: Some("u3"),
+                bytes: 5,
+                reason: "sender not in allowed_users",
+                notice: Some("This assistant is private."),
+            },
+            None,
+            2,
+        )
+        .unwrap();
+        s.take_batch(&sid, 3).unwrap().unwrap();
+        let mut turn = TurnSummary::default();
+        turn.tools.insert("reply".into(), 1);
+        let items = [
+            OutboxItem::AssistantReply(AssistantReply {
+                in_reply_to: m as u64,
+                text: SECRET.into(),
+            }),
+            OutboxItem::ScheduleRequest(ScheduleRequest {
+                at: 10_000,
+                text: SECRET.into(),
+            }),
+        ];
+        s.ingest(&sid, Seq(1), &items, &turn, 4).unwrap();
+        let next = s.next_outbound("telegram", 5).unwrap().unwrap();
+        s.delivered(
+            next.id,
+            &crate::store::outbound::Delivered::Failed("telegram refused it".into()),
+            1,
+            6,
+        )
+        .unwrap();
+        for outcome in [
+            Ok((Vec::new(), 0.5)),
+            Err(Denial {
+                rule: "r",
+                why: SECRET.into(),
+            }),
+        ] {
+            let new = NewChange {
+                requester: format!("agent:{NAME}"),
+                target: "instructions".into(),
+                reason: SECRET.into(),
+                base_version: 1,
+                after: format!("instructions = \"{SECRET}\""),
+                outcome,
+            };
+            s.file_change(&new, 7, 60, 3, &[42]).unwrap();
+        }
+        // A bystander keeps everything.
+        accept(&mut s, "bystander", None, 10);
+        assert!(
+            holding(&s, SECRET, &[]).len() >= 8,
+            "{:#?}",
+            holding(&s, SECRET, &[])
+        );
+
+        s.delete_session(&sid, 9).unwrap().unwrap();
+        s.fold_wal().unwrap();
+        assert_eq!(holding(&s, SECRET, &[]), Vec::<String>::new());
+        assert_eq!(holding(&s, NAME, &["audit"]), Vec::<String>::new());
+        assert!(s.session(&id("bystander")).unwrap().is_some());
+        assert_eq!(
+            holding(&s, "bystander", &["audit"]).len(),
+            4,
+            "{:#?}",
+            holding(&s, "bystander", &["audit"])
+        );
+        assert!(
+            !holding(&s, NAME, &[]).is_empty(),
+            "the audit trail still counts it"
+        );
     }
 }

@@ -27,7 +27,7 @@ use crate::audit::AuditEvent;
 use crate::channels::split_message;
 use crate::gateway;
 use crate::operator::Identity;
-use crate::service::Service;
+use crate::service::{Service, telegram_may_approve};
 use crate::store::changes::{ChangeDetail, Decided, Decision, Prompt};
 
 /// The longest diff put in a prompt; the rest is a pointer to `changes show`.
@@ -71,7 +71,8 @@ async fn prompt_step(service: &Service, tg: &Telegram, p: &Prompt) -> bool {
     let Ok(Some(detail)) = service.change(&p.change_id) else {
         return done(None);
     };
-    let (text, whole) = prompt_text(&detail);
+    let risk_ok = telegram_may_approve(&service.config(), detail.summary.risk);
+    let (text, whole) = prompt_text(&detail, risk_ok);
     let body = json!({
         "chat_id": p.chat,
         "text": text,
@@ -97,10 +98,11 @@ async fn prompt_step(service: &Service, tg: &Telegram, p: &Prompt) -> bool {
     }
 }
 
-/// The prompt, and whether it shows the whole change (only then can it be approved
-/// from Telegram: an approval covers exactly what was shown). Everything a requester
-/// wrote is shown with control and bidirectional characters escaped.
-fn prompt_text(d: &ChangeDetail) -> (String, bool) {
+/// The prompt, and whether the change may be approved from it: only if it shows the
+/// whole change (an approval covers exactly what was shown) and `risk_ok` (its risk is
+/// within `gateway.telegram_max_risk`). Everything a requester wrote is shown with
+/// control and invisible characters escaped.
+fn prompt_text(d: &ChangeDetail, risk_ok: bool) -> (String, bool) {
     let c = &d.summary;
     let diff = crate::printable(&gateway::diff::diff(&d.before, &d.after));
     let reason: String = crate::printable(&d.reason.replace('\n', " "))
@@ -128,7 +130,17 @@ fn prompt_text(d: &ChangeDetail) -> (String, bool) {
     // Whole only if the whole message fits Telegram's limit (UTF-16 units).
     let whole = text(&diff);
     if whole.encode_utf16().count() <= MAX_MESSAGE_UNITS {
-        return (whole, true);
+        if risk_ok {
+            return (whole, true);
+        }
+        let risky = format!(
+            "{diff}\n… too risky to approve from Telegram: approve it with `ironclaw changes approve {}` or on the approval page.",
+            c.id
+        );
+        let t = text(&risky);
+        if t.encode_utf16().count() <= MAX_MESSAGE_UNITS {
+            return (t, false);
+        }
     }
     let cut: String = diff.chars().take(PROMPT_DIFF_CHARS).collect();
     let shown = format!(
@@ -241,7 +253,7 @@ impl Refusal {
         match self {
             Refusal::NotPrivate => "not pressed in the operator's private chat with the bot",
             Refusal::TooLongToApprove => {
-                "an approval from Telegram of a change too long for its prompt"
+                "an approval from Telegram of a change too long for its prompt or above gateway.telegram_max_risk"
             }
             Refusal::Malformed => "a malformed button press",
         }
@@ -252,7 +264,7 @@ impl Refusal {
         match self {
             Refusal::NotPrivate => "Approvals are taken only in a private chat with the bot.",
             Refusal::TooLongToApprove => {
-                "This change is too long to approve here; use `ironclaw changes approve`."
+                "This change is too long or too risky to approve here; use `ironclaw changes approve` or the approval page."
             }
             Refusal::Malformed => "This button is not understood.",
         }
@@ -298,10 +310,14 @@ fn decided_answer(decided: &Decided) -> String {
     }
 }
 
-/// Whether change `id` fits its prompt (unknown ids are left to the decision to refuse).
+/// Whether change `id` may be approved from its prompt (unknown ids are left to the
+/// decision to refuse).
 fn whole_in_prompt(service: &Service, id: &str) -> bool {
     match service.change(id) {
-        Ok(Some(d)) => prompt_text(&d).1,
+        Ok(Some(d)) => {
+            let risk_ok = telegram_may_approve(&service.config(), d.summary.risk);
+            prompt_text(&d, risk_ok).1
+        }
         // Unknown: the decision refuses it and says so.
         Ok(None) => true,
         Err(_) => false,
@@ -499,7 +515,7 @@ mod tests {
 
     #[test]
     fn a_change_shown_whole_gets_approve_and_reject() {
-        let (text, whole) = prompt_text(&detail("a = 2\n"));
+        let (text, whole) = prompt_text(&detail("a = 2\n"), true);
         assert!(whole, "{text}");
         assert!(text.contains("a = 2") && text.contains(HASH), "{text}");
         assert!(
@@ -524,19 +540,22 @@ mod tests {
     #[test]
     fn a_change_too_long_for_its_prompt_gets_only_reject_and_its_approval_is_refused() {
         // Just over the limit: the whole text would be 4097 units.
-        let short = prompt_text(&detail("a = \n")).0.encode_utf16().count();
+        let short = prompt_text(&detail("a = \n"), true)
+            .0
+            .encode_utf16()
+            .count();
         let long = format!("a = {}\n", "x".repeat(MAX_MESSAGE_UNITS + 1 - short));
-        let (text, whole) = prompt_text(&detail(&long));
+        let (text, whole) = prompt_text(&detail(&long), true);
         assert!(!whole);
         assert!(text.encode_utf16().count() <= MAX_MESSAGE_UNITS);
         assert!(
             text.contains(&format!("ironclaw changes show {CHANGE}")),
             "{text}"
         );
-        let (_, fits) = prompt_text(&detail(&long[1..]));
+        let (_, fits) = prompt_text(&detail(&long[1..]), true);
         assert!(fits, "one character less fits");
         let huge = format!("a = {}\n", "😀".repeat(10_000));
-        let (text, whole) = prompt_text(&detail(&huge));
+        let (text, whole) = prompt_text(&detail(&huge), true);
         assert!(!whole && text.encode_utf16().count() <= MAX_MESSAGE_UNITS);
         assert_eq!(
             buttons(CHANGE, HASH, false),
@@ -610,5 +629,20 @@ mod tests {
             decided_answer(&Decided::Applied(v)),
             "Approved: configuration version 4 is in force."
         );
+    }
+
+    #[test]
+    fn a_change_above_the_telegram_risk_limit_gets_only_reject_and_says_where_to_approve() {
+        let (text, approvable) = prompt_text(&detail("a = 2\n"), false);
+        assert!(!approvable);
+        assert!(
+            text.contains("a = 2"),
+            "the whole change is still shown: {text}"
+        );
+        assert!(
+            text.contains(&format!("ironclaw changes approve {CHANGE}")),
+            "{text}"
+        );
+        assert_eq!(buttons(CHANGE, HASH, approvable).len(), 1);
     }
 }
