@@ -113,6 +113,15 @@ impl OutboxReader {
     }
 
     /// Removes segment `seq` after its items are durable in the control store.
+    /// The size of segment `seq` as it stands now, if it is a regular file: what a
+    /// budget charges (the copy that is parsed is capped on its own).
+    pub fn size(&self, seq: Seq) -> Option<u64> {
+        fs::symlink_metadata(self.dir.join(seq.file_name()))
+            .ok()
+            .filter(fs::Metadata::is_file)
+            .map(|m| m.len())
+    }
+
     pub fn remove(&self, seq: Seq) -> Result<(), SegmentError> {
         let path = self.dir.join(seq.file_name());
         fs::remove_file(&path).map_err(|source| SegmentError::Io {

@@ -319,3 +319,75 @@ fn a_deleted_session_leaves_nothing_in_the_store_but_its_audit_counts() {
         "the trail still counts it"
     );
 }
+
+#[test]
+fn a_client_without_the_token_cannot_take_the_bridge_from_its_users() {
+    use std::io::{Read, Write};
+    const TOKEN: &str = "bridge-token-5e11a0c7";
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut s = Serve::init("");
+    let token = s.secret_file("bridge.token", TOKEN);
+    std::fs::write(
+        s.state.join("config.toml"),
+        format!(
+            "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n\n\
+             [channels.bridge]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n",
+            token.display()
+        ),
+    )
+    .unwrap();
+    s.start();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The attacker, from another address, opens every connection the bridge would take
+    // and holds them without a word.
+    let held: Vec<tokio::net::TcpStream> = rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..control_plane::channels::bridge::MAX_CONNECTIONS {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            if let Ok(c) = sock.connect(addr).await {
+                held.push(c);
+            }
+        }
+        held
+    });
+    assert!(!held.is_empty());
+    // A request without the token is answered 401, and its connection closed.
+    let mut bad = std::net::TcpStream::connect(addr).unwrap();
+    bad.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    bad.write_all(b"GET /v1/replies?after=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    bad.read_to_end(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    // The bridge's user is served throughout.
+    let mut served = 0;
+    for _ in 0..18 {
+        let Ok(mut c) = std::net::TcpStream::connect(addr) else {
+            continue;
+        };
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let req = format!(
+            "GET /v1/replies?after=0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+        );
+        if c.write_all(req.as_bytes()).is_err() {
+            continue;
+        }
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        if got.starts_with(b"HTTP/1.1 200") {
+            served += 1;
+        }
+    }
+    assert_eq!(
+        served, 18,
+        "every request of the bridge's user was answered"
+    );
+    drop(held);
+}

@@ -271,3 +271,105 @@ async fn a_change_request_gets_the_gateways_id_or_a_refusal_never_silence() {
         Err(Refused::UNAVAILABLE)
     );
 }
+
+/// A provider that answers at once and claims a usage of its choosing.
+struct Claims(u64, u64);
+
+impl control_plane::model::Provider for Claims {
+    fn name(&self) -> &'static str {
+        "claims"
+    }
+
+    async fn complete(
+        &self,
+        _request: &queue_proto::proxy::ModelRequest,
+    ) -> Result<queue_proto::proxy::ModelResponse, control_plane::model::ProviderError> {
+        Ok(queue_proto::proxy::ModelResponse {
+            content: vec![queue_proto::proxy::ContentBlock::Text { text: "ok".into() }],
+            stop_reason: queue_proto::proxy::StopReason::EndTurn,
+            usage: queue_proto::proxy::Usage {
+                input_tokens: self.0,
+                output_tokens: self.1,
+            },
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_claiming_huge_usage_exhausts_the_budget_instead_of_wrapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = SessionId::try_from("usage").unwrap();
+    let keys = derive_session_keys(
+        &MasterKey::generate().unwrap(),
+        &id,
+        &SessionSalt::generate().unwrap(),
+    );
+    let (tx, _events) = mpsc::channel(EVENT_QUEUE);
+    let (intake, _recorded) = RecordingIntake::new(true);
+    let (proxy, _) = SessionProxy::new(
+        id.clone(),
+        dir.path().into(),
+        OutboxReader::new(dir.path().into(), dir.path().into(), id, &keys),
+        // Together the two counts wrap a u64 round to 4 tokens.
+        Arc::new(Claims(u64::MAX, 5)),
+        Budgets::default(),
+        Duration::from_secs(1),
+        Outlets {
+            intake: Arc::new(intake),
+            events: tx,
+        },
+    );
+    let request = queue_proto::proxy::ModelRequest {
+        system: String::new(),
+        messages: Vec::new(),
+        tools: Vec::new(),
+        max_tokens: 16,
+    };
+    proxy.model(request.clone()).await.unwrap();
+    assert_eq!(
+        proxy.model(request).await,
+        Err(Refused::BUDGET),
+        "the day's tokens are spent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_flooding_its_outbox_is_held_to_its_ingestion_budget() {
+    let mut r = rig("ingestflood", true);
+    let writer = r.writer();
+    let budget = control_plane::proxy::budget::INGEST_BUDGETS.requests_per_minute;
+    // Empty segments cost no write and no record of their own.
+    for seq in 1..=5 {
+        writer.publish(Seq(seq), &[]).unwrap();
+        r.proxy
+            .outbox(OutboxNotice { seq: Seq(seq) })
+            .await
+            .unwrap();
+        assert!(!r.outbox_dir().join(Seq(seq).file_name()).exists());
+    }
+    assert!(
+        r.recorded.taken.try_recv().is_err(),
+        "nothing was handed over"
+    );
+    let mut stored = 0;
+    let mut refused = 0;
+    for seq in 6..=105 {
+        writer.publish(Seq(seq), &[reply("flood")]).unwrap();
+        match r.proxy.outbox(OutboxNotice { seq: Seq(seq) }).await {
+            Ok(()) => stored += 1,
+            Err(Refused::BUDGET) => refused += 1,
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    // The empty ones counted against the minute too.
+    assert_eq!(stored, budget - 5);
+    assert_eq!(refused, 100 - stored);
+    let mut taken = 0;
+    while r.recorded.taken.try_recv().is_ok() {
+        taken += 1;
+    }
+    assert_eq!(taken, stored);
+    // A refused segment stays for a later announce; nothing was recorded one by one.
+    assert!(r.outbox_dir().join(Seq(105).file_name()).exists());
+    assert_eq!(r.next_record(), None, "{:?}", r.next_record());
+}

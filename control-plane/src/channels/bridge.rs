@@ -11,7 +11,8 @@
 //!                     → 200 {"replies": [{"id", "chat", "kind", "in_reply_to", "text"}]}
 //! ```
 //! Errors are `{"error": "..."}` with 400, 401, 404, 405, 413 or 503. A chat `c` is the
-//! session `br-c`.
+//! session `br-c`. A 401 closes its connection; one peer address holds at most
+//! [`MAX_CONNECTIONS_PER_PEER`] connections, each for at most [`CONNECTION_LIFETIME`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,11 @@ pub const CHANNEL: &str = "bridge";
 pub const MAX_BODY_BYTES: usize = 512 * 1024;
 /// Connections served at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Connections one peer address may hold at once: a client without the token cannot
+/// take them all.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
+/// The longest a connection is kept (a long poll waits at most [`MAX_WAIT_SECS`]).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 /// The longest long-poll.
 pub const MAX_WAIT_SECS: u64 = 60;
 /// Replies returned by one poll, at most.
@@ -75,8 +81,8 @@ pub fn start(service: Arc<Service>, cfg: &BridgeConfig) -> Result<JoinHandle<()>
 async fn serve(service: Arc<Service>, listener: tokio::net::TcpListener, token: Arc<ApiKey>) {
     let limits = crate::http::Limits {
         connections: MAX_CONNECTIONS,
-        per_peer: MAX_CONNECTIONS,
-        lifetime: None,
+        per_peer: MAX_CONNECTIONS_PER_PEER,
+        lifetime: Some(CONNECTION_LIFETIME),
     };
     crate::http::serve(
         listener,
@@ -119,7 +125,12 @@ async fn respond(
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     if !authorised(&req, token) {
-        return error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+        // A client without the token keeps no connection open.
+        let mut refused = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+        refused
+            .headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        return refused;
     }
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/messages") => post_message(service, req).await,

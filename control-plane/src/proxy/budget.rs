@@ -1,5 +1,6 @@
-//! Per-session budgets for model calls: requests per minute, tokens per day, bytes sent
-//! per day. Pure bookkeeping over a caller-supplied clock (milliseconds since the Unix
+//! Per-session budgets: for model calls (requests per minute, tokens per day, bytes sent
+//! per day), and for taking in outbox segments ([`INGEST_BUDGETS`]: segments per minute,
+//! bytes per day). Pure bookkeeping over a caller-supplied clock (milliseconds since the Unix
 //! epoch), so it is tested without waiting.
 
 use std::collections::VecDeque;
@@ -25,14 +26,23 @@ impl Default for Budgets {
     }
 }
 
+/// What one session's outbox may cost the control plane: each segment announced is
+/// copied and checked, so at most 60 a minute and 256 MiB a day (a turn makes one, and
+/// model calls are 20 a minute by default). Tokens do not apply.
+pub const INGEST_BUDGETS: Budgets = Budgets {
+    requests_per_minute: 60,
+    tokens_per_day: u64::MAX,
+    bytes_per_day: 256 * 1024 * 1024,
+};
+
 /// Which budget a refused call ran into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BudgetExceeded {
-    #[error("more than {0} model requests in a minute")]
+    #[error("more than {0} requests in a minute")]
     RequestsPerMinute(u32),
     #[error("the daily token budget of {0} is used up")]
     TokensPerDay(u64),
-    #[error("the daily budget of {0} bytes sent is used up")]
+    #[error("the daily budget of {0} bytes is used up")]
     BytesPerDay(u64),
 }
 

@@ -24,7 +24,7 @@ use queue_proto::proxy::{
 };
 use tokio::sync::{Mutex, mpsc, watch};
 
-use super::budget::{BudgetMeter, Budgets};
+use super::budget::{BudgetMeter, Budgets, INGEST_BUDGETS};
 use super::server::{Refused, SessionHandler};
 use crate::model::{Provider, ProviderError};
 use crate::proxy::turn::TurnSummary;
@@ -102,6 +102,9 @@ pub struct SessionProxy<P, I> {
     /// intake): an agent whose state went back reuses seqs, and its new replies must
     /// not be refused for it.
     outbox: Arc<Mutex<OutboxReader>>,
+    /// What taking in this session's segments may cost ([`INGEST_BUDGETS`]), and what
+    /// was passed over without a record of its own (see [`Passed`]).
+    ingest: std::sync::Mutex<(BudgetMeter, Passed)>,
     provider: Arc<P>,
     budget: Arc<Mutex<BudgetMeter>>,
     /// One model call in flight per session.
@@ -142,6 +145,7 @@ impl<P: Provider, I: Intake> SessionProxy<P, I> {
             session,
             inbox_dir,
             outbox: Arc::new(Mutex::new(outbox)),
+            ingest: std::sync::Mutex::new((BudgetMeter::new(INGEST_BUDGETS), Passed::default())),
             provider,
             budget: Arc::new(Mutex::new(BudgetMeter::new(budgets))),
             model_gate: Arc::new(tokio::sync::Semaphore::new(1)),
@@ -166,6 +170,57 @@ impl<P: Provider, I: Intake> SessionProxy<P, I> {
         f(&mut self.turn.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
+    /// Charges one segment of `bytes` to the ingestion budget. Beyond it the segment
+    /// stays for a later announce, and is counted rather than recorded on its own.
+    fn admit_ingest(&self, bytes: u64) -> Result<(), Refused> {
+        let mut ingest = self.ingest.lock().unwrap_or_else(|p| p.into_inner());
+        match ingest.0.admit(now_ms(), bytes) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                drop(ingest);
+                self.pass_over(|p| p.over_budget += 1);
+                Err(Refused::BUDGET)
+            }
+        }
+    }
+
+    /// Counts something passed over without a record of its own; the counts of a
+    /// minute are recorded together, once, when the next minute starts.
+    fn pass_over(&self, f: impl FnOnce(&mut Passed)) {
+        let now = now_ms();
+        let done = {
+            let mut ingest = self.ingest.lock().unwrap_or_else(|p| p.into_inner());
+            let p = &mut ingest.1;
+            let mut done = None;
+            if p.since == 0 || now.saturating_sub(p.since) >= 60_000 {
+                let fresh = Passed {
+                    since: now,
+                    ..Passed::default()
+                };
+                let old = std::mem::replace(p, fresh);
+                if old.empty > 0 || old.over_budget > 0 {
+                    done = Some(old);
+                }
+            }
+            f(p);
+            done
+        };
+        if let Some(d) = done {
+            self.emit(SessionEvent::Refused {
+                session: self.session.clone(),
+                what: "outbox",
+                detail: format!(
+                    "{} empty segments passed over and {} segments beyond the ingestion budget ({} a minute, {} bytes a day) in the minute from {}",
+                    d.empty,
+                    d.over_budget,
+                    INGEST_BUDGETS.requests_per_minute,
+                    INGEST_BUDGETS.bytes_per_day,
+                    d.since / 1000
+                ),
+            });
+        }
+    }
+
     fn refuse(&self, what: &'static str, detail: String, refusal: Refused) -> Refused {
         self.count(|t| t.refusals += 1);
         self.emit(SessionEvent::Refused {
@@ -175,6 +230,16 @@ impl<P: Provider, I: Intake> SessionProxy<P, I> {
         });
         refusal
     }
+}
+
+/// Outbox segments passed over without a record of their own since `since` (ms).
+#[derive(Debug, Default)]
+struct Passed {
+    since: u64,
+    /// Segments without items: a real turn always has one.
+    empty: u32,
+    /// Segments announced beyond [`INGEST_BUDGETS`].
+    over_budget: u32,
 }
 
 /// How many records a session's proxy may have waiting for the consumer.
@@ -233,7 +298,13 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
             let result = provider.complete(&request).await;
             // A failed call may still have been billed: charge its whole allowance.
             let tokens = match &result {
-                Ok(r) => (r.usage.input_tokens + r.usage.output_tokens).max(1),
+                // Counts from the provider are not ours: added without wrapping, so a
+                // huge one exhausts the budget instead of coming round to nothing.
+                Ok(r) => r
+                    .usage
+                    .input_tokens
+                    .saturating_add(r.usage.output_tokens)
+                    .max(1),
                 Err(_) => u64::from(request.max_tokens),
             };
             budget.lock().await.record_tokens(now_ms(), tokens);
@@ -286,6 +357,8 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
         // Parsing a hostile file is blocking work: keep it off the async workers, and
         // take one segment at a time per session.
         let guard = self.outbox.clone().lock_owned().await;
+        let bytes = guard.size(notice.seq).unwrap_or(0);
+        self.admit_ingest(bytes)?;
         let (guard, read) = tokio::task::spawn_blocking(move || {
             let read = guard.read(notice.seq);
             (guard, read)
@@ -293,6 +366,13 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
         .await
         .map_err(|_| Refused::UNAVAILABLE)?;
         match read {
+            Ok(items) if items.is_empty() => {
+                // Nothing to take in: no write, no record of its own; counted.
+                self.pass_over(|p| p.empty += 1);
+                guard
+                    .remove(notice.seq)
+                    .map_err(|e| self.refuse("outbox", e.to_string(), Refused::UNAVAILABLE))
+            }
             Ok(items) => {
                 // The segment ends the turn; if it is not stored, the turn goes on.
                 let turn =
@@ -307,6 +387,8 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
                     self.count(|t| t.absorb(turn));
                     return Err(Refused::UNAVAILABLE);
                 }
+                // A minute of counts that ended is recorded now, if nothing else did.
+                self.pass_over(|_| {});
                 guard
                     .remove(notice.seq)
                     .map_err(|e| self.refuse("outbox", e.to_string(), Refused::UNAVAILABLE))
