@@ -63,9 +63,17 @@ pub fn printable(text: &str) -> String {
         .collect()
 }
 
-/// Characters that reorder, break or hide text without showing themselves.
+/// Characters that reorder, break or hide text without showing themselves: format
+/// characters (bidirectional marks, zero-width joiners, invisible operators, tags),
+/// fillers and variation selectors (all but U+FE0F, which follows many an emoji and
+/// carries no more than a bit).
 fn is_invisible(c: char) -> bool {
-    matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{061c}' | '\u{feff}')
+    matches!(c,
+        '\u{00ad}' | '\u{034f}' | '\u{061c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}' | '\u{17b5}'
+        | '\u{180b}'..='\u{180f}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+        | '\u{2060}'..='\u{206f}' | '\u{3164}' | '\u{fe00}'..='\u{fe0e}' | '\u{feff}'
+        | '\u{ffa0}' | '\u{fff9}'..='\u{fffb}' | '\u{e0000}'..='\u{e007f}'
+        | '\u{e0100}'..='\u{e01ef}')
 }
 
 #[cfg(test)]
@@ -83,5 +91,10 @@ mod tests {
         );
         assert!(!shown.chars().any(|c| c.is_control() && c != '\n'));
         assert_eq!(printable("plain, ünïcödé 😀\n"), "plain, ünïcödé 😀\n");
+        // Tag characters can carry a hidden message; a soft hyphen and a filler hide.
+        assert_eq!(
+            printable("a\u{e0041}\u{ad}\u{3164}\u{fe01}b ❤\u{fe0f}"),
+            "a\\u{e0041}\\u{ad}\\u{3164}\\u{fe01}b ❤\u{fe0f}"
+        );
     }
 }

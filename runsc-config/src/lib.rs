@@ -10,7 +10,7 @@
 //!
 //! The invariants ([`Violation`] lists them): a read-only root holding only the agent
 //! binary; `/inbox` a read-only bind; `/outbox` a read-write bind; `/run/ironclaw` a bind
-//! of the directory holding only `proxy.sock`; `/tmp` a tmpfs; every writable mount
+//! of the directory holding only `proxy.sock`; `/tmp` a tmpfs; `/sys` a read-only sysfs; every writable mount
 //! `noexec,nosuid,nodev`; no other mounts; no network; every capability set empty;
 //! `noNewPrivileges`; a non-root uid and gid; memory, pids and CPU limits; rlimits; an
 //! environment of fixed, non-secret variables only.
@@ -35,7 +35,14 @@ pub const SOCKET_NAME: &str = "proxy.sock";
 /// Longest unix socket path the kernel accepts, including the terminating NUL.
 pub const SUN_PATH_BYTES: usize = 108;
 /// The directories the root must provide as mount points (created empty).
-pub const MOUNT_POINTS: [&str; 5] = ["/proc", "/tmp", INBOX_MOUNT, OUTBOX_MOUNT, SOCKET_MOUNT];
+pub const MOUNT_POINTS: [&str; 6] = [
+    "/proc",
+    "/tmp",
+    INBOX_MOUNT,
+    OUTBOX_MOUNT,
+    SOCKET_MOUNT,
+    "/sys",
+];
 /// The only environment the agent gets: fixed values, nothing secret.
 pub const ENVIRONMENT: [&str; 2] = ["PATH=/", "HOME=/tmp"];
 /// `runsc` flags that must be present on every invocation.
@@ -173,6 +180,8 @@ pub fn oci_config(spec: &SandboxSpec) -> Result<Value, SpecError> {
             bind(inbox, INBOX_MOUNT, false),
             bind(outbox, OUTBOX_MOUNT, true),
             bind(sockets, SOCKET_MOUNT, false),
+            { "destination": "/sys", "type": "sysfs", "source": "sysfs",
+              "options": ["ro", "nosuid", "noexec", "nodev"] },
         ],
         "linux": {
             "namespaces": [
@@ -353,13 +362,9 @@ fn check_mounts(config: &Value, v: &mut Vec<Violation>) {
         }
     }
     let kind_is = |dest: &str, ty: &str| find(dest).is_some_and(|m| m["type"] == json!(ty));
-    for (dest, ty) in [("/proc", "proc"), ("/tmp", "tmpfs")] {
+    for (dest, ty) in [("/proc", "proc"), ("/tmp", "tmpfs"), ("/sys", "sysfs")] {
         if !kind_is(dest, ty) {
-            v.push(Violation::MissingMount(if dest == "/proc" {
-                "/proc"
-            } else {
-                "/tmp"
-            }));
+            v.push(Violation::MissingMount(dest));
         }
     }
     for dest in [INBOX_MOUNT, OUTBOX_MOUNT, SOCKET_MOUNT] {
@@ -367,7 +372,7 @@ fn check_mounts(config: &Value, v: &mut Vec<Violation>) {
             v.push(Violation::MissingMount(dest));
         }
     }
-    for dest in [INBOX_MOUNT, SOCKET_MOUNT] {
+    for dest in [INBOX_MOUNT, SOCKET_MOUNT, "/sys"] {
         if find(dest).is_some_and(|m| !MountFlags::of(&m["options"]).is_ok_and(|f| f.read_only)) {
             v.push(Violation::WritableInbox(dest));
         }
@@ -641,6 +646,18 @@ mod tests {
                 "rw inbox",
                 |c, _| c["mounts"][2]["options"][1] = json!("rw"),
                 |v| matches!(v, Violation::WritableInbox(_)),
+            ),
+            (
+                "rw sys",
+                |c, _| c["mounts"][5]["options"][0] = json!("rw"),
+                |v| matches!(v, Violation::WritableInbox("/sys")),
+            ),
+            (
+                "no sys",
+                |c, _| {
+                    c["mounts"].as_array_mut().unwrap().remove(5);
+                },
+                |v| matches!(v, Violation::MissingMount("/sys")),
             ),
             (
                 "exec outbox",

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use control_plane::proxy::session::{Intake, NotStored};
+use control_plane::proxy::session::{Intake, NotStored, Taken};
 use control_plane::proxy::turn::TurnSummary;
 use queue_proto::ids::{ChangeId, Seq, SessionId};
 use queue_proto::items::{ChangeRequest, OutboxItem};
@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 /// An outbox segment handed to the intake.
 #[derive(Debug)]
-pub struct Taken {
+pub struct Handed {
     pub seq: Seq,
     pub items: Vec<OutboxItem>,
     pub turn: TurnSummary,
@@ -35,7 +35,9 @@ pub enum Filing {
 #[derive(Debug)]
 pub struct RecordingIntake {
     storing: AtomicBool,
-    taken: mpsc::UnboundedSender<Taken>,
+    /// While set, a stored segment is answered as a duplicate of an earlier one.
+    duplicates: AtomicBool,
+    taken: mpsc::UnboundedSender<Handed>,
     filings: Mutex<VecDeque<Filing>>,
     requests: mpsc::UnboundedSender<(SessionId, ChangeRequest)>,
 }
@@ -43,7 +45,7 @@ pub struct RecordingIntake {
 /// What the test reads back.
 #[derive(Debug)]
 pub struct Recorded {
-    pub taken: mpsc::UnboundedReceiver<Taken>,
+    pub taken: mpsc::UnboundedReceiver<Handed>,
     pub requests: mpsc::UnboundedReceiver<(SessionId, ChangeRequest)>,
 }
 
@@ -54,6 +56,7 @@ impl RecordingIntake {
         let (requests, requests_rx) = mpsc::unbounded_channel();
         let intake = RecordingIntake {
             storing: AtomicBool::new(storing),
+            duplicates: AtomicBool::new(false),
             taken,
             filings: Mutex::new(VecDeque::new()),
             requests,
@@ -69,6 +72,10 @@ impl RecordingIntake {
 
     pub fn set_storing(&self, storing: bool) {
         self.storing.store(storing, Ordering::SeqCst);
+    }
+
+    pub fn set_duplicates(&self, duplicates: bool) {
+        self.duplicates.store(duplicates, Ordering::SeqCst);
     }
 
     /// Queues the answer to the next change request (none queued: not filed).
@@ -87,15 +94,21 @@ impl Intake for RecordingIntake {
         seq: Seq,
         items: Vec<OutboxItem>,
         turn: TurnSummary,
-    ) -> Result<(), NotStored> {
+    ) -> Result<Taken, NotStored> {
         let stored = self.storing.load(Ordering::SeqCst);
-        let _ = self.taken.send(Taken {
+        let _ = self.taken.send(Handed {
             seq,
             items,
             turn,
             stored,
         });
-        if stored { Ok(()) } else { Err(NotStored) }
+        if stored && self.duplicates.load(Ordering::SeqCst) {
+            Ok(Taken::Duplicate)
+        } else if stored {
+            Ok(Taken::Stored)
+        } else {
+            Err(NotStored)
+        }
     }
 
     async fn change_request(

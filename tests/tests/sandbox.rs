@@ -242,6 +242,7 @@ fn broken_guarantees(r: &Value) -> Vec<&'static str> {
         "/outbox is writable and noexec",
     );
     require(has("/tmp", "noexec"), "/tmp is noexec");
+    require(has("/sys", "ro"), "/sys is read-only");
     require(r["interfaces"] == json!(["lo"]), "only lo exists");
     require(text("tcp_outside") != "ok", "outside TCP fails");
     require(text("dns") != "ok", "DNS fails");
@@ -460,6 +461,11 @@ async fn each_probe_fires_against_a_weakened_spec() {
             "rw-root",
             "root is read-only",
             Box::new(|c, _, _, _| c["root"]["readonly"] = json!(false)),
+        ),
+        (
+            "rw-sys",
+            "/sys is read-only",
+            Box::new(|c, _, _, _| c["mounts"][5]["options"][0] = json!("rw")),
         ),
         (
             "rw-inbox",

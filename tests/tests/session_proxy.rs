@@ -373,3 +373,32 @@ async fn an_agent_flooding_its_outbox_is_held_to_its_ingestion_budget() {
     assert!(r.outbox_dir().join(Seq(105).file_name()).exists());
     assert_eq!(r.next_record(), None, "{:?}", r.next_record());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_segment_never_erases_the_turn_in_progress() {
+    let mut r = rig("replay", true);
+    // The turn so far: a change request the gateway did not file.
+    let request = ChangeRequest {
+        target: ChangeTarget::Tools,
+        after: "[]".into(),
+        reason: "x".into(),
+    };
+    assert!(r.proxy.change_request(request).await.is_err());
+    // The agent publishes an earlier segment again: the store calls it a duplicate.
+    r.intake.set_duplicates(true);
+    r.writer().publish(Seq(1), &[reply("old")]).unwrap();
+    r.proxy.outbox(OutboxNotice { seq: Seq(1) }).await.unwrap();
+    assert_eq!(
+        r.recorded.taken.recv().await.unwrap().turn.change_requests,
+        1
+    );
+    // The turn goes on, and is handed over whole with the segment that ends it.
+    r.intake.set_duplicates(false);
+    r.writer().publish(Seq(2), &[reply("new")]).unwrap();
+    r.proxy.outbox(OutboxNotice { seq: Seq(2) }).await.unwrap();
+    assert_eq!(
+        r.recorded.taken.recv().await.unwrap().turn.change_requests,
+        1,
+        "the replay did not erase the turn"
+    );
+}

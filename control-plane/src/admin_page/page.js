@@ -13,11 +13,12 @@ async function api(method, path, body) {
   return { status: resp.status, value };
 }
 
-// Control, zero-width and bidirectional characters could hide or reorder what an
-// operator reads before approving: they are shown as escapes, as the CLI shows them.
+// Control, format (zero-width, bidirectional, tags), filler and variation-selector
+// characters could hide or reorder what an operator reads before approving: they are
+// shown as escapes, the same set the CLI's printable() escapes.
 function visible(text) {
   return String(text).replace(
-    /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]/g,
+    /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164\ufe00-\ufe0e\ufeff\uffa0\ufff9-\ufffb\u{e0000}-\u{e007f}\u{e0100}-\u{e01ef}]/gu,
     (c) => `\\u{${c.codePointAt(0).toString(16)}}`,
   );
 }

@@ -35,6 +35,7 @@ pub enum Op {
     SandboxLimitsRaised,
     SandboxLimitsLowered,
     GatewaySettings,
+    TelegramApprovalsWidened,
     DeliverySettings,
     CommentsOnly,
     ByAgent,
@@ -59,7 +60,7 @@ pub struct Weight {
 /// agent as the requester adds) and of an agent turn (the rows after it, counted from a
 /// model response's tool calls to the outbox segment that ends the turn). SECURITY.md
 /// quotes this table row for row, and a test holds it to that.
-pub const WEIGHTS: [Weight; 29] = [
+pub const WEIGHTS: [Weight; 30] = [
     Weight {
         op: Op::Runtime,
         what: "sandbox.runtime changed",
@@ -185,6 +186,12 @@ pub const WEIGHTS: [Weight; 29] = [
         what: "gateway settings changed",
         weight: 0.3,
         why: "how long requests wait and how many may be filed",
+    },
+    Weight {
+        op: Op::TelegramApprovalsWidened,
+        what: "riskier changes approvable from Telegram",
+        weight: 0.9,
+        why: "Telegram's server says who pressed a button; raising the limit lets it carry more",
     },
     Weight {
         op: Op::DeliverySettings,
@@ -406,6 +413,10 @@ pub fn change_risk(before: &Config, after: &Config, by_agent: bool) -> (Vec<Oper
         Op::SandboxLimitsLowered,
     );
     op(b.gateway != a.gateway, Op::GatewaySettings);
+    op(
+        a.gateway.telegram_max_risk > b.gateway.telegram_max_risk,
+        Op::TelegramApprovalsWidened,
+    );
     op(b.delivery != a.delivery, Op::DeliverySettings);
     if ops.is_empty() {
         ops.push(Operation::of(Op::CommentsOnly));

@@ -55,6 +55,16 @@ pub enum SessionEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotStored;
 
+/// What the intake did with a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Its items are stored, with the turn it ends.
+    Stored,
+    /// The same seq with the same items was taken in before: nothing new, and the turn
+    /// it would have ended goes on (a replayed segment never erases a turn's record).
+    Duplicate,
+}
+
 /// Where a session's proxy hands what must not be lost. Each call returns once the
 /// thing is durable (or known not to be).
 pub trait Intake: Send + Sync + 'static {
@@ -65,7 +75,7 @@ pub trait Intake: Send + Sync + 'static {
         seq: Seq,
         items: Vec<OutboxItem>,
         turn: TurnSummary,
-    ) -> impl Future<Output = Result<(), NotStored>> + Send;
+    ) -> impl Future<Output = Result<Taken, NotStored>> + Send;
     /// Files the agent's change request with the gateway: its id, or `None` if it was
     /// not filed.
     fn change_request(
@@ -380,12 +390,13 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
                 let stored = self
                     .intake
                     .outbox(&self.session, notice.seq, items, turn.clone());
-                if !matches!(
-                    tokio::time::timeout(STORE_TIMEOUT, stored).await,
-                    Ok(Ok(()))
-                ) {
-                    self.count(|t| t.absorb(turn));
-                    return Err(Refused::UNAVAILABLE);
+                match tokio::time::timeout(STORE_TIMEOUT, stored).await {
+                    Ok(Ok(Taken::Stored)) => {}
+                    Ok(Ok(Taken::Duplicate)) => self.count(|t| t.absorb(turn)),
+                    _ => {
+                        self.count(|t| t.absorb(turn));
+                        return Err(Refused::UNAVAILABLE);
+                    }
                 }
                 // A minute of counts that ended is recorded now, if nothing else did.
                 self.pass_over(|_| {});

@@ -164,10 +164,15 @@ impl NetNs {
     }
 
     /// Makes the namespace if it does not exist yet. It holds nothing but a loopback
-    /// interface that stays down.
+    /// interface that stays down. A name left without its namespace (the mount that
+    /// held it was in a mount namespace that is gone, as with systemd's
+    /// `ProtectSystem=`) is made again.
     pub fn ensure(&self) -> Result<(), RuntimeError> {
         if self.path().exists() {
-            return Ok(());
+            if self.enterable() {
+                return Ok(());
+            }
+            self.remove()?;
         }
         let args = ["netns".to_owned(), "add".to_owned(), self.name.clone()];
         let out = run(Path::new("ip"), &args)?;
@@ -178,6 +183,16 @@ impl NetNs {
             });
         }
         Ok(())
+    }
+
+    /// Whether the name holds a namespace that can be entered.
+    fn enterable(&self) -> bool {
+        let args = [
+            format!("--net={}", self.path().display()),
+            "--".to_owned(),
+            "true".to_owned(),
+        ];
+        run(Path::new("nsenter"), &args).is_ok_and(|out| out.status.success())
     }
 
     /// Removes the namespace (its sandboxes must be gone). Idempotent.

@@ -29,7 +29,7 @@ use crate::model::openai::OpenAiCompatible;
 use crate::model::{AnyProvider, Provider};
 use crate::proxy::server::{ProxyLimits, serve};
 use crate::proxy::session::{
-    EVENT_QUEUE, InboxSignal, Intake, NotStored, Outlets, SessionEvent, SessionProxy,
+    EVENT_QUEUE, InboxSignal, Intake, NotStored, Outlets, SessionEvent, SessionProxy, Taken,
 };
 use crate::proxy::turn::TurnSummary;
 use crate::sandbox::SandboxSettings;
@@ -431,7 +431,9 @@ impl Service {
     /// stored first (with the channel's cursor, if any, in the same transaction), then
     /// published; a message the channel refused by its own rules is recorded (metadata
     /// only) with its notice, if one is due; a cursor on its own just moves. A refused
-    /// arrival seen before comes back as [`Accepted::Duplicate`].
+    /// arrival seen before comes back as [`Accepted::Duplicate`]; one beyond the
+    /// refusals recorded a minute for its chat is counted, not recorded, and comes back
+    /// as [`Accepted::Counted`] (its cursor still moves).
     pub async fn receive(
         self: &Arc<Self>,
         arrival: Arrival<'_>,
@@ -698,8 +700,12 @@ impl Service {
             }
         }
         self.outbound_changed();
-        // Deleted is deleted only once the old pages are out of the log as well.
-        self.db(|s| s.fold_wal())?;
+        // Deleted is deleted only once the old pages are out of the log as well: a log
+        // held by another reader is folded at the next checkpoint, and the operator is
+        // told (the deletion itself is done).
+        if let Err(e) = self.db(|s| s.fold_wal()) {
+            tracing::warn!(session = %id, error = %e, "the deleted session's old pages stay in the control store's log until its next checkpoint");
+        }
         Ok(summary)
     }
 
@@ -725,16 +731,17 @@ impl Service {
         seq: Seq,
         items: &[OutboxItem],
         mut turn: TurnSummary,
-    ) -> Result<(), NotStored> {
+    ) -> Result<Taken, NotStored> {
         turn.add_items(items);
         let ingested = self.db(|s| s.ingest(session, seq, items, &turn, now_secs()));
         let done = ingested.map_err(|e| {
             tracing::error!(session = %session, error = %e, "storing an outbox segment failed");
             NotStored
         })?;
-        if !done.duplicate {
-            self.file_outbox_requests(session, items);
+        if done.duplicate {
+            return Ok(Taken::Duplicate);
         }
+        self.file_outbox_requests(session, items);
         if done.dropped_replies > 0 {
             tracing::warn!(session = %session, count = done.dropped_replies,
                 "replies to unknown or settled messages were dropped");
@@ -743,7 +750,7 @@ impl Service {
             self.outbound_changed();
         }
         self.prune_inbox(session);
-        Ok(())
+        Ok(Taken::Stored)
     }
 
     /// Records what a session's proxy reported for the audit trail.
@@ -875,8 +882,12 @@ impl Intake for ServiceIntake {
         seq: Seq,
         items: Vec<OutboxItem>,
         turn: TurnSummary,
-    ) -> Result<(), NotStored> {
+    ) -> Result<Taken, NotStored> {
         let service = self.0.upgrade().ok_or(NotStored)?;
+        // A session being deleted takes nothing more in.
+        if service.deleting().contains(session) {
+            return Err(NotStored);
+        }
         service.take_outbox(session, seq, &items, turn)
     }
 
@@ -885,7 +896,11 @@ impl Intake for ServiceIntake {
         session: &SessionId,
         request: ChangeRequest,
     ) -> Option<ChangeId> {
-        self.0.upgrade()?.file_agent_change(session, &request)
+        let service = self.0.upgrade()?;
+        if service.deleting().contains(session) {
+            return None;
+        }
+        service.file_agent_change(session, &request)
     }
 }
 

@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS ingested (
 ";
 
 /// Adds the `content` column to a store made before seqs were bound to their content
-/// (its earlier rows have none, and are taken as content that matches nothing).
+/// (its earlier rows have none, and are taken as duplicates of whatever comes again).
 pub(super) fn upgrade(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     let has: bool = tx.query_row(
         "SELECT count(*) > 0 FROM pragma_table_info('ingested') WHERE name = 'content'",
@@ -80,11 +80,17 @@ impl Store {
             )
             .optional()?;
         match before {
+            // A row from before seqs were bound to their content is taken as the same
+            // content: a re-announce across the upgrade is not taken in twice.
+            Some(None) => {
+                out.duplicate = true;
+                return Ok(out);
+            }
             Some(Some(c)) if c == content => {
                 out.duplicate = true;
                 return Ok(out);
             }
-            Some(_) => out.seq_reused = true,
+            Some(Some(_)) => out.seq_reused = true,
             None => {}
         }
         tx.execute(

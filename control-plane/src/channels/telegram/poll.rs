@@ -1,8 +1,10 @@
 //! Long-polling `getUpdates` and the inbound rules. The offset sent to Telegram (which
-//! confirms every earlier update) only moves past an update once the store holds it, in
-//! the same transaction as the message. Senders not in `allowed_users` get one fixed
-//! refusal (at most one an hour each) and never reach an agent; only private chats are
-//! served, so no reply is shown to people who were not allowed to ask.
+//! confirms every earlier update) only moves past an update once the store holds it, or
+//! its refusal (in the same transaction), or, beyond the refusals recorded a minute for
+//! its chat, once the refusal is counted. Senders not in `allowed_users` get one fixed
+//! refusal (at most one an hour each, and none while their refusals are only counted)
+//! and never reach an agent; only private chats are served, so no reply is shown to
+//! people who were not allowed to ask.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
