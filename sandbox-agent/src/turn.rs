@@ -50,6 +50,11 @@ impl std::fmt::Display for LoopError {
     }
 }
 
+/// Tool calls run from one model answer; the rest are answered as not run, so a
+/// model cannot turn one answer into hundreds of replies or reminders.
+const MAX_TOOL_CALLS_PER_ANSWER: usize = 16;
+const TOO_MANY_CALLS: &str = "not run: at most 16 tool calls are run from one answer";
+
 impl Agent {
     /// Runs until the sandbox is stopped or something unrecoverable happens.
     pub(crate) fn run(&mut self) -> Result<(), LoopError> {
@@ -184,8 +189,12 @@ impl Agent {
             let mut results = Vec::new();
             for block in &response.content {
                 if let ContentBlock::ToolUse { id, name, input } = block {
-                    let (content, is_error) =
-                        self.tool(&config, message, name, input, &mut out, &mut replied);
+                    // Every call gets its result; only the first ones are run.
+                    let (content, is_error) = if results.len() < MAX_TOOL_CALLS_PER_ANSWER {
+                        self.tool(&config, message, name, input, &mut out, &mut replied)
+                    } else {
+                        (TOO_MANY_CALLS.to_owned(), true)
+                    };
                     results.push(ContentBlock::ToolResult {
                         tool_use_id: id.clone(),
                         content,

@@ -26,6 +26,10 @@ struct State {
     sent: Vec<(i64, String)>,
     rate_limited_sends: u32,
     retry_after: u64,
+    /// Chats every send to which gets 429 with this `retry_after`.
+    throttled: std::collections::HashMap<i64, u64>,
+    /// Sends refused with 429 because their chat is throttled.
+    throttled_sends: u32,
     down: bool,
     unauthorised_calls: u32,
     /// Messages sent with inline buttons: (chat, message id, callback data of each).
@@ -192,6 +196,20 @@ impl FakeTelegram {
         st.retry_after = retry_after;
     }
 
+    /// Every send to `chat` gets 429 with `retry_after` seconds, until unthrottled.
+    pub fn throttle_chat(&self, chat: i64, retry_after: Option<u64>) {
+        let mut st = self.st();
+        match retry_after {
+            Some(r) => st.throttled.insert(chat, r),
+            None => st.throttled.remove(&chat),
+        };
+    }
+
+    /// Sends refused because their chat was throttled.
+    pub fn throttled_sends(&self) -> u32 {
+        self.st().throttled_sends
+    }
+
     /// Calls made with a wrong token.
     pub fn unauthorised_calls(&self) -> u32 {
         self.st().unauthorised_calls
@@ -264,6 +282,10 @@ async fn answer(
                 return fail(429, &format!("Too Many Requests: retry after {r}"), Some(r));
             }
             let chat = body.get("chat_id").and_then(Value::as_i64);
+            if let Some(r) = chat.and_then(|c| st.throttled.get(&c).copied()) {
+                st.throttled_sends += 1;
+                return fail(429, &format!("Too Many Requests: retry after {r}"), Some(r));
+            }
             let text = body.get("text").and_then(Value::as_str);
             match (chat, text) {
                 (Some(c), Some(t)) if !t.is_empty() && t.encode_utf16().count() <= 4096 => {

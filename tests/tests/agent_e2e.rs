@@ -401,3 +401,33 @@ async fn a_model_that_never_stops_calling_tools_is_cut_off_at_the_step_cap() {
     );
     r.manager.stop(&r.id).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_model_answer_runs_at_most_sixteen_tool_calls() {
+    // A hostile model answers once with 40 reply calls.
+    let calls: Vec<serde_json::Value> = (0..40)
+        .map(|i| json!({"type": "tool_use", "id": format!("t{i}"), "name": "reply", "input": {"text": format!("flood {i}")}}))
+        .collect();
+    let msg = |content: serde_json::Value, stop: &str| {
+        Scripted::json(json!({
+            "id": "msg", "type": "message", "role": "assistant", "model": "m",
+            "content": content, "stop_reason": stop, "usage": {"input_tokens": 1, "output_tokens": 1}
+        }))
+    };
+    let script = vec![
+        msg(json!(calls), "tool_use"),
+        msg(json!([{"type": "text", "text": "done"}]), "end_turn"),
+    ];
+    let fake = FakeHttp::start(script).await;
+    let mut r = rig("e2e-calls", anthropic(&fake, "m")).await;
+    let (items, _) = r.outbox().await;
+    let replies = items
+        .iter()
+        .filter(|i| matches!(i, OutboxItem::AssistantReply(_)))
+        .count();
+    assert_eq!(replies, 16, "{items:?}");
+    // The model was told which calls were not run.
+    let second = String::from_utf8_lossy(&fake.received()[1].body).into_owned();
+    assert_eq!(second.matches("not run: at most 16 tool calls").count(), 24);
+    r.manager.stop(&r.id).await.unwrap();
+}

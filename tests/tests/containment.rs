@@ -7,7 +7,7 @@ use std::process::Command;
 
 use control_plane::sandbox::layout::Layout;
 use control_plane::sandbox::runtime::NetNs;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tests::fake_telegram::FakeTelegram;
@@ -390,4 +390,52 @@ fn a_client_without_the_token_cannot_take_the_bridge_from_its_users() {
         "every request of the bridge's user was answered"
     );
     drop(held);
+}
+
+#[test]
+fn a_chat_held_back_by_telegram_never_holds_back_another() {
+    const A: i64 = 4242;
+    const B: i64 = 5353;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
+    let mut s = Serve::init("");
+    let token = s.secret_file("tg.token", TG_TOKEN);
+    std::fs::write(
+        s.state.join("config.toml"),
+        format!(
+            "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n\n\
+             [channels.telegram]\ntoken_file = \"{}\"\napi_base = \"{}\"\n\
+             allowed_users = [{A}, {B}]\npoll_timeout_secs = 1\n",
+            token.display(),
+            tg.http.base()
+        ),
+    )
+    .unwrap();
+    s.start();
+    // Telegram holds A's chat back (a 429 asking for 45 s) while A writes on.
+    tg.throttle_chat(A, Some(45));
+    for i in 0..5 {
+        tg.push_text(A, &format!("flood {i}"));
+    }
+    let held = Instant::now() + Duration::from_secs(60);
+    while tg.throttled_sends() == 0 && Instant::now() < held {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(tg.throttled_sends() > 0, "A's replies met the throttle");
+    // B's reply goes out at once, not after A's wait.
+    let asked = Instant::now();
+    tg.push_text(B, "hello");
+    let answered = tg.wait_for(Duration::from_secs(15), |sent| {
+        sent.iter()
+            .any(|(chat, text)| *chat == B && text.contains("You said: hello"))
+    });
+    assert!(
+        rt.block_on(answered),
+        "B was answered within 15 s while A waits 45 s: {:?}",
+        tg.sent()
+    );
+    eprintln!("bystander answered after {:?}", asked.elapsed());
+    assert!(tg.sent_to(A).is_empty(), "A's chat is still held back");
+    // Nothing of A's was given up on: its replies wait their turn in the queue.
+    assert!(s.audit_of("delivery_dead_lettered").is_empty());
 }

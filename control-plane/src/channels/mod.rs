@@ -66,31 +66,68 @@ pub fn start(service: &Arc<Service>) -> Result<Vec<JoinHandle<()>>, ChannelError
     Ok(tasks)
 }
 
-/// Hands queued replies to a push channel, one at a time, oldest first; waits for new
-/// ones or for the next retry time.
+/// Chats a push channel delivers to at once: a chat whose deliveries are slow (a chat
+/// app holding it back, a long reply in parts) holds one lane, never all.
+pub const DELIVERY_LANES: usize = 4;
+
+/// Chats remembered for fairness; beyond this, those served longest ago are forgotten.
+const CHATS_REMEMBERED: usize = 10_000;
+
+/// Hands queued replies to a push channel, fairly: each free lane takes the oldest
+/// reply of the chat served longest ago (never one already being served), so one chat's
+/// flood waits its turn behind every other chat's next reply. Each chat's replies go
+/// out in order, one at a time. Waits for new replies or for the next retry time.
 pub async fn deliver_loop<C: Channel>(service: Arc<Service>, channel: Arc<C>) {
     let mut changes = service.watch_outbound();
+    let mut lanes: tokio::task::JoinSet<(String, i64, Delivered)> = tokio::task::JoinSet::new();
+    let mut busy: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut served: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut turn: u64 = 0;
     loop {
-        let next = service.next_delivery(channel.name(), now_secs());
-        match next {
-            Ok(Some(out)) => {
-                let result = channel.deliver(&out.chat, &out.text).await;
-                if let Delivered::Failed(reason) = &result {
-                    tracing::warn!(channel = channel.name(), outbound = out.id, reason = %reason, "a reply could not be delivered");
+        let mut failing = false;
+        while lanes.len() < DELIVERY_LANES {
+            let rank =
+                |chat: &str| (!busy.contains(chat)).then(|| served.get(chat).copied().unwrap_or(0));
+            match service.next_delivery(channel.name(), now_secs(), rank) {
+                Ok(Some(out)) => {
+                    turn += 1;
+                    busy.insert(out.chat.clone());
+                    served.insert(out.chat.clone(), turn);
+                    let channel = channel.clone();
+                    lanes.spawn(async move {
+                        let result = channel.deliver(&out.chat, &out.text).await;
+                        (out.chat, out.id, result)
+                    });
                 }
-                if let Err(e) = service.record_delivery(out.id, &result, now_secs()) {
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the outbound queue failed");
+                    failing = true;
+                    break;
+                }
+            }
+        }
+        if served.len() > CHATS_REMEMBERED {
+            let mut turns: Vec<u64> = served.values().copied().collect();
+            turns.sort_unstable();
+            let cut = turns[turns.len() - CHATS_REMEMBERED / 2];
+            served.retain(|_, t| *t >= cut);
+        }
+        tokio::select! {
+            Some(done) = lanes.join_next(), if !lanes.is_empty() => {
+                let Ok((chat, id, result)) = done else { continue };
+                busy.remove(&chat);
+                if let Delivered::Failed(reason) = &result {
+                    tracing::warn!(channel = channel.name(), outbound = id, reason = %reason, "a reply could not be delivered");
+                }
+                if let Err(e) = service.record_delivery(id, &result, now_secs()) {
                     tracing::error!(error = %e, "recording a delivery failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-            Ok(None) => {
-                // New replies wake us; retries come due on their own.
-                let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "reading the outbound queue failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+            // New replies wake us; retries come due on their own.
+            _ = tokio::time::sleep(Duration::from_secs(1)), if failing => {}
+            _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()), if !failing => {}
         }
     }
 }

@@ -11,6 +11,9 @@ use crate::store::changes::{ChangeDetail, ChangeSummary, Prompt, TurnRow};
 use crate::store::outbound::{Delivered, Outbound};
 use crate::store::state::MessageState;
 
+/// Chats looked at for each delivery: the ones waiting longest.
+const DUE_HEADS: u32 = 256;
+
 /// The counts `health` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Health {
@@ -25,9 +28,26 @@ impl Service {
         Ok(self.db(|s| s.cursor(name))?)
     }
 
-    /// The oldest reply due on push channel `channel`, marked as being sent.
-    pub fn next_delivery(&self, channel: &str, now: i64) -> Result<Option<Outbound>, ServiceError> {
-        Ok(self.db(|s| s.next_outbound(channel, now))?)
+    /// The next reply to hand to push channel `channel`, marked as being sent: the
+    /// oldest due reply of the chat that `rank` puts first (lowest) among those it
+    /// does not rule out (`None`: a chat already being served).
+    pub fn next_delivery(
+        &self,
+        channel: &str,
+        now: i64,
+        rank: impl Fn(&str) -> Option<u64>,
+    ) -> Result<Option<Outbound>, ServiceError> {
+        Ok(self.db(|s| {
+            let heads = s.due_heads(channel, now, DUE_HEADS)?;
+            let pick = heads
+                .iter()
+                .filter_map(|(chat, id)| rank(chat).map(|r| (r, *id)))
+                .min();
+            match pick {
+                Some((_, id)) => s.take_outbound(id, now),
+                None => Ok(None),
+            }
+        })?)
     }
 
     /// Records how a push channel's delivery attempt of `id` ended.

@@ -16,8 +16,9 @@ use serde_json::json;
 
 use super::outbound::queue_outbound;
 use super::sessions::session_row;
-use super::state::{MessageState, OutboundKind};
+use super::state::{MessageState, OUTBOUND_WAITING_SQL, OutboundKind};
 use super::timers::add_timer;
+use super::usage;
 use super::{Store, StoreError};
 use crate::audit::{self, AuditEvent};
 use crate::gateway::risk::turn_risk;
@@ -46,6 +47,19 @@ pub(super) fn upgrade(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Replies one session may have waiting in the outbound queue at once; more are
+/// refused and counted, so one chat's flood cannot fill the queue.
+pub const MAX_QUEUED_REPLIES: i64 = 50;
+
+/// How many replies and reminders of `session` wait in the outbound queue.
+fn queued_replies(tx: &rusqlite::Transaction<'_>, session: &SessionId) -> rusqlite::Result<i64> {
+    tx.query_row(
+        &format!("SELECT count(*) FROM outbound WHERE session = ?1 AND {OUTBOUND_WAITING_SQL}"),
+        params![session.as_str()],
+        |r| r.get(0),
+    )
+}
+
 /// What ingesting one outbox segment did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ingested {
@@ -54,7 +68,11 @@ pub struct Ingested {
     pub seq_reused: bool,
     pub replies: u32,
     pub dropped_replies: u32,
+    /// Replies beyond the session's queue or its day's budget.
+    pub refused_replies: u32,
     pub timers: u32,
+    /// Reminders in the past, beyond the timers held or the day's budget.
+    pub refused_timers: u32,
     pub notes: u32,
     pub change_requests: u32,
 }
@@ -141,6 +159,14 @@ impl Store {
                         out.dropped_replies += 1;
                         continue;
                     }
+                    // The session's lane in the outbound queue: at most
+                    // MAX_QUEUED_REPLIES waiting, and its day's reply budget.
+                    if queued_replies(&tx, session)? >= MAX_QUEUED_REPLIES
+                        || !usage::charge(&tx, session, usage::REPLIES, now, r.text.len())?
+                    {
+                        out.refused_replies += 1;
+                        continue;
+                    }
                     tx.execute(
                         "UPDATE messages SET state = ?2, text = '' WHERE id = ?1",
                         params![id, MessageState::Answered],
@@ -158,8 +184,10 @@ impl Store {
                     out.replies += 1;
                 }
                 OutboxItem::ScheduleRequest(s) => {
-                    if add_timer(&tx, session, s.at, &s.text)? {
+                    if add_timer(&tx, session, s.at, &s.text, now)? {
                         out.timers += 1;
+                    } else {
+                        out.refused_timers += 1;
                     }
                 }
                 OutboxItem::Note(_) => out.notes += 1,
@@ -171,7 +199,8 @@ impl Store {
             now,
             AuditEvent::OutboxIngested,
             &json!({ "session": session.as_str(), "seq": seq.0, "seq_reused": out.seq_reused,
-                     "replies": out.replies,
+                     "replies": out.replies, "refused_replies": out.refused_replies,
+                     "refused_timers": out.refused_timers,
                      "dropped_replies": out.dropped_replies, "timers": out.timers,
                      "notes": out.notes, "change_requests": out.change_requests,
                      "risk": risk, "turn": turn }),
@@ -308,5 +337,53 @@ mod tests {
             .ingest(&id("a"), Seq(1), &[reply(m2, "second")], &turn, 9)
             .unwrap();
         assert!(again.duplicate);
+    }
+
+    #[test]
+    fn a_session_floods_only_its_own_lane_of_replies_and_reminders() {
+        use queue_proto::items::ScheduleRequest;
+        let (_d, mut s) = store();
+        let turn = TurnSummary::default();
+        let Accepted::Stored(m) = accept(&mut s, "a", None, 10) else {
+            panic!()
+        };
+        s.take_batch(&id("a"), 5).unwrap().unwrap();
+        let now = 1_000_000;
+        let remind = |at: i64| {
+            OutboxItem::ScheduleRequest(ScheduleRequest {
+                at,
+                text: "x".into(),
+            })
+        };
+        // 200 replies to one message and 120 reminders, one of them in the past.
+        let mut items: Vec<OutboxItem> = (0..200).map(|i| reply(m, &format!("r{i}"))).collect();
+        items.push(remind(now - 1));
+        items.extend((0..120).map(|i| remind(now + 60 + i)));
+        let got = s.ingest(&id("a"), Seq(1), &items, &turn, now).unwrap();
+        assert_eq!((got.replies, got.refused_replies), (50, 150));
+        assert_eq!((got.timers, got.refused_timers), (100, 21));
+        let entries = audit::page(s.connection(), 0, 1000).unwrap();
+        let e = entries
+            .iter()
+            .rev()
+            .find(|e| e.kind == "outbox_ingested")
+            .unwrap();
+        assert_eq!(
+            (
+                e.detail["refused_replies"].clone(),
+                e.detail["refused_timers"].clone()
+            ),
+            (serde_json::json!(150), serde_json::json!(21)),
+            "the refusals are counted where the operator sees them"
+        );
+        // Another session's lane is its own.
+        let Accepted::Stored(b) = accept(&mut s, "b", None, 10) else {
+            panic!()
+        };
+        s.take_batch(&id("b"), 5).unwrap().unwrap();
+        let got = s
+            .ingest(&id("b"), Seq(1), &[reply(b, "hello")], &turn, now)
+            .unwrap();
+        assert_eq!(got.replies, 1);
     }
 }

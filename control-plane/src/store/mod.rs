@@ -35,6 +35,7 @@ pub mod outbound;
 pub mod sessions;
 pub mod state;
 pub mod timers;
+pub mod usage;
 
 /// The file name of the control store inside the state directory.
 pub const STORE_FILE: &str = "control.db";
@@ -146,6 +147,7 @@ impl Store {
             cursors::SCHEMA,
             audit::SCHEMA,
             changes::SCHEMA,
+            usage::SCHEMA,
         ] {
             tx.execute_batch(schema).map_err(open)?;
         }

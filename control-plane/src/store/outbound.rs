@@ -47,6 +47,9 @@ pub enum Delivered {
     Sent,
     /// Try again after this many seconds.
     Retry(u64),
+    /// The chat app asked to wait this many seconds before sending: nothing was sent,
+    /// and the attempt does not count towards giving up.
+    Throttled(u64),
     /// Give up: the chat app refused it for good.
     Failed(String),
 }
@@ -72,6 +75,50 @@ impl Store {
         }
         tx.commit()?;
         Ok(n as u32)
+    }
+
+    /// Each chat's oldest reply due on a push channel, as (chat, outbound id), for at
+    /// most `limit` chats, those waiting longest first.
+    pub fn due_heads(
+        &self,
+        channel: &str,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT chat, min(id) AS first FROM outbound
+             WHERE channel = ?1 AND state = ?3 AND next_attempt_at <= ?2
+             GROUP BY chat ORDER BY first LIMIT ?4",
+        )?;
+        let heads = stmt
+            .query_map(params![channel, now, OutboundState::Pending, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(heads)
+    }
+
+    /// Outbound `id`, marked as being sent, if it is still pending and due.
+    pub fn take_outbound(&mut self, id: i64, now: i64) -> Result<Option<Outbound>, StoreError> {
+        let tx = self.tx()?;
+        let row = tx
+            .query_row(
+                &format!(
+                    "SELECT {OUTBOUND_COLUMNS} FROM outbound
+                     WHERE id = ?1 AND state = ?3 AND next_attempt_at <= ?2"
+                ),
+                params![id, now, OutboundState::Pending],
+                outbound_row,
+            )
+            .optional()?;
+        if row.is_some() {
+            tx.execute(
+                "UPDATE outbound SET state = ?2, attempts = attempts + 1 WHERE id = ?1",
+                params![id, OutboundState::Sending],
+            )?;
+        }
+        tx.commit()?;
+        Ok(row)
     }
 
     /// The oldest reply due on a push channel, marked as being sent.
@@ -120,6 +167,17 @@ impl Store {
                 tx.execute(
                     "UPDATE outbound SET state = ?2, text = '' WHERE id = ?1",
                     params![id, OutboundState::Sent],
+                )?;
+            }
+            Delivered::Throttled(after) => {
+                tx.execute(
+                    "UPDATE outbound SET state = ?3, next_attempt_at = ?2, attempts = max(attempts - 1, 0)
+                     WHERE id = ?1",
+                    params![
+                        id,
+                        now.saturating_add(i64::try_from(*after).unwrap_or(i64::MAX)),
+                        OutboundState::Pending
+                    ],
                 )?;
             }
             Delivered::Retry(after) if attempts < i64::from(max_attempts) => {

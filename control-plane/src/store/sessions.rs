@@ -25,7 +25,9 @@ CREATE TABLE IF NOT EXISTS sessions (
 ";
 
 /// The tables holding rows of one session, emptied when it is deleted.
-const SESSION_TABLES: [&str; 5] = ["messages", "outbound", "timers", "ingested", "turns"];
+const SESSION_TABLES: [&str; 6] = [
+    "messages", "outbound", "timers", "ingested", "turns", "usage",
+];
 
 /// How often folding the write-ahead log is tried while a reader holds it.
 const WAL_FOLD_TRIES: u32 = 20;

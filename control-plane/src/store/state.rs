@@ -122,6 +122,9 @@ impl OutboundState {
     }
 }
 
+/// SQL for [`OutboundState::is_waiting`] on a `state` column.
+pub const OUTBOUND_WAITING_SQL: &str = "state IN ('pending', 'sending')";
+
 text_state! {
     /// What an outbound row is.
     OutboundKind {
@@ -207,6 +210,12 @@ mod tests {
             .collect();
         assert_eq!(selected(MessageState::ALL, MESSAGE_WAITING_SQL), waiting);
         assert_eq!(waiting, [MessageState::Received, MessageState::Published]);
+        let waiting: Vec<_> = OutboundState::ALL
+            .iter()
+            .copied()
+            .filter(|s| s.is_waiting())
+            .collect();
+        assert_eq!(selected(OutboundState::ALL, OUTBOUND_WAITING_SQL), waiting);
         let due: Vec<_> = PromptState::ALL
             .iter()
             .copied()

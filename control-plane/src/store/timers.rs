@@ -6,6 +6,7 @@ use rusqlite::{Transaction, params};
 
 use super::outbound::queue_outbound;
 use super::state::OutboundKind;
+use super::usage;
 use super::{Store, StoreError};
 
 pub(super) const SCHEMA: &str = "
@@ -23,20 +24,27 @@ pub const MAX_TIMERS_PER_SESSION: i64 = 100;
 /// Timers moved into the outbound queue by one call of [`Store::fire_timers`], at most.
 const FIRE_BATCH: i64 = 256;
 
-/// Adds a timer for `session` inside `tx`, unless it holds its limit already. Returns
-/// whether it was added.
+/// Adds a timer for `session` inside `tx` at `now`, unless it is due in the past, the
+/// session holds [`MAX_TIMERS_PER_SESSION`] already, or its day's
+/// [`usage::REMINDERS`] are used up. Returns whether it was added.
 pub(super) fn add_timer(
     tx: &Transaction<'_>,
     session: &SessionId,
     due_at: i64,
     text: &str,
+    now: i64,
 ) -> rusqlite::Result<bool> {
+    if due_at < now {
+        return Ok(false);
+    }
     let held: i64 = tx.query_row(
         "SELECT count(*) FROM timers WHERE session = ?1",
         params![session.as_str()],
         |r| r.get(0),
     )?;
-    if held >= MAX_TIMERS_PER_SESSION {
+    if held >= MAX_TIMERS_PER_SESSION
+        || !usage::charge(tx, session, usage::REMINDERS, now, text.len())?
+    {
         return Ok(false);
     }
     tx.execute(

@@ -1,6 +1,7 @@
 //! The [`Channel`] implementation: a reply split into Telegram-sized parts, each sent
-//! with retries; 429 answers wait as long as Telegram asks (within bounds), and a part
-//! that may have arrived is never sent twice.
+//! with retries; a 429 on the first part puts the reply back in the queue for as long
+//! as Telegram asks (within bounds), a 429 on a later part waits in its lane, and a
+//! part that may have arrived is never sent twice.
 
 use std::time::Duration;
 
@@ -64,7 +65,13 @@ impl Channel for Telegram {
                         retry_after,
                         ..
                     } => {
-                        Duration::from_secs(retry_after.unwrap_or(1).clamp(1, MAX_RETRY_AFTER_SECS))
+                        let secs = retry_after.unwrap_or(1).clamp(1, MAX_RETRY_AFTER_SECS);
+                        // Nothing of this reply has gone out: it waits in the queue,
+                        // not in a delivery lane, while other chats are served.
+                        if i == 0 {
+                            return Delivered::Throttled(secs);
+                        }
+                        Duration::from_secs(secs)
                     }
                     CallError::Status { .. } | CallError::Network => backoff,
                 };

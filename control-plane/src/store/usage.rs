@@ -1,0 +1,118 @@
+//! What one session has used of its daily budgets that the store enforces (reminders
+//! and replies it may queue), counted per day in the store, so a restart or an applied
+//! change does not reset them.
+
+use queue_proto::ids::SessionId;
+use rusqlite::{OptionalExtension, Transaction, params};
+
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS usage (
+    session TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (session, kind, day)
+);
+";
+
+/// One daily budget: how many, and how many bytes, a session may use a day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Daily {
+    /// The name its use is kept under.
+    pub kind: &'static str,
+    pub count: i64,
+    pub bytes: i64,
+}
+
+/// Reminders one session may set a day.
+pub const REMINDERS: Daily = Daily {
+    kind: "reminders",
+    count: 200,
+    bytes: 256 * 1024,
+};
+
+/// Replies one session may queue a day.
+pub const REPLIES: Daily = Daily {
+    kind: "replies",
+    count: 2000,
+    bytes: 8 * 1024 * 1024,
+};
+
+const DAY_SECS: i64 = 86_400;
+
+/// Charges one use of `bytes` to `session`'s `budget` for the day of `now`, inside
+/// `tx`, if it fits; returns whether it did. Days before yesterday are forgotten.
+pub(super) fn charge(
+    tx: &Transaction<'_>,
+    session: &SessionId,
+    budget: Daily,
+    now: i64,
+    bytes: usize,
+) -> rusqlite::Result<bool> {
+    let day = now.div_euclid(DAY_SECS);
+    let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+    let used: Option<(i64, i64)> = tx
+        .query_row(
+            "SELECT count, bytes FROM usage WHERE session = ?1 AND kind = ?2 AND day = ?3",
+            params![session.as_str(), budget.kind, day],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let (count, used_bytes) = used.unwrap_or((0, 0));
+    if count >= budget.count || used_bytes.saturating_add(bytes) > budget.bytes {
+        return Ok(false);
+    }
+    tx.execute(
+        "INSERT INTO usage (session, kind, day, count, bytes) VALUES (?1, ?2, ?3, 1, ?4)
+         ON CONFLICT (session, kind, day) DO UPDATE SET count = count + 1, bytes = bytes + ?4",
+        params![session.as_str(), budget.kind, day, bytes],
+    )?;
+    tx.execute(
+        "DELETE FROM usage WHERE session = ?1 AND kind = ?2 AND day < ?3",
+        params![session.as_str(), budget.kind, day - 1],
+    )?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::{id, store};
+
+    const SMALL: Daily = Daily {
+        kind: "test",
+        count: 3,
+        bytes: 10,
+    };
+
+    #[test]
+    fn a_daily_budget_holds_for_the_day_and_starts_again_the_next() {
+        let (_d, mut s) = store();
+        let tx = s.tx().unwrap();
+        let a = id("a");
+        let day = 20_000 * DAY_SECS;
+        assert!(charge(&tx, &a, SMALL, day, 4).unwrap());
+        assert!(charge(&tx, &a, SMALL, day + 5, 4).unwrap());
+        assert!(
+            !charge(&tx, &a, SMALL, day + 6, 3).unwrap(),
+            "11 bytes > 10"
+        );
+        assert!(charge(&tx, &a, SMALL, day + 7, 2).unwrap());
+        assert!(!charge(&tx, &a, SMALL, day + 8, 0).unwrap(), "a fourth > 3");
+        assert!(
+            charge(&tx, &id("b"), SMALL, day + 8, 0).unwrap(),
+            "b has its own"
+        );
+        assert!(
+            charge(&tx, &a, SMALL, day + DAY_SECS, 4).unwrap(),
+            "a new day"
+        );
+        let rows: i64 = tx
+            .query_row("SELECT count(*) FROM usage WHERE session = 'a'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(rows, 2);
+    }
+}
