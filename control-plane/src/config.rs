@@ -130,6 +130,9 @@ pub enum RuntimeChoice {
 pub struct SandboxSection {
     pub runtime: RuntimeChoice,
     pub memory_mib: u64,
+    /// The size of each session's own outbox file system, where its agent keeps its
+    /// notes and history and writes its segments.
+    pub outbox_mib: u64,
     pub idle_stop_secs: u64,
     /// The static agent binary; by default `ironclaw-agent` next to `ironclaw`.
     pub agent_binary: Option<PathBuf>,
@@ -142,6 +145,7 @@ impl Default for SandboxSection {
         SandboxSection {
             runtime: RuntimeChoice::Gvisor,
             memory_mib: 256,
+            outbox_mib: 64,
             idle_stop_secs: 600,
             agent_binary: None,
             runsc: None,
@@ -378,6 +382,9 @@ impl Config {
         if !(64..=65536).contains(&self.sandbox.memory_mib) {
             return invalid("sandbox.memory_mib must be between 64 and 65536");
         }
+        if !(8..=65536).contains(&self.sandbox.outbox_mib) {
+            return invalid("sandbox.outbox_mib must be between 8 and 65536");
+        }
         if self.sandbox.idle_stop_secs == 0 {
             return invalid("sandbox.idle_stop_secs must be at least 1");
         }
@@ -497,6 +504,7 @@ provider = "demo"
 [sandbox]
 runtime = "gvisor"          # "gvisor" | "host" (development only, no isolation)
 memory_mib = 256
+outbox_mib = 64            # each session's own outbox file system (notes, history, segments)
 idle_stop_secs = 600
 
 [delivery]

@@ -408,6 +408,23 @@ fn host(t: &toml::Table, r: &mut Report) {
                 ),
             },
         }
+        // Each outbox is limited to sandbox.outbox_mib by a file system of its own.
+        let missing: Vec<&str> = ["mkfs.ext4", "fallocate", "mount", "umount"]
+            .into_iter()
+            .filter(|tool| on_path(tool).is_none())
+            .chain((!Path::new("/dev/loop-control").exists()).then_some("/dev/loop-control"))
+            .collect();
+        if !missing.is_empty() {
+            r.add(
+                "sandbox.outbox-limit-unavailable",
+                Severity::Critical,
+                format!(
+                    "each session's /outbox is limited to sandbox.outbox_mib by an ext4 image of its own, mounted through a loop device; missing: {}",
+                    missing.join(", ")
+                ),
+                "apt-get install e2fsprogs util-linux mount, and load the loop module (modprobe loop)",
+            );
+        }
     }
     let configured = get(t, &["sandbox", "agent_binary"])
         .and_then(|v| v.as_str())

@@ -284,6 +284,19 @@ impl Serve {
     }
 }
 
+/// Mount points at or under `dir`, deepest first.
+pub fn mounts_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points
+}
+
 impl Drop for Serve {
     fn drop(&mut self) {
         if self.stop().is_none() {
@@ -299,5 +312,9 @@ impl Drop for Serve {
         }
         // The sandboxes' network namespace, which serve keeps across its restarts.
         let _ = NetNs::of(&layout).remove();
+        // The sessions' outbox file systems, which stay mounted across restarts too.
+        for point in mounts_under(&self.state) {
+            let _ = Command::new("umount").arg("-l").arg(&point).status();
+        }
     }
 }

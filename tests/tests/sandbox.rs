@@ -97,6 +97,8 @@ struct Rig {
     layout: Layout,
     outside: Outside,
     _proxies: Vec<UnixListener>,
+    /// Whether the probe is ordered to fill its outbox.
+    fill: bool,
 }
 
 impl Rig {
@@ -115,6 +117,7 @@ impl Rig {
             layout,
             outside: outside(),
             _proxies: Vec::new(),
+            fill: false,
         }
     }
 
@@ -141,6 +144,7 @@ impl Rig {
             "tcp": self.outside.tcp.local_addr().unwrap().to_string(),
             "dns": self.outside.dns.to_string(),
             "bomb": bomb,
+            "fill": self.fill,
         });
         std::fs::write(self.layout.inbox(s).join("probe.json"), orders.to_string()).unwrap();
     }
@@ -760,4 +764,31 @@ async fn idle_sandboxes_stop_capped_ones_die_and_crashes_restart_with_backoff() 
     };
     assert_eq!(exit, Exit::WallClockCap);
     assert_eq!(rig.runsc_list(), "");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_that_writes_without_end_fills_only_its_own_outbox() {
+    const LIMIT: u64 = 16 * 1024 * 1024;
+    let mut rig = Rig::new(&binary("IRONCLAW_PROBE_BIN"));
+    rig.settings.outbox_bytes = Some(LIMIT);
+    rig.fill = true;
+    let (s, keys) = session("filler");
+    rig.prepare(&s, None);
+    let (manager, _events) = rig.manager();
+    manager.ensure_running(&s, &keys).await.unwrap();
+    let report = rig.report(&s);
+    manager.stop(&s).await.unwrap();
+    layout::release_outbox(&rig.layout, &s).unwrap();
+    let written = report["fill_bytes"].as_u64().unwrap();
+    // ENOSPC: the outbox's own file system is full; nothing else is.
+    assert_eq!(report["fill_error"], json!(28), "{report:#}");
+    assert!(
+        written < LIMIT,
+        "the agent wrote {written} bytes into a {LIMIT}-byte outbox"
+    );
+    // On the state directory's file system the outbox is one file of the limit's size,
+    // whatever the agent wrote into it.
+    let image = std::fs::metadata(rig.layout.outbox_image(&s)).unwrap();
+    assert_eq!(image.len(), LIMIT);
+    assert!(std::os::unix::fs::MetadataExt::blocks(&image) * 512 <= LIMIT);
 }

@@ -140,12 +140,20 @@ pub async fn launch(
         });
     }
 
-    // 2. Prepare the session's directories with their owners and modes.
-    layout::prepare_session(layout, session, settings.uid, settings.gid).map_err(|source| {
-        LaunchError::Prepare {
-            session: s(),
-            source,
-        }
+    // 2. Prepare the session's directories with their owners and modes, and give its
+    //    outbox a file system of its own, of a fixed size, if the settings ask for one.
+    let prepared =
+        layout::prepare_session(layout, session, settings.uid, settings.gid).and_then(|()| {
+            match settings.outbox_bytes {
+                Some(bytes) => {
+                    layout::limit_outbox(layout, session, bytes, settings.uid, settings.gid)
+                }
+                None => Ok(()),
+            }
+        });
+    prepared.map_err(|source| LaunchError::Prepare {
+        session: s(),
+        source,
     })?;
 
     // 3. Write the bundle. It holds paths and limits, never a key.

@@ -50,6 +50,10 @@ impl Layout {
     pub fn outbox(&self, s: &SessionId) -> PathBuf {
         self.session_dir(s).join("outbox.d")
     }
+    /// The file holding the outbox's own file system, when it has one.
+    pub fn outbox_image(&self, s: &SessionId) -> PathBuf {
+        self.session_dir(s).join("outbox.img")
+    }
     pub fn private(&self, s: &SessionId) -> PathBuf {
         self.session_dir(s).join("private")
     }
@@ -83,6 +87,129 @@ pub fn install_rootfs(layout: &Layout, agent_binary: &Path) -> io::Result<()> {
     fs::copy(agent_binary, &tmp)?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o555))?;
     fs::rename(&tmp, &dest)
+}
+
+/// Gives the session's outbox a file system of its own, `bytes` large, so its agent can
+/// fill nothing but that: an ext4 image reserved on disk in full when it is made
+/// (`fallocate`, so no later write of anyone else can take its room), mounted over
+/// `outbox.d` with `nosuid,nodev,noexec`, its root owned by the agent's uid and 0700.
+/// Idempotent: an outbox that is a mount point already is left as it is. What an
+/// outbox held before it had a file system of its own is moved into the new one.
+pub fn limit_outbox(
+    layout: &Layout,
+    s: &SessionId,
+    bytes: u64,
+    uid: u32,
+    gid: u32,
+) -> io::Result<()> {
+    let outbox = layout.outbox(s);
+    if is_mount_point(&outbox)? {
+        return Ok(());
+    }
+    let image = layout.outbox_image(s);
+    if !image.exists() {
+        let tmp = layout.session_dir(s).join(".outbox.img.tmp");
+        let _ = fs::remove_file(&tmp);
+        command(
+            "fallocate",
+            &["-l".as_ref(), bytes.to_string().as_ref(), tmp.as_os_str()],
+        )?;
+        let owner = format!("root_owner={uid}:{gid},nodiscard");
+        command(
+            "mkfs.ext4",
+            &[
+                "-q".as_ref(),
+                "-F".as_ref(),
+                "-m".as_ref(),
+                "0".as_ref(),
+                "-E".as_ref(),
+                owner.as_ref(),
+                tmp.as_os_str(),
+            ],
+        )?;
+        fs::rename(&tmp, &image)?;
+        if fs::read_dir(&outbox)?.next().is_some() {
+            move_into_image(layout, s, &image)?;
+        }
+    }
+    mount(&image, &outbox)?;
+    fs::set_permissions(&outbox, fs::Permissions::from_mode(0o700))
+}
+
+/// Moves what `outbox.d` holds into the file system in `image` (through a mount of
+/// its own), so nothing is lost or left hidden under the mount.
+fn move_into_image(layout: &Layout, s: &SessionId, image: &Path) -> io::Result<()> {
+    let outbox = layout.outbox(s);
+    let staging = layout.session_dir(s).join(".outbox.move");
+    dir(&staging, 0o700)?;
+    mount(image, &staging)?;
+    let copied = command(
+        "cp",
+        &[
+            "-a".as_ref(),
+            outbox.join(".").as_os_str(),
+            staging.as_os_str(),
+        ],
+    );
+    let unmounted = command("umount", &[staging.as_os_str()]);
+    copied?;
+    unmounted?;
+    fs::remove_dir(&staging)?;
+    for entry in fs::read_dir(&outbox)? {
+        let path = entry?.path();
+        if path.is_dir() && !path.is_symlink() {
+            fs::remove_dir_all(&path)?;
+        } else {
+            fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts the session's outbox file system, if it has one mounted.
+pub fn release_outbox(layout: &Layout, s: &SessionId) -> io::Result<()> {
+    let outbox = layout.outbox(s);
+    if outbox.exists() && is_mount_point(&outbox)? {
+        command("umount", &[outbox.as_os_str()])?;
+    }
+    Ok(())
+}
+
+/// Whether `path` is where another file system is mounted (its device differs from its
+/// parent's).
+fn is_mount_point(path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let parent = path.parent().unwrap_or(path);
+    Ok(fs::metadata(path)?.dev() != fs::metadata(parent)?.dev())
+}
+
+fn mount(image: &Path, at: &Path) -> io::Result<()> {
+    command(
+        "mount",
+        &[
+            "-o".as_ref(),
+            "loop,nosuid,nodev,noexec".as_ref(),
+            image.as_os_str(),
+            at.as_os_str(),
+        ],
+    )
+}
+
+/// Runs a host tool with a cleared environment; its failure is an error naming it.
+fn command(program: &str, args: &[&std::ffi::OsStr]) -> io::Result<()> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "{program} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
 }
 
 /// Creates a session's directories with their owners and modes: the inbox and private

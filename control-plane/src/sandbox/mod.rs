@@ -30,6 +30,10 @@ pub struct SandboxSettings {
     pub uid: u32,
     pub gid: u32,
     pub limits: Limits,
+    /// The size of each session's outbox file system (see
+    /// [`layout::limit_outbox`]); `None` leaves the outbox a plain directory of the
+    /// state directory's file system (the host runtime, and tests of the sandbox alone).
+    pub outbox_bytes: Option<u64>,
     /// How long a launched agent has to print `ready`.
     pub ready_timeout: Duration,
     /// A sandbox with no activity for this long is stopped.
@@ -50,6 +54,7 @@ impl SandboxSettings {
             uid: 65534,
             gid: 65534,
             limits: Limits::default(),
+            outbox_bytes: None,
             ready_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(600),
             wall_clock_cap: Duration::from_secs(24 * 3600),

@@ -235,6 +235,11 @@ fn sandbox_settings(config: &Config, state: &StateDir) -> SandboxSettings {
     settings.run_dir = state.run_dir();
     settings.limits.memory_bytes = config.sandbox.memory_mib * 1024 * 1024;
     settings.idle_timeout = Duration::from_secs(config.sandbox.idle_stop_secs);
+    // Under gVisor every outbox is a file system of its own; the development-only host
+    // runtime keeps plain directories (it may run without the right to mount).
+    if config.sandbox.runtime == RuntimeChoice::Gvisor {
+        settings.outbox_bytes = Some(config.sandbox.outbox_mib * 1024 * 1024);
+    }
     settings
 }
 
@@ -692,6 +697,9 @@ impl Service {
             .db(|s| s.delete_session(id, now_secs()))?
             .ok_or_else(|| ServiceError::NoSession(id.clone()))?;
         let layout = self.manager.layout();
+        if let Err(e) = blocking(|| layout::release_outbox(layout, id)) {
+            tracing::warn!(session = %id, error = %e, "unmounting a deleted session's outbox failed");
+        }
         for dir in [layout.session_dir(id), layout.socket_dir(id)] {
             if let Err(e) = blocking(|| std::fs::remove_dir_all(&dir))
                 && e.kind() != std::io::ErrorKind::NotFound

@@ -53,6 +53,41 @@ fn mount_options() -> Value {
     Value::Object(out)
 }
 
+/// The most a fill writes: enough to pass any test's outbox limit, little enough that a
+/// weakened run without one does not fill the host.
+const FILL_CAP: u64 = 192 * 1024 * 1024;
+
+/// Writes zeros to `/outbox/fill` in 1 MiB pieces until a write fails or [`FILL_CAP`]
+/// is reached; returns the bytes written and the error, if one stopped it.
+fn fill_outbox() -> (u64, Value) {
+    use std::io::Write;
+    let chunk = vec![0u8; 1024 * 1024];
+    let mut written = 0u64;
+    let mut error = Value::Null;
+    match fs::File::create("/outbox/fill") {
+        Ok(mut f) => {
+            while written < FILL_CAP {
+                match f.write(&chunk) {
+                    Ok(0) => break,
+                    Ok(n) => written += n as u64,
+                    Err(e) => {
+                        error = json!(e.raw_os_error());
+                        break;
+                    }
+                }
+            }
+            if error.is_null()
+                && let Err(e) = f.sync_all()
+            {
+                error = json!(e.raw_os_error());
+            }
+        }
+        Err(e) => error = json!(e.raw_os_error()),
+    }
+    let _ = fs::remove_file("/outbox/fill");
+    (written, error)
+}
+
 fn status_field(status: &str, name: &str) -> String {
     status
         .lines()
@@ -134,6 +169,14 @@ fn main() {
         None => Err(std::io::Error::other("no dns target given")),
     };
 
+    // Ordered to: write into /outbox until a write fails (at most FILL_CAP), then
+    // remove what it wrote, so the report still fits.
+    let (fill_bytes, fill_error) = if orders["fill"] == json!(true) {
+        fill_outbox()
+    } else {
+        (0, Value::Null)
+    };
+
     let mut files = Vec::new();
     let mut sockets = Vec::new();
     walk(Path::new("/"), &mut files, &mut sockets);
@@ -196,6 +239,8 @@ fn main() {
         "env_key_hits": env_hits,
         "argv": std::env::args().collect::<Vec<_>>(),
         "connectable_sockets": connectable,
+        "fill_bytes": fill_bytes,
+        "fill_error": fill_error,
     });
     let _ = fs::write("/outbox/probe.json.tmp", report.to_string())
         .and_then(|()| fs::rename("/outbox/probe.json.tmp", "/outbox/probe.json"));
