@@ -439,3 +439,46 @@ fn a_chat_held_back_by_telegram_never_holds_back_another() {
     // Nothing of A's was given up on: its replies wait their turn in the queue.
     assert!(s.audit_of("delivery_dead_lettered").is_empty());
 }
+
+#[test]
+fn a_full_outbox_fails_only_its_own_session() {
+    let mut s = Serve::init(
+        "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\noutbox_mib = 16\n\n\
+         [delivery]\nreply_timeout_secs = 10\n",
+    );
+    s.start();
+    assert_eq!(s.send("filled", "first", 60).unwrap().0, "answered");
+    // What a runaway agent would do: write into its outbox until nothing more fits
+    // (from the host here, as the agent's own uid could; capped, so that an outbox
+    // without a limit does not fill this machine).
+    let outbox = s.state.join("sessions/filled/outbox.d");
+    let chunk = vec![0u8; 1024 * 1024];
+    let mut written = 0u64;
+    let mut stopped = None;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(outbox.join("fill")).unwrap();
+        while written < 192 * 1024 * 1024 {
+            match f.write(&chunk) {
+                Ok(n) => written += n as u64,
+                Err(e) => {
+                    stopped = e.raw_os_error();
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(stopped, Some(28), "ENOSPC after {written} bytes");
+    assert!(written < 16 * 1024 * 1024);
+    // The bystander is answered. The filled session goes on as far as its own room
+    // allows (segments taken in free theirs): its person gets an answer or a notice,
+    // never silence.
+    assert_eq!(s.send("bystander", "hello", 60).unwrap().0, "answered");
+    let (state, replies) = s.send("filled", "second", 40).unwrap();
+    assert!(
+        state == "answered" || state == "failed",
+        "{state}: {replies:?}"
+    );
+    assert!(!replies.is_empty(), "the person is told");
+    assert_eq!(s.send("bystander", "again", 60).unwrap().0, "answered");
+}
