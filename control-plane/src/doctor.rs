@@ -408,6 +408,7 @@ fn host(t: &toml::Table, r: &mut Report) {
                 ),
             },
         }
+        credentials_without_tpm(t, r);
         // Each outbox is limited to sandbox.outbox_mib by a file system of its own.
         let missing: Vec<&str> = ["mkfs.ext4", "fallocate", "mount", "umount"]
             .into_iter()
@@ -430,6 +431,28 @@ fn host(t: &toml::Table, r: &mut Report) {
         .and_then(|v| v.as_str())
         .map(Path::new);
     agent(&agent_binary::resolve(configured), r);
+}
+
+/// Keys and tokens named as systemd credentials are sealed by `systemd-creds`: with a
+/// TPM, to this machine's TPM; without one, with a key in
+/// /var/lib/systemd/credential.secret, on the same disk as the sealed files.
+fn credentials_without_tpm(t: &toml::Table, r: &mut Report) {
+    let named = [
+        &["model", "api_key_file"][..],
+        &["channels", "telegram", "token_file"],
+        &["channels", "bridge", "token_file"],
+    ]
+    .iter()
+    .filter_map(|p| get(t, p).and_then(|v| v.as_str()))
+    .any(|v| v.starts_with(crate::model::http::CREDENTIAL_PREFIX));
+    if named && !Path::new("/dev/tpmrm0").exists() {
+        r.add(
+            "deploy.credentials-without-tpm",
+            Severity::Warning,
+            "keys are systemd credentials, but this machine has no TPM: they are sealed with a key kept on the same disk (/var/lib/systemd/credential.secret), so a stolen disk opens them".into(),
+            "keep the disk encrypted (LUKS), or seal on a machine with a TPM (systemd-creds encrypt --with-key=tpm2)",
+        );
+    }
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {

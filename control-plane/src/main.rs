@@ -90,6 +90,14 @@ fn parse(raw: Vec<String>) -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
+    // The master key, session keys and tokens live in this process's memory: it is
+    // never dumped to a core file, and no process of the same uid may trace or read it.
+    if let Err(e) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
+        eprintln!("ironclaw: making the process undumpable failed: {e}");
+        return ExitCode::FAILURE;
+    }
     let args = match parse(std::env::args().skip(1).collect()) {
         Ok(a) => a,
         Err(e) => return usage(&e),

@@ -34,6 +34,9 @@ pub struct Serve {
     pub dir: tempfile::TempDir,
     pub state: PathBuf,
     pub log: PathBuf,
+    /// Extra environment for `serve` (what systemd would pass, such as
+    /// `CREDENTIALS_DIRECTORY`).
+    pub env: Vec<(String, PathBuf)>,
     child: Option<Child>,
 }
 
@@ -61,6 +64,7 @@ impl Serve {
             dir,
             state,
             log,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -92,6 +96,7 @@ impl Serve {
             .arg(&self.state)
             .env("IRONCLAW_AGENT_BIN", agent_bin())
             .env("IRONCLAW_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

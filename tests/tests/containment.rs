@@ -482,3 +482,132 @@ fn a_full_outbox_fails_only_its_own_session() {
     assert!(!replies.is_empty(), "the person is told");
     assert_eq!(s.send("bystander", "again", 60).unwrap().0, "answered");
 }
+
+#[test]
+fn a_process_of_the_same_user_cannot_read_the_control_planes_memory() {
+    // serve as an ordinary user (the host runtime needs no root), and another process
+    // of that same user trying to read what it holds.
+    let dir = tempfile::Builder::new()
+        .prefix("icdump")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(LOCAL_USER), Some(LOCAL_USER)).unwrap();
+    let state = dir.path().join("s");
+    let as_user = |args: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={LOCAL_USER}"),
+            &format!("--regid={LOCAL_USER}"),
+            "--clear-groups",
+            "--",
+        ]);
+        c.args(args);
+        c
+    };
+    let bin = tests::service::ironclaw_bin();
+    let bin = bin.to_str().unwrap();
+    let out = as_user(&[bin, "init", "--state-dir", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(
+        state.join("config.toml"),
+        format!(
+            "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"host\"\n\n[operators]\nunix_uids = [{LOCAL_USER}]\n"
+        ),
+    )
+    .unwrap();
+    let mut serve = as_user(&[bin, "serve", "--state-dir", state.to_str().unwrap()])
+        .env("IRONCLAW_AGENT_BIN", tests::service::agent_bin())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = state.join("run/admin.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(socket.exists(), "serve came up as the ordinary user");
+    let pid = serve.id().to_string();
+    let probe = as_user(&[
+        "/usr/bin/python3",
+        "-c",
+        "import sys\ntry:\n open(f'/proc/{sys.argv[1]}/environ','rb').read(); print('read')\nexcept OSError as e: print(e.errno)",
+        &pid,
+    ])
+    .output()
+    .unwrap();
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(
+        socket.exists() || deadline < Instant::now(),
+        "serve came up"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&probe.stdout).trim(),
+        "13",
+        "EACCES: the process is not dumpable"
+    );
+}
+
+#[test]
+fn a_token_can_come_from_a_systemd_credential_instead_of_a_file_in_the_config() {
+    use std::os::unix::fs::OpenOptionsExt;
+    const USER: i64 = 4242;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
+    let mut s = Serve::init("");
+    // What systemd does with LoadCredentialEncrypted=: the decrypted token in a
+    // directory of the service's own, named by CREDENTIALS_DIRECTORY.
+    let creds = s.dir.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(creds.join("telegram.token"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, TG_TOKEN.as_bytes()).unwrap();
+    s.env.push(("CREDENTIALS_DIRECTORY".into(), creds));
+    std::fs::write(
+        s.state.join("config.toml"),
+        format!(
+            "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n\n\
+             [channels.telegram]\ntoken_file = \"credential:telegram.token\"\napi_base = \"{}\"\n\
+             allowed_users = [{USER}]\npoll_timeout_secs = 1\n",
+            tg.http.base()
+        ),
+    )
+    .unwrap();
+    s.start();
+    tg.push_text(USER, "hello");
+    let answered = tg.wait_for(Duration::from_secs(60), |sent| {
+        sent.iter()
+            .any(|(chat, text)| *chat == USER && text.contains("You said: hello"))
+    });
+    assert!(rt.block_on(answered), "{:?}", tg.sent());
+    assert_eq!(tg.unauthorised_calls(), 0);
+    // Without the credentials, serve refuses to start and says why.
+    s.stop();
+    let out = Command::new("timeout")
+        .arg("30")
+        .arg(tests::service::ironclaw_bin())
+        .args(["serve", "--state-dir"])
+        .arg(&s.state)
+        .env("IRONCLAW_AGENT_BIN", tests::service::agent_bin())
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && out.status.code() != Some(124),
+        "{said}"
+    );
+    assert!(said.contains("no credentials were passed"), "{said}");
+}

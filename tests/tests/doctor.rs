@@ -194,6 +194,18 @@ fn doctor_is_silent_on_the_default_and_each_check_fires_on_its_own_fault() {
         only(&s, &[], id, severity);
     }
 
+    // Keys sealed as systemd credentials on a machine without a TPM.
+    if !std::path::Path::new("/dev/tpmrm0").exists() {
+        let (_d, s) = state(|t| {
+            t.replacen(
+                "provider = \"demo\"",
+                "provider = \"openai\"\nbase_url = \"https://api.example.com\"\nmodel = \"m\"\napi_key_file = \"credential:model.key\"",
+                1,
+            )
+        });
+        only(&s, &[], "deploy.credentials-without-tpm", "warning");
+    }
+
     // The host: permissions, the environment, the agent binary.
     let (_d, s) = state(str::to_owned);
     std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o755)).unwrap();

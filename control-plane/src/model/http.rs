@@ -97,6 +97,38 @@ pub enum KeyFileError {
         "the API key file {path} is readable by other users (mode {mode:o}); make it 0600 or 0400"
     )]
     Exposed { path: std::path::PathBuf, mode: u32 },
+    #[error(
+        "{name} is named as a systemd credential, but no credentials were passed (run under systemd with LoadCredentialEncrypted={name}:…, see deploy/seal-credential)"
+    )]
+    NoCredentials { name: String },
+    #[error("{name} is not a credential name (letters, digits, '.', '_' and '-', at most 64)")]
+    BadCredentialName { name: String },
+}
+
+/// How a key file names a systemd credential instead of a path: `credential:NAME`.
+pub const CREDENTIAL_PREFIX: &str = "credential:";
+
+/// Where a key file is: a path as written, or for `credential:NAME` the file systemd
+/// decrypted into `$CREDENTIALS_DIRECTORY/NAME` for this service alone.
+pub fn key_file_path(written: &std::path::Path) -> Result<std::path::PathBuf, KeyFileError> {
+    let Some(name) = written
+        .to_str()
+        .and_then(|w| w.strip_prefix(CREDENTIAL_PREFIX))
+    else {
+        return Ok(written.to_owned());
+    };
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !valid {
+        return Err(KeyFileError::BadCredentialName { name: name.into() });
+    }
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .ok_or_else(|| KeyFileError::NoCredentials { name: name.into() })?;
+    Ok(std::path::Path::new(&dir).join(name))
 }
 
 impl ApiKey {
@@ -104,10 +136,11 @@ impl ApiKey {
         ApiKey(Zeroizing::new(key.trim().to_owned()))
     }
 
-    /// Reads the key from `api_key_file`: one line, at most 4 KiB, not readable by
-    /// group or others.
-    pub fn from_file(path: &std::path::Path) -> Result<Self, KeyFileError> {
+    /// Reads the key from `api_key_file` (a path, or `credential:NAME`, see
+    /// [`key_file_path`]): one line, at most 4 KiB, not readable by group or others.
+    pub fn from_file(written: &std::path::Path) -> Result<Self, KeyFileError> {
         use std::os::unix::fs::PermissionsExt;
+        let path = &key_file_path(written)?;
         let read = |source| KeyFileError::Read {
             path: path.to_owned(),
             source,
