@@ -133,6 +133,8 @@ pub struct SandboxSection {
     /// The size of each session's own outbox file system, where its agent keeps its
     /// notes and history and writes its segments.
     pub outbox_mib: u64,
+    /// The first of the uids (and gids) each session's agent is given one of.
+    pub uid_base: u32,
     pub idle_stop_secs: u64,
     /// The static agent binary; by default `ironclaw-agent` next to `ironclaw`.
     pub agent_binary: Option<PathBuf>,
@@ -146,6 +148,7 @@ impl Default for SandboxSection {
             runtime: RuntimeChoice::Gvisor,
             memory_mib: 256,
             outbox_mib: 64,
+            uid_base: 200_000,
             idle_stop_secs: 600,
             agent_binary: None,
             runsc: None,
@@ -384,6 +387,11 @@ impl Config {
         }
         if !(8..=65536).contains(&self.sandbox.outbox_mib) {
             return invalid("sandbox.outbox_mib must be between 8 and 65536");
+        }
+        if !(100_000..=2_000_000_000).contains(&self.sandbox.uid_base) {
+            return invalid(
+                "sandbox.uid_base must be between 100000 and 2000000000 (clear of the host's own users)",
+            );
         }
         if self.sandbox.idle_stop_secs == 0 {
             return invalid("sandbox.idle_stop_secs must be at least 1");

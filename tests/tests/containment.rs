@@ -611,3 +611,53 @@ fn a_token_can_come_from_a_systemd_credential_instead_of_a_file_in_the_config() 
     );
     assert!(said.contains("no credentials were passed"), "{said}");
 }
+
+#[test]
+fn one_sessions_agent_uid_reads_no_other_sessions_outbox() {
+    let mut s = Serve::init("[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n");
+    s.start();
+    assert_eq!(
+        s.send("alice", "a secret of alice", 60).unwrap().0,
+        "answered"
+    );
+    assert_eq!(s.send("bob", "hello", 60).unwrap().0, "answered");
+    let outbox = |name: &str| s.state.join(format!("sessions/{name}/outbox.d"));
+    let owner =
+        |name: &str| std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(outbox(name)).unwrap());
+    let (alice, bob) = (owner("alice"), owner("bob"));
+    assert!(
+        alice >= 200_000 && bob >= 200_000 && alice != bob,
+        "{alice} {bob}"
+    );
+    // An agent that escaped its sandbox runs as its session's uid on the host. The state
+    // directory (0700, root's) keeps every agent uid out of all of it; opened up here
+    // (as if that wall had fallen), each outbox still answers only its own uid.
+    std::fs::set_permissions(
+        &s.state,
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+    let list_as = |uid: u32, name: &str| {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                "--",
+                "ls",
+            ])
+            .arg(outbox(name))
+            .output()
+            .unwrap()
+    };
+    assert!(
+        list_as(bob, "bob").status.success(),
+        "bob's uid reads its own"
+    );
+    let out = list_as(bob, "alice");
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "bob's uid reads alice's outbox: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

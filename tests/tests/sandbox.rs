@@ -410,7 +410,13 @@ fn run_weakened(rig: &mut Rig, name: &str, weaken: &Weaken) -> Value {
     let (s, keys) = session(name);
     rig.prepare(&s, None);
     layout::install_rootfs(&rig.layout, &rig.settings.agent_binary).unwrap();
-    let mut config = runsc_config::oci_config(&spec_for(&rig.settings, &rig.layout, &s)).unwrap();
+    let mut config = runsc_config::oci_config(&spec_for(
+        &rig.settings,
+        &rig.layout,
+        &s,
+        (rig.settings.uid, rig.settings.gid),
+    ))
+    .unwrap();
     let bundle = rig.layout.bundle(&s);
     let mut cmd = runsc_config::runsc_run_args(&rig.layout.runsc_root(), &bundle, &s);
     cmd.insert(0, "runsc".into());

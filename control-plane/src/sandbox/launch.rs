@@ -80,16 +80,21 @@ pub struct Launched {
     pub started: Instant,
 }
 
-/// The spec the control plane runs `session` with.
-pub fn spec_for(settings: &SandboxSettings, layout: &Layout, session: &SessionId) -> SandboxSpec {
+/// The spec the control plane runs `session` with, as `(uid, gid)`.
+pub fn spec_for(
+    settings: &SandboxSettings,
+    layout: &Layout,
+    session: &SessionId,
+    (uid, gid): (u32, u32),
+) -> SandboxSpec {
     SandboxSpec {
         session: session.clone(),
         rootfs: layout.rootfs(),
         inbox_dir: layout.inbox(session),
         outbox_dir: layout.outbox(session),
         socket_dir: layout.socket_dir(session),
-        uid: settings.uid,
-        gid: settings.gid,
+        uid,
+        gid,
         limits: settings.limits,
     }
 }
@@ -120,9 +125,16 @@ pub async fn launch(
 ) -> Result<Launched, LaunchError> {
     let s = || session.clone();
 
-    // 1. Validate: generate the spec from validated ids and settings, and refuse to run
-    //    anything the hardening checker objects to.
-    let spec = spec_for(settings, layout, session);
+    // 1. Validate: generate the spec from validated ids and settings (the session's own
+    //    uid among them), and refuse to run anything the hardening checker objects to.
+    let ids = settings
+        .ids_for(layout, session)
+        .map_err(|source| LaunchError::Prepare {
+            session: s(),
+            source,
+        })?;
+    let (uid, gid) = ids;
+    let spec = spec_for(settings, layout, session, ids);
     let config = oci_config(&spec).map_err(|source| LaunchError::Spec {
         session: s(),
         source,
@@ -142,15 +154,12 @@ pub async fn launch(
 
     // 2. Prepare the session's directories with their owners and modes, and give its
     //    outbox a file system of its own, of a fixed size, if the settings ask for one.
-    let prepared =
-        layout::prepare_session(layout, session, settings.uid, settings.gid).and_then(|()| {
-            match settings.outbox_bytes {
-                Some(bytes) => {
-                    layout::limit_outbox(layout, session, bytes, settings.uid, settings.gid)
-                }
-                None => Ok(()),
-            }
-        });
+    let prepared = layout::prepare_session(layout, session, uid, gid).and_then(|()| match settings
+        .outbox_bytes
+    {
+        Some(bytes) => layout::limit_outbox(layout, session, bytes, uid, gid),
+        None => Ok(()),
+    });
     prepared.map_err(|source| LaunchError::Prepare {
         session: s(),
         source,
@@ -385,7 +394,13 @@ mod tests {
         let config = std::fs::read(&config_path).unwrap();
         assert_eq!(
             serde_json::from_slice::<serde_json::Value>(&config).unwrap(),
-            oci_config(&spec_for(&r.settings, &r.layout, &s)).unwrap()
+            oci_config(&spec_for(
+                &r.settings,
+                &r.layout,
+                &s,
+                (r.settings.uid, r.settings.gid)
+            ))
+            .unwrap()
         );
         assert_eq!(
             std::fs::metadata(&config_path)

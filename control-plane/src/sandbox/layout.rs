@@ -89,6 +89,54 @@ pub fn install_rootfs(layout: &Layout, agent_binary: &Path) -> io::Result<()> {
     fs::rename(&tmp, &dest)
 }
 
+/// How many uids sessions may be given from a base.
+pub const UID_RANGE: u32 = 65_536;
+
+/// The uid (and gid, the same number) of session `s`: given once from `base` onwards,
+/// never to another session, and kept. A uid is claimed by creating an empty `uids/<uid>` with
+/// `O_EXCL` (so two sessions started at once cannot take the same one) and recorded in
+/// the session's `uid` file; a deleted session's uid is not given again.
+pub fn session_ids(layout: &Layout, s: &SessionId, base: u32) -> io::Result<(u32, u32)> {
+    let record = layout.session_dir(s).join("uid");
+    if let Ok(text) = fs::read_to_string(&record)
+        && let Ok(uid) = text.trim().parse::<u32>()
+        && (base..base.saturating_add(UID_RANGE)).contains(&uid)
+    {
+        return Ok((uid, uid));
+    }
+    let claims = layout.state_dir().join("uids");
+    dir(&claims, 0o700)?;
+    let highest = fs::read_dir(&claims)?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|u| *u >= base)
+        .max();
+    let mut uid = highest.map_or(base, |h| h.saturating_add(1));
+    loop {
+        if uid >= base.saturating_add(UID_RANGE) {
+            return Err(io::Error::other(format!(
+                "every uid from {base} to {} is given to a session",
+                base.saturating_add(UID_RANGE - 1)
+            )));
+        }
+        match std::os::unix::fs::OpenOptionsExt::mode(
+            fs::OpenOptions::new().write(true).create_new(true),
+            0o600,
+        )
+        .open(claims.join(uid.to_string()))
+        {
+            // The claim names no session: a deleted one leaves no trace of its name.
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => uid += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    dir(&layout.session_dir(s), 0o711)?;
+    let tmp = layout.session_dir(s).join(".uid.tmp");
+    fs::write(&tmp, uid.to_string())?;
+    fs::rename(&tmp, &record)?;
+    Ok((uid, uid))
+}
+
 /// Gives the session's outbox a file system of its own, `bytes` large, so its agent can
 /// fill nothing but that: an ext4 image reserved on disk in full when it is made
 /// (`fallocate`, so no later write of anyone else can take its room), mounted over
@@ -133,6 +181,15 @@ pub fn limit_outbox(
         }
     }
     mount(&image, &outbox)?;
+    // An image made for another uid (a session from before uids were its own) is
+    // handed over whole.
+    if std::os::unix::fs::MetadataExt::uid(&fs::metadata(&outbox)?) != uid {
+        let owner = format!("{uid}:{gid}");
+        command(
+            "chown",
+            &["-R".as_ref(), owner.as_ref(), outbox.as_os_str()],
+        )?;
+    }
     fs::set_permissions(&outbox, fs::Permissions::from_mode(0o700))
 }
 
@@ -223,4 +280,27 @@ pub fn prepare_session(layout: &Layout, s: &SessionId, uid: u32, gid: u32) -> io
     dir(&layout.outbox(s), 0o700)?;
     std::os::unix::fs::chown(layout.outbox(s), Some(uid), Some(gid))?;
     dir(&layout.socket_dir(s), 0o711)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_session_gets_a_uid_of_its_own_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path(), &dir.path().join("run"));
+        let id = |n: &str| SessionId::try_from(n).unwrap();
+        let a = session_ids(&layout, &id("a"), 300_000).unwrap();
+        let b = session_ids(&layout, &id("b"), 300_000).unwrap();
+        assert_eq!(a, (300_000, 300_000));
+        assert_eq!(b, (300_001, 300_001));
+        assert_eq!(session_ids(&layout, &id("a"), 300_000).unwrap(), a, "kept");
+        // A deleted session's uid is not given again.
+        fs::remove_dir_all(layout.session_dir(&id("a"))).unwrap();
+        assert_eq!(session_ids(&layout, &id("c"), 300_000).unwrap().0, 300_002);
+        assert_eq!(session_ids(&layout, &id("a"), 300_000).unwrap().0, 300_003);
+        // A uid outside a new base is given again from that base.
+        assert_eq!(session_ids(&layout, &id("b"), 400_000).unwrap().0, 400_000);
+    }
 }

@@ -26,9 +26,13 @@ pub struct SandboxSettings {
     pub run_dir: PathBuf,
     /// The static agent binary to install into the shared read-only root.
     pub agent_binary: PathBuf,
-    /// The unprivileged uid and gid the agent runs as.
+    /// The unprivileged uid and gid the agent runs as, unless `uid_base` gives each
+    /// session one of its own.
     pub uid: u32,
     pub gid: u32,
+    /// The first of [`layout::UID_RANGE`] uids (and gids of the same numbers) that
+    /// sessions are given, one each, for good (see [`layout::session_ids`]).
+    pub uid_base: Option<u32>,
     pub limits: Limits,
     /// The size of each session's outbox file system (see
     /// [`layout::limit_outbox`]); `None` leaves the outbox a plain directory of the
@@ -44,6 +48,18 @@ pub struct SandboxSettings {
 }
 
 impl SandboxSettings {
+    /// The uid and gid session `s`'s agent runs as.
+    pub fn ids_for(
+        &self,
+        layout: &layout::Layout,
+        s: &queue_proto::ids::SessionId,
+    ) -> std::io::Result<(u32, u32)> {
+        match self.uid_base {
+            Some(base) => layout::session_ids(layout, s, base),
+            None => Ok((self.uid, self.gid)),
+        }
+    }
+
     /// Defaults for a state directory: `nobody`'s uid, the default limits, a 10-minute
     /// idle stop and a 24-hour wall-clock cap.
     pub fn new(state_dir: PathBuf, agent_binary: PathBuf) -> Self {
@@ -53,6 +69,7 @@ impl SandboxSettings {
             agent_binary,
             uid: 65534,
             gid: 65534,
+            uid_base: None,
             limits: Limits::default(),
             outbox_bytes: None,
             ready_timeout: Duration::from_secs(20),

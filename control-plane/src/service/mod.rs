@@ -239,6 +239,9 @@ fn sandbox_settings(config: &Config, state: &StateDir) -> SandboxSettings {
     // runtime keeps plain directories (it may run without the right to mount).
     if config.sandbox.runtime == RuntimeChoice::Gvisor {
         settings.outbox_bytes = Some(config.sandbox.outbox_mib * 1024 * 1024);
+        // Each session's agent runs as a uid of its own: one escaped agent reads no
+        // other session's outbox.
+        settings.uid_base = Some(config.sandbox.uid_base);
     }
     settings
 }
@@ -607,7 +610,8 @@ impl Service {
             source,
         };
         let listener = blocking(|| -> std::io::Result<tokio::net::UnixListener> {
-            layout::prepare_session(layout, id, settings.uid, settings.gid)?;
+            let (uid, gid) = settings.ids_for(layout, id)?;
+            layout::prepare_session(layout, id, uid, gid)?;
             let sock = runsc_config::socket_path(&layout.socket_dir(id));
             match std::fs::remove_file(&sock) {
                 Ok(()) => {}
@@ -615,7 +619,7 @@ impl Service {
                 Err(e) => return Err(e),
             }
             let listener = std::os::unix::net::UnixListener::bind(&sock)?;
-            std::os::unix::fs::chown(&sock, Some(settings.uid), Some(settings.gid))?;
+            std::os::unix::fs::chown(&sock, Some(uid), Some(gid))?;
             listener.set_nonblocking(true)?;
             tokio::net::UnixListener::from_std(listener)
         })
