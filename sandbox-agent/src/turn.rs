@@ -58,12 +58,13 @@ const TOO_MANY_CALLS: &str = "not run: at most 16 tool calls are run from one an
 impl Agent {
     /// Runs until the sandbox is stopped or something unrecoverable happens.
     pub(crate) fn run(&mut self) -> Result<(), LoopError> {
-        // Segments published before a crash or a failed notice are announced again; the
-        // control plane takes each seq in once.
-        for seq in self.outbox.pending().map_err(LoopError::Segment)? {
-            self.announce(seq)?;
-        }
         loop {
+            // Segments still in the outbox (published before a crash, or refused for now,
+            // say beyond the control plane's ingestion budget) are announced again
+            // before each wait; the control plane takes each seq in once.
+            for seq in self.outbox.pending().map_err(LoopError::Segment)? {
+                self.announce(seq)?;
+            }
             let after = self.state.inbox_cursor().map_err(LoopError::State)?;
             let answer = self
                 .proxy

@@ -71,6 +71,9 @@ pub(super) fn base_command(program: &Path) -> Command {
     cmd
 }
 
+/// How often a sandbox is killed and deleted before its removal is given up on.
+const DESTROY_TRIES: u32 = 3;
+
 /// How long one housekeeping command (`runsc kill`, `delete`, `list`) may take.
 const HOUSEKEEPING_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -292,25 +295,33 @@ impl Runtime for RunscRuntime {
         let id = container_id(session);
         // Kill first: `delete --force` on a running sandbox can time out waiting for it.
         // Then delete removes what is left and runsc's state; an unknown id is not an
-        // error worth reporting.
-        self.kill(layout, session);
-        let out = self.housekeeping(vec![
-            Self::global(layout),
-            "delete".into(),
-            "--force".into(),
-            id.clone(),
-        ])?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success()
-            && !stderr.contains("does not exist")
-            && !stderr.contains("not found")
-        {
-            return Err(RuntimeError::Failed {
-                command: format!("runsc delete {id}"),
-                stderr: stderr.into(),
-            });
+        // error worth reporting. A sandbox caught half-started (its control plane killed
+        // while launching it) can time out once more: it is killed and deleted again.
+        let mut failure = String::new();
+        for attempt in 0..DESTROY_TRIES {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            self.kill(layout, session);
+            let out = self.housekeeping(vec![
+                Self::global(layout),
+                "delete".into(),
+                "--force".into(),
+                id.clone(),
+            ])?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.success()
+                || stderr.contains("does not exist")
+                || stderr.contains("not found")
+            {
+                return Ok(());
+            }
+            failure = stderr.into();
         }
-        Ok(())
+        Err(RuntimeError::Failed {
+            command: format!("runsc delete {id}"),
+            stderr: failure,
+        })
     }
 
     fn leftovers(&self, layout: &Layout) -> Result<Vec<SessionId>, RuntimeError> {
