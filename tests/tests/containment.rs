@@ -661,3 +661,34 @@ fn one_sessions_agent_uid_reads_no_other_sessions_outbox() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn a_spent_model_budget_stays_spent_across_a_restart() {
+    let mut s = Serve::init(
+        "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n\n[budgets]\ntokens_per_day = 100\n",
+    );
+    s.start();
+    let mut spent = false;
+    for i in 0..10 {
+        let (_, replies) = s.send("spender", &format!("message {i}"), 60).unwrap();
+        if !replies.iter().any(|r| r.contains("You said")) {
+            spent = true;
+            break;
+        }
+    }
+    assert!(spent, "the day's 100 tokens ran out");
+    // A restart (or an applied change, which restarts the session) hands out nothing new.
+    s.stop();
+    s.start();
+    let (_, replies) = s.send("spender", "after the restart", 60).unwrap();
+    assert!(
+        !replies.iter().any(|r| r.contains("You said")),
+        "still spent: {replies:?}"
+    );
+    // Another session's budget is its own.
+    let (_, replies) = s.send("other", "hello", 60).unwrap();
+    assert!(
+        replies.iter().any(|r| r.contains("You said: hello")),
+        "{replies:?}"
+    );
+}

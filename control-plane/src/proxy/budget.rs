@@ -83,6 +83,15 @@ impl BudgetMeter {
         }
     }
 
+    /// The meter of a session that already used `tokens` and `bytes` on the day of
+    /// `now_ms` (kept in the store across restarts and applied changes).
+    pub fn spent_today(mut self, now_ms: u64, tokens: u64, bytes: u64) -> Self {
+        self.day = now_ms / DAY_MS;
+        self.tokens = tokens;
+        self.bytes = bytes;
+        self
+    }
+
     /// Admits a call that will send `bytes` upstream, or refuses it. An admitted call is
     /// counted at once, so a refused upstream still costs its request.
     pub fn admit(&mut self, now_ms: u64, bytes: u64) -> Result<(), BudgetExceeded> {

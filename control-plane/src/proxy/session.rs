@@ -137,6 +137,14 @@ pub struct Outlets<I> {
 }
 
 impl<P: Provider, I: Intake> SessionProxy<P, I> {
+    /// Starts the model budget from what the session already used today.
+    pub fn spent_today(self, tokens: u64, bytes: u64) -> Self {
+        if let Ok(mut meter) = self.budget.try_lock() {
+            *meter = meter.clone().spent_today(now_ms(), tokens, bytes);
+        }
+        self
+    }
+
     /// A session's proxy behaviour, and the signal to call when its inbox grows.
     pub fn new(
         session: SessionId,

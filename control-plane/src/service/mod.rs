@@ -40,6 +40,7 @@ use crate::state::{StateDir, now_secs};
 use crate::store::cursors::Cursor;
 use crate::store::messages::{Accepted, Inbound, Refusal, Waiting};
 use crate::store::sessions::SessionSummary;
+use crate::store::usage;
 use crate::store::{Store, StoreError};
 
 mod calls;
@@ -638,6 +639,11 @@ impl Service {
                 events: tx,
             },
         );
+        // The day's model budget goes on from what this session already used.
+        let (tokens, bytes) = self
+            .db(|s| s.usage_today(id, usage::MODEL, now_secs()))
+            .unwrap_or_default();
+        let proxy = proxy.spent_today(tokens, bytes);
         let server = tokio::spawn(serve(listener, id.clone(), Arc::new(proxy), self.limits));
         let consumer = tokio::spawn(session_events_loop(Arc::downgrade(self), rx));
         let live = Arc::new(Live {
@@ -775,6 +781,12 @@ impl Service {
                 output_tokens,
                 bytes_sent,
             } => {
+                let tokens = input_tokens.saturating_add(output_tokens).max(1);
+                if let Err(e) =
+                    self.db(|s| s.add_usage(&session, usage::MODEL, now_secs(), tokens, bytes_sent))
+                {
+                    tracing::warn!(session = %session, error = %e, "recording a model call's use failed");
+                }
                 self.audit(AuditEvent::ModelCall, json!({ "session": session.as_str(), "provider": provider,
                     "input_tokens": input_tokens, "output_tokens": output_tokens, "bytes": bytes_sent }));
             }

@@ -39,6 +39,12 @@ pub const REPLIES: Daily = Daily {
     bytes: 8 * 1024 * 1024,
 };
 
+/// Model tokens (kept as the count) and bytes sent (kept as the bytes) a session used a
+/// day: the proxy's meter starts from them, so a restart or an applied change does not
+/// hand out the day's model budget again. Recorded as calls are made; no limit here (the
+/// proxy holds the approved one).
+pub const MODEL: &str = "model";
+
 const DAY_SECS: i64 = 86_400;
 
 /// Charges one use of `bytes` to `session`'s `budget` for the day of `now`, inside
@@ -73,6 +79,51 @@ pub(super) fn charge(
         params![session.as_str(), budget.kind, day - 1],
     )?;
     Ok(true)
+}
+
+impl super::Store {
+    /// Adds `count` and `bytes` to `session`'s use of `kind` for the day of `now`.
+    pub fn add_usage(
+        &mut self,
+        session: &SessionId,
+        kind: &str,
+        now: i64,
+        count: u64,
+        bytes: u64,
+    ) -> Result<(), super::StoreError> {
+        let day = now.div_euclid(DAY_SECS);
+        let (count, bytes) = (
+            i64::try_from(count).unwrap_or(i64::MAX),
+            i64::try_from(bytes).unwrap_or(i64::MAX),
+        );
+        self.conn.execute(
+            "INSERT INTO usage (session, kind, day, count, bytes) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (session, kind, day) DO UPDATE SET
+               count = min(count + excluded.count, 9223372036854775807),
+               bytes = min(bytes + excluded.bytes, 9223372036854775807)",
+            params![session.as_str(), kind, day, count, bytes],
+        )?;
+        Ok(())
+    }
+
+    /// `session`'s use of `kind` for the day of `now`: (count, bytes).
+    pub fn usage_today(
+        &self,
+        session: &SessionId,
+        kind: &str,
+        now: i64,
+    ) -> Result<(u64, u64), super::StoreError> {
+        let used: Option<(i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT count, bytes FROM usage WHERE session = ?1 AND kind = ?2 AND day = ?3",
+                params![session.as_str(), kind, now.div_euclid(DAY_SECS)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let (c, b) = used.unwrap_or((0, 0));
+        Ok((c.max(0) as u64, b.max(0) as u64))
+    }
 }
 
 #[cfg(test)]
