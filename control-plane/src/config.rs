@@ -257,6 +257,14 @@ pub struct BridgeConfig {
     /// Loopback or a Tailscale address only.
     pub listen: SocketAddr,
     pub token_file: PathBuf,
+    /// Chats (each a session, and a sandbox while live) the bridge may open; a message
+    /// for a new chat beyond them is refused with 429.
+    #[serde(default = "default_max_chats")]
+    pub max_chats: u32,
+}
+
+fn default_max_chats() -> u32 {
+    64
 }
 
 /// The admin HTTP API: reachable only over Tailscale, by configured operators.
@@ -429,6 +437,11 @@ impl Config {
             && !bridge_address_allowed(b.listen.ip())
         {
             return invalid("channels.bridge.listen must be a loopback or Tailscale address");
+        }
+        if let Some(b) = &self.channels.bridge
+            && !(1..=10_000).contains(&b.max_chats)
+        {
+            return invalid("channels.bridge.max_chats must be between 1 and 10000");
         }
         if let Some(a) = &self.admin_api {
             let ip = a.listen.ip();

@@ -692,3 +692,52 @@ fn a_spent_model_budget_stays_spent_across_a_restart() {
         "{replies:?}"
     );
 }
+
+#[test]
+fn a_bridge_client_opens_no_more_chats_than_it_may() {
+    use std::io::{Read, Write};
+    const TOKEN: &str = "bridge-token-9c1d22e4";
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut s = Serve::init("");
+    let token = s.secret_file("bridge.token", TOKEN);
+    std::fs::write(
+        s.state.join("config.toml"),
+        format!(
+            "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n\n\
+             [channels.bridge]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\nmax_chats = 3\n",
+            token.display()
+        ),
+    )
+    .unwrap();
+    s.start();
+    let post = |chat: &str| -> String {
+        let body = format!(r#"{{"chat":"{chat}","text":"hi"}}"#);
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            c,
+            "POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        answer.lines().next().unwrap_or_default().to_owned()
+    };
+    // An invented chat name per message: each new one would be a session and a sandbox.
+    let statuses: Vec<String> = (0..8).map(|i| post(&format!("made-up-{i}"))).collect();
+    assert!(
+        statuses[..3].iter().all(|l| l.contains("202")),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[3..].iter().all(|l| l.contains("429")),
+        "{statuses:?}"
+    );
+    assert_eq!(s.sessions().len(), 3);
+    // The chats it has go on.
+    assert!(post("made-up-1").contains("202"));
+}

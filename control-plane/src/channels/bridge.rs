@@ -214,6 +214,10 @@ async fn post_message(service: &Arc<Service>, req: Request<Incoming>) -> Respons
         Ok(Accepted::Duplicate | Accepted::Counted) => {
             reply(StatusCode::ACCEPTED, &json!({ "state": "duplicate" }))
         }
+        Err(crate::service::ServiceError::TooManyChats) => error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "no new chat: the bridge has as many as bridge.max_chats allows",
+        ),
         Err(e) => {
             tracing::error!(error = %e, "storing a bridge message failed");
             error(

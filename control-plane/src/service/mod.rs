@@ -108,6 +108,8 @@ pub enum ServiceError {
     Deleting(SessionId),
     #[error("session {session} belongs to the {channel} channel")]
     WrongChannel { session: SessionId, channel: String },
+    #[error("the channel has as many chats as it may (bridge.max_chats)")]
+    TooManyChats,
     #[error("publishing an inbox segment for {session} failed")]
     Publish {
         session: SessionId,
@@ -476,7 +478,18 @@ impl Service {
                 return Ok(Accepted::Duplicate);
             }
         };
-        let row = self.db(|s| s.bind(session, &inbound.channel, &inbound.chat, now))?;
+        // A bridge client names its chats: at most bridge.max_chats sessions (and so
+        // sandboxes) come from it.
+        let max_sessions = self
+            .config()
+            .channels
+            .bridge
+            .as_ref()
+            .filter(|_| inbound.channel == crate::channels::bridge::CHANNEL)
+            .map(|b| b.max_chats);
+        let row = self
+            .db(|s| s.bind_within(session, &inbound.channel, &inbound.chat, now, max_sessions))?
+            .ok_or(ServiceError::TooManyChats)?;
         if row.channel != inbound.channel || row.chat != inbound.chat {
             return Err(ServiceError::WrongChannel {
                 session: session.clone(),

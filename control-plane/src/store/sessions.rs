@@ -67,6 +67,32 @@ impl Store {
         session_ids(&self.conn, "SELECT name FROM sessions ORDER BY name", [])
     }
 
+    /// The session bound to `(channel, chat)`, created (with a fresh salt) if needed and
+    /// if the channel has fewer than `max_sessions` (when given); `None` if it has as many.
+    pub fn bind_within(
+        &mut self,
+        name: &SessionId,
+        channel: &str,
+        chat: &str,
+        now: i64,
+        max_sessions: Option<u32>,
+    ) -> Result<Option<SessionRow>, StoreError> {
+        if let Some(row) = self.session(name)? {
+            return Ok(Some(row));
+        }
+        if let Some(max) = max_sessions {
+            let held: i64 = self.conn.query_row(
+                "SELECT count(*) FROM sessions WHERE channel = ?1",
+                params![channel],
+                |r| r.get(0),
+            )?;
+            if held >= i64::from(max) {
+                return Ok(None);
+            }
+        }
+        self.bind(name, channel, chat, now).map(Some)
+    }
+
     /// The session bound to `(channel, chat)`, created (with a fresh salt) if needed.
     pub fn bind(
         &mut self,
