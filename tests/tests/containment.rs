@@ -184,6 +184,28 @@ fn an_agent_whose_state_went_back_still_has_its_new_replies_delivered() {
     );
 }
 
+/// A serve (demo model, gVisor) reading Telegram at the fake `tg`, which lets `users`
+/// in; its bot token is a 0600 file.
+fn telegram_serve(tg: &FakeTelegram, users: &[i64]) -> Serve {
+    let mut s = Serve::init("");
+    let token = s.secret_file("tg.token", TG_TOKEN);
+    let users: Vec<String> = users.iter().map(i64::to_string).collect();
+    std::fs::write(
+        s.state.join("config.toml"),
+        format!(
+            "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n\n\
+             [channels.telegram]\ntoken_file = \"{}\"\napi_base = \"{}\"\n\
+             allowed_users = [{}]\npoll_timeout_secs = 1\n",
+            token.display(),
+            tg.http.base(),
+            users.join(", ")
+        ),
+    )
+    .unwrap();
+    s.start();
+    s
+}
+
 #[test]
 fn strangers_and_groups_cost_a_bounded_number_of_records() {
     const USER: i64 = 4242;
@@ -192,20 +214,7 @@ fn strangers_and_groups_cost_a_bounded_number_of_records() {
     const FLOOD: usize = 600;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
-    let mut s = Serve::init("");
-    let token = s.secret_file("tg.token", TG_TOKEN);
-    std::fs::write(
-        s.state.join("config.toml"),
-        format!(
-            "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n\n\
-             [channels.telegram]\ntoken_file = \"{}\"\napi_base = \"{}\"\n\
-             allowed_users = [{USER}]\npoll_timeout_secs = 1\n",
-            token.display(),
-            tg.http.base()
-        ),
-    )
-    .unwrap();
-    s.start();
+    let mut s = telegram_serve(&tg, &[USER]);
     for i in 0..FLOOD {
         tg.push_text(STRANGER, &format!("let me in {i}"));
         tg.push_raw(|id| {
@@ -320,27 +329,36 @@ fn a_deleted_session_leaves_nothing_in_the_store_but_its_audit_counts() {
     );
 }
 
-#[test]
-fn a_client_without_the_token_cannot_take_the_bridge_from_its_users() {
-    use std::io::{Read, Write};
-    const TOKEN: &str = "bridge-token-5e11a0c7";
+const BRIDGE_TOKEN: &str = "bridge-token-5e11a0c7";
+
+/// A running serve (demo model, gVisor) with the bridge on a free loopback port, its
+/// `[channels.bridge]` section ending in `extra`; returns it and the port.
+fn bridge_serve(extra: &str) -> (Serve, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let mut s = Serve::init("");
-    let token = s.secret_file("bridge.token", TOKEN);
+    let token = s.secret_file("bridge.token", BRIDGE_TOKEN);
     std::fs::write(
         s.state.join("config.toml"),
         format!(
             "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n\n\
-             [channels.bridge]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n",
+             [channels.bridge]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n{extra}",
             token.display()
         ),
     )
     .unwrap();
     s.start();
+    (s, port)
+}
+
+#[test]
+fn a_client_without_the_token_cannot_take_the_bridge_from_its_users() {
+    use std::io::{Read, Write};
+    const TOKEN: &str = BRIDGE_TOKEN;
+    let (_s, port) = bridge_serve("");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     // The attacker, from another address, opens every connection the bridge would take
@@ -398,20 +416,7 @@ fn a_chat_held_back_by_telegram_never_holds_back_another() {
     const B: i64 = 5353;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
-    let mut s = Serve::init("");
-    let token = s.secret_file("tg.token", TG_TOKEN);
-    std::fs::write(
-        s.state.join("config.toml"),
-        format!(
-            "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n\n\
-             [channels.telegram]\ntoken_file = \"{}\"\napi_base = \"{}\"\n\
-             allowed_users = [{A}, {B}]\npoll_timeout_secs = 1\n",
-            token.display(),
-            tg.http.base()
-        ),
-    )
-    .unwrap();
-    s.start();
+    let s = telegram_serve(&tg, &[A, B]);
     // Telegram holds A's chat back (a 429 asking for 45 s) while A writes on.
     tg.throttle_chat(A, Some(45));
     for i in 0..5 {
@@ -696,24 +701,8 @@ fn a_spent_model_budget_stays_spent_across_a_restart() {
 #[test]
 fn a_bridge_client_opens_no_more_chats_than_it_may() {
     use std::io::{Read, Write};
-    const TOKEN: &str = "bridge-token-9c1d22e4";
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut s = Serve::init("");
-    let token = s.secret_file("bridge.token", TOKEN);
-    std::fs::write(
-        s.state.join("config.toml"),
-        format!(
-            "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n\n\
-             [channels.bridge]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\nmax_chats = 3\n",
-            token.display()
-        ),
-    )
-    .unwrap();
-    s.start();
+    const TOKEN: &str = BRIDGE_TOKEN;
+    let (s, port) = bridge_serve("max_chats = 3\n");
     let post = |chat: &str| -> String {
         let body = format!(r#"{{"chat":"{chat}","text":"hi"}}"#);
         let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
