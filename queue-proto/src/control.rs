@@ -112,7 +112,6 @@ impl OutboxReader {
         self
     }
 
-    /// Removes segment `seq` after its items are durable in the control store.
     /// The size of segment `seq` as it stands now, if it is a regular file: what a
     /// budget charges (the copy that is parsed is capped on its own).
     pub fn size(&self, seq: Seq) -> Option<u64> {
@@ -122,6 +121,7 @@ impl OutboxReader {
             .map(|m| m.len())
     }
 
+    /// Removes segment `seq` after its items are durable in the control store.
     pub fn remove(&self, seq: Seq) -> Result<(), SegmentError> {
         let path = self.dir.join(seq.file_name());
         fs::remove_file(&path).map_err(|source| SegmentError::Io {

@@ -798,3 +798,39 @@ async fn an_agent_that_writes_without_end_fills_only_its_own_outbox() {
     assert_eq!(image.len(), LIMIT);
     assert!(std::os::unix::fs::MetadataExt::blocks(&image) * 512 <= LIMIT);
 }
+
+#[test]
+fn an_outbox_from_before_its_limit_moves_into_its_file_system_whole_and_owned() {
+    use std::os::unix::fs::MetadataExt;
+    let rig = Rig::new(&binary("IRONCLAW_AGENT_BIN"));
+    let (s, _) = session("migrated");
+    // An outbox as an agent of the shared uid left it: its state, a pending segment.
+    layout::prepare_session(&rig.layout, &s, 65534, 65534).unwrap();
+    let outbox = rig.layout.outbox(&s);
+    std::fs::create_dir(outbox.join("state")).unwrap();
+    std::fs::write(outbox.join("state/agent.db"), b"the agent's memory").unwrap();
+    std::fs::write(outbox.join("0000000000000003.db"), b"a segment").unwrap();
+    for p in ["state", "state/agent.db", "0000000000000003.db"] {
+        std::os::unix::fs::chown(outbox.join(p), Some(65534), Some(65534)).unwrap();
+    }
+    // Too small for what it holds: refused, nothing mounted, nothing lost.
+    let big = vec![7u8; 12 * 1024 * 1024];
+    std::fs::write(outbox.join("state/history.db"), &big).unwrap();
+    assert!(layout::limit_outbox(&rig.layout, &s, 8 * 1024 * 1024, 300_000, 300_000).is_err());
+    assert!(!rig.layout.outbox_image(&s).exists());
+    assert_eq!(std::fs::read(outbox.join("state/history.db")).unwrap(), big);
+    // Large enough: moved in whole and handed to the session's own uid.
+    layout::limit_outbox(&rig.layout, &s, 32 * 1024 * 1024, 300_000, 300_000).unwrap();
+    let moved = (
+        std::fs::read(outbox.join("state/agent.db")),
+        std::fs::metadata(outbox.join("state/agent.db")).map(|m| m.uid()),
+        std::fs::metadata(outbox.join("state")).map(|m| m.uid()),
+        std::fs::read(outbox.join("state/history.db")).map(|b| b.len()),
+    );
+    layout::release_outbox(&rig.layout, &s).unwrap();
+    assert_eq!(moved.0.unwrap(), b"the agent's memory");
+    assert_eq!((moved.1.unwrap(), moved.2.unwrap()), (300_000, 300_000));
+    assert_eq!(moved.3.unwrap(), big.len());
+    // Nothing is left hidden under the mount point.
+    assert_eq!(std::fs::read_dir(&outbox).unwrap().count(), 0);
+}

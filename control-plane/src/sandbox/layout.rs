@@ -156,6 +156,8 @@ pub fn limit_outbox(
     }
     let image = layout.outbox_image(s);
     if !image.exists() {
+        // Made and filled under a temporary name, and renamed only once whole: a crash
+        // or a failed copy never leaves an image that would hide what it should hold.
         let tmp = layout.session_dir(s).join(".outbox.img.tmp");
         let _ = fs::remove_file(&tmp);
         command(
@@ -175,27 +177,44 @@ pub fn limit_outbox(
                 tmp.as_os_str(),
             ],
         )?;
-        fs::rename(&tmp, &image)?;
         if fs::read_dir(&outbox)?.next().is_some() {
-            move_into_image(layout, s, &image)?;
+            move_into_image(layout, s, &tmp, uid, gid)?;
         }
+        fs::rename(&tmp, &image)?;
     }
     mount(&image, &outbox)?;
     // An image made for another uid (a session from before uids were its own) is
     // handed over whole.
     if std::os::unix::fs::MetadataExt::uid(&fs::metadata(&outbox)?) != uid {
-        let owner = format!("{uid}:{gid}");
-        command(
-            "chown",
-            &["-R".as_ref(), owner.as_ref(), outbox.as_os_str()],
-        )?;
+        chown_tree(&outbox, uid, gid)?;
     }
     fs::set_permissions(&outbox, fs::Permissions::from_mode(0o700))
 }
 
-/// Moves what `outbox.d` holds into the file system in `image` (through a mount of
-/// its own), so nothing is lost or left hidden under the mount.
-fn move_into_image(layout: &Layout, s: &SessionId, image: &Path) -> io::Result<()> {
+/// Gives everything under `dir` to `uid:gid`, following no symbolic link.
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    let owner = format!("{uid}:{gid}");
+    command(
+        "chown",
+        &[
+            "-R".as_ref(),
+            "-P".as_ref(),
+            owner.as_ref(),
+            dir.as_os_str(),
+        ],
+    )
+}
+
+/// Copies what `outbox.d` holds into the file system in `image` (through a mount of its
+/// own), hands it to the session's uid, then empties `outbox.d`, so nothing is lost or
+/// left hidden under the mount. A copy that does not fit fails, and nothing is mounted.
+fn move_into_image(
+    layout: &Layout,
+    s: &SessionId,
+    image: &Path,
+    uid: u32,
+    gid: u32,
+) -> io::Result<()> {
     let outbox = layout.outbox(s);
     let staging = layout.session_dir(s).join(".outbox.move");
     dir(&staging, 0o700)?;
@@ -207,7 +226,8 @@ fn move_into_image(layout: &Layout, s: &SessionId, image: &Path) -> io::Result<(
             outbox.join(".").as_os_str(),
             staging.as_os_str(),
         ],
-    );
+    )
+    .and_then(|()| chown_tree(&staging, uid, gid));
     let unmounted = command("umount", &[staging.as_os_str()]);
     copied?;
     unmounted?;
@@ -227,7 +247,10 @@ fn move_into_image(layout: &Layout, s: &SessionId, image: &Path) -> io::Result<(
 pub fn release_outbox(layout: &Layout, s: &SessionId) -> io::Result<()> {
     let outbox = layout.outbox(s);
     if outbox.exists() && is_mount_point(&outbox)? {
-        command("umount", &[outbox.as_os_str()])?;
+        // A file system still busy is detached now and let go when its last user ends,
+        // so nothing removed after this lands inside it.
+        command("umount", &[outbox.as_os_str()])
+            .or_else(|_| command("umount", &["-l".as_ref(), outbox.as_os_str()]))?;
     }
     Ok(())
 }

@@ -357,7 +357,7 @@ mod tests {
         };
         // 200 replies to one message and 120 reminders, one of them in the past.
         let mut items: Vec<OutboxItem> = (0..200).map(|i| reply(m, &format!("r{i}"))).collect();
-        items.push(remind(now - 1));
+        items.push(remind(now - 301));
         items.extend((0..120).map(|i| remind(now + 60 + i)));
         let got = s.ingest(&id("a"), Seq(1), &items, &turn, now).unwrap();
         assert_eq!((got.replies, got.refused_replies), (50, 150));

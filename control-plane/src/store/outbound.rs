@@ -77,8 +77,9 @@ impl Store {
         Ok(n as u32)
     }
 
-    /// Each chat's oldest reply due on a push channel, as (chat, outbound id), for at
-    /// most `limit` chats, those waiting longest first.
+    /// Each chat's oldest waiting reply on a push channel, as (chat, outbound id), if
+    /// it is due (a chat whose oldest reply waits for its retry time sends nothing
+    /// newer before it), for at most `limit` chats, those waiting longest first.
     pub fn due_heads(
         &self,
         channel: &str,
@@ -86,9 +87,11 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<(String, i64)>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT chat, min(id) AS first FROM outbound
-             WHERE channel = ?1 AND state = ?3 AND next_attempt_at <= ?2
-             GROUP BY chat ORDER BY first LIMIT ?4",
+            "SELECT o.chat, o.id FROM outbound o
+             WHERE o.channel = ?1 AND o.state = ?3 AND o.next_attempt_at <= ?2
+               AND o.id = (SELECT min(p.id) FROM outbound p
+                           WHERE p.channel = o.channel AND p.chat = o.chat AND p.state = ?3)
+             ORDER BY o.id LIMIT ?4",
         )?;
         let heads = stmt
             .query_map(params![channel, now, OutboundState::Pending, limit], |r| {
@@ -354,5 +357,43 @@ mod tests {
             s.next_outbound("telegram", 0).unwrap().is_none(),
             "another channel's"
         );
+    }
+
+    #[test]
+    fn each_chat_sends_its_replies_in_order_and_a_throttle_costs_no_attempt() {
+        let (_d, mut s) = store();
+        let tx = s.tx().unwrap();
+        for (chat, text) in [("a", "a1"), ("a", "a2"), ("b", "b1")] {
+            queue_outbound(
+                &tx,
+                "telegram",
+                chat,
+                None,
+                None,
+                OutboundKind::Notice,
+                text,
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        let heads = s.due_heads("telegram", 10, 10).unwrap();
+        assert_eq!(
+            heads.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        // a1 is held back: a2 waits behind it, b goes on.
+        let a1 = s.take_outbound(heads[0].1, 10).unwrap().unwrap();
+        assert_eq!(a1.text, "a1");
+        s.delivered(a1.id, &Delivered::Throttled(60), 1, 10)
+            .unwrap();
+        let heads = s.due_heads("telegram", 11, 10).unwrap();
+        assert_eq!(
+            heads.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
+        // Throttled does not count: with one attempt allowed, a1 is still there later.
+        let a1 = s.take_outbound(a1.id, 70).unwrap().unwrap();
+        s.delivered(a1.id, &Delivered::Throttled(1), 1, 70).unwrap();
+        assert!(s.take_outbound(a1.id, 71).unwrap().is_some());
     }
 }

@@ -21,6 +21,9 @@ CREATE TABLE IF NOT EXISTS timers (
 /// Timers one session may hold at once.
 pub const MAX_TIMERS_PER_SESSION: i64 = 100;
 
+/// How far in the past a reminder may be due and still be set (it then fires at once).
+pub const PAST_GRACE_SECS: i64 = 300;
+
 /// Timers moved into the outbound queue by one call of [`Store::fire_timers`], at most.
 const FIRE_BATCH: i64 = 256;
 
@@ -34,7 +37,9 @@ pub(super) fn add_timer(
     text: &str,
     now: i64,
 ) -> rusqlite::Result<bool> {
-    if due_at < now {
+    // A reminder set early in a long turn arrives with its segment, a little late: it
+    // fires at once. One further in the past is refused.
+    if due_at < now.saturating_sub(PAST_GRACE_SECS) {
         return Ok(false);
     }
     let held: i64 = tx.query_row(
