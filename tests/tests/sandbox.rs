@@ -792,11 +792,12 @@ async fn an_agent_that_writes_without_end_fills_only_its_own_outbox() {
         written < LIMIT,
         "the agent wrote {written} bytes into a {LIMIT}-byte outbox"
     );
-    // On the state directory's file system the outbox is one file of the limit's size,
-    // whatever the agent wrote into it.
+    // On the state directory's file system the outbox is one file of the limit's size
+    // (and the host file system's own bookkeeping for it), whatever the agent wrote.
     let image = std::fs::metadata(rig.layout.outbox_image(&s)).unwrap();
     assert_eq!(image.len(), LIMIT);
-    assert!(std::os::unix::fs::MetadataExt::blocks(&image) * 512 <= LIMIT);
+    let used = std::os::unix::fs::MetadataExt::blocks(&image) * 512;
+    assert!(used <= LIMIT + 1024 * 1024, "{used} bytes on the host");
 }
 
 #[test]
