@@ -27,10 +27,11 @@ impl Default for Budgets {
 }
 
 /// What one session's outbox may cost the control plane: each segment announced is
-/// copied and checked, so at most 60 a minute and 256 MiB a day (a turn makes one, and
-/// model calls are 20 a minute by default). Tokens do not apply.
+/// copied and checked and costs a synced write, so at most 600 a minute (ten a second,
+/// more than a person typing into a script makes) and 256 MiB a day. Tokens do not
+/// apply.
 pub const INGEST_BUDGETS: Budgets = Budgets {
-    requests_per_minute: 60,
+    requests_per_minute: 600,
     tokens_per_day: u64::MAX,
     bytes_per_day: 256 * 1024 * 1024,
 };
