@@ -198,7 +198,16 @@ async fn post_message(service: &Arc<Service>, req: Request<Incoming>) -> Respons
         text: msg.text,
         received_at: now_secs(),
     };
+    // A bridge client names its chats: at most max_chats sessions (and so sandboxes)
+    // come from it.
+    let max_sessions = service
+        .config()
+        .channels
+        .bridge
+        .as_ref()
+        .map(|b| b.max_chats);
     let arrival = Arrival::Message {
+        max_sessions,
         session: &session,
         inbound: &inbound,
     };

@@ -80,6 +80,7 @@ pub async fn send(
     };
     let mut changes = service.watch_outbound();
     let arrival = Arrival::Message {
+        max_sessions: None,
         session: &id,
         inbound: &inbound,
     };

@@ -125,6 +125,9 @@ pub enum Arrival<'a> {
     Message {
         session: &'a SessionId,
         inbound: &'a Inbound,
+        /// A new session for this chat only while its channel has fewer than this many
+        /// (a channel whose clients name their chats); `None`: no such limit.
+        max_sessions: Option<u32>,
     },
     /// A message the channel refused (unknown sender, too large, malformed).
     Refused(Refusal<'a>),
@@ -451,8 +454,12 @@ impl Service {
         cursor: Option<Cursor<'_>>,
     ) -> Result<Accepted, ServiceError> {
         let now = now_secs();
-        let (session, inbound) = match arrival {
-            Arrival::Message { session, inbound } => (session, inbound),
+        let (session, inbound, max_sessions) = match arrival {
+            Arrival::Message {
+                session,
+                inbound,
+                max_sessions,
+            } => (session, inbound, max_sessions),
             Arrival::Refused(refusal) => {
                 if !self.record_refusal(&refusal, now) {
                     if let Some(c) = cursor {
@@ -478,15 +485,6 @@ impl Service {
                 return Ok(Accepted::Duplicate);
             }
         };
-        // A bridge client names its chats: at most bridge.max_chats sessions (and so
-        // sandboxes) come from it.
-        let max_sessions = self
-            .config()
-            .channels
-            .bridge
-            .as_ref()
-            .filter(|_| inbound.channel == crate::channels::bridge::CHANNEL)
-            .map(|b| b.max_chats);
         let row = self
             .db(|s| s.bind_within(session, &inbound.channel, &inbound.chat, now, max_sessions))?
             .ok_or(ServiceError::TooManyChats)?;

@@ -225,7 +225,9 @@ async fn handle(
         received_at: now_secs(),
     };
     let session = session_for(chat);
+    // Telegram's sessions are bounded by allowed_users.
     let arrival = Arrival::Message {
+        max_sessions: None,
         session: &session,
         inbound: &inbound,
     };
