@@ -648,6 +648,9 @@ async fn kills_leave_no_orphan_after_the_next_start() {
     // Killing the control plane: a separate process that starts a sandbox and is
     // SIGKILLed.
     drop(manager);
+    // The proxy socket is the test's, not the holder's: it outlives the holder, so the
+    // agent waits on it instead of exiting when its control plane dies.
+    rig.proxy_socket(&SessionId::try_from("held").unwrap());
     let holder = env!("CARGO_BIN_EXE_sandbox-holder");
     let mut child = Command::new(holder)
         .arg(&rig.settings.state_dir)

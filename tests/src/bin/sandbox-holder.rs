@@ -26,16 +26,6 @@ async fn main() {
     let (manager, _events) =
         Manager::new(Arc::new(RunscRuntime::default()), settings).expect("manager starts");
     let session = SessionId::try_from("held").expect("valid id");
-    // A proxy socket that takes connections and never answers: the agent's first wait
-    // blocks, so the sandbox lives until it is killed (without one the agent would exit
-    // at once and race the test's look at what was left behind).
-    let layout = manager.layout();
-    control_plane::sandbox::layout::prepare_session(layout, &session, 65534, 65534)
-        .expect("session directories");
-    let sock = runsc_config::socket_path(&layout.socket_dir(&session));
-    let _ = std::fs::remove_file(&sock);
-    let _proxy = std::os::unix::net::UnixListener::bind(&sock).expect("proxy socket");
-    std::os::unix::fs::chown(&sock, Some(65534), Some(65534)).expect("socket owner");
     let keys = derive_session_keys(
         &MasterKey::generate().expect("random"),
         &session,
