@@ -3,7 +3,7 @@
 //! change does not reset them.
 
 use queue_proto::ids::SessionId;
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS usage (
@@ -47,6 +47,47 @@ pub const MODEL: &str = "model";
 
 const DAY_SECS: i64 = 86_400;
 
+/// `session`'s use of `kind` on `day`: (count, bytes).
+fn used(
+    conn: &Connection,
+    session: &SessionId,
+    kind: &str,
+    day: i64,
+) -> rusqlite::Result<(i64, i64)> {
+    let used = conn
+        .query_row(
+            "SELECT count, bytes FROM usage WHERE session = ?1 AND kind = ?2 AND day = ?3",
+            params![session.as_str(), kind, day],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(used.unwrap_or((0, 0)))
+}
+
+/// Adds `count` and `bytes` to `session`'s use of `kind` on `day` (never wrapping), and
+/// forgets its days before yesterday.
+fn add(
+    conn: &Connection,
+    session: &SessionId,
+    kind: &str,
+    day: i64,
+    count: i64,
+    bytes: i64,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO usage (session, kind, day, count, bytes) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (session, kind, day) DO UPDATE SET
+           count = min(count + excluded.count, 9223372036854775807),
+           bytes = min(bytes + excluded.bytes, 9223372036854775807)",
+        params![session.as_str(), kind, day, count, bytes],
+    )?;
+    conn.execute(
+        "DELETE FROM usage WHERE session = ?1 AND kind = ?2 AND day < ?3",
+        params![session.as_str(), kind, day - 1],
+    )?;
+    Ok(())
+}
+
 /// Charges one use of `bytes` to `session`'s `budget` for the day of `now`, inside
 /// `tx`, if it fits; returns whether it did. Days before yesterday are forgotten.
 pub(super) fn charge(
@@ -58,26 +99,11 @@ pub(super) fn charge(
 ) -> rusqlite::Result<bool> {
     let day = now.div_euclid(DAY_SECS);
     let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
-    let used: Option<(i64, i64)> = tx
-        .query_row(
-            "SELECT count, bytes FROM usage WHERE session = ?1 AND kind = ?2 AND day = ?3",
-            params![session.as_str(), budget.kind, day],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    let (count, used_bytes) = used.unwrap_or((0, 0));
+    let (count, used_bytes) = used(tx, session, budget.kind, day)?;
     if count >= budget.count || used_bytes.saturating_add(bytes) > budget.bytes {
         return Ok(false);
     }
-    tx.execute(
-        "INSERT INTO usage (session, kind, day, count, bytes) VALUES (?1, ?2, ?3, 1, ?4)
-         ON CONFLICT (session, kind, day) DO UPDATE SET count = count + 1, bytes = bytes + ?4",
-        params![session.as_str(), budget.kind, day, bytes],
-    )?;
-    tx.execute(
-        "DELETE FROM usage WHERE session = ?1 AND kind = ?2 AND day < ?3",
-        params![session.as_str(), budget.kind, day - 1],
-    )?;
+    add(tx, session, budget.kind, day, 1, bytes)?;
     Ok(true)
 }
 
@@ -91,17 +117,14 @@ impl super::Store {
         count: u64,
         bytes: u64,
     ) -> Result<(), super::StoreError> {
-        let day = now.div_euclid(DAY_SECS);
-        let (count, bytes) = (
-            i64::try_from(count).unwrap_or(i64::MAX),
-            i64::try_from(bytes).unwrap_or(i64::MAX),
-        );
-        self.conn.execute(
-            "INSERT INTO usage (session, kind, day, count, bytes) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (session, kind, day) DO UPDATE SET
-               count = min(count + excluded.count, 9223372036854775807),
-               bytes = min(bytes + excluded.bytes, 9223372036854775807)",
-            params![session.as_str(), kind, day, count, bytes],
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        add(
+            &self.conn,
+            session,
+            kind,
+            now.div_euclid(DAY_SECS),
+            clamp(count),
+            clamp(bytes),
         )?;
         Ok(())
     }
@@ -113,15 +136,7 @@ impl super::Store {
         kind: &str,
         now: i64,
     ) -> Result<(u64, u64), super::StoreError> {
-        let used: Option<(i64, i64)> = self
-            .conn
-            .query_row(
-                "SELECT count, bytes FROM usage WHERE session = ?1 AND kind = ?2 AND day = ?3",
-                params![session.as_str(), kind, now.div_euclid(DAY_SECS)],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let (c, b) = used.unwrap_or((0, 0));
+        let (c, b) = used(&self.conn, session, kind, now.div_euclid(DAY_SECS))?;
         Ok((c.max(0) as u64, b.max(0) as u64))
     }
 }
