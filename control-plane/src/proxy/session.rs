@@ -38,6 +38,8 @@ pub enum SessionEvent {
         provider: &'static str,
         input_tokens: u64,
         output_tokens: u64,
+        /// What the session's budget was charged for it.
+        tokens_charged: u64,
         bytes_sent: u64,
     },
     /// A model call that failed or was refused. The agent tells the person; if it stays
@@ -348,6 +350,7 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
                     provider: provider.name(),
                     input_tokens: r.usage.input_tokens,
                     output_tokens: r.usage.output_tokens,
+                    tokens_charged: tokens,
                     bytes_sent: bytes,
                 },
                 Err(e) => SessionEvent::ModelFailed {

@@ -790,12 +790,19 @@ impl Service {
                 provider,
                 input_tokens,
                 output_tokens,
+                tokens_charged,
                 bytes_sent,
             } => {
-                let tokens = input_tokens.saturating_add(output_tokens).max(1);
-                if let Err(e) =
-                    self.db(|s| s.add_usage(&session, usage::MODEL, now_secs(), tokens, bytes_sent))
-                {
+                let used = |s: &mut Store| {
+                    s.add_usage(
+                        &session,
+                        usage::MODEL,
+                        now_secs(),
+                        tokens_charged,
+                        bytes_sent,
+                    )
+                };
+                if let Err(e) = self.db(used) {
                     tracing::warn!(session = %session, error = %e, "recording a model call's use failed");
                 }
                 self.audit(AuditEvent::ModelCall, json!({ "session": session.as_str(), "provider": provider,
