@@ -100,15 +100,11 @@ impl Store {
         match before {
             // A row from before seqs were bound to their content is taken as the same
             // content: a re-announce across the upgrade is not taken in twice.
-            Some(None) => {
+            Some(c) if c.as_ref().is_none_or(|c| *c == content) => {
                 out.duplicate = true;
                 return Ok(out);
             }
-            Some(Some(c)) if c == content => {
-                out.duplicate = true;
-                return Ok(out);
-            }
-            Some(Some(_)) => out.seq_reused = true,
+            Some(_) => out.seq_reused = true,
             None => {}
         }
         tx.execute(
@@ -129,6 +125,7 @@ impl Store {
             ],
         )?;
         let mut answered_here: Vec<i64> = Vec::new();
+        let mut queued = queued_replies(&tx, session)?;
         for item in items {
             match item {
                 OutboxItem::AssistantReply(r) => {
@@ -161,7 +158,7 @@ impl Store {
                     }
                     // The session's lane in the outbound queue: at most
                     // MAX_QUEUED_REPLIES waiting, and its day's reply budget.
-                    if queued_replies(&tx, session)? >= MAX_QUEUED_REPLIES
+                    if queued >= MAX_QUEUED_REPLIES
                         || !usage::charge(&tx, session, usage::REPLIES, now, r.text.len())?
                     {
                         out.refused_replies += 1;
@@ -182,6 +179,7 @@ impl Store {
                         &r.text,
                     )?;
                     out.replies += 1;
+                    queued += 1;
                 }
                 OutboxItem::ScheduleRequest(s) => {
                     if add_timer(&tx, session, s.at, &s.text, now)? {
