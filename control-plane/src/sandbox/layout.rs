@@ -50,6 +50,10 @@ impl Layout {
     pub fn outbox(&self, s: &SessionId) -> PathBuf {
         self.session_dir(s).join("outbox.d")
     }
+    /// Where each uid given to a session is claimed (see [`session_ids`]).
+    pub fn uid_claims(&self) -> PathBuf {
+        self.state_dir.join("uids")
+    }
     /// The file holding the outbox's own file system, when it has one.
     pub fn outbox_image(&self, s: &SessionId) -> PathBuf {
         self.session_dir(s).join("outbox.img")
@@ -104,7 +108,7 @@ pub fn session_ids(layout: &Layout, s: &SessionId, base: u32) -> io::Result<(u32
     {
         return Ok((uid, uid));
     }
-    let claims = layout.state_dir().join("uids");
+    let claims = layout.uid_claims();
     dir(&claims, 0o700)?;
     let highest = fs::read_dir(&claims)?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -275,12 +279,13 @@ fn mount(image: &Path, at: &Path) -> io::Result<()> {
     )
 }
 
-/// Runs a host tool with a cleared environment; its failure is an error naming it.
+/// Runs a host tool to completion (no time limit: copying an outbox may take long) with
+/// the runtimes' cleared environment; its failure is an error naming it.
 fn command(program: &str, args: &[&std::ffi::OsStr]) -> io::Result<()> {
     let out = std::process::Command::new(program)
         .args(args)
         .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("PATH", super::runtime::CHILD_PATH)
         .stdin(std::process::Stdio::null())
         .output()?;
     if out.status.success() {

@@ -13,7 +13,7 @@ use super::layout::Layout;
 
 /// The only `PATH` a runtime's child gets; nothing else of the control plane's
 /// environment is passed on.
-const CHILD_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+pub(super) const CHILD_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Which runtime runs the sandboxes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
