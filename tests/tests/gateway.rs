@@ -17,6 +17,7 @@ use control_plane::service::notice;
 use control_plane::store::state::ChangeState;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use tests::fake_http::FakeHttp;
 use tests::fake_model::{ECHO, start_echo_model};
 use tests::fake_telegram::FakeTelegram;
 use tests::hostile_model::start_hostile_model;
@@ -71,6 +72,20 @@ telegram = [{OPERATOR}]
         tg = tg.display(),
         allowed = allowed.join(", "),
     )
+}
+
+/// A running serve with the echo model and the fake Telegram (letting [`USER`] in),
+/// its configuration ending in `extra`: the runtime the fakes run on, the fakes, and the
+/// serve.
+fn telegram_rig(extra: &str) -> (tokio::runtime::Runtime, FakeTelegram, FakeHttp, Serve) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
+    let model = rt.block_on(start_echo_model());
+    let mut s = Serve::init("");
+    let first = telegram_config(&s, &model.base(), &tg.http.base(), &[USER], extra);
+    std::fs::write(s.state.join("config.toml"), &first).unwrap();
+    s.start();
+    (rt, tg, model, s)
 }
 
 fn wait_sent(rt: &tokio::runtime::Runtime, tg: &FakeTelegram, s: &Serve, chat: i64, text: &str) {
@@ -284,14 +299,8 @@ max_requests_per_minute = 100000
 
 #[test]
 fn telegram_approvals_come_only_from_an_operator_in_a_private_chat_once() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
-    let model = rt.block_on(start_echo_model());
-    let mut s = Serve::init("");
     let gateway = "\n[gateway]\nrequest_ttl_secs = 8\n";
-    let first = telegram_config(&s, &model.base(), &tg.http.base(), &[USER], gateway);
-    std::fs::write(s.state.join("config.toml"), &first).unwrap();
-    s.start();
+    let (rt, tg, model, s) = telegram_rig(gateway);
     tg.push_text(NEWCOMER, "before");
     wait_sent(&rt, &tg, &s, NEWCOMER, notice::NOT_ALLOWED);
 
@@ -833,13 +842,7 @@ fn audit_verify_finds_every_kind_of_tampering_and_passes_an_untouched_store() {
 
 #[test]
 fn a_hand_edit_changes_nothing_until_approved_and_everything_survives_kill_9() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
-    let model = rt.block_on(start_echo_model());
-    let mut s = Serve::init("");
-    let first = telegram_config(&s, &model.base(), &tg.http.base(), &[USER], "");
-    std::fs::write(s.state.join("config.toml"), &first).unwrap();
-    s.start();
+    let (rt, tg, model, mut s) = telegram_rig("");
     tg.push_text(USER, "one");
     wait_sent(&rt, &tg, &s, USER, &format!("{ECHO}one"));
 
@@ -966,13 +969,7 @@ fn serve_refuses_a_first_file_no_change_request_could_make() {
 
 #[test]
 fn a_change_above_the_telegram_risk_limit_is_never_approved_by_a_button() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let tg = rt.block_on(FakeTelegram::start(TG_TOKEN));
-    let model = rt.block_on(start_echo_model());
-    let mut s = Serve::init("");
-    let first = telegram_config(&s, &model.base(), &tg.http.base(), &[USER], "");
-    std::fs::write(s.state.join("config.toml"), &first).unwrap();
-    s.start();
+    let (_rt, tg, _model, s) = telegram_rig("");
     // A new model endpoint (risk 0.8) would send every conversation elsewhere.
     let risky = telegram_config(&s, "http://127.0.0.1:9", &tg.http.base(), &[USER], "");
     let file = s.dir.path().join("risky.toml");
