@@ -19,8 +19,6 @@ mod poll;
 mod prompts;
 mod updates;
 
-use queue_proto::ids::SessionId;
-
 use super::ChannelError;
 use crate::config::TelegramConfig;
 use crate::model::http::{ApiKey, ApprovedEndpoint};
@@ -48,11 +46,6 @@ impl std::fmt::Debug for Telegram {
     }
 }
 
-/// The session of a Telegram chat (see [`super::naming::telegram`]).
-pub fn session_for(chat: i64) -> SessionId {
-    super::naming::telegram(chat)
-}
-
 impl Telegram {
     pub fn new(cfg: &TelegramConfig) -> Result<Telegram, ChannelError> {
         let token = ApiKey::from_file(&cfg.token_file).map_err(|source| ChannelError::Token {
@@ -67,17 +60,5 @@ impl Telegram {
             poll_timeout: cfg.poll_timeout_secs,
             refusals: poll::Refusals::default(),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sessions_are_named_after_the_chat() {
-        assert_eq!(session_for(42).as_str(), "tg-42");
-        assert_eq!(session_for(-1001234).as_str(), "tg-n1001234");
-        assert_eq!(session_for(i64::MIN).as_str(), "tg-n9223372036854775808");
     }
 }

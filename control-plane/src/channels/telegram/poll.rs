@@ -15,7 +15,8 @@ use serde_json::json;
 
 use super::api::{CallError, MAX_BACKOFF, MAX_UPDATES_BYTES};
 use super::updates::{Message, Update, Updates};
-use super::{CHANNEL, Telegram, prompts, session_for};
+use super::{CHANNEL, Telegram, prompts};
+use crate::channels::naming;
 use crate::service::{Arrival, Service, ServiceError, notice};
 use crate::state::now_secs;
 use crate::store::cursors::Cursor;
@@ -224,7 +225,7 @@ async fn handle(
         text: text.to_owned(),
         received_at: now_secs(),
     };
-    let session = session_for(chat);
+    let session = naming::telegram(chat);
     // Telegram's sessions are bounded by allowed_users.
     let arrival = Arrival::Message {
         max_sessions: None,
