@@ -163,12 +163,12 @@ impl Service {
         ChangeId::try_from(filed.id.as_str()).ok()
     }
 
-    pub(super) fn rate(&self) -> std::sync::MutexGuard<'_, RateLimit> {
+    fn rate(&self) -> std::sync::MutexGuard<'_, RateLimit> {
         self.rate.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records each finished minute's count of change requests refused by the rate limit.
-    pub(super) fn record_refusals(&self, done: impl IntoIterator<Item = Refusals>) {
+    fn record_refusals(&self, done: impl IntoIterator<Item = Refusals>) {
         self.record_limited(AuditEvent::ChangeRequestsLimited, "requester", done);
     }
 
@@ -240,22 +240,27 @@ impl Service {
         mine && all
     }
 
-    pub(super) fn flush_refused_messages(&self, now: i64) {
-        let done = self
-            .refused_messages
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .flush(now);
-        self.record_limited(AuditEvent::MessageRefusalsLimited, "chat", done);
-    }
-
-    pub(super) fn flush_refused_peers(&self, now: i64) {
-        let done = self
-            .refused_peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .flush(now);
-        self.record_limited(AuditEvent::AdminRefusalsLimited, "peer", done);
+    /// Records every rate limit's minutes that are over at `now` (all of them at
+    /// `i64::MAX`, as at shutdown): change requests, refused admin peers, refused
+    /// messages.
+    pub(super) fn flush_rate_limits(&self, now: i64) {
+        let limits = [
+            (&self.rate, AuditEvent::ChangeRequestsLimited, "requester"),
+            (
+                &self.refused_peers,
+                AuditEvent::AdminRefusalsLimited,
+                "peer",
+            ),
+            (
+                &self.refused_messages,
+                AuditEvent::MessageRefusalsLimited,
+                "chat",
+            ),
+        ];
+        for (limit, kind, who) in limits {
+            let done = limit.lock().unwrap_or_else(|p| p.into_inner()).flush(now);
+            self.record_limited(kind, who, done);
+        }
     }
 
     /// An operator's proposal: a whole new configuration text.

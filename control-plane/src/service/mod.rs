@@ -745,10 +745,7 @@ impl Service {
         }
         self.manager.stop_all().await;
         self.live_map().clear();
-        let limited = self.rate().flush(i64::MAX);
-        self.record_refusals(limited);
-        self.flush_refused_peers(i64::MAX);
-        self.flush_refused_messages(i64::MAX);
+        self.flush_rate_limits(i64::MAX);
         let _ = self.db(|s| s.record(AuditEvent::ServiceStopped, &json!({}), now_secs()));
     }
 
@@ -901,10 +898,7 @@ impl Service {
         if changed {
             self.outbound_changed();
         }
-        let limited = self.rate().flush(now);
-        self.record_refusals(limited);
-        self.flush_refused_peers(now);
-        self.flush_refused_messages(now);
+        self.flush_rate_limits(now);
         match self.db(|s| s.expire_changes(now)) {
             Ok(n) if n > 0 => self.prompts.notify_one(),
             Ok(_) => {}
