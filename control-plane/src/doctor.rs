@@ -409,6 +409,16 @@ fn host(t: &toml::Table, r: &mut Report) {
             },
         }
         credentials_without_tpm(t, r);
+        // Each sandbox's memory, pids and CPU limits live in a cgroup the control plane
+        // makes; without a memory controller nothing is launched.
+        if crate::sandbox::cgroup::Cgroups::host().is_none() {
+            r.add(
+                "sandbox.cgroups-unavailable",
+                Severity::Critical,
+                "no memory cgroup controller under /sys/fs/cgroup: sandboxes cannot be given their memory, pids and CPU limits, so serve launches none".into(),
+                "boot with the memory controller enabled (cgroup v2 with memory in cgroup.controllers, or a v1 memory hierarchy)",
+            );
+        }
         // Each outbox is limited to sandbox.outbox_mib by a file system of its own.
         let missing: Vec<&str> = ["mkfs.ext4", "fallocate", "mount", "umount"]
             .into_iter()

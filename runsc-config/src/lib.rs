@@ -115,6 +115,12 @@ pub fn container_id(session: &SessionId) -> String {
     format!("ironclaw-{session}")
 }
 
+/// The session's cgroup, relative to each cgroup hierarchy's root. The control plane
+/// makes it, with the limits, before the launch (runsc then joins it as it is).
+pub fn cgroup_path(session: &SessionId) -> String {
+    format!("/ironclaw/{}", container_id(session))
+}
+
 /// The host path of the session's proxy socket.
 pub fn socket_path(socket_dir: &Path) -> PathBuf {
     socket_dir.join(SOCKET_NAME)
@@ -193,7 +199,7 @@ pub fn oci_config(spec: &SandboxSpec) -> Result<Value, SpecError> {
                 "pids": { "limit": l.pids },
                 "cpu": { "quota": l.cpu_quota_us, "period": l.cpu_period_us }
             },
-            "cgroupsPath": format!("/ironclaw/{}", container_id(&spec.session))
+            "cgroupsPath": cgroup_path(&spec.session)
         }
     }))
 }
@@ -486,7 +492,7 @@ fn check_paths(spec: &SandboxSpec, config: &Value, v: &mut Vec<Violation>) {
     expect(
         "the cgroup path",
         &config["linux"]["cgroupsPath"],
-        format!("/ironclaw/{}", container_id(&spec.session)),
+        cgroup_path(&spec.session),
     );
     let mounts = config["mounts"].as_array().cloned().unwrap_or_default();
     for (what, dest, expected) in [

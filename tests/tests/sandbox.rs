@@ -695,12 +695,38 @@ async fn bombs_end_only_their_own_session() {
     let (manager, mut events) = rig.manager();
     manager.ensure_running(&quiet, &quiet_keys).await.unwrap();
 
+    // The bystander runs in the cgroup the control plane made, with its limits.
+    let memory = cgroup("memory", &quiet);
+    assert_eq!(
+        std::fs::read_to_string(memory.join("memory.limit_in_bytes"))
+            .unwrap()
+            .trim(),
+        (192 * 1024 * 1024).to_string()
+    );
+    assert_eq!(
+        std::fs::read_to_string(cgroup("pids", &quiet).join("pids.max"))
+            .unwrap()
+            .trim(),
+        "256"
+    );
+    let procs = std::fs::read_to_string(memory.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().count() >= 2,
+        "gVisor's sentry and gofer: {procs:?}"
+    );
+
     for bomb in ["fork-bomb", "memory-bomb"] {
         let (s, keys) = session(bomb);
         rig.prepare(&s, Some(bomb));
         manager.ensure_running(&s, &keys).await.unwrap();
         let exit = wait_for_exit(&manager, &mut events, &s).await;
         assert_eq!(exit, Exit::KilledByLimit, "{bomb}");
+        for controller in ["memory", "pids", "cpu"] {
+            assert!(
+                !cgroup(controller, &s).exists(),
+                "{bomb}: its cgroup is removed"
+            );
+        }
         assert!(
             !manager.is_running(&s).await,
             "{bomb}: not restarted in a loop"
@@ -715,6 +741,31 @@ async fn bombs_end_only_their_own_session() {
         manager.stop(&s).await.unwrap();
     }
     manager.stop(&quiet).await.unwrap();
+    assert_eq!(rig.runsc_list(), "");
+}
+
+/// `session`'s cgroup directory under a v1 `controller` (the layout of this machine).
+fn cgroup(controller: &str, session: &SessionId) -> PathBuf {
+    Path::new("/sys/fs/cgroup")
+        .join(controller)
+        .join(runsc_config::cgroup_path(session).trim_start_matches('/'))
+}
+
+/// An agent that exits with the codes runsc itself gives a sandbox a limit killed is
+/// still a crash: only the kernel's count in the cgroup makes a limit kill.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_cannot_pass_its_own_exit_for_a_limit_kill() {
+    let mut rig = Rig::new(&binary("IRONCLAW_PROBE_BIN"));
+    let (manager, mut events) = rig.manager();
+    for code in [2, 137] {
+        let order = format!("exit-{code}");
+        let (s, keys) = session(&order);
+        rig.prepare(&s, Some(&order));
+        manager.ensure_running(&s, &keys).await.unwrap();
+        let exit = wait_for_exit(&manager, &mut events, &s).await;
+        assert_eq!(exit, Exit::Crashed { code: Some(code) }, "{order}");
+        manager.forget(&s).await.unwrap();
+    }
     assert_eq!(rig.runsc_list(), "");
 }
 

@@ -31,6 +31,8 @@ pub(super) enum Call {
         bundle_dir: PathBuf,
     },
     Kill(SessionId),
+    /// [`Runtime::confine`]: the session's limits were set before its spawn.
+    Confine(SessionId),
     Destroy(SessionId),
     Leftovers,
 }
@@ -111,6 +113,8 @@ struct Recorded {
     plan: VecDeque<Behaviour>,
     leftovers: Vec<SessionId>,
     fail_destroy: bool,
+    fail_confine: bool,
+    limited: bool,
 }
 
 /// The recording runtime. Behaves as [`Behaviour::Ready`] unless told otherwise.
@@ -149,6 +153,16 @@ impl FakeRuntime {
     /// Makes [`Runtime::destroy`] fail (after recording the call).
     pub(super) fn fail_destroy(&self, fail: bool) {
         self.lock().fail_destroy = fail;
+    }
+
+    /// Makes [`Runtime::confine`] fail (after recording the call).
+    pub(super) fn fail_confine(&self, fail: bool) {
+        self.lock().fail_confine = fail;
+    }
+
+    /// What [`Runtime::hit_limit`] answers: whether "the kernel" counted a limit.
+    pub(super) fn set_limited(&self, limited: bool) {
+        self.lock().limited = limited;
     }
 
     pub(super) fn calls(&self) -> Vec<Call> {
@@ -226,6 +240,23 @@ impl Runtime for FakeRuntime {
         if let Some(spawn) = r.spawns.iter().rev().find(|s| &s.session == session) {
             let _ = std::fs::write(spawn.dir.join("killed"), "");
         }
+    }
+
+    fn confine(
+        &self,
+        session: &SessionId,
+        _limits: &runsc_config::Limits,
+    ) -> Result<(), RuntimeError> {
+        let mut r = self.lock();
+        r.calls.push(Call::Confine(session.clone()));
+        if r.fail_confine {
+            return Err(RuntimeError::NoCgroups);
+        }
+        Ok(())
+    }
+
+    fn hit_limit(&self, _session: &SessionId) -> bool {
+        self.lock().limited
     }
 
     fn destroy(&self, _layout: &Layout, session: &SessionId) -> Result<(), RuntimeError> {

@@ -65,11 +65,19 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    #[error("giving session {session}'s sandbox its limits failed")]
+    Confine {
+        session: SessionId,
+        #[source]
+        source: RuntimeError,
+    },
     #[error("the agent of session {session} did not become ready ({why})")]
     NotReady {
         session: SessionId,
         why: String,
         status: Option<ExitStatus>,
+        /// Whether the kernel counted a resource limit against it.
+        limited: bool,
     },
 }
 
@@ -179,7 +187,16 @@ pub async fn launch(
         }
     })?;
 
-    // 5. Spawn with a cleared environment; the three pipes are its only inherited fds
+    // 5. Make the sandbox's cgroup with its limits: the kernel's record of them is the
+    //    control plane's own, read when the sandbox ends.
+    super::runtime::blocking(|| runtime.confine(session, &settings.limits)).map_err(|source| {
+        LaunchError::Confine {
+            session: s(),
+            source,
+        }
+    })?;
+
+    // 6. Spawn with a cleared environment; the three pipes are its only inherited fds
     //    (everything else the control plane holds is close-on-exec).
     let mut child = runtime
         .command(layout, session, &bundle_dir)
@@ -194,7 +211,7 @@ pub async fn launch(
         Err(e)
     };
 
-    // 6. Hand over the keys through stdin, then close it: never a file, an argument or an
+    // 7. Hand over the keys through stdin, then close it: never a file, an argument or an
     //    environment variable.
     let handover = keys.to_handover(session);
     let mut stdin = child.stdin.take().expect("stdin is piped");
@@ -217,7 +234,7 @@ pub async fn launch(
     }
     forward_stderr(&mut child, session);
 
-    // 7. Wait for `ready` on stdout, bounded by the ready timeout and by length.
+    // 8. Wait for `ready` on stdout, bounded by the ready timeout and by length.
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut first = Vec::new();
     let mut head = stdout.take(READY_LINE.len() as u64);
@@ -238,13 +255,14 @@ pub async fn launch(
             session: s(),
             why: why.into(),
             status,
+            limited: status.is_some() && runtime.hit_limit(session),
         };
         return fail(child, e).await;
     }
     let stdout = head.into_inner();
     drain(stdout);
 
-    // 8. Hand the ready sandbox over: log it and return its child. The caller registers
+    // 9. Hand the ready sandbox over: log it and return its child. The caller registers
     //    it (the lifecycle's `Manager` marks the session running and emits
     //    `Event::Started`, which the service writes to the audit trail); launch itself
     //    keeps nothing.
@@ -368,11 +386,13 @@ mod tests {
         let mut launched = r.launch(&s, &keys).await.unwrap();
         let bundle = r.layout.bundle(&s);
 
-        // 4 before 5: the stale sandbox is removed, then the new one spawned, once.
+        // 4, 5, 6: the stale sandbox is removed, the new one given its limits, then
+        // spawned, once.
         assert_eq!(
             r.fake.calls(),
             [
                 Call::Destroy(s.clone()),
+                Call::Confine(s.clone()),
                 Call::Command {
                     session: s.clone(),
                     bundle_dir: bundle.clone()
@@ -480,9 +500,10 @@ mod tests {
         assert!(!spawn.alive(), "{behaviour:?}: the child is reaped");
         let calls = r.fake.calls();
         assert_eq!(
-            calls[calls.len() - 3..],
+            calls[calls.len() - 4..],
             [
                 Call::Destroy(s.clone()),
+                Call::Confine(s.clone()),
                 Call::Command {
                     session: s.clone(),
                     bundle_dir: r.layout.bundle(&s)
@@ -522,6 +543,16 @@ mod tests {
             Err(LaunchError::Stale { .. })
         ));
         assert_eq!(r.fake.calls(), [Call::Destroy(s)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_sandbox_that_cannot_be_given_its_limits_is_never_spawned() {
+        let r = rig();
+        let (s, keys) = fake::session("unlimited");
+        r.fake.fail_confine(true);
+        let e = r.launch(&s, &keys).await.unwrap_err();
+        assert!(matches!(e, LaunchError::Confine { .. }), "{e}");
+        assert_eq!(r.fake.calls(), [Call::Destroy(s.clone()), Call::Confine(s)]);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,7 @@
 //! The life of a session's sandbox: started on demand, stopped when idle, killed at a
-//! wall-clock cap, reaped, restarted after a crash with backoff, and — when gVisor kills
-//! it for hitting a memory or pids limit — reported as "killed by a limit" and left
-//! stopped until the next message, never restarted in a loop.
+//! wall-clock cap, reaped, restarted after a crash with backoff, and — when it ends
+//! after its cgroup counted a memory or pids limit — reported as "killed by a limit"
+//! and left stopped until the next message, never restarted in a loop.
 //!
 //! The decisions are pure functions of the exit and the restart history
 //! ([`classify`], [`RestartHistory::after_exit`]), unit-tested without gVisor; the
@@ -20,7 +20,7 @@ use tokio::sync::{Mutex, mpsc};
 use super::SandboxSettings;
 use super::launch::{LaunchError, launch};
 use super::layout::{self, Layout};
-use super::runtime::{Runtime, RuntimeError, RuntimeKind, blocking};
+use super::runtime::{Runtime, RuntimeError, blocking};
 
 /// How long a killed sandbox's runtime child gets to exit by itself.
 const KILL_GRACE: Duration = Duration::from_secs(10);
@@ -32,7 +32,8 @@ pub enum Exit {
     Stopped,
     /// Killed at the wall-clock cap.
     WallClockCap,
-    /// gVisor killed it for a memory or pids limit (runsc exit 2 or 137).
+    /// It ended with a non-zero status after the kernel counted a memory or pids limit
+    /// against its cgroup.
     KilledByLimit,
     /// The agent exited by itself with status 0.
     Exited,
@@ -40,15 +41,15 @@ pub enum Exit {
     Crashed { code: Option<i32> },
 }
 
-/// Classifies an exit status the control plane did not cause itself.
-pub fn classify(kind: RuntimeKind, status: ExitStatus) -> Exit {
-    use std::os::unix::process::ExitStatusExt;
-    match (kind, status.code(), status.signal()) {
-        (_, Some(0), _) => Exit::Exited,
-        // runsc reports a sandbox that a limit killed as 2 (the sentry failed), or 137
-        // (SIGKILL, typically the OOM killer picking the sentry).
-        (RuntimeKind::Gvisor, Some(2 | 137), _) => Exit::KilledByLimit,
-        (_, code, _) => Exit::Crashed { code },
+/// Classifies an exit the control plane did not cause itself, from its status and
+/// whether the kernel counted a limit against the sandbox (`limited`, from
+/// [`Runtime::hit_limit`]). The status alone never says "limit": the agent can exit
+/// with any code, the ones runsc uses for a killed sentry (2, 137) included.
+pub fn classify(status: ExitStatus, limited: bool) -> Exit {
+    match status.code() {
+        Some(0) => Exit::Exited,
+        _ if limited => Exit::KilledByLimit,
+        code => Exit::Crashed { code },
     }
 }
 
@@ -319,8 +320,10 @@ impl Manager {
             Err(e) => {
                 let exit = match &e {
                     LaunchError::NotReady {
-                        status: Some(st), ..
-                    } => classify(self.runtime.kind(), *st),
+                        status: Some(st),
+                        limited,
+                        ..
+                    } => classify(*st, *limited),
                     _ => Exit::Crashed { code: None },
                 };
                 self.after_exit(session, slot, exit, Instant::now());
@@ -450,7 +453,7 @@ impl Manager {
                     last_active,
                 } => {
                     if let Ok(Some(status)) = child.try_wait() {
-                        let exit = classify(self.runtime.kind(), status);
+                        let exit = classify(status, self.runtime.hit_limit(&session));
                         // Make sure nothing of the sandbox outlives its agent.
                         let _ = blocking(|| self.runtime.destroy(&self.layout, &session));
                         self.after_exit(&session, slot, exit, now);
@@ -496,28 +499,25 @@ mod tests {
     }
 
     #[test]
-    fn runsc_limit_exits_are_recognised() {
+    fn only_the_kernels_count_makes_an_exit_a_limit_kill() {
+        // The codes runsc uses for a killed sentry, chosen by the agent itself: crashes.
+        for code in [2, 137] {
+            assert_eq!(
+                classify(status(code), false),
+                Exit::Crashed { code: Some(code) }
+            );
+        }
         assert_eq!(
-            classify(RuntimeKind::Gvisor, status(2)),
-            Exit::KilledByLimit
-        );
-        assert_eq!(
-            classify(RuntimeKind::Gvisor, status(137)),
-            Exit::KilledByLimit
-        );
-        assert_eq!(classify(RuntimeKind::Gvisor, status(0)), Exit::Exited);
-        assert_eq!(
-            classify(RuntimeKind::Gvisor, status(1)),
-            Exit::Crashed { code: Some(1) }
-        );
-        assert_eq!(
-            classify(RuntimeKind::Host, status(2)),
-            Exit::Crashed { code: Some(2) }
-        );
-        assert_eq!(
-            classify(RuntimeKind::Host, ExitStatus::from_raw(9)),
+            classify(ExitStatus::from_raw(9), false),
             Exit::Crashed { code: None }
         );
+        // Any non-zero end after a counted limit is a limit kill ...
+        for st in [status(1), status(2), ExitStatus::from_raw(9)] {
+            assert_eq!(classify(st, true), Exit::KilledByLimit);
+        }
+        // ... but a clean exit stays clean, whatever was counted on the way.
+        assert_eq!(classify(status(0), true), Exit::Exited);
+        assert_eq!(classify(status(0), false), Exit::Exited);
     }
 
     #[test]
@@ -578,6 +578,7 @@ mod tests {
     mod manager {
         use super::*;
         use crate::sandbox::fake::{self, Behaviour, Call, FakeRuntime};
+        use crate::sandbox::runtime::RuntimeKind;
         use tokio::sync::mpsc::UnboundedReceiver;
 
         struct Rig {
@@ -816,27 +817,35 @@ mod tests {
         async fn a_limit_kill_is_reported_and_left_stopped_until_the_next_message() {
             let mut r = rig(|s| s.restart.first_delay = Duration::from_millis(20));
             let (s, keys) = fake::session("bomb");
-            // Killed while running (runsc exits 137) ...
+            // The exit codes runsc uses for a limit, without a limit counted, are a crash.
+            r.fake.plan([Behaviour::ReadyThenExit(137)]);
+            r.manager.ensure_running(&s, &keys).await.unwrap();
+            assert_eq!(r.next_event().await, started(&s));
+            assert_eq!(r.next_event().await, crashed(&s, 137));
+            r.manager.forget(&s).await.unwrap();
+            // Killed while running after the kernel counted a limit ...
+            r.fake.set_limited(true);
             r.fake.plan([Behaviour::ReadyThenExit(137)]);
             r.manager.ensure_running(&s, &keys).await.unwrap();
             assert_eq!(r.next_event().await, started(&s));
             assert_eq!(r.next_event().await, ended(&s, Exit::KilledByLimit));
             assert_eq!(r.tick_for(Duration::from_millis(200)).await, []);
-            assert_eq!(r.fake.commands(&s), 1, "not restarted by itself");
+            assert_eq!(r.fake.commands(&s), 2, "not restarted by itself");
             assert_eq!(r.state(&s).await, "stopped");
             assert!(!r.keys_held(&s).await);
-            // ... or while starting (runsc exits 2).
+            // ... or while starting.
             r.fake.plan([Behaviour::ExitEarly(2)]);
             assert!(r.manager.ensure_running(&s, &keys).await.is_err());
             assert_eq!(r.next_event().await, ended(&s, Exit::KilledByLimit));
             assert_eq!(r.tick_for(Duration::from_millis(200)).await, []);
-            assert_eq!(r.fake.commands(&s), 2);
+            assert_eq!(r.fake.commands(&s), 3);
             // The next message starts it again.
             r.manager.ensure_running(&s, &keys).await.unwrap();
-            assert_eq!(r.fake.commands(&s), 3);
+            assert_eq!(r.fake.commands(&s), 4);
             r.manager.stop(&s).await.unwrap();
+            r.fake.set_limited(false);
 
-            // The host runtime has no limits: the same status is a crash, restarted.
+            // The host runtime counts no limits: the same status is a crash, restarted.
             let mut r = rig_with(RuntimeKind::Host, |s| {
                 s.restart.first_delay = Duration::from_millis(20)
             });

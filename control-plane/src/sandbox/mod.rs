@@ -1,9 +1,11 @@
 //! One gVisor sandbox per session: the static agent binary it runs ([`agent_binary`]),
 //! where its files live ([`layout`]), how it is run ([`runtime`]: real `runsc`, or the
-//! development-only host runtime), how it is launched ([`launch`]), and how it lives and
-//! dies ([`lifecycle`]).
+//! development-only host runtime), the host cgroup that limits it and records why it
+//! ended ([`cgroup`]), how it is launched ([`launch`]), and how it lives and dies
+//! ([`lifecycle`]).
 
 pub mod agent_binary;
+pub mod cgroup;
 #[cfg(test)]
 mod fake;
 pub mod launch;

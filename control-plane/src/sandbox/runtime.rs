@@ -6,9 +6,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use queue_proto::ids::SessionId;
-use runsc_config::{AGENT_PATH, container_id, runsc_run_args};
+use runsc_config::{AGENT_PATH, Limits, container_id, runsc_run_args};
 use tokio::process::Command;
 
+use super::cgroup::{CgroupError, Cgroups};
 use super::layout::Layout;
 
 /// The only `PATH` a runtime's child gets; nothing else of the control plane's
@@ -35,6 +36,12 @@ pub enum RuntimeError {
     },
     #[error("{command} failed: {stderr}")]
     Failed { command: String, stderr: String },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(
+        "no memory cgroup controller under /sys/fs/cgroup: gVisor would run sandboxes without limits"
+    )]
+    NoCgroups,
 }
 
 /// A way to run a session's agent. The launch sequence ([`super::launch`]) is the same for
@@ -50,7 +57,21 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// child then exits by itself.
     fn kill(&self, layout: &Layout, session: &SessionId);
 
-    /// Removes `session`'s sandbox and everything running in it, if any. Idempotent.
+    /// Gives `session`'s next sandbox its resource limits, before it is started: the
+    /// host cgroup that the control plane, not the sandbox, reads afterwards.
+    fn confine(&self, _session: &SessionId, _limits: &Limits) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    /// Whether a resource limit stopped `session`'s sandbox, by the kernel's own count;
+    /// read after the sandbox ended and before [`destroy`](Self::destroy). Never the
+    /// exit status, which the agent chooses.
+    fn hit_limit(&self, _session: &SessionId) -> bool {
+        false
+    }
+
+    /// Removes `session`'s sandbox and everything running in it, if any, its cgroup
+    /// included. Idempotent.
     fn destroy(&self, layout: &Layout, session: &SessionId) -> Result<(), RuntimeError>;
 
     /// Sessions whose sandboxes are left over from an earlier run of the control plane.
@@ -135,6 +156,9 @@ pub struct RunscRuntime {
     /// The network namespace every runsc command runs in; `None` runs them in the
     /// caller's own (tests of the sandbox alone).
     netns: Option<NetNs>,
+    /// Where each sandbox's cgroup is made; `None` when the host has no memory
+    /// controller, and then nothing is launched.
+    cgroups: Option<Cgroups>,
 }
 
 /// A named network namespace (`ip netns`), kept at `/run/netns/<name>` so that it
@@ -220,6 +244,7 @@ impl Default for RunscRuntime {
         RunscRuntime {
             runsc: "runsc".into(),
             netns: None,
+            cgroups: Cgroups::host(),
         }
     }
 }
@@ -233,6 +258,7 @@ impl RunscRuntime {
         Ok(RunscRuntime {
             runsc,
             netns: Some(netns),
+            cgroups: Cgroups::host(),
         })
     }
 
@@ -260,6 +286,40 @@ impl RunscRuntime {
                 (PathBuf::from("nsenter"), all)
             }
         }
+    }
+
+    /// Kills and deletes `session`'s sandbox, and runsc's state of it.
+    fn delete(&self, layout: &Layout, session: &SessionId) -> Result<(), RuntimeError> {
+        let id = container_id(session);
+        // Kill first: `delete --force` on a running sandbox can time out waiting for it.
+        // Then delete removes what is left and runsc's state; an unknown id is not an
+        // error worth reporting. A sandbox caught half-started (its control plane killed
+        // while launching it) can time out once more: it is killed and deleted again.
+        let mut failure = String::new();
+        for attempt in 0..DESTROY_TRIES {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            self.kill(layout, session);
+            let out = self.housekeeping(vec![
+                Self::global(layout),
+                "delete".into(),
+                "--force".into(),
+                id.clone(),
+            ])?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.success()
+                || stderr.contains("does not exist")
+                || stderr.contains("not found")
+            {
+                return Ok(());
+            }
+            failure = stderr.into();
+        }
+        Err(RuntimeError::Failed {
+            command: format!("runsc delete {id}"),
+            stderr: failure,
+        })
     }
 
     /// Runs one housekeeping command of runsc.
@@ -291,37 +351,21 @@ impl Runtime for RunscRuntime {
         ]);
     }
 
+    fn confine(&self, session: &SessionId, limits: &Limits) -> Result<(), RuntimeError> {
+        let cgroups = self.cgroups.as_ref().ok_or(RuntimeError::NoCgroups)?;
+        Ok(cgroups.make(session, limits)?)
+    }
+
+    fn hit_limit(&self, session: &SessionId) -> bool {
+        self.cgroups.as_ref().is_some_and(|c| c.hits(session).any())
+    }
+
     fn destroy(&self, layout: &Layout, session: &SessionId) -> Result<(), RuntimeError> {
-        let id = container_id(session);
-        // Kill first: `delete --force` on a running sandbox can time out waiting for it.
-        // Then delete removes what is left and runsc's state; an unknown id is not an
-        // error worth reporting. A sandbox caught half-started (its control plane killed
-        // while launching it) can time out once more: it is killed and deleted again.
-        let mut failure = String::new();
-        for attempt in 0..DESTROY_TRIES {
-            if attempt > 0 {
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            self.kill(layout, session);
-            let out = self.housekeeping(vec![
-                Self::global(layout),
-                "delete".into(),
-                "--force".into(),
-                id.clone(),
-            ])?;
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if out.status.success()
-                || stderr.contains("does not exist")
-                || stderr.contains("not found")
-            {
-                return Ok(());
-            }
-            failure = stderr.into();
+        self.delete(layout, session)?;
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove(session)?;
         }
-        Err(RuntimeError::Failed {
-            command: format!("runsc delete {id}"),
-            stderr: failure,
-        })
+        Ok(())
     }
 
     fn leftovers(&self, layout: &Layout) -> Result<Vec<SessionId>, RuntimeError> {
@@ -427,6 +471,7 @@ mod tests {
         let runsc = RunscRuntime {
             runsc: "/usr/bin/runsc".into(),
             netns: None,
+            cgroups: None,
         }
         .command(&layout, &s, &bundle);
         let host = HostRuntime.command(&layout, &s, &bundle);
@@ -475,6 +520,7 @@ mod tests {
         let runtime = RunscRuntime {
             runsc: "/usr/bin/runsc".into(),
             netns: Some(ns.clone()),
+            cgroups: None,
         };
         let cmd = runtime.command(&layout, &s, &bundle);
         assert_eq!(cmd.as_std().get_program(), "nsenter");

@@ -6,7 +6,9 @@
 //! Its orders come from `/inbox/probe.json`, written by the test: the loopback addresses
 //! that stand for "outside" (a TCP listener and a fake DNS server on the host, which the
 //! sandbox must not reach), and an optional bomb to set off after `ready`
-//! (`fork-bomb`, `memory-bomb`), or a `crash` (exit 1) after `ready`. Nothing it does sends traffic beyond this machine.
+//! (`fork-bomb`, `memory-bomb`), or a `crash` (exit 1) or a chosen exit (`exit-2`,
+//! `exit-137`: the codes runsc uses for a killed sentry) after `ready`. Nothing it does
+//! sends traffic beyond this machine.
 //! The tests in `tests/tests/sandbox.rs` judge the report; they also run it under
 //! weakened specs to show each check fires.
 
@@ -252,6 +254,8 @@ fn main() {
         Some("fork-bomb") => fork_bomb(),
         Some("memory-bomb") => memory_bomb(),
         Some("crash") => std::process::exit(1),
+        Some("exit-2") => std::process::exit(2),
+        Some("exit-137") => std::process::exit(137),
         _ => {}
     }
     loop {
