@@ -136,6 +136,8 @@ pub struct SandboxSection {
     /// The first of the uids (and gids) each session's agent is given one of.
     pub uid_base: u32,
     pub idle_stop_secs: u64,
+    /// The most sandboxes that run at once, over every channel and session.
+    pub max_live: usize,
     /// The static agent binary; by default `ironclaw-agent` next to `ironclaw`.
     pub agent_binary: Option<PathBuf>,
     /// The `runsc` binary; by default found on `PATH`.
@@ -150,6 +152,7 @@ impl Default for SandboxSection {
             outbox_mib: 64,
             uid_base: 200_000,
             idle_stop_secs: 600,
+            max_live: 32,
             agent_binary: None,
             runsc: None,
         }
@@ -396,6 +399,9 @@ impl Config {
         if !(8..=65536).contains(&self.sandbox.outbox_mib) {
             return invalid("sandbox.outbox_mib must be between 8 and 65536");
         }
+        if !(1..=1024).contains(&self.sandbox.max_live) {
+            return invalid("sandbox.max_live must be between 1 and 1024");
+        }
         if !(100_000..=2_000_000_000).contains(&self.sandbox.uid_base) {
             return invalid(
                 "sandbox.uid_base must be between 100000 and 2000000000 (clear of the host's own users)",
@@ -527,6 +533,7 @@ runtime = "gvisor"          # "gvisor" | "host" (development only, no isolation)
 memory_mib = 256
 outbox_mib = 64            # each session's own outbox file system (notes, history, segments)
 idle_stop_secs = 600
+max_live = 32               # sandboxes running at once; the longest idle one makes room
 
 [delivery]
 reply_timeout_secs = 300    # an unanswered message fails with a notice after this

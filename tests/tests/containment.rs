@@ -730,3 +730,29 @@ fn a_bridge_client_opens_no_more_chats_than_it_may() {
     // The chats it has go on.
     assert!(post("made-up-1").contains("202"));
 }
+
+#[test]
+fn no_more_sandboxes_run_at_once_than_the_operator_allows() {
+    let mut s = Serve::init(
+        "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\nmax_live = 1\n",
+    );
+    s.start();
+    assert_eq!(s.send("first", "hello", 60).unwrap().0, "answered");
+    // The one slot is held by a session active within the minute: a second session is
+    // told at once, and no second sandbox starts.
+    let (state, replies) = s.send("second", "hello", 60).unwrap();
+    assert_eq!(state, "failed", "{replies:?}");
+    assert!(
+        replies
+            .iter()
+            .any(|r| r.contains("busy with other conversations")),
+        "{replies:?}"
+    );
+    assert!(
+        s.log_text().contains("no sandbox slot is free"),
+        "the operator is told what to raise"
+    );
+    // The session holding the slot goes on.
+    let (state, replies) = s.send("first", "again", 60).unwrap();
+    assert_eq!(state, "answered", "{replies:?}");
+}

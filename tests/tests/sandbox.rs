@@ -438,7 +438,8 @@ fn run_weakened(rig: &mut Rig, name: &str, weaken: &Weaken) -> Value {
     let report = rig.try_report(&s);
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
-    RunscRuntime::default().destroy(&rig.layout, &s).unwrap();
+    // A case run by runc leaves its container (and the cgroup runc made for it) until
+    // runc removes it; then runsc's clean-up finds the cgroup empty or gone.
     let runc_root = format!("--root={}", rig.dir.path().join("runc").display());
     let id = runsc_config::container_id(&s);
     let _ = Command::new("runc")
@@ -448,6 +449,7 @@ fn run_weakened(rig: &mut Rig, name: &str, weaken: &Weaken) -> Value {
     let _ = Command::new("runc")
         .args([&runc_root, "delete", "-f", &id])
         .status();
+    RunscRuntime::default().destroy(&rig.layout, &s).unwrap();
     report.unwrap_or_else(|| {
         panic!(
             "{name}: no probe report; stderr: {}",

@@ -405,13 +405,15 @@ pub fn change_risk(before: &Config, after: &Config, by_agent: bool) -> (Vec<Oper
     op(
         a.sandbox.memory_mib > b.sandbox.memory_mib
             || a.sandbox.outbox_mib > b.sandbox.outbox_mib
-            || a.sandbox.idle_stop_secs > b.sandbox.idle_stop_secs,
+            || a.sandbox.idle_stop_secs > b.sandbox.idle_stop_secs
+            || a.sandbox.max_live > b.sandbox.max_live,
         Op::SandboxLimitsRaised,
     );
     op(
         a.sandbox.memory_mib < b.sandbox.memory_mib
             || a.sandbox.outbox_mib < b.sandbox.outbox_mib
-            || a.sandbox.idle_stop_secs < b.sandbox.idle_stop_secs,
+            || a.sandbox.idle_stop_secs < b.sandbox.idle_stop_secs
+            || a.sandbox.max_live < b.sandbox.max_live,
         Op::SandboxLimitsLowered,
     );
     op(b.gateway != a.gateway, Op::GatewaySettings);

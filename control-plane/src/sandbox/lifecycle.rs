@@ -144,6 +144,8 @@ pub enum ManagerError {
     Paused(SessionId),
     #[error("session {0} has no keys to start with")]
     NoKeys(SessionId),
+    #[error("all {max} sandbox slots are taken by sessions active within the last minute")]
+    Full { max: usize },
     #[error("removing sandboxes left over from a previous run failed")]
     Leftovers(#[source] RuntimeError),
     #[error("installing the agent binary failed")]
@@ -183,6 +185,9 @@ pub struct Manager {
     /// One lock per session, so a slow launch or stop holds up only its own session;
     /// the map's own lock is held just long enough to find a slot.
     slots: std::sync::Mutex<HashMap<SessionId, Arc<Mutex<Slot>>>>,
+    /// Sandboxes running or being launched: taken by [`start`](Self::start), given
+    /// back by [`after_exit`](Self::after_exit), never more than `max_live`.
+    live: std::sync::atomic::AtomicUsize,
     events: mpsc::UnboundedSender<Event>,
 }
 
@@ -222,6 +227,7 @@ impl Manager {
             settings: std::sync::RwLock::new(Arc::new(settings)),
             layout,
             slots: std::sync::Mutex::new(HashMap::new()),
+            live: std::sync::atomic::AtomicUsize::new(0),
             events: tx,
         };
         Ok((Arc::new(manager), rx))
@@ -249,6 +255,9 @@ impl Manager {
     }
 
     /// Makes sure `session`'s sandbox runs (starting it if needed) and marks it active.
+    /// At most `max_live` sandboxes run at once: when every slot is taken, the one idle
+    /// longest makes room if it has been idle for `evict_after` (it starts again on its
+    /// next message); otherwise this one is refused with [`ManagerError::Full`].
     pub async fn ensure_running(
         &self,
         session: &SessionId,
@@ -297,6 +306,12 @@ impl Manager {
             slot.state = State::Stopped;
             return Err(ManagerError::NoKeys(session.clone()));
         };
+        if let Err(e) = self.admit(session).await {
+            if matches!(slot.state, State::Stopped) {
+                slot.keys = None;
+            }
+            return Err(e);
+        }
         let launched = launch(
             self.runtime.as_ref(),
             &self.settings(),
@@ -332,7 +347,68 @@ impl Manager {
         }
     }
 
+    /// Takes one of the `max_live` slots, first stopping the longest idle sandbox of
+    /// another session if every slot is taken and it has been idle long enough. Other
+    /// sessions' locks are only tried, never waited for.
+    async fn admit(&self, session: &SessionId) -> Result<(), ManagerError> {
+        let settings = self.settings();
+        let max = settings.max_live;
+        if self.reserve(max) {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let others: Vec<(SessionId, Arc<Mutex<Slot>>)> = self
+            .map()
+            .iter()
+            .filter(|(s, _)| *s != session)
+            .map(|(s, slot)| (s.clone(), slot.clone()))
+            .collect();
+        let idlest = others
+            .into_iter()
+            .filter_map(|(s, slot)| {
+                let since = match &slot.try_lock().ok()?.state {
+                    State::Running { last_active, .. } => *last_active,
+                    _ => return None,
+                };
+                (now.duration_since(since) >= settings.evict_after).then_some((since, s, slot))
+            })
+            .min_by_key(|(since, _, _)| *since);
+        if let Some((_, s, slot)) = idlest
+            && let Ok(mut slot) = slot.try_lock()
+            && let State::Running { child, .. } = &mut slot.state
+        {
+            tracing::info!(session = %s, "stopping the longest idle sandbox to make room");
+            let _ = self.kill(&s, child).await;
+            self.after_exit(&s, &mut slot, Exit::Stopped, Instant::now());
+        }
+        if self.reserve(max) {
+            Ok(())
+        } else {
+            Err(ManagerError::Full { max })
+        }
+    }
+
+    /// Takes a slot if fewer than `max` are taken.
+    fn reserve(&self, max: usize) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.live
+            .fetch_update(SeqCst, SeqCst, |n| (n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// How many sandboxes run or are being launched now.
+    pub fn live(&self) -> usize {
+        self.live.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Records the end of a sandbox that [`start`](Self::start) launched (or failed to),
+    /// giving its slot back.
     fn after_exit(&self, session: &SessionId, slot: &mut Slot, exit: Exit, now: Instant) {
+        let _ = self.live.fetch_update(
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+            |n| n.checked_sub(1),
+        );
         let _ = self.events.send(Event::Ended {
             session: session.clone(),
             exit,
@@ -855,6 +931,50 @@ mod tests {
             assert_eq!(r.next_event().await, crashed(&s, 137));
             assert_eq!(r.next_event().await, started(&s));
             r.manager.stop(&s).await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn no_more_than_max_live_sandboxes_run_and_the_idlest_makes_room() {
+            let mut r = rig(|s| {
+                s.max_live = 2;
+                s.evict_after = Duration::from_secs(3600);
+            });
+            let (a, a_keys) = fake::session("a");
+            let (b, b_keys) = fake::session("b");
+            let (c, c_keys) = fake::session("c");
+            r.manager.ensure_running(&a, &a_keys).await.unwrap();
+            r.manager.ensure_running(&b, &b_keys).await.unwrap();
+            assert_eq!(r.next_event().await, started(&a));
+            assert_eq!(r.next_event().await, started(&b));
+            // Both busy within `evict_after`: the third is refused, launches nothing and
+            // keeps no keys.
+            assert!(matches!(
+                r.manager.ensure_running(&c, &c_keys).await,
+                Err(ManagerError::Full { max: 2 })
+            ));
+            assert_eq!(r.fake.commands(&c), 0);
+            assert!(!r.keys_held(&c).await);
+            assert_eq!(r.manager.live(), 2);
+            // Once they may be evicted, the one idle longest (b, since a has just had a
+            // message) is stopped to make room.
+            let mut settings = (*r.manager.settings()).clone();
+            settings.evict_after = Duration::ZERO;
+            r.manager.set_settings(settings);
+            r.manager.ensure_running(&a, &a_keys).await.unwrap();
+            r.manager.ensure_running(&c, &c_keys).await.unwrap();
+            assert_eq!(r.next_event().await, ended(&b, Exit::Stopped));
+            assert_eq!(r.next_event().await, started(&c));
+            assert!(r.manager.is_running(&a).await);
+            assert!(!r.manager.is_running(&b).await);
+            assert_eq!(r.manager.live(), 2);
+            // A failed launch and a crash give their slots back.
+            r.manager.stop(&c).await.unwrap();
+            r.fake.plan([Behaviour::ExitEarly(1)]);
+            assert!(r.manager.ensure_running(&b, &b_keys).await.is_err());
+            r.manager.forget(&b).await.unwrap();
+            assert_eq!(r.manager.live(), 1);
+            r.manager.stop_all().await;
+            assert_eq!(r.manager.live(), 0);
         }
 
         #[tokio::test(flavor = "multi_thread")]

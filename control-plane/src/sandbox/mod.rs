@@ -46,6 +46,11 @@ pub struct SandboxSettings {
     pub idle_timeout: Duration,
     /// A sandbox is killed after running this long, busy or not.
     pub wall_clock_cap: Duration,
+    /// The most sandboxes running at once (see [`lifecycle::Manager::ensure_running`]).
+    pub max_live: usize,
+    /// When every slot is taken, the longest idle sandbox is stopped to make room if it
+    /// has been idle this long; otherwise the new one is refused.
+    pub evict_after: Duration,
     pub restart: lifecycle::RestartPolicy,
 }
 
@@ -77,6 +82,8 @@ impl SandboxSettings {
             ready_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(600),
             wall_clock_cap: Duration::from_secs(24 * 3600),
+            max_live: 32,
+            evict_after: Duration::from_secs(60),
             restart: lifecycle::RestartPolicy::default(),
         }
     }

@@ -60,6 +60,8 @@ pub mod notice {
         text); it was not passed on.";
     pub const NOT_ALLOWED: &str = "This assistant is private. Your message was not passed on.";
     pub const NOT_TEXT: &str = "Only text messages can be passed to the assistant.";
+    pub const BUSY: &str = "Sorry, the assistant is busy with other conversations right now. \
+        Please send your message again in a minute.";
 }
 
 /// How often the sweeper looks for timeouts, due timers and unpublished messages.
@@ -241,6 +243,7 @@ fn sandbox_settings(config: &Config, state: &StateDir) -> SandboxSettings {
     settings.run_dir = state.run_dir();
     settings.limits.memory_bytes = config.sandbox.memory_mib * 1024 * 1024;
     settings.idle_timeout = Duration::from_secs(config.sandbox.idle_stop_secs);
+    settings.max_live = config.sandbox.max_live;
     // Under gVisor every outbox is a file system of its own; the development-only host
     // runtime keeps plain directories (it may run without the right to mount).
     if config.sandbox.runtime == RuntimeChoice::Gvisor {
@@ -551,6 +554,11 @@ impl Service {
                 "the session is paused after repeated crashes",
                 notice::UNAVAILABLE,
             ),
+            // Every sandbox slot is taken by a session busy within the last minute.
+            Err(e @ ManagerError::Full { .. }) => {
+                tracing::warn!(session = %id, error = %e, "no sandbox slot is free; raise sandbox.max_live if this recurs");
+                self.fail_session(id, "every sandbox slot was busy", notice::BUSY)
+            }
             // A failed launch counts as a crash: the supervisor retries with backoff and
             // pauses the session (failing its messages) if it keeps failing.
             Err(e) => {
