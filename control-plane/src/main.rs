@@ -6,13 +6,14 @@
 //! starts one gVisor sandbox per session. Everything that arrives from a chat app, a
 //! sandbox or the network is untrusted.
 //!
-//! Exit codes: 0 success; 1 the command failed; 2 usage error or a command not built
-//! yet; 3 `send` got no reply in time (the message stays queued).
+//! The commands are parsed by clap ([`Cli`]); the exit statuses are [`EXIT_STATUSES`].
 
 #![deny(unsafe_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
 use std::time::Duration;
 
 use control_plane::admin::{self, Outcome, Request, Response};
@@ -23,70 +24,152 @@ use control_plane::service::Service;
 use control_plane::state::StateDir;
 use control_plane::store::state::{ChangeState, MessageState};
 
-const USAGE: &str = "usage:
-  ironclaw init [--state-dir DIR]
-  ironclaw serve [--config FILE] [--state-dir DIR]
-  ironclaw send [--session NAME] [--wait SECS] [--raw] TEXT...   (TEXT - reads standard input;
-                 replies are printed with control and invisible characters escaped, unless --raw)
-  ironclaw sessions list [--json] | show NAME [--json] | delete NAME
-  ironclaw changes list [--all] [--json] | show ID [--json] | propose FILE [--reason TEXT]
-  ironclaw changes approve ID | reject ID
-  ironclaw audit verify | export
-  ironclaw doctor [--json]                                (exit 1 on any critical finding)
-Exit status: 0 done; 1 refused or failed; 2 usage; 3 `send` has no reply yet;
-4 no such session or change request; 5 not an operator.
-The state directory is --state-dir, else $IRONCLAW_STATE_DIR, else /var/lib/ironclaw.";
+/// The exit statuses, shown under every command's help.
+const EXIT_STATUSES: &str = "Exit status: 0 done; 1 refused or failed; 2 usage; 3 `send` has no reply yet; \
+4 no such session or change request; 5 not an operator.";
 
-struct Args {
+/// IronClaw's control plane and operator CLI.
+///
+/// `serve` runs the assistant; the other commands talk to a running `serve` through
+/// its admin socket, or read the state directory themselves (`init`, `doctor`,
+/// `audit`).
+#[derive(Debug, Parser)]
+#[command(name = "ironclaw", version, after_help = EXIT_STATUSES)]
+struct Cli {
+    /// The state directory [default: $IRONCLAW_STATE_DIR, else /var/lib/ironclaw]
+    #[arg(long, global = true, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    config: Option<PathBuf>,
-    session: Option<String>,
-    wait: Option<u64>,
-    json: bool,
-    all: bool,
-    reason: Option<String>,
-    /// `send`: print replies exactly as they came, escape sequences included.
-    raw: bool,
-    rest: Vec<String>,
+    #[command(subcommand)]
+    command: Cmd,
 }
 
-fn parse(raw: Vec<String>) -> Result<Args, String> {
-    let mut args = Args {
-        state_dir: None,
-        config: None,
-        session: None,
-        wait: None,
-        json: false,
-        all: false,
-        reason: None,
-        raw: false,
-        rest: Vec::new(),
-    };
-    let mut it = raw.into_iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
-        match a.as_str() {
-            "--state-dir" => args.state_dir = Some(value("--state-dir")?.into()),
-            "--config" => args.config = Some(value("--config")?.into()),
-            "--session" => args.session = Some(value("--session")?),
-            "--wait" => {
-                let v = value("--wait")?;
-                args.wait = Some(
-                    v.parse()
-                        .map_err(|_| format!("--wait {v:?} is not a number"))?,
-                );
-            }
-            "--json" => args.json = true,
-            "--all" => args.all = true,
-            "--raw" => args.raw = true,
-            "--reason" => args.reason = Some(value("--reason")?),
-            "--version" | "-V" => args.rest.push("version".into()),
-            "--" => args.rest.extend(it.by_ref()),
-            s if s.starts_with("--") => return Err(format!("unknown option {s}")),
-            _ => args.rest.push(a),
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Make a new state directory: master key, configuration and control store
+    Init,
+    /// Run the assistant: the channels, the sandboxes, the gateway and the admin socket
+    Serve {
+        /// The configuration file [default: config.toml in the state directory]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Send a message to a session as the console and print the replies
+    Send {
+        /// The session to talk to
+        #[arg(long, value_name = "NAME", default_value = "console")]
+        session: String,
+        /// How long to wait for the replies, in seconds
+        #[arg(long, value_name = "SECS", default_value_t = 120)]
+        wait: u64,
+        /// Print replies exactly as they came, escape sequences included (by default
+        /// control and invisible characters are shown escaped)
+        #[arg(long)]
+        raw: bool,
+        /// The message; `-` reads it from standard input
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        text: Vec<String>,
+    },
+    /// List, inspect or delete sessions
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
+    /// Change requests: list, inspect, propose, approve, reject
+    #[command(subcommand)]
+    Changes(ChangesCmd),
+    /// The hash-chained audit trail
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Check the installation and the configuration (exit 1 on any critical finding)
+    Doctor {
+        /// Print the findings as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script
+    Completions {
+        /// The shell to complete for
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), for `man -l -` or /usr/share/man/man1
+    Manpage,
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionsCmd {
+    /// Every session with its message and reply counts
+    List {
+        /// Print the list as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// A session's last agent turns
+    Show {
+        name: String,
+        /// Print the turns as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a session's sandbox, destroy its keys and remove everything it left
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ChangesCmd {
+    /// Undecided change requests (all of them with --all)
+    List {
+        /// Also the decided and expired ones
+        #[arg(long)]
+        all: bool,
+        /// Print the list as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// One change request in full, with the exact change
+    Show {
+        /// The change request's id
+        id: String,
+        /// Print the request as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// File a whole configuration file as a change request
+    Propose {
+        /// The proposed configuration
+        file: PathBuf,
+        /// Why, for whoever decides
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Approve the change request exactly as shown
+    Approve { id: String },
+    /// Reject the change request
+    Reject { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Check the whole chain and its sealed head
+    Verify,
+    /// Print every entry as one JSON line
+    Export,
+}
+
+/// Writes a line to stdout. A reader that went away (`ironclaw audit export | head -1`)
+/// ends the command quietly, as the reader asked; any other failure is an error.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            stdout_failed(e)
         }
+    }};
+}
+
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
     }
-    Ok(args)
+    eprintln!("ironclaw: writing to standard output failed: {e}");
+    std::process::exit(1)
 }
 
 fn main() -> ExitCode {
@@ -98,32 +181,35 @@ fn main() -> ExitCode {
         eprintln!("ironclaw: making the process undumpable failed: {e}");
         return ExitCode::FAILURE;
     }
-    let args = match parse(std::env::args().skip(1).collect()) {
-        Ok(a) => a,
-        Err(e) => return usage(&e),
-    };
-    let state = StateDir::choose(args.state_dir.clone());
-    let words: Vec<&str> = args.rest.iter().map(String::as_str).collect();
-    let result = match words.as_slice() {
-        ["version"] => {
-            println!("ironclaw {}", env!("CARGO_PKG_VERSION"));
-            Ok(ExitCode::SUCCESS)
+    // Help and version go to stdout with status 0, usage errors to stderr with 2.
+    let cli = Cli::parse();
+    let state = StateDir::choose(cli.state_dir);
+    let result = match cli.command {
+        Cmd::Init => init(&state),
+        Cmd::Serve { config } => serve(&state, config),
+        Cmd::Send {
+            session,
+            wait,
+            raw,
+            text,
+        } => send(&state, &session, wait, raw, &text),
+        Cmd::Sessions(SessionsCmd::List { json }) => sessions_list(&state, json),
+        Cmd::Sessions(SessionsCmd::Show { name, json }) => sessions_show(&state, &name, json),
+        Cmd::Sessions(SessionsCmd::Delete { name }) => sessions_delete(&state, &name),
+        Cmd::Changes(ChangesCmd::List { all, json }) => changes_list(&state, all, json),
+        Cmd::Changes(ChangesCmd::Show { id, json }) => {
+            changes_show(&state, &id, json).map(|_| ExitCode::SUCCESS)
         }
-        ["init"] => init(&state),
-        ["serve"] => serve(&state, args.config.clone()),
-        ["send", text @ ..] if !text.is_empty() => send(&state, &args, text),
-        ["sessions", "list"] => sessions_list(&state, args.json),
-        ["sessions", "delete", name] => sessions_delete(&state, name),
-        ["sessions", "show", name] => sessions_show(&state, name, args.json),
-        ["changes", "list"] => changes_list(&state, args.all, args.json),
-        ["changes", "show", id] => changes_show(&state, id, args.json).map(|_| ExitCode::SUCCESS),
-        ["changes", "propose", file] => changes_propose(&state, file, args.reason.as_deref()),
-        ["changes", "approve", id] => changes_decide(&state, id, true),
-        ["changes", "reject", id] => changes_decide(&state, id, false),
-        ["audit", "verify"] => audit_verify(&state),
-        ["audit", "export"] => audit_export(&state),
-        ["doctor"] => doctor(&state, args.json),
-        _ => return usage("unknown or incomplete command"),
+        Cmd::Changes(ChangesCmd::Propose { file, reason }) => {
+            changes_propose(&state, &file, reason.as_deref())
+        }
+        Cmd::Changes(ChangesCmd::Approve { id }) => changes_decide(&state, &id, true),
+        Cmd::Changes(ChangesCmd::Reject { id }) => changes_decide(&state, &id, false),
+        Cmd::Audit(AuditCmd::Verify) => audit_verify(&state),
+        Cmd::Audit(AuditCmd::Export) => audit_export(&state),
+        Cmd::Doctor { json } => doctor(&state, json),
+        Cmd::Completions { shell } => completions(shell),
+        Cmd::Manpage => manpage(),
     };
     match result {
         Ok(code) => code,
@@ -136,23 +222,40 @@ fn main() -> ExitCode {
     }
 }
 
-fn usage(problem: &str) -> ExitCode {
-    eprintln!("ironclaw: {problem}\n{USAGE}");
-    ExitCode::from(2)
+fn completions(shell: clap_complete::Shell) -> CliResult {
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "ironclaw", &mut buf);
+    write_all(&buf)
+}
+
+fn manpage() -> CliResult {
+    let mut buf = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut buf)?;
+    write_all(&buf)
+}
+
+/// Writes `bytes` to stdout whole, a closed pipe ending the command quietly.
+fn write_all(bytes: &[u8]) -> CliResult {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        stdout_failed(e)
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
 
 fn init(state: &StateDir) -> CliResult {
     state.init().map_err(|e| chain(&e))?;
-    println!("initialised {}", state.root.display());
-    println!("  configuration  {}", state.config().display());
-    println!(
+    out!("initialised {}", state.root.display());
+    out!("  configuration  {}", state.config().display());
+    out!(
         "  master key     {} (0400; back it up offline)",
         state.master_key().display()
     );
-    println!("  control store  {}", state.store().display());
-    println!("next: ironclaw serve --state-dir {}", state.root.display());
+    out!("  control store  {}", state.store().display());
+    out!("next: ironclaw serve --state-dir {}", state.root.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -220,7 +323,7 @@ async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
-fn send(state: &StateDir, args: &Args, text: &[&str]) -> CliResult {
+fn send(state: &StateDir, session: &str, wait: u64, raw: bool, text: &[String]) -> CliResult {
     let text = if text == ["-"] {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
@@ -228,9 +331,8 @@ fn send(state: &StateDir, args: &Args, text: &[&str]) -> CliResult {
     } else {
         text.join(" ")
     };
-    let wait = args.wait.unwrap_or(120);
     let req = Request::Send {
-        session: args.session.clone().unwrap_or_else(|| "console".into()),
+        session: session.into(),
         text,
         wait_secs: wait,
     };
@@ -240,10 +342,10 @@ fn send(state: &StateDir, args: &Args, text: &[&str]) -> CliResult {
         Response::Replies { state, replies, .. } => {
             for r in &replies {
                 // An agent's text may hold escape sequences aimed at the terminal.
-                if args.raw {
-                    println!("{r}");
+                if raw {
+                    out!("{r}");
                 } else {
-                    println!("{}", printable(r));
+                    out!("{}", printable(r));
                 }
             }
             if state.is_some_and(MessageState::is_waiting) {
@@ -273,10 +375,10 @@ fn sessions_list(state: &StateDir, json: bool) -> CliResult {
         });
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        out!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    out!(
         "{:<32} {:<9} {:>7} {:>8} {:>6} {:>7} {:>5} {:>8} {:>10}",
         "SESSION",
         "CHANNEL",
@@ -294,7 +396,7 @@ fn sessions_list(state: &StateDir, json: bool) -> CliResult {
         } else {
             s.name.as_str()
         };
-        println!(
+        out!(
             "{:<32} {:<9} {:>7} {:>8} {:>6} {:>7} {:>5} {:>8} {:>10}",
             name,
             s.channel,
@@ -316,9 +418,11 @@ fn sessions_delete(state: &StateDir, name: &str) -> CliResult {
         .map_err(|e| chain(&e))?
     {
         Response::Deleted(s) => {
-            println!(
+            out!(
                 "deleted {}: sandbox stopped, keys destroyed, files removed ({} pending messages and {} unsent replies discarded)",
-                s.name, s.pending, s.replies_waiting
+                s.name,
+                s.pending,
+                s.replies_waiting
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -367,13 +471,18 @@ fn sessions_show(state: &StateDir, name: &str, json: bool) -> CliResult {
         return Err(unexpected());
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&turns)?);
+        out!("{}", serde_json::to_string_pretty(&turns)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("last agent turns of {name}, newest first:");
-    println!(
+    out!("last agent turns of {name}, newest first:");
+    out!(
         "{:<10} {:>5} {:>6} {:>9} {:>7} {:>8}  TOOLS",
-        "WHEN", "RISK", "CALLS", "BYTES-OUT", "REFUSED", "CHANGES"
+        "WHEN",
+        "RISK",
+        "CALLS",
+        "BYTES-OUT",
+        "REFUSED",
+        "CHANGES"
     );
     for t in turns {
         let tools: Vec<String> = t
@@ -382,7 +491,7 @@ fn sessions_show(state: &StateDir, name: &str, json: bool) -> CliResult {
             .iter()
             .map(|(k, v)| format!("{}×{v}", printable(k)))
             .collect();
-        println!(
+        out!(
             "{:<10} {:>5.2} {:>6} {:>9} {:>7} {:>8}  {}",
             when(t.at),
             t.risk,
@@ -406,16 +515,21 @@ fn changes_list(state: &StateDir, all: bool, json: bool) -> CliResult {
         return Err(unexpected());
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        out!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(ExitCode::SUCCESS);
     }
     if list.is_empty() {
-        println!("no {}change requests", if all { "" } else { "undecided " });
+        out!("no {}change requests", if all { "" } else { "undecided " });
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    out!(
         "{:<18} {:<10} {:>5} {:<15} {:<24} {:<10} NOTE",
-        "ID", "STATE", "RISK", "TARGET", "REQUESTER", "EXPIRES"
+        "ID",
+        "STATE",
+        "RISK",
+        "TARGET",
+        "REQUESTER",
+        "EXPIRES"
     );
     for c in list {
         let note = c
@@ -424,7 +538,7 @@ fn changes_list(state: &StateDir, all: bool, json: bool) -> CliResult {
             .or(c.rule)
             .map(|n| printable(&n))
             .unwrap_or_default();
-        println!(
+        out!(
             "{:<18} {:<10} {:>5.2} {:<15} {:<24} {:<10} {}",
             c.id,
             c.state,
@@ -449,41 +563,41 @@ fn changes_show(
         return Err(unexpected());
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&detail)?);
+        out!("{}", serde_json::to_string_pretty(&detail)?);
         return Ok(detail.after_hash);
     }
     let c = &detail.summary;
-    println!("change request {}", c.id);
-    println!("  state       {}", c.state);
-    println!("  requester   {}", c.requester);
-    println!("  target      {}", c.target);
-    println!(
+    out!("change request {}", c.id);
+    out!("  state       {}", c.state);
+    out!("  requester   {}", c.requester);
+    out!("  target      {}", c.target);
+    out!(
         "  reason      {}",
         printable(&detail.reason.replace('\n', " "))
     );
-    println!(
+    out!(
         "  made from   configuration version {}",
         detail.base_version
     );
-    println!("  risk        {:.2}", c.risk);
+    out!("  risk        {:.2}", c.risk);
     for op in &detail.operations {
-        println!("                {:.2}  {}", op.weight, op.what);
+        out!("                {:.2}  {}", op.weight, op.what);
     }
     if let Some(rule) = &c.rule {
-        println!("  policy      {}", printable(rule));
+        out!("  policy      {}", printable(rule));
     }
     if let Some(by) = &c.decided_by {
-        println!("  decided by  {by}");
+        out!("  decided by  {by}");
     }
-    println!("  expires     {}", when(c.expires_at));
-    println!("  sha256      {}", detail.after_hash);
-    println!("the exact change:");
-    print!("{}", printable(&diff));
+    out!("  expires     {}", when(c.expires_at));
+    out!("  sha256      {}", detail.after_hash);
+    out!("the exact change:");
+    write_all(printable(&diff).as_bytes())?;
     Ok(detail.after_hash)
 }
 
-fn changes_propose(state: &StateDir, file: &str, reason: Option<&str>) -> CliResult {
-    let text = Config::read_text(std::path::Path::new(file)).map_err(|e| chain(&e))?;
+fn changes_propose(state: &StateDir, file: &Path, reason: Option<&str>) -> CliResult {
+    let text = Config::read_text(file).map_err(|e| chain(&e))?;
     let req = Request::ChangesPropose {
         text,
         reason: reason.unwrap_or("proposed by an operator").into(),
@@ -493,9 +607,11 @@ fn changes_propose(state: &StateDir, file: &str, reason: Option<&str>) -> CliRes
     };
     match c.state {
         ChangeState::Pending => {
-            println!(
+            out!(
                 "filed {} (risk {:.2}); another operator approves it with: ironclaw changes approve {}",
-                c.id, c.risk, c.id
+                c.id,
+                c.risk,
+                c.id
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -528,11 +644,11 @@ fn changes_decide(state: &StateDir, id: &str, approve: bool) -> CliResult {
     };
     match (outcome, version) {
         (Outcome::Applied, Some(v)) => {
-            println!("approved and applied: configuration version {v} is in force");
+            out!("approved and applied: configuration version {v} is in force");
             Ok(ExitCode::SUCCESS)
         }
         (Outcome::Rejected, _) => {
-            println!("rejected");
+            out!("rejected");
             Ok(ExitCode::SUCCESS)
         }
         _ => {
@@ -546,7 +662,7 @@ fn doctor(state: &StateDir, json: bool) -> CliResult {
     use control_plane::doctor::Severity;
     let findings = control_plane::doctor::run(state);
     if json {
-        println!("{}", serde_json::to_string_pretty(&findings)?);
+        out!("{}", serde_json::to_string_pretty(&findings)?);
     } else {
         for f in &findings {
             let level = match f.severity {
@@ -554,7 +670,7 @@ fn doctor(state: &StateDir, json: bool) -> CliResult {
                 Severity::Warning => "warning",
                 Severity::Info => "info",
             };
-            println!(
+            out!(
                 "{level:<9} {}\n          {}\n          fix: {}",
                 f.id,
                 printable(&f.problem),
@@ -565,7 +681,7 @@ fn doctor(state: &StateDir, json: bool) -> CliResult {
             .iter()
             .filter(|f| f.severity == Severity::Critical)
             .count();
-        println!(
+        out!(
             "{} findings, {critical} critical ({})",
             findings.len(),
             state.root.display()
@@ -593,7 +709,7 @@ fn audit_verify(state: &StateDir) -> CliResult {
     let (store, master) = open_store(state)?;
     match store.verify_audit(&master) {
         Ok(n) => {
-            println!("audit trail intact: {n} entries");
+            out!("audit trail intact: {n} entries");
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -606,7 +722,7 @@ fn audit_verify(state: &StateDir) -> CliResult {
 fn audit_export(state: &StateDir) -> CliResult {
     let (store, _) = open_store(state)?;
     for entry in control_plane::audit::export(store.connection())? {
-        println!("{}", serde_json::to_string(&entry)?);
+        out!("{}", serde_json::to_string(&entry)?);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,148 @@
+//! The `ironclaw` command line as a person and a shell script meet it: help on stdout
+//! with status 0, help of its own for each command, `--flag=value`, strict flags,
+//! completion scripts, a man page, and a closed pipe that ends a command quietly.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::process::{Command, Output, Stdio};
+
+use tests::service::ironclaw_bin;
+
+fn ironclaw(args: &[&str]) -> Output {
+    Command::new(ironclaw_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn help_goes_to_stdout_with_status_zero_and_each_command_has_its_own() {
+    for args in [&["--help"][..], &["help"], &["-h"]] {
+        let out = ironclaw(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(text(&out.stdout).contains("Usage: ironclaw"), "{args:?}");
+        assert!(out.stderr.is_empty(), "{args:?}: {}", text(&out.stderr));
+    }
+    let top = text(&ironclaw(&["--help"]).stdout);
+    for (args, usage, names) in [
+        (&["send", "--help"][..], "Usage: ironclaw send", "--raw"),
+        (&["changes", "--help"], "Usage: ironclaw changes", "approve"),
+        (
+            &["help", "changes", "approve"],
+            "Usage: ironclaw changes approve",
+            "<ID>",
+        ),
+        (
+            &["audit", "export", "-h"],
+            "Usage: ironclaw audit export",
+            "--state-dir",
+        ),
+    ] {
+        let out = ironclaw(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        let help = text(&out.stdout);
+        assert!(
+            help.contains(usage) && help.contains(names),
+            "{args:?}: {help}"
+        );
+        assert_ne!(help, top, "{args:?} prints its own help");
+    }
+    let version = ironclaw(&["--version"]);
+    assert_eq!(version.status.code(), Some(0));
+    assert!(text(&version.stdout).starts_with("ironclaw "));
+}
+
+#[test]
+fn flags_are_strict_and_take_their_value_either_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s");
+    let flag = format!("--state-dir={}", state.display());
+    let out = ironclaw(&["init", &flag]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(state.join("master.key").exists());
+    // The same directory, given as two words and after the command.
+    let out = ironclaw(&["audit", "verify", "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // A flag a command does not take, an unknown command, a missing argument: usage
+    // errors, status 2, on stderr, naming what was wrong.
+    for (args, says) in [
+        (&["doctor", "--raw"][..], "--raw"),
+        (&["audit", "verify", "--all"], "--all"),
+        (&["send", "--wait", "soon", "hi"], "soon"),
+        (&["frobnicate"], "frobnicate"),
+        (&["changes", "approve"], "<ID>"),
+        (&["send"], "<TEXT>"),
+    ] {
+        let out = ironclaw(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert!(
+            text(&out.stderr).contains(says),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn completion_scripts_and_a_man_page_are_printed_on_request() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef ironclaw"),
+        ("fish", "complete -c ironclaw"),
+    ] {
+        let out = ironclaw(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        let script = text(&out.stdout);
+        assert!(script.contains(marker), "{shell}: {script}");
+        assert!(
+            script.contains("approve"),
+            "{shell}: the commands are in it"
+        );
+    }
+    let man = ironclaw(&["manpage"]);
+    assert_eq!(man.status.code(), Some(0));
+    assert!(text(&man.stdout).contains(".TH ironclaw 1"));
+}
+
+/// Runs `ironclaw args` with its stdout a pipe whose reading end is already closed, as
+/// when `| head -1` has read what it wanted.
+fn into_closed_pipe(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(ironclaw_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s");
+    let state = state.to_str().unwrap();
+    assert!(ironclaw(&["init", "--state-dir", state]).status.success());
+    for args in [
+        &["--help"][..],
+        &["audit", "export", "--state-dir", state],
+        &["completions", "bash"],
+        &["doctor", "--state-dir", state],
+    ] {
+        let out = into_closed_pipe(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(out.stderr.is_empty(), "{args:?}: {}", text(&out.stderr));
+    }
+}
