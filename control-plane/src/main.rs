@@ -267,6 +267,8 @@ fn serve(state: &StateDir, config: Option<PathBuf>) -> CliResult {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+    // One serve per state directory, taken before anything is read or bound.
+    let _lock = state.lock_for_serve().map_err(|e| chain(&e))?;
     let config_path = config.unwrap_or_else(|| state.config());
     let text = Config::read_text(&config_path).map_err(|e| chain(&e))?;
     let master = state.load_master_key().map_err(|e| chain(&e))?;

@@ -7,6 +7,7 @@
 //!                         it as the credential `master-key`
 //! <state>/control.db      the control store (SQLCipher)
 //! <state>/run/admin.sock  the local admin socket (0600)
+//! <state>/serve.lock      locked by the one `serve` of this directory; holds its pid
 //! ```
 
 use std::fs;
@@ -53,8 +54,29 @@ pub enum StateError {
     ExposedKey { path: PathBuf, mode: u32 },
     #[error("no randomness for a new master key")]
     Random,
+    #[error(
+        "another `ironclaw serve` ({}) is already running with the state directory {root}; stop it first",
+        pid.map_or("pid unknown".to_owned(), |p| format!("pid {p}"))
+    )]
+    Busy { root: PathBuf, pid: Option<u32> },
+    #[error("locking {path} failed")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// A state directory taken by one `serve` (see [`StateDir::lock_for_serve`]).
+#[derive(Debug)]
+pub struct ServeLock {
+    _file: fs::File,
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// Paths inside one state directory.
@@ -74,6 +96,63 @@ impl StateDir {
     pub fn config(&self) -> PathBuf {
         self.root.join("config.toml")
     }
+    /// Locked by the one `serve` of this state directory for its whole life.
+    pub fn serve_lock(&self) -> PathBuf {
+        self.root.join("serve.lock")
+    }
+
+    /// Takes this state directory for one `serve`: an exclusive lock on
+    /// [`serve_lock`](Self::serve_lock), held until the returned guard is dropped (or
+    /// the process ends, however it ends), with the pid written into it. A second
+    /// `serve` is refused before it touches anything, the first one's admin socket
+    /// included.
+    pub fn lock_for_serve(&self) -> Result<ServeLock, StateError> {
+        let path = self.serve_lock();
+        let failed = |source| StateError::Lock {
+            path: path.clone(),
+            source,
+        };
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(failed)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StateError::Busy {
+                    root: self.root.clone(),
+                    pid: read_pid(&path),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(failed(e)),
+        }
+        file.set_len(0)
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .map_err(failed)?;
+        Ok(ServeLock { _file: file })
+    }
+
+    /// The pid of the `serve` running with this state directory, if one is (0 if its
+    /// pid cannot be read); `Err` when that cannot be told (this user cannot open the
+    /// lock file).
+    pub fn serve_pid(&self) -> std::io::Result<Option<u32>> {
+        let path = self.serve_lock();
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match file.try_lock_shared() {
+            Ok(()) => Ok(None),
+            Err(fs::TryLockError::WouldBlock) => Ok(read_pid(&path).or(Some(0))),
+            Err(fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
     pub fn master_key(&self) -> PathBuf {
         self.root.join("master.key")
     }

@@ -146,3 +146,34 @@ fn a_closed_pipe_ends_a_command_quietly() {
         assert!(out.stderr.is_empty(), "{args:?}: {}", text(&out.stderr));
     }
 }
+
+#[test]
+fn a_second_serve_on_the_same_state_directory_is_refused_and_harms_nothing() {
+    let mut s = tests::service::Serve::init(
+        "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n",
+    );
+    s.start();
+    let second = Command::new("timeout")
+        .arg("30")
+        .arg(ironclaw_bin())
+        .args(["serve", "--state-dir"])
+        .arg(&s.state)
+        .env("IRONCLAW_AGENT_BIN", tests::service::agent_bin())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = text(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{said}");
+    let pid = s.pid().unwrap();
+    assert!(
+        said.contains("already running") && said.contains(&format!("pid {pid}")),
+        "{said}"
+    );
+    // The first one's admin socket is still there and answers.
+    assert!(s.state.join("run/admin.sock").exists());
+    assert_eq!(s.send("console", "still here?", 60).unwrap().0, "answered");
+    // Once it stops, the directory can be served again.
+    s.stop();
+    s.start();
+    assert_eq!(s.send("console", "back", 60).unwrap().0, "answered");
+}
