@@ -70,6 +70,8 @@ pub enum Request {
     },
     /// The version in force, and how many sessions and pending change requests there are.
     Health,
+    /// The service at a glance (`ironclaw status`).
+    Status,
     /// At most `limit` audit entries after sequence number `after`, oldest first.
     AuditPage {
         after: i64,
@@ -111,6 +113,7 @@ pub enum Response {
         pending_changes: u64,
     },
     Audit(Vec<crate::audit::Entry>),
+    Status(Box<crate::service::Status>),
     Error(Failure),
 }
 
@@ -428,6 +431,10 @@ pub(crate) async fn handle(
                 sessions: h.sessions,
                 pending_changes: h.pending_changes,
             },
+            Err(e) => Response::Error(Failure::from(&e)),
+        },
+        Request::Status => match service.status() {
+            Ok(s) => Response::Status(Box::new(s)),
             Err(e) => Response::Error(Failure::from(&e)),
         },
         Request::AuditPage { after, limit } => {

@@ -24,6 +24,7 @@ pub mod config;
 pub mod doctor;
 pub mod gateway;
 pub mod http;
+pub mod logging;
 pub mod model;
 pub mod operator;
 pub mod proxy;

@@ -53,6 +53,13 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Is serve running, with which configuration, model and channels; sessions, live
+    /// sandboxes, pending changes and the last warning (exit 1 when serve is not running)
+    Status {
+        /// Print the status as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Send a message to a session as the console and print the replies
     Send {
         /// The session to talk to
@@ -187,6 +194,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Init => init(&state),
         Cmd::Serve { config } => serve(&state, config),
+        Cmd::Status { json } => status(&state, json),
         Cmd::Send {
             session,
             wait,
@@ -260,13 +268,7 @@ fn init(state: &StateDir) -> CliResult {
 }
 
 fn serve(state: &StateDir, config: Option<PathBuf>) -> CliResult {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("IRONCLAW_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    control_plane::logging::init();
     // One serve per state directory, taken before anything is read or bound.
     let _lock = state.lock_for_serve().map_err(|e| chain(&e))?;
     let config_path = config.unwrap_or_else(|| state.config());
@@ -297,7 +299,18 @@ async fn run(
     if let Some(cfg) = &service.config().admin_api {
         tasks.push(control_plane::admin_api::start(service.clone(), cfg));
     }
-    tracing::info!(state_dir = %state.root.display(), admin_socket = %state.admin_socket().display(), "serving");
+    match service.status() {
+        Ok(s) => tracing::info!(
+            release = %s.release,
+            config_version = s.config_version,
+            model = %s.model,
+            channels = %s.channels.join(","),
+            state_dir = %state.root.display(),
+            admin_socket = %state.admin_socket().display(),
+            "serving"
+        ),
+        Err(e) => tracing::warn!(error = %chain(&e), "serving, but the store could not be read"),
+    }
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -361,6 +374,88 @@ fn send(state: &StateDir, session: &str, wait: u64, raw: bool, text: &[String]) 
         Response::Error(e) => Err(e.into()),
         _ => Err("unexpected answer from the service".into()),
     }
+}
+
+fn status(state: &StateDir, json: bool) -> CliResult {
+    let dir = state.root.display();
+    let not_running = || {
+        eprintln!("ironclaw: serve is not running with the state directory {dir}");
+        eprintln!("start it with: ironclaw serve --state-dir {dir}");
+        Ok(ExitCode::FAILURE)
+    };
+    match state.serve_pid() {
+        Ok(None) if !state.admin_socket().exists() => return not_running(),
+        Ok(_) => {}
+        // The lock is root's: whether serve runs is asked of its socket instead.
+        Err(e) if !state.admin_socket().exists() => {
+            return Err(format!(
+                "cannot tell whether serve runs: {}: {e} (run as root, or as an operator of this state directory)",
+                state.serve_lock().display()
+            )
+            .into());
+        }
+        Err(_) => {}
+    }
+    let answer = match admin::request(
+        &state.admin_socket(),
+        &Request::Status,
+        Duration::from_secs(30),
+    ) {
+        Ok(a) => a,
+        Err(admin::AdminError::Connect { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return not_running();
+        }
+        Err(e) => return Err(chain(&e).into()),
+    };
+    let s = match answer {
+        Response::Status(s) => s,
+        Response::Error(e) => return Err(e.into()),
+        _ => return Err(unexpected()),
+    };
+    if json {
+        out!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let up = control_plane::state::now_secs() - s.started_at;
+    out!(
+        "serve         running, pid {}, up {} (ironclaw {})",
+        s.pid,
+        span(up),
+        s.release
+    );
+    out!("state         {dir}");
+    out!("config        version {} in force", s.config_version);
+    out!("model         {}", printable(&s.model));
+    out!("channels      {}", s.channels.join(", "));
+    out!(
+        "sessions      {} ({} sandboxes running, at most {})",
+        s.sessions,
+        s.sandboxes_live,
+        s.max_live
+    );
+    if s.pending_changes == 0 {
+        out!("changes       none pending");
+    } else {
+        out!(
+            "changes       {} pending: ironclaw changes list",
+            s.pending_changes
+        );
+    }
+    match &s.last_warning {
+        None => out!("last warning  none since it started"),
+        Some(w) => out!(
+            "last warning  {}: {} {}",
+            when(w.at),
+            w.level,
+            printable(&w.text)
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn sessions_list(state: &StateDir, json: bool) -> CliResult {

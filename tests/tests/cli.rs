@@ -177,3 +177,81 @@ fn a_second_serve_on_the_same_state_directory_is_refused_and_harms_nothing() {
     s.start();
     assert_eq!(s.send("console", "back", 60).unwrap().0, "answered");
 }
+
+#[test]
+fn status_says_whether_serve_runs_what_it_runs_and_its_last_warning() {
+    let mut s = tests::service::Serve::init(
+        "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\nmax_live = 7\n",
+    );
+    let state = s.state.to_str().unwrap().to_owned();
+    let out = ironclaw(&["status", "--state-dir", &state]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("serve is not running")
+            && text(&out.stderr).contains("ironclaw serve --state-dir"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    s.start();
+    assert_eq!(s.send("console", "hello", 60).unwrap().0, "answered");
+    let out = ironclaw(&["status", "--state-dir", &state]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    let pid = s.pid().unwrap();
+    for line in [
+        format!("running, pid {pid}"),
+        "version 1 in force".into(),
+        "model         demo".into(),
+        "channels      console".into(),
+        "sessions      1 (1 sandboxes running, at most 7)".into(),
+        "changes       none pending".into(),
+        "last warning  none".into(),
+    ] {
+        assert!(shown.contains(&line), "{line:?} in:\n{shown}");
+    }
+    // A warning the operator should see: a configuration file that no longer parses.
+    let config = s.state.join("config.toml");
+    std::fs::write(&config, "[model\n").unwrap();
+    s.hup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        let out = ironclaw(&["status", "--json", "--state-dir", &state]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if !v["last_warning"].is_null() || std::time::Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(status["last_warning"]["level"], "WARN", "{status:#}");
+    assert_eq!(status["pid"], pid);
+    s.stop();
+    let out = ironclaw(&["status", "--state-dir", &state]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+}
+
+#[test]
+fn serve_logs_json_lines_on_request_starting_with_what_it_runs() {
+    let mut s = tests::service::Serve::init(
+        "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n",
+    );
+    s.env.push(("IRONCLAW_LOG_FORMAT".into(), "json".into()));
+    s.start();
+    assert_eq!(s.send("console", "hello", 60).unwrap().0, "answered");
+    s.stop();
+    let log = s.log_text();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    let serving = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "serving")
+        .unwrap_or_else(|| panic!("no serving line in:\n{log}"));
+    let fields = &serving["fields"];
+    assert_eq!(fields["release"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(fields["config_version"], 1);
+    assert_eq!(fields["model"], "demo");
+    assert_eq!(fields["channels"], "console");
+    assert_eq!(serving["level"], "INFO");
+}

@@ -22,7 +22,62 @@ pub struct Health {
     pub pending_changes: u64,
 }
 
+/// What `ironclaw status` shows of a running service.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// The `ironclaw` release.
+    pub release: String,
+    pub pid: u32,
+    /// Unix seconds.
+    pub started_at: i64,
+    /// The approved configuration version in force.
+    pub config_version: u64,
+    /// The provider, and the model if one is named.
+    pub model: String,
+    /// The channels and interfaces listening: `console`, `telegram`, `bridge`, `admin_api`.
+    pub channels: Vec<String>,
+    pub sessions: u64,
+    pub sandboxes_live: u64,
+    pub max_live: u64,
+    pub pending_changes: u64,
+    pub last_warning: Option<crate::logging::Warning>,
+}
+
 impl Service {
+    /// The service at a glance, for `ironclaw status`.
+    pub fn status(&self) -> Result<Status, ServiceError> {
+        let health = self.health()?;
+        let config = self.config();
+        let provider = format!("{:?}", config.model.provider).to_lowercase();
+        let model = match &config.model.model {
+            Some(m) => format!("{provider} {m}"),
+            None => provider,
+        };
+        let mut channels = vec!["console".to_owned()];
+        channels.extend(
+            config
+                .channels
+                .telegram
+                .as_ref()
+                .map(|_| "telegram".to_owned()),
+        );
+        channels.extend(config.channels.bridge.as_ref().map(|_| "bridge".to_owned()));
+        channels.extend(config.admin_api.as_ref().map(|_| "admin_api".to_owned()));
+        Ok(Status {
+            release: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            started_at: self.started_at,
+            config_version: health.version,
+            model,
+            channels,
+            sessions: health.sessions,
+            sandboxes_live: self.manager.live() as u64,
+            max_live: config.sandbox.max_live as u64,
+            pending_changes: health.pending_changes,
+            last_warning: crate::logging::last_warning(),
+        })
+    }
+
     /// The stored value of cursor `name` (a channel's offset).
     pub fn cursor(&self, name: &str) -> Result<Option<String>, ServiceError> {
         Ok(self.db(|s| s.cursor(name))?)

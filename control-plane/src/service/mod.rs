@@ -44,6 +44,7 @@ use crate::store::usage;
 use crate::store::{Store, StoreError};
 
 mod calls;
+pub use calls::Status;
 mod gate;
 pub use gate::{Effective, telegram_may_approve};
 
@@ -181,6 +182,8 @@ pub struct Service {
     master: MasterKey,
     store: std::sync::Mutex<Store>,
     manager: Arc<Manager>,
+    /// When this service started, in Unix seconds.
+    started_at: i64,
     provider: std::sync::RwLock<Arc<AnyProvider>>,
     limits: ProxyLimits,
     /// Change requests per agent per minute.
@@ -328,6 +331,7 @@ impl Service {
             master,
             store: std::sync::Mutex::new(store),
             manager,
+            started_at: now_secs(),
             provider: std::sync::RwLock::new(provider),
             limits: ProxyLimits::default(),
             rate: std::sync::Mutex::new(RateLimit::default()),
