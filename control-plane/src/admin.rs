@@ -390,24 +390,21 @@ pub(crate) async fn handle(
             Ok(c) => Response::Changes(c),
             Err(e) => Response::Error(Failure::from(&e)),
         },
-        Request::ChangesShow { id } => match service.change(&id) {
-            Ok(Some(detail)) => Response::Change {
-                // A request denied before it could be built holds the raw value asked
-                // for, not a configuration: shown as it is.
-                diff: if detail.after.parse::<toml::Table>().is_ok() {
-                    gateway::diff::diff(&detail.before, &detail.after)
-                } else {
-                    format!(
-                        "(not a configuration; the value asked for)\n{}\n",
-                        detail.after
-                    )
-                },
-                detail: Box::new(detail),
+        Request::ChangesShow { id } => match service.change_ids(&id) {
+            // A unique beginning names the request; the answer carries its full id, and
+            // a decision names that and the hash of the text shown.
+            Ok(ids) if ids.len() > 1 => Response::Error(Failure::bad(format!(
+                "{id:?} is the beginning of several change requests: {}",
+                ids.join(", ")
+            ))),
+            Ok(ids) => match ids.first().map(|full| service.change(full)).transpose() {
+                Ok(Some(Some(detail))) => change_shown(detail),
+                Ok(_) => Response::Error(Failure::new(
+                    FailureKind::NotFound,
+                    format!("no change request {id:?}"),
+                )),
+                Err(e) => Response::Error(Failure::from(&e)),
             },
-            Ok(None) => Response::Error(Failure::new(
-                FailureKind::NotFound,
-                format!("no change request {id:?}"),
-            )),
             Err(e) => Response::Error(Failure::from(&e)),
         },
         Request::ChangesPropose { text, reason } => match service.propose(&peer, &text, &reason) {
@@ -446,6 +443,23 @@ pub(crate) async fn handle(
         }
     };
     (answer, Ack::none())
+}
+
+/// A change request as `changes show` prints it, with its diff.
+fn change_shown(detail: ChangeDetail) -> Response {
+    Response::Change {
+        // A request denied before it could be built holds the raw value asked for, not
+        // a configuration: shown as it is.
+        diff: if detail.after.parse::<toml::Table>().is_ok() {
+            gateway::diff::diff(&detail.before, &detail.after)
+        } else {
+            format!(
+                "(not a configuration; the value asked for)\n{}\n",
+                detail.after
+            )
+        },
+        detail: Box::new(detail),
+    }
 }
 
 fn decided(d: Decided) -> Response {

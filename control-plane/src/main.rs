@@ -649,19 +649,20 @@ fn changes_list(state: &StateDir, all: bool, json: bool) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints a change request in full; returns the hash of the text shown.
+/// Prints the change request `id` names (its id, or a unique beginning of it) in full;
+/// returns its full id and the hash of the text shown.
 fn changes_show(
     state: &StateDir,
     id: &str,
     json: bool,
-) -> Result<String, Box<dyn std::error::Error>> {
+) -> Result<(String, String), Box<dyn std::error::Error>> {
     let req = Request::ChangesShow { id: id.into() };
     let Response::Change { detail, diff } = ask(state, &req, Duration::from_secs(30))? else {
         return Err(unexpected());
     };
     if json {
         out!("{}", serde_json::to_string_pretty(&detail)?);
-        return Ok(detail.after_hash);
+        return Ok((detail.summary.id.clone(), detail.after_hash));
     }
     let c = &detail.summary;
     out!("change request {}", c.id);
@@ -690,7 +691,7 @@ fn changes_show(
     out!("  sha256      {}", detail.after_hash);
     out!("the exact change:");
     write_all(printable(&diff).as_bytes())?;
-    Ok(detail.after_hash)
+    Ok((c.id.clone(), detail.after_hash.clone()))
 }
 
 fn changes_propose(state: &StateDir, file: &Path, reason: Option<&str>) -> CliResult {
@@ -725,9 +726,10 @@ fn changes_propose(state: &StateDir, file: &Path, reason: Option<&str>) -> CliRe
 
 fn changes_decide(state: &StateDir, id: &str, approve: bool) -> CliResult {
     // What is decided is exactly what was just shown: the service checks the hash.
-    let hash = changes_show(state, id, false)?;
+    // A beginning of the id is resolved once, by `show`; the decision names the full id.
+    let (id, hash) = changes_show(state, id, false)?;
     let req = Request::ChangesDecide {
-        id: id.into(),
+        id,
         approve,
         hash: Some(hash),
     };

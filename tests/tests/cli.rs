@@ -255,3 +255,58 @@ fn serve_logs_json_lines_on_request_starting_with_what_it_runs() {
     assert_eq!(fields["channels"], "console");
     assert_eq!(serving["level"], "INFO");
 }
+
+#[test]
+fn a_unique_beginning_of_a_change_id_names_it_and_the_decision_names_it_whole() {
+    let mut s = tests::service::Serve::init(control_plane::config::DEFAULT_CONFIG);
+    s.start();
+    let state = s.state.to_str().unwrap().to_owned();
+    let config = s.state.join("config.toml");
+    let file = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, file.replace("max_live = 32", "max_live = 8")).unwrap();
+    s.hup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let id = loop {
+        if let Some(c) = s.changes(false).into_iter().next() {
+            break c.id;
+        }
+        assert!(std::time::Instant::now() < deadline, "no drift request");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let prefix = &id[..6];
+    let out = ironclaw(&["changes", "show", prefix, "--state-dir", &state]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with(&format!("change request {id}\n")));
+    // Too short to name anything.
+    let out = ironclaw(&["changes", "show", &id[..2], "--state-dir", &state]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    // A beginning two requests share names neither.
+    let twin = format!(
+        "{prefix}{}",
+        if id.ends_with('0') { "1" } else { "0" }.repeat(id.len() - 6)
+    );
+    let conn = s.store();
+    conn.execute_batch(&format!(
+        "CREATE TEMP TABLE twin AS SELECT * FROM changes WHERE id = '{id}';
+         UPDATE twin SET id = '{twin}';
+         INSERT INTO changes SELECT * FROM twin;"
+    ))
+    .unwrap();
+    let out = ironclaw(&["changes", "approve", prefix, "--state-dir", &state]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("several change requests") && said.contains(&twin),
+        "{said}"
+    );
+    conn.execute("DELETE FROM changes WHERE id = ?1", [&twin])
+        .unwrap();
+    // Unique again: approved, by its full id and the hash of the text shown.
+    let out = ironclaw(&["changes", "approve", prefix, "--state-dir", &state]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("configuration version 2 is in force"),
+        "{}",
+        text(&out.stdout)
+    );
+}

@@ -11,6 +11,9 @@ use crate::store::changes::{ChangeDetail, ChangeSummary, Prompt, TurnRow};
 use crate::store::outbound::{Delivered, Outbound};
 use crate::store::state::MessageState;
 
+/// The shortest beginning of a change request's id that may name it.
+const MIN_ID_PREFIX: usize = 4;
+
 /// Chats looked at for each delivery: the ones waiting longest.
 const DUE_HEADS: u32 = 256;
 
@@ -150,6 +153,20 @@ impl Service {
     /// Change requests, newest first: the undecided ones, or all (at most `limit`).
     pub fn changes(&self, all: bool, limit: u32) -> Result<Vec<ChangeSummary>, ServiceError> {
         Ok(self.db(|s| s.changes(all, limit))?)
+    }
+
+    /// The change requests that `given` names: its own id, else every id it begins
+    /// (at least [`MIN_ID_PREFIX`] characters); at most ten.
+    pub fn change_ids(&self, given: &str) -> Result<Vec<String>, ServiceError> {
+        Ok(self.db(|s| {
+            if s.change(given)?.is_some() {
+                return Ok(vec![given.to_owned()]);
+            }
+            if given.len() < MIN_ID_PREFIX {
+                return Ok(Vec::new());
+            }
+            s.change_ids_starting(given, 10)
+        })?)
     }
 
     /// One change request in full.

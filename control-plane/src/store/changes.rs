@@ -394,6 +394,17 @@ impl Store {
         Ok(n as u64)
     }
 
+    /// The ids of change requests that begin with `prefix` (at most `limit`), in order.
+    pub fn change_ids_starting(&self, prefix: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id FROM changes WHERE substr(id, 1, length(?1)) = ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let ids = stmt
+            .query_map(rusqlite::params![prefix, limit], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(ids)
+    }
+
     /// One change request in full.
     pub fn change(&self, id: &str) -> Result<Option<ChangeDetail>, StoreError> {
         let row = self
