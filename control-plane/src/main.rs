@@ -363,6 +363,12 @@ fn send(state: &StateDir, session: &str, wait: u64, raw: bool, text: &[String]) 
                     out!("{}", printable(r));
                 }
             }
+            if state == Some(MessageState::Failed) {
+                eprintln!(
+                    "ironclaw: the message failed (what was printed is a notice, not an answer); `ironclaw status` shows the last warning"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
             if state.is_some_and(MessageState::is_waiting) {
                 eprintln!(
                     "ironclaw: no reply yet; it stays queued and the next `send` to this session prints it"

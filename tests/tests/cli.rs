@@ -310,3 +310,46 @@ fn a_unique_beginning_of_a_change_id_names_it_and_the_decision_names_it_whole() 
         text(&out.stdout)
     );
 }
+
+#[test]
+fn a_model_that_cannot_be_reached_fails_the_message_and_the_log_says_why() {
+    // A port nothing listens on: the connection is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut s = tests::service::Serve::init(&format!(
+        "[model]\nprovider = \"openai\"\nbase_url = \"http://127.0.0.1:{port}\"\nmodel = \"m\"\n\n[sandbox]\nruntime = \"gvisor\"\n"
+    ));
+    s.start();
+    let state = s.state.to_str().unwrap().to_owned();
+    let out = ironclaw(&["send", "--state-dir", &state, "--wait", "120", "hello"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("could not be reached"),
+        "the notice is shown"
+    );
+    assert!(
+        text(&out.stderr).contains("the message failed"),
+        "{}",
+        text(&out.stderr)
+    );
+    let session = s
+        .sessions()
+        .into_iter()
+        .find(|x| x.name == "console")
+        .unwrap();
+    assert_eq!((session.answered, session.failed), (0, 1));
+    let log = s.log_text();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("a model call failed"))
+        .unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(
+        warning.contains(&format!("127.0.0.1:{port}")) && warning.contains("Connection refused"),
+        "{warning}"
+    );
+    let shown = text(&ironclaw(&["status", "--state-dir", &state]).stdout);
+    assert!(shown.contains("a model call failed"), "{shown}");
+}

@@ -252,6 +252,24 @@ pub async fn post_json(
     Err(last)
 }
 
+/// The innermost causes of a failed request, most specific last ("tcp connect error:
+/// Connection refused (os error 111)", "dns error: ...", "invalid peer certificate").
+/// Neither holds a header, so no key can be in it.
+fn innermost(e: &reqwest::Error) -> String {
+    let mut causes: Vec<String> = Vec::new();
+    let mut next: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(c) = next {
+        causes.push(c.to_string());
+        next = c.source();
+    }
+    // Outer causes repeat their inner ones; the last two say what happened.
+    let tail = causes.len().saturating_sub(2);
+    match causes.split_off(tail).join(": ") {
+        s if s.is_empty() => e.to_string(),
+        s => s,
+    }
+}
+
 async fn once(
     client: &reqwest::Client,
     url: &Url,
@@ -269,10 +287,9 @@ async fn once(
     let mut resp = match sent {
         Ok(r) => r,
         Err(e) if e.is_timeout() => return Err(ProviderError::Timeout),
-        Err(_) => {
-            return Err(ProviderError::Unavailable {
-                status: 0,
-                retry_after_secs: None,
+        Err(e) => {
+            return Err(ProviderError::Unreachable {
+                cause: format!("{url}: {}", innermost(&e)),
             });
         }
     };

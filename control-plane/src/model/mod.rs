@@ -21,6 +21,10 @@ use queue_proto::proxy::{ModelRequest, ModelResponse};
 pub enum ProviderError {
     #[error("the provider did not answer in time")]
     Timeout,
+    /// No answer at all: the connection was refused, the name did not resolve, TLS
+    /// failed. `cause` says which, with the address tried.
+    #[error("the provider could not be reached: {cause}")]
+    Unreachable { cause: String },
     #[error("the provider is overloaded or failing (status {status})")]
     Unavailable {
         status: u16,
@@ -37,7 +41,9 @@ impl ProviderError {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            ProviderError::Timeout | ProviderError::Unavailable { .. }
+            ProviderError::Timeout
+                | ProviderError::Unavailable { .. }
+                | ProviderError::Unreachable { .. }
         )
     }
 }

@@ -298,6 +298,10 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
         request.max_tokens = request.max_tokens.min(MAX_TOKENS_PER_CALL);
         let bytes = serde_json::to_vec(&request).map_or(0, |b| b.len() as u64);
         if let Err(e) = self.budget.lock().await.admit(now_ms(), bytes) {
+            self.turn
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .model_failures += 1;
             let failed = SessionEvent::ModelFailed {
                 session: self.session.clone(),
                 reason: e.to_string(),
@@ -329,6 +333,10 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
             };
             budget.lock().await.record_tokens(now_ms(), tokens);
             // Counted before the agent sees the answer, so in the turn it belongs to.
+            if result.is_err() {
+                let mut t = turn.lock().unwrap_or_else(|p| p.into_inner());
+                t.model_failures = t.model_failures.saturating_add(1);
+            }
             if let Ok(r) = &result {
                 let mut t = turn.lock().unwrap_or_else(|p| p.into_inner());
                 t.model_calls += 1;

@@ -15,9 +15,18 @@ pub struct TurnSummary {
     pub refusals: u32,
     pub replies: u32,
     pub change_requests: u32,
+    /// Model calls that failed (refused by the budget, or the provider failed).
+    #[serde(default)]
+    pub model_failures: u32,
 }
 
 impl TurnSummary {
+    /// Whether the model could not be used in this turn at all: every call failed.
+    /// What the agent then replies is a failure notice, whatever it says it is.
+    pub fn model_failed(&self) -> bool {
+        self.model_failures > 0 && self.model_calls == 0
+    }
+
     /// Adds what an outbox segment's own items did: its replies and change requests.
     pub fn add_items(&mut self, items: &[OutboxItem]) {
         for item in items {
@@ -43,5 +52,6 @@ impl TurnSummary {
         self.refusals = self.refusals.saturating_add(earlier.refusals);
         self.replies = self.replies.saturating_add(earlier.replies);
         self.change_requests = self.change_requests.saturating_add(earlier.change_requests);
+        self.model_failures = self.model_failures.saturating_add(earlier.model_failures);
     }
 }

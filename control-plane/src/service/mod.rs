@@ -818,6 +818,8 @@ impl Service {
                     "input_tokens": input_tokens, "output_tokens": output_tokens, "bytes": bytes_sent }));
             }
             SessionEvent::ModelFailed { session, reason } => {
+                tracing::warn!(session = %session, cause = %reason,
+                    "a model call failed; check [model] (provider, base_url, model, api_key_file) and that the provider answers");
                 self.audit(
                     AuditEvent::ModelFailed,
                     json!({ "session": session.as_str(), "reason": reason }),

@@ -125,6 +125,13 @@ impl Store {
             ],
         )?;
         let mut answered_here: Vec<i64> = Vec::new();
+        // A turn in which the model could not be used answers with a failure notice:
+        // the message it answers failed, as the proxy saw, whatever the reply says.
+        let (settled, reason) = if turn.model_failed() {
+            (MessageState::Failed, Some("the model could not be used"))
+        } else {
+            (MessageState::Answered, None)
+        };
         let mut queued = queued_replies(&tx, session)?;
         for item in items {
             match item {
@@ -149,7 +156,9 @@ impl Store {
                         Some(MessageState::Published) => true,
                         // More than one reply to a message within one segment is fine;
                         // a later segment answering it again is a re-run, not news.
-                        Some(MessageState::Answered) => answered_here.contains(&id),
+                        Some(MessageState::Answered | MessageState::Failed) => {
+                            answered_here.contains(&id)
+                        }
                         _ => false,
                     };
                     if !deliver {
@@ -165,8 +174,8 @@ impl Store {
                         continue;
                     }
                     tx.execute(
-                        "UPDATE messages SET state = ?2, text = '' WHERE id = ?1",
-                        params![id, MessageState::Answered],
+                        "UPDATE messages SET state = ?2, text = '', reason = ?3 WHERE id = ?1",
+                        params![id, settled, reason],
                     )?;
                     answered_here.push(id);
                     queue_outbound(
