@@ -524,7 +524,7 @@ pub const DEFAULT_CONFIG: &str = r#"# IronClaw configuration (bootstrap). See RE
 #   api_key_file = "/etc/ironclaw/model.key"   # mode 0600; never enters a sandbox
 # For an OpenAI-compatible server such as Ollama:
 #   provider = "openai"
-#   base_url = "http://127.0.0.1:11434"         # plain HTTP only on loopback
+#   base_url = "http://127.0.0.1:11434"         # plain HTTP only to loopback or a Tailscale address
 #   model = "llama3.1"
 provider = "demo"
 

@@ -15,7 +15,9 @@ pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 
 /// An endpoint the control plane may call (a model provider, the Telegram Bot API),
 /// built only through [`ApprovedEndpoint::parse`], which is the endpoint rule: HTTPS to a
-/// DNS name, or HTTP or HTTPS to loopback (a local Ollama or llama.cpp server). The
+/// DNS name, or HTTP or HTTPS to loopback (a local Ollama or llama.cpp server) or to a
+/// Tailscale address (an Ollama on another machine of the tailnet, which WireGuard
+/// reaches encrypted and authenticated). The
 /// configuration check, the gateway's policy and `doctor` all ask it, so what a file may
 /// hold and what a change request may ask for are the same. The agent never supplies one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,9 +30,13 @@ pub enum EndpointError {
     NotAUrl(String),
     #[error("{0} carries credentials, a query or a fragment")]
     Extras(String),
-    #[error("{0} is an IP address, not a host name")]
+    #[error(
+        "{0} is an IP address, not a host name: away from loopback and Tailscale addresses an endpoint is named by the host name its certificate is checked against"
+    )]
     IpLiteral(String),
-    #[error("{0} is neither HTTPS nor a loopback address")]
+    #[error(
+        "{0} is plain HTTP to a host that is neither loopback nor a Tailscale address: plain HTTP is allowed only to loopback (127.0.0.1, ::1, localhost) and to Tailscale addresses (100.64.0.0/10, fd7a:115c:a1e0::/48), whose traffic WireGuard encrypts; use https:// with a host name otherwise"
+    )]
     NotHttps(String),
 }
 
@@ -41,6 +47,16 @@ fn is_loopback(url: &Url) -> bool {
         Some(url::Host::Ipv6(a)) => a.is_loopback(),
         Some(url::Host::Domain(d)) => d == "localhost",
         None => false,
+    }
+}
+
+/// Whether `url`'s host is a Tailscale address. Names are not taken (`*.ts.net`): the
+/// DNS that resolves them is not the tunnel's to vouch for.
+fn is_tailnet(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(a)) => crate::tailnet::in_tailnet(a.into()),
+        Some(url::Host::Ipv6(a)) => crate::tailnet::in_tailnet(a.into()),
+        _ => false,
     }
 }
 
@@ -57,22 +73,28 @@ impl ApprovedEndpoint {
         {
             return Err(EndpointError::Extras(base.into()));
         }
-        let loopback = is_loopback(&url);
+        let inside = is_loopback(&url) || is_tailnet(&url);
         match url.scheme() {
             "https" => {}
-            "http" if loopback => {}
+            "http" if inside => {}
             _ => return Err(EndpointError::NotHttps(base.into())),
         }
-        if !loopback && matches!(url.host(), Some(url::Host::Ipv4(_) | url::Host::Ipv6(_))) {
+        if !inside && matches!(url.host(), Some(url::Host::Ipv4(_) | url::Host::Ipv6(_))) {
             return Err(EndpointError::IpLiteral(base.into()));
         }
         Ok(ApprovedEndpoint(url))
     }
 
-    /// The base URL joined with a fixed API path.
+    /// The base URL joined with a fixed API path. A base that already ends in the
+    /// path's version (`http://127.0.0.1:11434/v1`, as Ollama's documentation writes
+    /// it) is not given it twice.
     pub fn join(&self, path: &str) -> Url {
         let mut url = self.0.clone();
         let base = url.path().trim_end_matches('/').to_owned();
+        let path = match path.strip_prefix("/v1/") {
+            Some(rest) if base.ends_with("/v1") => format!("/{rest}"),
+            _ => path.to_owned(),
+        };
         url.set_path(&format!("{base}{path}"));
         url
     }
@@ -338,7 +360,12 @@ pub(crate) mod tests {
 
     /// The endpoint rule's answer for each kind of endpoint; `doctor`'s tests hold the
     /// configuration check, the policy and doctor to the same table.
-    pub(crate) const ENDPOINTS: [(&str, Result<(), &str>); 18] = [
+    pub(crate) const ENDPOINTS: [(&str, Result<(), &str>); 23] = [
+        ("http://100.101.102.103:11434", Ok(())),
+        ("http://[fd7a:115c:a1e0::7]:11434/v1", Ok(())),
+        ("https://100.64.0.1", Ok(())),
+        ("http://100.128.0.1:11434", Err("not_https")),
+        ("http://ollama.tail1234.ts.net:11434", Err("not_https")),
         ("https://api.anthropic.com", Ok(())),
         ("https://api.example.com/v1/", Ok(())),
         ("http://127.0.0.1:11434", Ok(())),
@@ -366,6 +393,35 @@ pub(crate) mod tests {
             EndpointError::Extras(_) => "extras",
             EndpointError::IpLiteral(_) => "ip_literal",
             EndpointError::NotHttps(_) => "not_https",
+        }
+    }
+
+    #[test]
+    fn a_base_ending_in_the_version_is_not_given_it_twice() {
+        for (base, want) in [
+            (
+                "http://127.0.0.1:11434",
+                "http://127.0.0.1:11434/v1/chat/completions",
+            ),
+            (
+                "http://127.0.0.1:11434/v1",
+                "http://127.0.0.1:11434/v1/chat/completions",
+            ),
+            (
+                "http://127.0.0.1:11434/v1/",
+                "http://127.0.0.1:11434/v1/chat/completions",
+            ),
+            (
+                "https://api.example.com/openai",
+                "https://api.example.com/openai/v1/chat/completions",
+            ),
+            (
+                "https://api.example.com/v10",
+                "https://api.example.com/v10/v1/chat/completions",
+            ),
+        ] {
+            let e = ApprovedEndpoint::parse(base).unwrap();
+            assert_eq!(e.join("/v1/chat/completions").as_str(), want, "{base}");
         }
     }
 
