@@ -18,6 +18,17 @@ pub async fn start_echo_model() -> FakeHttp {
     FakeHttp::serve(handler).await
 }
 
+/// Starts the fake model, answering each call only after `delay` (a slow model).
+pub async fn start_slow_echo_model(delay: std::time::Duration) -> FakeHttp {
+    let handler: Handler = Arc::new(move |req| {
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            answer(&req.json())
+        })
+    });
+    FakeHttp::serve(handler).await
+}
+
 fn answer(body: &Value) -> Scripted {
     let messages = body["messages"].as_array().cloned().unwrap_or_default();
     let last = messages.last().cloned().unwrap_or(Value::Null);

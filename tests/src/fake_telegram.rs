@@ -38,6 +38,8 @@ struct State {
     edits: Vec<(i64, i64, String, bool)>,
     /// `answerCallbackQuery` calls: (callback query id, text).
     answers: Vec<(String, String)>,
+    /// `sendChatAction` calls: (chat, action).
+    actions: Vec<(i64, String)>,
 }
 
 /// A running fake Telegram.
@@ -133,6 +135,11 @@ impl FakeTelegram {
                 "data": data } })
         });
         qid
+    }
+
+    /// `sendChatAction` calls so far: (chat, action).
+    pub fn actions(&self) -> Vec<(i64, String)> {
+        self.st().actions.clone()
     }
 
     /// Messages sent with inline buttons: (chat, message id, callback data).
@@ -334,6 +341,18 @@ async fn answer(
                 .answers
                 .push((q.to_owned(), text.to_owned()));
             ok(Value::Bool(true))
+        }
+        "sendChatAction" => {
+            match (
+                body.get("chat_id").and_then(Value::as_i64),
+                body.get("action").and_then(Value::as_str),
+            ) {
+                (Some(c), Some(a)) => {
+                    state.lock().expect("state").actions.push((c, a.to_owned()));
+                    ok(Value::Bool(true))
+                }
+                _ => fail(400, "Bad Request: chat_id and action are required", None),
+            }
         }
         _ => fail(404, "Not Found", None),
     }

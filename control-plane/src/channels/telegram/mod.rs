@@ -36,6 +36,8 @@ pub struct Telegram {
     api: api::BotApi,
     poll_timeout: u64,
     refusals: poll::Refusals,
+    /// Chats shown "typing…" now: one loop per chat (see [`poll::show_typing`]).
+    typing: std::sync::Mutex<std::collections::HashSet<i64>>,
 }
 
 impl std::fmt::Debug for Telegram {
@@ -59,6 +61,7 @@ impl Telegram {
             api: api::BotApi::new(endpoint, token),
             poll_timeout: cfg.poll_timeout_secs,
             refusals: poll::Refusals::default(),
+            typing: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
     }
 }

@@ -20,7 +20,7 @@ use crate::channels::naming;
 use crate::service::{Arrival, Service, ServiceError, notice};
 use crate::state::now_secs;
 use crate::store::cursors::Cursor;
-use crate::store::messages::{Inbound, Refusal};
+use crate::store::messages::{Accepted, Inbound, Refusal};
 
 /// Refusals sent to one unknown sender, at most one per this period.
 const REFUSAL_PERIOD: Duration = Duration::from_secs(3600);
@@ -137,6 +137,20 @@ pub async fn poll(service: Arc<Service>, tg: Arc<Telegram>) {
                 tokio::time::sleep(Duration::from_secs(retry_after.unwrap_or(5).min(300))).await;
                 continue;
             }
+            // The token itself is refused: retrying cannot help until it is replaced.
+            Err(CallError::Status {
+                code: 401 | 404, ..
+            }) => {
+                if !failing {
+                    tracing::error!(
+                        "Telegram refused the bot token (401/404): the token in channels.telegram.token_file is wrong or was revoked; get one from @BotFather, write it to that file, and restart serve"
+                    );
+                }
+                failing = true;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
             Err(CallError::Status {
                 code, description, ..
             }) => format!("status {code}: {description}"),
@@ -155,7 +169,7 @@ pub async fn poll(service: Arc<Service>, tg: Arc<Telegram>) {
 /// next offset, `None` for an update to skip, or `Err` if the store failed.
 async fn handle(
     service: &Arc<Service>,
-    tg: &Telegram,
+    tg: &Arc<Telegram>,
     u: &Update,
     offset: i64,
 ) -> Result<Option<i64>, ()> {
@@ -205,7 +219,15 @@ async fn handle(
                 Notice::Never => None,
                 Notice::Always(text) => Some(text),
                 Notice::OncePerPeriod(user) => {
-                    tg.refusals.may_refuse(user).then_some(notice::NOT_ALLOWED)
+                    let first = tg.refusals.may_refuse(user);
+                    if first {
+                        // Once a period per sender: how the owner learns an id to allow.
+                        tracing::warn!(
+                            user,
+                            "refused a Telegram message from user {user}, who is not in channels.telegram.allowed_users; if that is you or your family, add {user} to allowed_users and approve the change"
+                        );
+                    }
+                    first.then_some(notice::NOT_ALLOWED)
                 }
             };
             let chat = chat.map(|c| c.to_string()).unwrap_or_default();
@@ -233,6 +255,10 @@ async fn handle(
         inbound: &inbound,
     };
     match service.receive(arrival, cursor).await {
+        Ok(Accepted::Stored(id)) => {
+            tokio::spawn(show_typing(service.clone(), tg.clone(), chat, id));
+            Ok(Some(update_id + 1))
+        }
         Ok(_) => Ok(Some(update_id + 1)),
         // Not a store failure: this update can never be stored, so it is refused and
         // passed, rather than holding up every update after it.
@@ -252,6 +278,35 @@ async fn handle(
             Err(())
         }
     }
+}
+
+/// How often "typing…" is sent again: Telegram shows it for five seconds.
+const TYPING_EVERY: Duration = Duration::from_secs(4);
+
+/// Shows "typing…" in `chat` while message `id` waits for its answer, for at most the
+/// reply timeout; one loop per chat, however many of its messages wait.
+pub(super) async fn show_typing(service: Arc<Service>, tg: Arc<Telegram>, chat: i64, id: i64) {
+    let lock = || {
+        tg.typing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    if !lock().insert(chat) {
+        return;
+    }
+    let until = tokio::time::Instant::now()
+        + Duration::from_secs(service.config().delivery.reply_timeout_secs);
+    while tokio::time::Instant::now() < until
+        && matches!(service.message_state(id), Ok(Some(s)) if s.is_waiting())
+    {
+        let body = json!({ "chat_id": chat, "action": "typing" });
+        let _ = tg
+            .api
+            .call::<serde_json::Value>("sendChatAction", &body, Duration::from_secs(10), 4096)
+            .await;
+        tokio::time::sleep(TYPING_EVERY).await;
+    }
+    lock().remove(&chat);
 }
 
 /// What becomes of a message update.
