@@ -67,6 +67,9 @@ pub enum Request {
         id: String,
         approve: bool,
         hash: Option<String>,
+        /// A rejection by the request's own requester only (`changes withdraw`).
+        #[serde(default)]
+        withdraw: bool,
     },
     /// The version in force, and how many sessions and pending change requests there are.
     Health,
@@ -411,11 +414,16 @@ pub(crate) async fn handle(
             Ok(filed) => Response::Filed(filed),
             Err(e) => Response::Error(Failure::bad(e)),
         },
-        Request::ChangesDecide { id, approve, hash } => {
-            let decision = if approve {
-                Decision::Approve
-            } else {
-                Decision::Reject
+        Request::ChangesDecide {
+            id,
+            approve,
+            hash,
+            withdraw,
+        } => {
+            let decision = match (approve, withdraw) {
+                (_, true) => Decision::Withdraw,
+                (true, false) => Decision::Approve,
+                (false, false) => Decision::Reject,
             };
             match service.decide(&id, decision, &peer, hash.as_deref()).await {
                 Ok(d) => decided(d),

@@ -371,6 +371,7 @@ async fn route(api: &Api, who: Identity, req: hyper::Request<Incoming>) -> Answe
                     id: (*id).to_owned(),
                     approve,
                     hash: d.hash,
+                    withdraw: false,
                 },
                 Err(e) => return e.answer(),
             }

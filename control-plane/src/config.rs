@@ -301,6 +301,15 @@ pub struct Operators {
     pub tailnet: Vec<String>,
 }
 
+impl Operators {
+    /// Whether the configuration names exactly one operator, who is one person: one
+    /// uid, one Telegram user or one tailnet login (a tag stands for many devices).
+    pub fn sole(&self) -> bool {
+        self.unix_uids.len() + self.telegram.len() + self.tailnet.len() == 1
+            && !self.tailnet.iter().any(|t| t.starts_with("tag:"))
+    }
+}
+
 fn root_only() -> Vec<u32> {
     vec![0]
 }

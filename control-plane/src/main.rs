@@ -150,6 +150,8 @@ enum ChangesCmd {
     Approve { id: String },
     /// Reject the change request
     Reject { id: String },
+    /// Withdraw a change request you proposed yourself
+    Withdraw { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -211,8 +213,9 @@ fn main() -> ExitCode {
         Cmd::Changes(ChangesCmd::Propose { file, reason }) => {
             changes_propose(&state, &file, reason.as_deref())
         }
-        Cmd::Changes(ChangesCmd::Approve { id }) => changes_decide(&state, &id, true),
-        Cmd::Changes(ChangesCmd::Reject { id }) => changes_decide(&state, &id, false),
+        Cmd::Changes(ChangesCmd::Approve { id }) => changes_decide(&state, &id, Verdict::Approve),
+        Cmd::Changes(ChangesCmd::Reject { id }) => changes_decide(&state, &id, Verdict::Reject),
+        Cmd::Changes(ChangesCmd::Withdraw { id }) => changes_decide(&state, &id, Verdict::Withdraw),
         Cmd::Audit(AuditCmd::Verify) => audit_verify(&state),
         Cmd::Audit(AuditCmd::Export) => audit_export(&state),
         Cmd::Doctor { json } => doctor(&state, json),
@@ -712,9 +715,10 @@ fn changes_propose(state: &StateDir, file: &Path, reason: Option<&str>) -> CliRe
     match c.state {
         ChangeState::Pending => {
             out!(
-                "filed {} (risk {:.2}); another operator approves it with: ironclaw changes approve {}",
+                "filed {} (risk {:.2}); approve it with `ironclaw changes approve {}` (another operator does, unless you are the only one), or withdraw it with `ironclaw changes withdraw {}`",
                 c.id,
                 c.risk,
+                c.id,
                 c.id
             );
             Ok(ExitCode::SUCCESS)
@@ -730,14 +734,23 @@ fn changes_propose(state: &StateDir, file: &Path, reason: Option<&str>) -> CliRe
     }
 }
 
-fn changes_decide(state: &StateDir, id: &str, approve: bool) -> CliResult {
+/// What `changes approve`, `reject` and `withdraw` ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Approve,
+    Reject,
+    Withdraw,
+}
+
+fn changes_decide(state: &StateDir, id: &str, verdict: Verdict) -> CliResult {
     // What is decided is exactly what was just shown: the service checks the hash.
     // A beginning of the id is resolved once, by `show`; the decision names the full id.
     let (id, hash) = changes_show(state, id, false)?;
     let req = Request::ChangesDecide {
         id,
-        approve,
+        approve: verdict == Verdict::Approve,
         hash: Some(hash),
+        withdraw: verdict == Verdict::Withdraw,
     };
     let Response::Decided {
         outcome,
@@ -753,7 +766,14 @@ fn changes_decide(state: &StateDir, id: &str, approve: bool) -> CliResult {
             Ok(ExitCode::SUCCESS)
         }
         (Outcome::Rejected, _) => {
-            out!("rejected");
+            out!(
+                "{}",
+                if verdict == Verdict::Withdraw {
+                    "withdrawn"
+                } else {
+                    "rejected"
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         _ => {

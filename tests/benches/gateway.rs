@@ -99,6 +99,7 @@ fn main() {
                 id: newest.id.clone(),
                 approve: true,
                 hash: Some(hash),
+                withdraw: false,
             })
             .unwrap();
         applied.push(t.elapsed());

@@ -248,6 +248,7 @@ impl Serve {
             id: id.into(),
             approve,
             hash: hash.map(str::to_owned),
+            withdraw: false,
         };
         match self.request(&req).expect("changes decide") {
             Response::Decided { outcome, why, .. } => (outcome.as_str().to_owned(), why),

@@ -598,6 +598,7 @@ fn an_edit_after_showing_or_racing_the_approval_never_applies_anything_else() {
                 id: id.clone(),
                 approve: true,
                 hash: Some(shown.after_hash.clone()),
+                withdraw: false,
             };
             let answer = s.request(&req);
             stop.store(true, Ordering::SeqCst);
@@ -1031,4 +1032,79 @@ fn a_change_above_the_telegram_risk_limit_is_never_approved_by_a_button() {
                 .contains("telegram_max_risk")),
         "the refusal is recorded"
     );
+}
+
+/// `ironclaw changes propose` of `config` with the default text edited by `edit`; the
+/// filed request's id.
+fn propose(s: &Serve, edit: &str) -> String {
+    let file = s.state.join("proposed.toml");
+    let text = std::fs::read_to_string(s.state.join("config.toml")).unwrap();
+    std::fs::write(&file, text.replace("max_live = 32", edit)).unwrap();
+    let out = s.cli(&["changes", "propose", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    said.split_whitespace().nth(1).unwrap().to_owned()
+}
+
+#[test]
+fn the_only_operator_applies_their_own_change_and_any_operator_withdraws_theirs() {
+    // The default configuration names one operator, root.
+    let mut s = Serve::init(control_plane::config::DEFAULT_CONFIG);
+    s.start();
+    let id = propose(&s, "max_live = 9");
+    let out = s.cli(&["changes", "approve", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.versions().len(), 2, "applied without a second person");
+    let approved = s.audit_of("change_approved");
+    assert_eq!(approved.last().unwrap()["detail"]["own_request"], true);
+    // A proposal can be withdrawn by the one who made it.
+    let id = propose(&s, "max_live = 10");
+    let out = s.cli(&["changes", "withdraw", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.change(&id).summary.state, ChangeState::Rejected);
+    let rejected = s.audit_of("change_rejected");
+    assert_eq!(rejected.last().unwrap()["detail"]["withdrawn"], true);
+    s.stop();
+
+    // With a second operator named, nobody approves their own request; withdrawing
+    // stays theirs.
+    let two =
+        control_plane::config::DEFAULT_CONFIG.replace("unix_uids = [0]", "unix_uids = [0, 1000]");
+    assert_ne!(two, control_plane::config::DEFAULT_CONFIG);
+    let mut s = Serve::init(&two);
+    s.start();
+    let id = propose(&s, "max_live = 9");
+    let out = s.cli(&["changes", "approve", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("may not approve their own request"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.versions().len(), 1);
+    let out = s.cli(&["changes", "withdraw", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.change(&id).summary.state, ChangeState::Rejected);
+    // Someone else's request (here the file's drift) is rejected, never withdrawn.
+    let drifted = drift(&s, "Be brief.");
+    let out = s.cli(&["changes", "withdraw", &drifted]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only its requester withdraws"));
+    assert_eq!(s.change(&drifted).summary.state, ChangeState::Pending);
 }

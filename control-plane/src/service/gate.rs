@@ -19,7 +19,7 @@ use crate::model::AnyProvider;
 use crate::operator::Identity;
 use crate::state::now_secs;
 use crate::store::changes::{
-    ChangeSummary, ConfigVersion, Decided, Decision, FILE_SEEN, NewChange, seen_key,
+    ChangeSummary, ConfigVersion, Decided, Decision, FILE_SEEN, NewChange, Standing, seen_key,
 };
 use crate::store::cursors::Cursor;
 use crate::store::messages::Refusal;
@@ -299,7 +299,13 @@ impl Service {
         shown_hash: Option<&str>,
     ) -> Result<Decided, ServiceError> {
         let _one_at_a_time = self.applying.lock().await;
-        let operator = by.is_operator(&self.config());
+        let config = self.config();
+        let operator = by.is_operator(&config);
+        let standing = match (operator, config.operators.sole()) {
+            (false, _) => Standing::None,
+            (true, false) => Standing::Operator,
+            (true, true) => Standing::SoleOperator,
+        };
         // Telegram's server says who pressed a button: above the threshold, that word
         // does not carry an approval.
         if decision == Decision::Approve
@@ -339,7 +345,7 @@ impl Service {
                 }
             }
         }
-        let decided = self.db(|s| s.decide(id, decision, by, operator, shown_hash, now_secs()))?;
+        let decided = self.db(|s| s.decide(id, decision, by, standing, shown_hash, now_secs()))?;
         self.prompts.notify_one();
         if let Decided::Applied(version) = &decided {
             // What was applied hashes to what was filed, which is what was built above

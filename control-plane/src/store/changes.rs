@@ -137,10 +137,24 @@ pub enum Decided {
 }
 
 /// An approval or a rejection.
+/// Who is deciding, as the configuration in force sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Not an operator: refused before anything about the request is revealed.
+    None,
+    /// One of several operators: never approves their own request.
+    Operator,
+    /// The only operator the configuration names: may approve their own request, or
+    /// nobody could (with a single operator, every operator request is their own).
+    SoleOperator,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     Approve,
     Reject,
+    /// A rejection by the request's own requester, and by nobody else.
+    Withdraw,
 }
 
 /// An approval prompt for an operator's Telegram chat.
@@ -433,18 +447,21 @@ impl Store {
         Ok(row)
     }
 
-    /// Decides change `id` as `by`. Approval re-checks everything in the same
-    /// transaction that applies it: the request is still pending and not expired, `by`
-    /// is an operator and not the requester, the text is the one shown (`shown_hash`) and
-    /// still hashes to what was filed, it was made from the version in force, and the
-    /// policy still allows it. Any refusal is recorded and changes nothing else.
-    #[allow(clippy::too_many_arguments)]
+    /// Decides change `id` as `by`, whose `standing` the caller read from the
+    /// configuration in force. Approval re-checks everything in the same transaction
+    /// that applies it: the request is still pending and not expired, `by` is an
+    /// operator and not the requester (unless `by` is the only operator there is), the
+    /// text is the one shown (`shown_hash`) and still hashes to what was filed, it was
+    /// made from the version in force, and the policy still allows it. An operator may
+    /// always withdraw (reject) their own request. An agent's request is never its
+    /// requester's to decide: no agent is an operator. Any refusal is recorded and
+    /// changes nothing else.
     pub fn decide(
         &mut self,
         id: &str,
         decision: Decision,
         by: &Identity,
-        operator: bool,
+        standing: Standing,
         shown_hash: Option<&str>,
         now: i64,
     ) -> Result<Decided, StoreError> {
@@ -470,6 +487,7 @@ impl Store {
         let verb = match decision {
             Decision::Approve => "approve",
             Decision::Reject => "reject",
+            Decision::Withdraw => "withdraw",
         };
         let refuse = |tx: rusqlite::Transaction<'_>, why: String| -> Result<Decided, StoreError> {
             audit::append(
@@ -482,7 +500,7 @@ impl Store {
             Ok(Decided::Refused(why))
         };
         // Checked before anything about the request is revealed.
-        if !operator {
+        if standing == Standing::None {
             return refuse(tx, format!("{by_name} is not an operator"));
         }
         let Some((state, requester, expires_at, base, after, filed_hash)) = row else {
@@ -495,14 +513,24 @@ impl Store {
             expire(&tx, id, now)?;
             return refuse(tx, "the request has expired".into());
         }
-        if requester == by_name {
-            return refuse(tx, "the requester may not decide their own request".into());
+        let own = requester == by_name;
+        if decision == Decision::Withdraw && !own {
+            return refuse(
+                tx,
+                "only its requester withdraws a request; reject it instead".into(),
+            );
+        }
+        if own && decision == Decision::Approve && standing != Standing::SoleOperator {
+            return refuse(
+                tx,
+                "the requester may not approve their own request while the configuration names other operators: another operator approves it, or withdraw it with `ironclaw changes withdraw`".into(),
+            );
         }
         // A button carries a prefix of the hash (Telegram's 64-byte limit): 128 bits.
         if shown_hash.is_some_and(|h| h.len() < 32 || !filed_hash.starts_with(h)) {
             return refuse(tx, "the request is not the one that was shown".into());
         }
-        if decision == Decision::Reject {
+        if matches!(decision, Decision::Reject | Decision::Withdraw) {
             tx.execute(
                 "UPDATE changes SET state = ?4, decided_by = ?2, decided_at = ?3 WHERE id = ?1",
                 params![id, by_name, now, ChangeState::Rejected],
@@ -512,7 +540,7 @@ impl Store {
                 &tx,
                 now,
                 AuditEvent::ChangeRejected,
-                &json!({ "change": id, "by": by_name }),
+                &json!({ "change": id, "by": by_name, "withdrawn": own }),
             )?;
             tx.commit()?;
             return Ok(Decided::Rejected);
@@ -570,7 +598,7 @@ impl Store {
             &tx,
             now,
             AuditEvent::ChangeApproved,
-            &json!({ "change": id, "by": by_name, "hash": hash }),
+            &json!({ "change": id, "by": by_name, "hash": hash, "own_request": own }),
         )?;
         audit::append(
             &tx,
@@ -745,13 +773,27 @@ mod tests {
         assert_eq!(detail.before, DEFAULT_CONFIG);
         let stranger = Identity::Unix(1000);
         assert!(matches!(
-            s.decide(&c.id, Decision::Approve, &stranger, false, None, 201)
-                .unwrap(),
+            s.decide(
+                &c.id,
+                Decision::Approve,
+                &stranger,
+                Standing::None,
+                None,
+                201
+            )
+            .unwrap(),
             Decided::Refused(_)
         ));
         assert!(matches!(
-            s.decide(&c.id, Decision::Approve, &OP, true, Some("00"), 201)
-                .unwrap(),
+            s.decide(
+                &c.id,
+                Decision::Approve,
+                &OP,
+                Standing::Operator,
+                Some("00"),
+                201
+            )
+            .unwrap(),
             Decided::Refused(_)
         ));
         // An edit behind the gateway's back: refused, nothing applied.
@@ -762,7 +804,7 @@ mod tests {
             )
             .unwrap();
         assert!(matches!(
-            s.decide(&c.id, Decision::Approve, &OP, true, None, 202)
+            s.decide(&c.id, Decision::Approve, &OP, Standing::Operator, None, 202)
                 .unwrap(),
             Decided::Refused(_)
         ));
@@ -778,7 +820,7 @@ mod tests {
                 &c.id,
                 Decision::Approve,
                 &OP,
-                true,
+                Standing::Operator,
                 Some(&detail.after_hash),
                 203,
             )
@@ -804,7 +846,7 @@ mod tests {
             )
             .unwrap();
         assert!(matches!(
-            s.decide(&c.id, Decision::Approve, &OP, true, None, 204)
+            s.decide(&c.id, Decision::Approve, &OP, Standing::Operator, None, 204)
                 .unwrap(),
             Decided::Refused(_)
         ));
@@ -821,13 +863,13 @@ mod tests {
         let _c = agent_change(&mut s, "three", 200);
         assert_eq!(agent_change(&mut s, "four", 200).state, ChangeState::Denied);
         let Decided::Applied(_) = s
-            .decide(&a.id, Decision::Approve, &OP, true, None, 201)
+            .decide(&a.id, Decision::Approve, &OP, Standing::Operator, None, 201)
             .unwrap()
         else {
             panic!()
         };
         assert!(matches!(
-            s.decide(&b.id, Decision::Approve, &OP, true, None, 202)
+            s.decide(&b.id, Decision::Approve, &OP, Standing::Operator, None, 202)
                 .unwrap(),
             Decided::Refused(_)
         ));
