@@ -72,8 +72,9 @@ enum Cmd {
         /// control and invisible characters are shown escaped)
         #[arg(long)]
         raw: bool,
-        /// The message; `-` reads it from standard input
-        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        /// The message; `-` reads it from standard input (after `--`, words may begin
+        /// with a dash)
+        #[arg(required = true, num_args = 1..)]
         text: Vec<String>,
     },
     /// List, inspect or delete sessions

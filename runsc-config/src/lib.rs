@@ -95,6 +95,9 @@ pub struct SandboxSpec {
     pub uid: u32,
     pub gid: u32,
     pub limits: Limits,
+    /// The control plane instance the sandbox belongs to: lowercase letters, digits
+    /// and dashes, naming the parent of its cgroup (see [`cgroup_path`]).
+    pub instance: String,
 }
 
 /// Errors in a spec that make it impossible to generate.
@@ -108,6 +111,8 @@ pub enum SpecError {
         "proxy socket path {path} is {len} bytes; a unix socket path must be under {SUN_PATH_BYTES}"
     )]
     SocketPathTooLong { path: PathBuf, len: usize },
+    #[error("the instance name {0:?} is not 1 to 32 lowercase letters, digits and dashes")]
+    BadInstance(String),
 }
 
 /// The container id runsc knows this session's sandbox by.
@@ -115,10 +120,12 @@ pub fn container_id(session: &SessionId) -> String {
     format!("ironclaw-{session}")
 }
 
-/// The session's cgroup, relative to each cgroup hierarchy's root. The control plane
-/// makes it, with the limits, before the launch (runsc then joins it as it is).
-pub fn cgroup_path(session: &SessionId) -> String {
-    format!("/ironclaw/{}", container_id(session))
+/// The session's cgroup, relative to each cgroup hierarchy's root, under the parent of
+/// the control plane `instance` it belongs to (a name of its state directory), so two
+/// instances on one host never share or remove each other's. The control plane makes
+/// it, with the limits, before the launch (runsc then joins it as it is).
+pub fn cgroup_path(instance: &str, session: &SessionId) -> String {
+    format!("/ironclaw/{instance}/{}", container_id(session))
 }
 
 /// The host path of the session's proxy socket.
@@ -155,6 +162,15 @@ pub fn oci_config(spec: &SandboxSpec) -> Result<Value, SpecError> {
     let len = sock.as_os_str().len();
     if len >= SUN_PATH_BYTES {
         return Err(SpecError::SocketPathTooLong { path: sock, len });
+    }
+    let i = &spec.instance;
+    if i.is_empty()
+        || i.len() > 32
+        || !i
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(SpecError::BadInstance(i.clone()));
     }
     let l = &spec.limits;
     let no_caps: [&str; 0] = [];
@@ -199,7 +215,7 @@ pub fn oci_config(spec: &SandboxSpec) -> Result<Value, SpecError> {
                 "pids": { "limit": l.pids },
                 "cpu": { "quota": l.cpu_quota_us, "period": l.cpu_period_us }
             },
-            "cgroupsPath": cgroup_path(&spec.session)
+            "cgroupsPath": cgroup_path(&spec.instance, &spec.session)
         }
     }))
 }
@@ -492,7 +508,7 @@ fn check_paths(spec: &SandboxSpec, config: &Value, v: &mut Vec<Violation>) {
     expect(
         "the cgroup path",
         &config["linux"]["cgroupsPath"],
-        cgroup_path(&spec.session),
+        cgroup_path(&spec.instance, &spec.session),
     );
     let mounts = config["mounts"].as_array().cloned().unwrap_or_default();
     for (what, dest, expected) in [
@@ -521,6 +537,7 @@ mod tests {
             uid: 65534,
             gid: 65534,
             limits: Limits::default(),
+            instance: "0123456789ab".into(),
         }
     }
 
@@ -841,6 +858,7 @@ mod tests {
                         inbox_dir: base.join("inbox.d"),
                         outbox_dir: base.join("outbox.d"),
                         socket_dir: PathBuf::from(sock),
+                        instance: "0123456789ab".into(),
                         uid,
                         gid,
                         limits: Limits {

@@ -353,3 +353,24 @@ fn a_model_that_cannot_be_reached_fails_the_message_and_the_log_says_why() {
     let shown = text(&ironclaw(&["status", "--state-dir", &state]).stdout);
     assert!(shown.contains("a model call failed"), "{shown}");
 }
+
+#[test]
+fn send_takes_its_flags_before_or_after_the_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("nowhere");
+    let state = state.to_str().unwrap();
+    // No serve runs there: the answer is "cannot reach", which shows the flag was read
+    // as the state directory and not sent as text.
+    for args in [
+        &["send", "hello", "there", "--state-dir", state][..],
+        &["send", "--state-dir", state, "--", "-v", "is", "a", "word"],
+        &["send", "-", "--state-dir", state],
+    ] {
+        let out = ironclaw(args);
+        let said = text(&out.stderr);
+        assert!(
+            said.contains(&format!("cannot reach the service at {state}")),
+            "{args:?}: {said}"
+        );
+    }
+}

@@ -698,7 +698,7 @@ async fn bombs_end_only_their_own_session() {
     manager.ensure_running(&quiet, &quiet_keys).await.unwrap();
 
     // The bystander runs in the cgroup the control plane made, with its limits.
-    let memory = cgroup("memory", &quiet);
+    let memory = cgroup(&rig.layout, "memory", &quiet);
     assert_eq!(
         std::fs::read_to_string(memory.join("memory.limit_in_bytes"))
             .unwrap()
@@ -706,7 +706,7 @@ async fn bombs_end_only_their_own_session() {
         (192 * 1024 * 1024).to_string()
     );
     assert_eq!(
-        std::fs::read_to_string(cgroup("pids", &quiet).join("pids.max"))
+        std::fs::read_to_string(cgroup(&rig.layout, "pids", &quiet).join("pids.max"))
             .unwrap()
             .trim(),
         "256"
@@ -725,7 +725,7 @@ async fn bombs_end_only_their_own_session() {
         assert_eq!(exit, Exit::KilledByLimit, "{bomb}");
         for controller in ["memory", "pids", "cpu"] {
             assert!(
-                !cgroup(controller, &s).exists(),
+                !cgroup(&rig.layout, controller, &s).exists(),
                 "{bomb}: its cgroup is removed"
             );
         }
@@ -747,10 +747,11 @@ async fn bombs_end_only_their_own_session() {
 }
 
 /// `session`'s cgroup directory under a v1 `controller` (the layout of this machine).
-fn cgroup(controller: &str, session: &SessionId) -> PathBuf {
+fn cgroup(layout: &Layout, controller: &str, session: &SessionId) -> PathBuf {
+    let path = runsc_config::cgroup_path(&layout.instance(), session);
     Path::new("/sys/fs/cgroup")
         .join(controller)
-        .join(runsc_config::cgroup_path(session).trim_start_matches('/'))
+        .join(path.trim_start_matches('/'))
 }
 
 /// An agent that exits with the codes runsc itself gives a sandbox a limit killed is

@@ -9,17 +9,27 @@
 //! sandbox has ended, and removes it.
 //!
 //! Both layouts are handled: cgroup v1, one directory per controller
-//! (`/sys/fs/cgroup/memory/ironclaw/ironclaw-<session>`, likewise `pids` and `cpu`), and
-//! the unified v2 hierarchy (`/sys/fs/cgroup/ironclaw/ironclaw-<session>`).
+//! (`/sys/fs/cgroup/memory/<path>`, likewise `pids` and `cpu`), and the unified v2
+//! hierarchy (`/sys/fs/cgroup/<path>`), where `<path>` is
+//! [`runsc_config::cgroup_path`]. A directory the kernel did not fill with its
+//! controller's files is not a cgroup (a writable tmpfs where a controller is not
+//! mounted): the limits are refused there, never written into plain files.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use queue_proto::ids::SessionId;
-use runsc_config::{Limits, cgroup_path};
+use runsc_config::Limits;
 
-/// The v1 controllers the control plane makes and limits itself.
-const V1_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+/// The v1 controllers the control plane makes and limits itself, each with a file the
+/// kernel puts in every cgroup of that controller.
+const V1_CONTROLLERS: [(&str, &str); 3] = [
+    ("memory", "memory.limit_in_bytes"),
+    ("pids", "pids.max"),
+    ("cpu", "cpu.cfs_quota_us"),
+];
+/// The files the kernel puts in a v2 cgroup with the three controllers enabled.
+const V2_FILES: [&str; 3] = ["memory.max", "pids.max", "cpu.max"];
 
 /// How long removing an emptied cgroup is retried: the kernel refuses while the last
 /// of the sandbox's processes are still leaving it.
@@ -53,8 +63,6 @@ pub struct CgroupError {
 /// The kernel's record of a sandbox's limits, read after it ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Hits {
-    /// Times the memory limit was reached (v1 `memory.failcnt`, v2 `memory.events max`).
-    pub memory_limit: u64,
     /// Processes the kernel's OOM killer killed in the cgroup.
     pub oom_kills: u64,
     /// Forks refused at the pids limit (`pids.events max`).
@@ -62,9 +70,11 @@ pub struct Hits {
 }
 
 impl Hits {
-    /// Whether any limit stopped the sandbox from getting what it asked for.
+    /// Whether a limit stopped the sandbox: something was killed for memory, or a
+    /// thread or process was refused. Reaching the memory limit alone (reclaim, which
+    /// page cache does all the time) is not counted.
     pub fn any(&self) -> bool {
-        self.memory_limit > 0 || self.oom_kills > 0 || self.pids_refused > 0
+        self.oom_kills > 0 || self.pids_refused > 0
     }
 }
 
@@ -92,21 +102,8 @@ impl Cgroups {
         self.version
     }
 
-    /// The directories of `session`'s cgroup: one per controller (v1), or one (v2).
-    fn dirs(&self, session: &SessionId) -> Vec<PathBuf> {
-        match self.version {
-            Version::V1 => V1_CONTROLLERS
-                .iter()
-                .map(|c| self.dir(c, session))
-                .collect(),
-            Version::V2 => vec![self.dir("", session)],
-        }
-    }
-
-    /// `controller`'s directory of the session's cgroup: the spec's `cgroupsPath`
-    /// under that controller's hierarchy (v1), or under the one hierarchy (v2).
-    fn dir(&self, controller: &str, session: &SessionId) -> PathBuf {
-        let path = cgroup_path(session);
+    /// The directory of cgroup `path` under `controller` (v1), or the one (v2).
+    fn dir(&self, controller: &str, path: &str) -> PathBuf {
         let relative = path.trim_start_matches('/');
         match self.version {
             Version::V1 => self.root.join(controller).join(relative),
@@ -114,73 +111,114 @@ impl Cgroups {
         }
     }
 
-    /// Makes `session`'s cgroup afresh, with `limits` written into it. A cgroup left
-    /// from an earlier run is removed first, so its counters never speak for this one;
-    /// one that still holds processes is an error.
-    pub fn make(&self, session: &SessionId, limits: &Limits) -> Result<(), CgroupError> {
-        self.remove(session)?;
+    /// Every directory of cgroup `path`.
+    fn dirs(&self, path: &str) -> Vec<PathBuf> {
+        match self.version {
+            Version::V1 => V1_CONTROLLERS
+                .iter()
+                .map(|(c, _)| self.dir(c, path))
+                .collect(),
+            Version::V2 => vec![self.dir("", path)],
+        }
+    }
+
+    /// Makes cgroup `path` afresh with `limits` in it. One left from an earlier run is
+    /// removed first, so its counters never speak for this one; one that still holds
+    /// processes, or a directory that is not a cgroup, is an error.
+    pub fn make(&self, path: &str, limits: &Limits) -> Result<(), CgroupError> {
+        self.remove(path)?;
+        self.create(path)?;
+        self.limit(path, limits)
+    }
+
+    /// Creates the directories of cgroup `path` (and, on v2, hands the controllers
+    /// down to it).
+    fn create(&self, path: &str) -> Result<(), CgroupError> {
         if self.version == Version::V2 {
             // Each level above the sandbox's hands the three controllers down.
-            let leaf = self.dir("", session);
-            let parent = leaf.parent().unwrap_or(&self.root);
-            for dir in [&self.root, parent] {
+            let leaf = self.dir("", path);
+            let mut above: Vec<&Path> = leaf
+                .ancestors()
+                .skip(1)
+                .take_while(|a| a.starts_with(&self.root))
+                .collect();
+            above.reverse();
+            for dir in above {
                 create(dir)?;
-                write(dir, "cgroup.subtree_control", "+memory +pids +cpu")?;
+                let enabled = read(dir, "cgroup.subtree_control").unwrap_or_default();
+                let missing: Vec<String> = ["memory", "pids", "cpu"]
+                    .iter()
+                    .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
+                    .map(|c| format!("+{c}"))
+                    .collect();
+                if !missing.is_empty() {
+                    write(dir, "cgroup.subtree_control", &missing.join(" "))?;
+                }
             }
         }
-        for dir in self.dirs(session) {
+        for dir in self.dirs(path) {
             create(&dir)?;
         }
-        let memory = self.dir("memory", session);
-        let pids = self.dir("pids", session);
-        let cpu = self.dir("cpu", session);
+        Ok(())
+    }
+
+    /// Writes `limits` into cgroup `path`, into files the kernel made and nowhere else.
+    fn limit(&self, path: &str, limits: &Limits) -> Result<(), CgroupError> {
         let bytes = limits.memory_bytes.to_string();
         let count = limits.pids.to_string();
         match self.version {
             Version::V1 => {
+                for (controller, file) in V1_CONTROLLERS {
+                    kernel_made(&self.dir(controller, path), file)?;
+                }
+                let memory = self.dir("memory", path);
                 write(&memory, "memory.limit_in_bytes", &bytes)?;
-                write(&pids, "pids.max", &count)?;
+                // With swap accounting, memory and swap together stay within the limit.
+                if memory.join("memory.memsw.limit_in_bytes").exists() {
+                    write(&memory, "memory.memsw.limit_in_bytes", &bytes)?;
+                }
+                write(&self.dir("pids", path), "pids.max", &count)?;
+                let cpu = self.dir("cpu", path);
                 write(&cpu, "cpu.cfs_period_us", &limits.cpu_period_us.to_string())?;
                 write(&cpu, "cpu.cfs_quota_us", &limits.cpu_quota_us.to_string())?;
             }
             Version::V2 => {
-                write(&memory, "memory.max", &bytes)?;
+                let dir = self.dir("", path);
+                for file in V2_FILES {
+                    kernel_made(&dir, file)?;
+                }
+                write(&dir, "memory.max", &bytes)?;
                 // No swap beyond the limit: the limit is what the sandbox may hold.
-                write(&memory, "memory.swap.max", "0").or_else(absent_is_fine)?;
-                write(&pids, "pids.max", &count)?;
+                if dir.join("memory.swap.max").exists() {
+                    write(&dir, "memory.swap.max", "0")?;
+                }
+                write(&dir, "pids.max", &count)?;
                 let cpu_max = format!("{} {}", limits.cpu_quota_us, limits.cpu_period_us);
-                write(&cpu, "cpu.max", &cpu_max)?;
+                write(&dir, "cpu.max", &cpu_max)?;
             }
         }
         Ok(())
     }
 
-    /// What the kernel counted against `session`'s limits. A counter that cannot be
-    /// read counts as nothing.
-    pub fn hits(&self, session: &SessionId) -> Hits {
-        let memory = self.dir("memory", session);
-        let pids = self.dir("pids", session);
-        let pids_refused = field(&pids, "pids.events", "max");
-        match self.version {
-            Version::V1 => Hits {
-                memory_limit: read(&memory, "memory.failcnt")
-                    .and_then(|s| s.trim().parse().ok())
-                    .unwrap_or(0),
-                oom_kills: field(&memory, "memory.oom_control", "oom_kill"),
-                pids_refused,
-            },
-            Version::V2 => Hits {
-                memory_limit: field(&memory, "memory.events", "max"),
-                oom_kills: field(&memory, "memory.events", "oom_kill"),
-                pids_refused,
-            },
+    /// What the kernel counted against cgroup `path`'s limits. A counter that cannot
+    /// be read counts as nothing.
+    pub fn hits(&self, path: &str) -> Hits {
+        let pids_refused = field(&self.dir("pids", path), "pids.events", "max");
+        let memory = self.dir("memory", path);
+        let oom_kills = match self.version {
+            Version::V1 => field(&memory, "memory.oom_control", "oom_kill"),
+            Version::V2 => field(&memory, "memory.events", "oom_kill"),
+        };
+        Hits {
+            oom_kills,
+            pids_refused,
         }
     }
 
-    /// Removes `session`'s cgroup, waiting briefly for its last processes to leave.
+    /// Removes cgroup `path`, waiting briefly for its last processes to leave.
     /// Idempotent.
-    pub fn remove(&self, session: &SessionId) -> Result<(), CgroupError> {
-        for dir in self.dirs(session) {
+    pub fn remove(&self, path: &str) -> Result<(), CgroupError> {
+        for dir in self.dirs(path) {
             let mut tries = 0;
             loop {
                 match std::fs::remove_dir(&dir) {
@@ -207,31 +245,40 @@ impl Cgroups {
     }
 }
 
-fn absent_is_fine(e: CgroupError) -> Result<(), CgroupError> {
-    match e.source.kind() {
-        std::io::ErrorKind::NotFound => Ok(()),
-        _ => Err(e),
-    }
+fn create(dir: &Path) -> Result<(), CgroupError> {
+    std::fs::create_dir_all(dir).map_err(|source| CgroupError {
+        what: "making the cgroup",
+        path: dir.to_owned(),
+        source,
+    })
 }
 
-fn create(dir: &Path) -> Result<(), CgroupError> {
-    match std::fs::create_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(source) => Err(CgroupError {
-            what: "making the cgroup",
+/// Refuses a directory the kernel did not fill: `file` is missing, so `dir` is a plain
+/// directory, not a cgroup, and a limit written there would limit nothing.
+fn kernel_made(dir: &Path, file: &str) -> Result<(), CgroupError> {
+    match dir.join(file).exists() {
+        true => Ok(()),
+        false => Err(CgroupError {
+            what: "not a cgroup (the controller is not mounted there):",
             path: dir.to_owned(),
-            source,
+            source: std::io::ErrorKind::NotFound.into(),
         }),
     }
 }
 
+/// Writes `value` into an existing file of `dir`; never creates one.
 fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
     let path = dir.join(file);
-    std::fs::write(&path, value).map_err(|source| CgroupError {
-        what: "setting the limit",
-        path,
-        source,
-    })
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .map_err(|source| CgroupError {
+            what: "setting the limit",
+            path,
+            source,
+        })
 }
 
 fn read(dir: &Path, file: &str) -> Option<String> {
@@ -254,16 +301,24 @@ fn field(dir: &Path, file: &str, key: &str) -> u64 {
 mod tests {
     use super::*;
 
-    fn session() -> SessionId {
-        SessionId::try_from("cg").unwrap()
-    }
+    const PATH: &str = "/ironclaw/0123456789ab/ironclaw-cg";
 
     fn v1(root: &Path) -> Cgroups {
-        for c in V1_CONTROLLERS {
+        for (c, _) in V1_CONTROLLERS {
             std::fs::create_dir_all(root.join(c)).unwrap();
         }
         std::fs::write(root.join("memory/memory.limit_in_bytes"), "max").unwrap();
         Cgroups::at(root).expect("a v1 layout")
+    }
+
+    /// What the kernel does on `mkdir` in a cgroup file system: fills the directory
+    /// with its controller's files.
+    fn as_the_kernel_would(dirs: &[PathBuf], files: &[&str]) {
+        for d in dirs {
+            for f in files {
+                std::fs::write(d.join(f), "").unwrap();
+            }
+        }
     }
 
     #[test]
@@ -279,66 +334,83 @@ mod tests {
     }
 
     #[test]
-    fn v1_limits_are_written_into_each_controller_and_counters_are_read_back() {
+    fn v1_limits_go_into_each_controllers_own_files_and_counters_are_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let cg = v1(dir.path());
-        let s = session();
-        let limits = Limits::default();
-        cg.make(&s, &limits).unwrap();
-        let at = |c: &str, f: &str| {
-            std::fs::read_to_string(dir.path().join(c).join("ironclaw/ironclaw-cg").join(f))
-                .unwrap()
-        };
+        cg.create(PATH).unwrap();
+        let files = [
+            "memory.limit_in_bytes",
+            "memory.memsw.limit_in_bytes",
+            "pids.max",
+            "cpu.cfs_quota_us",
+            "cpu.cfs_period_us",
+        ];
+        as_the_kernel_would(&cg.dirs(PATH), &files);
+        cg.limit(PATH, &Limits::default()).unwrap();
+        let at = |c: &str, f: &str| std::fs::read_to_string(cg.dir(c, PATH).join(f)).unwrap();
         assert_eq!(at("memory", "memory.limit_in_bytes"), "268435456");
+        assert_eq!(at("memory", "memory.memsw.limit_in_bytes"), "268435456");
         assert_eq!(at("pids", "pids.max"), "512");
         assert_eq!(at("cpu", "cpu.cfs_quota_us"), "100000");
-        assert_eq!(cg.hits(&s), Hits::default());
-        assert!(!cg.hits(&s).any());
+        assert!(!cg.hits(PATH).any());
 
-        let memory = dir.path().join("memory/ironclaw/ironclaw-cg");
+        // Reaching the memory limit is not a limit kill; an OOM kill or a refused fork is.
+        let memory = cg.dir("memory", PATH);
+        std::fs::write(memory.join("memory.failcnt"), "13\n").unwrap();
+        assert!(!cg.hits(PATH).any());
         std::fs::write(
             memory.join("memory.oom_control"),
             "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
         )
         .unwrap();
-        std::fs::write(
-            dir.path().join("pids/ironclaw/ironclaw-cg/pids.events"),
-            "max 7\n",
-        )
-        .unwrap();
-        std::fs::write(memory.join("memory.failcnt"), "13\n").unwrap();
-        let hits = cg.hits(&s);
+        std::fs::write(cg.dir("pids", PATH).join("pids.events"), "max 7\n").unwrap();
         assert_eq!(
-            hits,
+            cg.hits(PATH),
             Hits {
-                memory_limit: 13,
                 oom_kills: 2,
                 pids_refused: 7
             }
         );
-        assert!(hits.any());
     }
 
     #[test]
-    fn v2_limits_and_counters_live_in_one_directory() {
+    fn v2_limits_and_counters_live_in_one_directory_with_the_controllers_handed_down() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        std::fs::write(dir.path().join("cgroup.subtree_control"), "memory pids").unwrap();
         let cg = Cgroups::at(dir.path()).unwrap();
-        let s = session();
+        // The levels above the leaf as the kernel keeps them, with nothing handed down.
+        let parents = [
+            dir.path().join("ironclaw"),
+            dir.path().join("ironclaw/0123456789ab"),
+        ];
+        for p in &parents {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        as_the_kernel_would(&parents, &["cgroup.subtree_control"]);
+        cg.create(PATH).unwrap();
+        let leaf = cg.dir("", PATH);
+        as_the_kernel_would(
+            std::slice::from_ref(&leaf),
+            &["memory.max", "pids.max", "cpu.max"],
+        );
         let limits = Limits {
             memory_bytes: 1 << 20,
             pids: 9,
             cpu_quota_us: 50_000,
             ..Limits::default()
         };
-        cg.make(&s, &limits).unwrap();
-        let leaf = dir.path().join("ironclaw/ironclaw-cg");
+        cg.limit(PATH, &limits).unwrap();
         let at = |f: &str| std::fs::read_to_string(leaf.join(f)).unwrap();
         assert_eq!(at("memory.max"), "1048576");
         assert_eq!(at("pids.max"), "9");
         assert_eq!(at("cpu.max"), "50000 100000");
+        // Only what is missing is asked for, at each level above the leaf.
+        let control = |d: &Path| std::fs::read_to_string(d.join("cgroup.subtree_control")).unwrap();
+        assert_eq!(control(dir.path()), "+cpu");
+        assert_eq!(control(&dir.path().join("ironclaw")), "+memory +pids +cpu");
         assert_eq!(
-            std::fs::read_to_string(dir.path().join("ironclaw/cgroup.subtree_control")).unwrap(),
+            control(&dir.path().join("ironclaw/0123456789ab")),
             "+memory +pids +cpu"
         );
         std::fs::write(
@@ -347,9 +419,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            cg.hits(&s),
+            cg.hits(PATH),
             Hits {
-                memory_limit: 4,
                 oom_kills: 1,
                 pids_refused: 0
             }
@@ -357,18 +428,34 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_that_is_not_a_cgroup_is_never_given_limits() {
+        // A writable tmpfs where the pids controller is not mounted: the directory is
+        // made, but the kernel puts nothing in it.
+        let dir = tempfile::tempdir().unwrap();
+        let cg = v1(dir.path());
+        let e = cg.make(PATH, &Limits::default()).unwrap_err();
+        assert!(e.to_string().starts_with("not a cgroup"), "{e}");
+        assert!(
+            !cg.dir("memory", PATH)
+                .join("memory.limit_in_bytes")
+                .exists(),
+            "no file written"
+        );
+    }
+
+    #[test]
     fn removal_is_idempotent_and_a_cgroup_that_cannot_go_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let cg = v1(dir.path());
-        let s = session();
-        cg.remove(&s).unwrap();
-        // In a plain directory the written limit files stand for processes: the
-        // directory is not empty, so it cannot be removed, as a busy cgroup cannot.
-        cg.make(&s, &Limits::default()).unwrap();
-        let e = cg.remove(&s).unwrap_err();
+        cg.remove(PATH).unwrap();
+        // In a plain directory a file stands for a process: the directory is not
+        // empty, so it cannot be removed, as a busy cgroup cannot.
+        cg.create(PATH).unwrap();
+        std::fs::write(cg.dir("pids", PATH).join("held"), "").unwrap();
+        let e = cg.remove(PATH).unwrap_err();
         assert!(e.to_string().starts_with("removing the cgroup"), "{e}");
         assert!(
-            cg.make(&s, &Limits::default()).is_err(),
+            cg.make(PATH, &Limits::default()).is_err(),
             "never made over a live one"
         );
     }

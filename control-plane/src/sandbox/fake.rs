@@ -244,6 +244,7 @@ impl Runtime for FakeRuntime {
 
     fn confine(
         &self,
+        _layout: &Layout,
         session: &SessionId,
         _limits: &runsc_config::Limits,
     ) -> Result<(), RuntimeError> {
@@ -255,7 +256,7 @@ impl Runtime for FakeRuntime {
         Ok(())
     }
 
-    fn hit_limit(&self, _session: &SessionId) -> bool {
+    fn hit_limit(&self, _layout: &Layout, _session: &SessionId) -> bool {
         self.lock().limited
     }
 

@@ -104,6 +104,7 @@ pub fn spec_for(
         uid,
         gid,
         limits: settings.limits,
+        instance: layout.instance(),
     }
 }
 
@@ -189,12 +190,12 @@ pub async fn launch(
 
     // 5. Make the sandbox's cgroup with its limits: the kernel's record of them is the
     //    control plane's own, read when the sandbox ends.
-    super::runtime::blocking(|| runtime.confine(session, &settings.limits)).map_err(|source| {
-        LaunchError::Confine {
+    super::runtime::blocking(|| runtime.confine(layout, session, &settings.limits)).map_err(
+        |source| LaunchError::Confine {
             session: s(),
             source,
-        }
-    })?;
+        },
+    )?;
 
     // 6. Spawn with a cleared environment; the three pipes are its only inherited fds
     //    (everything else the control plane holds is close-on-exec).
@@ -255,7 +256,7 @@ pub async fn launch(
             session: s(),
             why: why.into(),
             status,
-            limited: status.is_some() && runtime.hit_limit(session),
+            limited: status.is_some() && runtime.hit_limit(layout, session),
         };
         return fail(child, e).await;
     }

@@ -35,6 +35,13 @@ impl Layout {
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }
+    /// A short name of this state directory (12 hex digits of its path's SHA-256):
+    /// what names its own network namespace and the parent of its sandboxes' cgroups.
+    pub fn instance(&self) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.state_dir.as_os_str().as_encoded_bytes());
+        hex::encode(digest)[..12].to_owned()
+    }
     pub fn rootfs(&self) -> PathBuf {
         self.state_dir.join("rootfs")
     }

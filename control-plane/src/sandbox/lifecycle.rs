@@ -10,6 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::process::ExitStatus;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use queue_proto::ids::SessionId;
@@ -144,7 +145,9 @@ pub enum ManagerError {
     Paused(SessionId),
     #[error("session {0} has no keys to start with")]
     NoKeys(SessionId),
-    #[error("all {max} sandbox slots are taken by sessions active within the last minute")]
+    #[error(
+        "all {max} sandbox slots are taken by sessions that had messages within the reply timeout"
+    )]
     Full { max: usize },
     #[error("removing sandboxes left over from a previous run failed")]
     Leftovers(#[source] RuntimeError),
@@ -157,6 +160,8 @@ enum State {
         child: Box<Child>,
         started: Instant,
         last_active: Instant,
+        /// Its share of `max_live`, given back whenever this state is left.
+        _slot: LiveSlot,
     },
     Waiting {
         restart_at: Instant,
@@ -175,6 +180,17 @@ struct Slot {
     keys: Option<SessionKeys>,
 }
 
+/// One of the `max_live` slots, held by a sandbox that runs or is being launched; its
+/// count is given back when it is dropped, however its holder ends.
+#[derive(Debug)]
+struct LiveSlot(Arc<AtomicUsize>);
+
+impl Drop for LiveSlot {
+    fn drop(&mut self) {
+        let _ = self.0.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1));
+    }
+}
+
 /// Supervises every session's sandbox.
 #[derive(Debug)]
 pub struct Manager {
@@ -185,9 +201,9 @@ pub struct Manager {
     /// One lock per session, so a slow launch or stop holds up only its own session;
     /// the map's own lock is held just long enough to find a slot.
     slots: std::sync::Mutex<HashMap<SessionId, Arc<Mutex<Slot>>>>,
-    /// Sandboxes running or being launched: taken by [`start`](Self::start), given
-    /// back by [`after_exit`](Self::after_exit), never more than `max_live`.
-    live: std::sync::atomic::AtomicUsize,
+    /// Sandboxes running or being launched, never more than `max_live`: each holds a
+    /// [`LiveSlot`] that gives its count back when dropped.
+    live: Arc<AtomicUsize>,
     events: mpsc::UnboundedSender<Event>,
 }
 
@@ -227,7 +243,7 @@ impl Manager {
             settings: std::sync::RwLock::new(Arc::new(settings)),
             layout,
             slots: std::sync::Mutex::new(HashMap::new()),
-            live: std::sync::atomic::AtomicUsize::new(0),
+            live: Arc::new(AtomicUsize::new(0)),
             events: tx,
         };
         Ok((Arc::new(manager), rx))
@@ -306,12 +322,18 @@ impl Manager {
             slot.state = State::Stopped;
             return Err(ManagerError::NoKeys(session.clone()));
         };
-        if let Err(e) = self.admit(session).await {
-            if matches!(slot.state, State::Stopped) {
-                slot.keys = None;
+        // The slot is held from here: dropped with a failed launch, moved into the
+        // running state on success, and given back however this future ends, a caller
+        // that stops waiting included.
+        let live = match self.admit(session).await {
+            Ok(live) => live,
+            Err(e) => {
+                if !matches!(slot.state, State::Waiting { .. }) {
+                    slot.keys = None;
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         let launched = launch(
             self.runtime.as_ref(),
             &self.settings(),
@@ -326,6 +348,7 @@ impl Manager {
                     child: Box::new(l.child),
                     started: l.started,
                     last_active: Instant::now(),
+                    _slot: live,
                 };
                 let _ = self.events.send(Event::Started {
                     session: session.clone(),
@@ -350,11 +373,11 @@ impl Manager {
     /// Takes one of the `max_live` slots, first stopping the longest idle sandbox of
     /// another session if every slot is taken and it has been idle long enough. Other
     /// sessions' locks are only tried, never waited for.
-    async fn admit(&self, session: &SessionId) -> Result<(), ManagerError> {
+    async fn admit(&self, session: &SessionId) -> Result<LiveSlot, ManagerError> {
         let settings = self.settings();
         let max = settings.max_live;
-        if self.reserve(max) {
-            return Ok(());
+        if let Some(live) = self.reserve(max) {
+            return Ok(live);
         }
         let now = Instant::now();
         let others: Vec<(SessionId, Arc<Mutex<Slot>>)> = self
@@ -373,42 +396,37 @@ impl Manager {
                 (now.duration_since(since) >= settings.evict_after).then_some((since, s, slot))
             })
             .min_by_key(|(since, _, _)| *since);
+        // Still running and still idle when its lock is held.
         if let Some((_, s, slot)) = idlest
             && let Ok(mut slot) = slot.try_lock()
-            && let State::Running { child, .. } = &mut slot.state
+            && let State::Running {
+                child, last_active, ..
+            } = &mut slot.state
+            && Instant::now().duration_since(*last_active) >= settings.evict_after
         {
             tracing::info!(session = %s, "stopping the longest idle sandbox to make room");
             let _ = self.kill(&s, child).await;
             self.after_exit(&s, &mut slot, Exit::Stopped, Instant::now());
         }
-        if self.reserve(max) {
-            Ok(())
-        } else {
-            Err(ManagerError::Full { max })
-        }
+        self.reserve(max).ok_or(ManagerError::Full { max })
     }
 
     /// Takes a slot if fewer than `max` are taken.
-    fn reserve(&self, max: usize) -> bool {
-        use std::sync::atomic::Ordering::SeqCst;
+    fn reserve(&self, max: usize) -> Option<LiveSlot> {
         self.live
             .fetch_update(SeqCst, SeqCst, |n| (n < max).then_some(n + 1))
-            .is_ok()
+            .ok()
+            .map(|_| LiveSlot(self.live.clone()))
     }
 
     /// How many sandboxes run or are being launched now.
     pub fn live(&self) -> usize {
-        self.live.load(std::sync::atomic::Ordering::SeqCst)
+        self.live.load(SeqCst)
     }
 
-    /// Records the end of a sandbox that [`start`](Self::start) launched (or failed to),
-    /// giving its slot back.
+    /// Records the end of a sandbox that [`start`](Self::start) launched (or failed to).
+    /// Leaving the running state gives its slot back.
     fn after_exit(&self, session: &SessionId, slot: &mut Slot, exit: Exit, now: Instant) {
-        let _ = self.live.fetch_update(
-            std::sync::atomic::Ordering::SeqCst,
-            std::sync::atomic::Ordering::SeqCst,
-            |n| n.checked_sub(1),
-        );
         let _ = self.events.send(Event::Ended {
             session: session.clone(),
             exit,
@@ -527,9 +545,10 @@ impl Manager {
                     child,
                     started,
                     last_active,
+                    ..
                 } => {
                     if let Ok(Some(status)) = child.try_wait() {
-                        let exit = classify(status, self.runtime.hit_limit(&session));
+                        let exit = classify(status, self.runtime.hit_limit(&self.layout, &session));
                         // Make sure nothing of the sandbox outlives its agent.
                         let _ = blocking(|| self.runtime.destroy(&self.layout, &session));
                         self.after_exit(&session, slot, exit, now);
@@ -966,6 +985,19 @@ mod tests {
             assert_eq!(r.next_event().await, started(&c));
             assert!(r.manager.is_running(&a).await);
             assert!(!r.manager.is_running(&b).await);
+            assert_eq!(r.manager.live(), 2);
+            // A launch whose caller stops waiting gives its slot back.
+            r.manager.stop(&c).await.unwrap();
+            assert_eq!(r.manager.live(), 1);
+            r.fake.plan([Behaviour::Hangs]);
+            let cancelled = tokio::time::timeout(
+                Duration::from_millis(300),
+                r.manager.ensure_running(&c, &c_keys),
+            )
+            .await;
+            assert!(cancelled.is_err(), "still launching when given up on");
+            assert_eq!(r.manager.live(), 1);
+            r.manager.ensure_running(&c, &c_keys).await.unwrap();
             assert_eq!(r.manager.live(), 2);
             // A failed launch and a crash give their slots back.
             r.manager.stop(&c).await.unwrap();

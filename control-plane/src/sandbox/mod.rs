@@ -49,7 +49,8 @@ pub struct SandboxSettings {
     /// The most sandboxes running at once (see [`lifecycle::Manager::ensure_running`]).
     pub max_live: usize,
     /// When every slot is taken, the longest idle sandbox is stopped to make room if it
-    /// has been idle this long; otherwise the new one is refused.
+    /// has been idle this long; otherwise the new one is refused. The service makes it
+    /// the reply timeout: by then no message of that session is still waiting.
     pub evict_after: Duration,
     pub restart: lifecycle::RestartPolicy,
 }
@@ -83,7 +84,7 @@ impl SandboxSettings {
             idle_timeout: Duration::from_secs(600),
             wall_clock_cap: Duration::from_secs(24 * 3600),
             max_live: 32,
-            evict_after: Duration::from_secs(60),
+            evict_after: Duration::from_secs(300),
             restart: lifecycle::RestartPolicy::default(),
         }
     }

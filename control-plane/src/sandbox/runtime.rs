@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use queue_proto::ids::SessionId;
-use runsc_config::{AGENT_PATH, Limits, container_id, runsc_run_args};
+use runsc_config::{AGENT_PATH, Limits, cgroup_path, container_id, runsc_run_args};
 use tokio::process::Command;
 
 use super::cgroup::{CgroupError, Cgroups};
@@ -59,14 +59,19 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
 
     /// Gives `session`'s next sandbox its resource limits, before it is started: the
     /// host cgroup that the control plane, not the sandbox, reads afterwards.
-    fn confine(&self, _session: &SessionId, _limits: &Limits) -> Result<(), RuntimeError> {
+    fn confine(
+        &self,
+        _layout: &Layout,
+        _session: &SessionId,
+        _limits: &Limits,
+    ) -> Result<(), RuntimeError> {
         Ok(())
     }
 
     /// Whether a resource limit stopped `session`'s sandbox, by the kernel's own count;
     /// read after the sandbox ended and before [`destroy`](Self::destroy). Never the
     /// exit status, which the agent chooses.
-    fn hit_limit(&self, _session: &SessionId) -> bool {
+    fn hit_limit(&self, _layout: &Layout, _session: &SessionId) -> bool {
         false
     }
 
@@ -175,10 +180,8 @@ impl NetNs {
     /// The namespace of the state directory `layout` belongs to: one per state
     /// directory, named after a hash of its path.
     pub fn of(layout: &Layout) -> NetNs {
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(layout.state_dir().as_os_str().as_encoded_bytes());
         NetNs {
-            name: format!("ironclaw-{}", &hex::encode(digest)[..12]),
+            name: format!("ironclaw-{}", layout.instance()),
         }
     }
 
@@ -351,19 +354,25 @@ impl Runtime for RunscRuntime {
         ]);
     }
 
-    fn confine(&self, session: &SessionId, limits: &Limits) -> Result<(), RuntimeError> {
+    fn confine(
+        &self,
+        layout: &Layout,
+        session: &SessionId,
+        limits: &Limits,
+    ) -> Result<(), RuntimeError> {
         let cgroups = self.cgroups.as_ref().ok_or(RuntimeError::NoCgroups)?;
-        Ok(cgroups.make(session, limits)?)
+        Ok(cgroups.make(&cgroup_path(&layout.instance(), session), limits)?)
     }
 
-    fn hit_limit(&self, session: &SessionId) -> bool {
-        self.cgroups.as_ref().is_some_and(|c| c.hits(session).any())
+    fn hit_limit(&self, layout: &Layout, session: &SessionId) -> bool {
+        let path = cgroup_path(&layout.instance(), session);
+        self.cgroups.as_ref().is_some_and(|c| c.hits(&path).any())
     }
 
     fn destroy(&self, layout: &Layout, session: &SessionId) -> Result<(), RuntimeError> {
         self.delete(layout, session)?;
         if let Some(cgroups) = &self.cgroups {
-            cgroups.remove(session)?;
+            cgroups.remove(&cgroup_path(&layout.instance(), session))?;
         }
         Ok(())
     }

@@ -247,6 +247,9 @@ fn sandbox_settings(config: &Config, state: &StateDir) -> SandboxSettings {
     settings.limits.memory_bytes = config.sandbox.memory_mib * 1024 * 1024;
     settings.idle_timeout = Duration::from_secs(config.sandbox.idle_stop_secs);
     settings.max_live = config.sandbox.max_live;
+    // A session quiet for the reply timeout has no message left waiting: its sandbox
+    // may make room for another.
+    settings.evict_after = Duration::from_secs(config.delivery.reply_timeout_secs);
     // Under gVisor every outbox is a file system of its own; the development-only host
     // runtime keeps plain directories (it may run without the right to mount).
     if config.sandbox.runtime == RuntimeChoice::Gvisor {
