@@ -27,8 +27,13 @@ pub enum ConfigError {
     },
     #[error("the configuration {path} is larger than {MAX_CONFIG_BYTES} bytes")]
     TooLarge { path: PathBuf },
-    #[error("the configuration {} is not valid: {message}", shown(path))]
-    Parse { path: PathBuf, message: String },
+    #[error("the configuration {} is not valid{}: {message}", shown(path), at.map_or(String::new(), |(l, c)| format!(" at line {l}, column {c}")))]
+    Parse {
+        path: PathBuf,
+        message: String,
+        /// Line and column (from 1) where the parser stopped.
+        at: Option<(usize, usize)>,
+    },
     #[error("{key} is not an approved endpoint")]
     Endpoint {
         key: &'static str,
@@ -37,6 +42,86 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Invalid(String),
+}
+
+/// The line and column (from 1) of byte `offset` of `text`.
+pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..text.floor_char_boundary(offset.min(text.len()))];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Where the key `dotted` (`sandbox.memory_mib`) is set in `text`, as line and column
+/// (from 1): the key of a `key = value` line under its table's header, or the header of
+/// a table of that name.
+pub fn locate_key(text: &str, dotted: &str) -> Option<(usize, usize)> {
+    let mut table = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        let column = line.len() - trimmed.len() + 1;
+        if let Some(header) = trimmed.strip_prefix('[') {
+            table = header
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or_default()
+                .split('.')
+                .map(|p| p.trim().trim_matches('"'))
+                .collect::<Vec<_>>()
+                .join(".");
+            if table == dotted {
+                return Some((n + 1, column));
+            }
+            continue;
+        }
+        let Some((key, _)) = trimmed.split_once('=') else {
+            continue;
+        };
+        let key = key.trim().trim_matches('"');
+        let full = if table.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{table}.{key}")
+        };
+        if full == dotted {
+            return Some((n + 1, column));
+        }
+    }
+    None
+}
+
+impl ConfigError {
+    /// What is wrong, without where (for a message that gives the place itself).
+    pub fn what(&self) -> String {
+        match self {
+            ConfigError::Parse { message, .. } => message.clone(),
+            other => crate::error_chain(other),
+        }
+    }
+
+    /// Where in `text` the problem is, as line and column (from 1), when it can be
+    /// told: where the parser stopped, or the line of the key a check names.
+    pub fn position(&self, text: &str) -> Option<(usize, usize)> {
+        match self {
+            ConfigError::Parse { at, .. } => *at,
+            ConfigError::Endpoint { key, .. } => locate_key(text, key),
+            ConfigError::Invalid(message) => {
+                let key = message.split_whitespace().next()?;
+                let key = key.trim_end_matches([',', ':']);
+                // A key that is missing is placed at its table.
+                let mut candidate = Some(key);
+                while let Some(k) = candidate.filter(|k| k.contains('.')) {
+                    if let Some(at) = locate_key(text, k) {
+                        return Some(at);
+                    }
+                    candidate = k.rsplit_once('.').map(|(parent, _)| parent);
+                }
+                candidate.and_then(|k| locate_key(text, k))
+            }
+            ConfigError::Read { .. } | ConfigError::TooLarge { .. } => None,
+        }
+    }
 }
 
 /// A path for a message, or "text" when the text came from elsewhere.
@@ -363,6 +448,7 @@ impl Config {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
             message: e.message().to_owned(),
+            at: e.span().map(|s| line_column(text, s.start)),
         })?;
         config.check()?;
         Ok(config)

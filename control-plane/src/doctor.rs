@@ -34,6 +34,47 @@ pub struct Finding {
     pub fix: &'static str,
 }
 
+/// What doctor looks at, by the prefix of the ids of its findings, for the list of
+/// what was checked and passed.
+pub const CHECKS: [(&str, &str); 12] = [
+    ("state", "the state directory's owner and modes"),
+    (
+        "keys",
+        "the master key: loadable, private, not in the environment",
+    ),
+    (
+        "audit",
+        "the control store opens, its audit chain and sealed head hold",
+    ),
+    (
+        "config",
+        "the file and the approved version parse and pass serve's checks (and, for a first file, its policy)",
+    ),
+    (
+        "files",
+        "the key and token files exist and only root reads them",
+    ),
+    ("operators", "someone may approve changes"),
+    ("model", "the model endpoint follows the endpoint rule"),
+    ("telegram", "Telegram lets someone in"),
+    (
+        "admin-api",
+        "the admin API listens only on tailnet addresses and has operators",
+    ),
+    (
+        "sandbox",
+        "gVisor, no network, cgroups and outbox file systems on this host",
+    ),
+    (
+        "agent",
+        "the agent binary: present, static, not writable by others",
+    ),
+    ("deploy", "sealed credentials have a TPM to seal them to"),
+];
+
+/// Where `deploy/install` seals the master key as a systemd credential.
+pub const SEALED_MASTER_KEY: &str = "/etc/ironclaw/master-key.cred";
+
 struct Report(Vec<Finding>);
 
 impl Report {
@@ -54,7 +95,24 @@ pub fn run(state: &StateDir) -> Vec<Finding> {
     let mut r = Report(Vec::new());
     permissions(state, &mut r);
     let master = master_key(state, &mut r);
-    let file_text = std::fs::read_to_string(state.config()).ok();
+    let file_text = match std::fs::read_to_string(state.config()) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            r.add(
+                "state.unreadable",
+                Severity::Critical,
+                format!(
+                    "this user (uid {}) may not read {}: nothing of the state directory can be checked",
+                    rustix::process::getuid().as_raw(),
+                    state.config().display()
+                ),
+                "run doctor as root: sudo ironclaw doctor",
+            );
+            r.0.sort_by(|a, b| a.severity.cmp(&b.severity).then(a.id.cmp(b.id)));
+            return r.0;
+        }
+        Err(_) => None,
+    };
     let mut approved = None;
     if let Some(master) = &master {
         approved = store(state, master, file_text.as_deref(), &mut r);
@@ -74,14 +132,29 @@ pub fn run(state: &StateDir) -> Vec<Finding> {
             "run `ironclaw init`",
         );
     }
+    let first = texts.len() == 1 && approved_missing(state, master.as_ref());
     for (where_, text) in &texts {
+        let name = match *where_ {
+            "the configuration file" => state.config().display().to_string(),
+            _ => "the approved configuration".to_owned(),
+        };
         match text.parse::<toml::Table>() {
-            Ok(t) => configuration(where_, &t, &mut r),
+            Ok(t) => {
+                configuration(where_, &t, &mut r);
+                as_serve_reads_it(&name, text, first, &mut r);
+                key_files(&t, &mut r);
+            }
             Err(e) => r.add(
                 "config.invalid",
                 Severity::Critical,
-                format!("{where_} is not valid TOML: {}", e.message()),
-                "fix the file; `serve` refuses it",
+                format!(
+                    "{name}{} is not valid TOML: {}",
+                    e.span()
+                        .map(|s| crate::config::line_column(text, s.start))
+                        .map_or(String::new(), |(l, c)| format!(":{l}:{c}")),
+                    e.message()
+                ),
+                "fix the line shown; `serve` refuses the file",
             ),
         }
     }
@@ -93,6 +166,82 @@ pub fn run(state: &StateDir) -> Vec<Finding> {
     }
     r.0.sort_by(|a, b| a.severity.cmp(&b.severity).then(a.id.cmp(b.id)));
     r.0
+}
+
+/// Whether the store holds no approved configuration yet (the file will be the first),
+/// as far as can be told: without the master key, it cannot.
+fn approved_missing(state: &StateDir, master: Option<&queue_proto::keys::MasterKey>) -> bool {
+    master
+        .and_then(|m| Store::open(&state.store(), m).ok())
+        .and_then(|s| s.current_config().ok())
+        .is_some_and(|c| c.is_none())
+}
+
+/// What `serve` says of `text`: the same parse and checks (unknown keys, types,
+/// providers, endpoints, listen addresses) and, for a first file, the same policy;
+/// named by file, line and column.
+fn as_serve_reads_it(name: &str, text: &str, first: bool, r: &mut Report) {
+    let refused = match crate::config::Config::parse(text) {
+        Err(e) => Some((e.position(text), e.what())),
+        Ok(_) if first => crate::gateway::policy::check_bootstrap(text)
+            .err()
+            .map(|d| {
+                // The rules a first file can break beyond the checks, by the key they
+                // are about.
+                let key = match d.rule {
+                    "sandbox_network" => "sandbox.network",
+                    _ => "operators",
+                };
+                let at = crate::config::locate_key(text, key);
+                (at, crate::config::ConfigError::from(d).to_string())
+            }),
+        Ok(_) => None,
+    };
+    if let Some((at, why)) = refused {
+        let at = at.map_or(String::new(), |(l, c)| format!(":{l}:{c}"));
+        r.add(
+            "config.refused",
+            Severity::Critical,
+            format!("{name}{at}: {why}"),
+            "fix the line shown; `serve` refuses this configuration",
+        );
+    }
+}
+
+/// The key and token files a configuration names exist, and only root reads them.
+/// Names of systemd credentials (`credential:NAME`) are systemd's to check.
+fn key_files(t: &toml::Table, r: &mut Report) {
+    for key in [
+        &["model", "api_key_file"][..],
+        &["channels", "telegram", "token_file"],
+        &["channels", "bridge", "token_file"],
+    ] {
+        let Some(path) = get(t, key).and_then(|v| v.as_str()) else {
+            continue;
+        };
+        if path.starts_with(crate::model::http::CREDENTIAL_PREFIX) {
+            continue;
+        }
+        let name = key.join(".");
+        match std::fs::metadata(path) {
+            Err(e) => r.add(
+                "files.unreadable",
+                Severity::Critical,
+                format!("{name} = {path:?} cannot be read: {e}"),
+                "write the key or token into that file (mode 0600, owned by root), or correct the path",
+            ),
+            Ok(m) if m.mode() & 0o077 != 0 => r.add(
+                "files.exposed",
+                Severity::Critical,
+                format!(
+                    "{name} = {path:?} is mode {:o}: others may read the secret",
+                    m.mode() & 0o777
+                ),
+                "chmod 0600 the file",
+            ),
+            Ok(_) => {}
+        }
+    }
 }
 
 fn get<'t>(t: &'t toml::Table, path: &[&str]) -> Option<&'t toml::Value> {
@@ -159,6 +308,19 @@ fn master_key(state: &StateDir, r: &mut Report) -> Option<queue_proto::keys::Mas
     }
     let key = match state.load_master_key() {
         Ok(k) => Some(k),
+        // Installed by deploy/install: the key is only a sealed systemd credential, which
+        // systemd opens for the service (and for a command run with it), not for a shell.
+        Err(_) if !path.exists() && Path::new(SEALED_MASTER_KEY).exists() => {
+            r.add(
+                "keys.sealed-credential",
+                Severity::Warning,
+                format!(
+                    "the master key is the sealed credential {SEALED_MASTER_KEY}: the store and its audit trail were not checked"
+                ),
+                "run doctor with the credential: systemd-run --wait --pipe -p LoadCredentialEncrypted=master-key:/etc/ironclaw/master-key.cred ironclaw doctor --state-dir /var/lib/ironclaw",
+            );
+            None
+        }
         // Already said: the key is refused because others may read it.
         Err(_) if r.0.iter().any(|f| f.id == "keys.master-key-exposed") => None,
         Err(e) => {

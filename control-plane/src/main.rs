@@ -803,6 +803,26 @@ fn doctor(state: &StateDir, json: bool) -> CliResult {
                 f.fix
             );
         }
+        out!("checked:");
+        for (prefix, what) in control_plane::doctor::CHECKS {
+            let found = findings
+                .iter()
+                .filter(|f| f.id.split('.').next() == Some(prefix))
+                .map(|f| f.severity)
+                .min();
+            let mark = match found {
+                None => "ok",
+                Some(Severity::Critical) => "CRITICAL",
+                Some(Severity::Warning) => "warning",
+                Some(Severity::Info) => "info",
+            };
+            out!("  {mark:<9} {prefix:<10} {what}");
+        }
+        match state.serve_pid() {
+            Ok(Some(pid)) => out!("serve: running (pid {pid})"),
+            Ok(None) => out!("serve: not running"),
+            Err(e) => out!("serve: cannot tell ({}: {e})", state.serve_lock().display()),
+        }
         let critical = findings
             .iter()
             .filter(|f| f.severity == Severity::Critical)

@@ -58,9 +58,15 @@ fn findings(out: &std::process::Output) -> (i32, Vec<(String, String)>) {
     (out.status.code().unwrap(), list)
 }
 
-/// Exactly `id` (with `severity`) is found, and the exit code follows it.
+/// Exactly `id` (with `severity`) is found, and the exit code follows it. A fault that
+/// `serve` refuses as well also brings `config.refused`, and a made-up token path
+/// `files.unreadable` (each tested on its own below).
 fn only(state: &std::path::Path, env: &[(&str, &str)], id: &str, severity: &str) {
     let (code, found) = doctor(state, env);
+    let found: Vec<(String, String)> = found
+        .into_iter()
+        .filter(|(f, _)| f != "config.refused" && f != "files.unreadable")
+        .collect();
     assert_eq!(found, vec![(id.to_owned(), severity.to_owned())], "{id}");
     assert_eq!(code, i32::from(severity == "critical"), "{id}: exit code");
 }
@@ -284,4 +290,148 @@ fn doctor_refuses_a_dynamic_agent_next_to_ironclaw() {
     std::fs::copy(agent_bin(), &next_to_it).unwrap();
     std::fs::set_permissions(&next_to_it, std::fs::Permissions::from_mode(0o755)).unwrap();
     assert_eq!(run(), (0, vec![]));
+}
+
+/// Each way a configuration file is wrong that `serve` refuses, and the line doctor
+/// names for it: (edit of the file `init` wrote, line of the fault, what it says).
+#[test]
+fn doctor_refuses_what_serve_refuses_and_names_the_line() {
+    let cases: [(&str, &str, &str, &str); 6] = [
+        (
+            "memory_mib = 256",
+            "memroy_mib = 256",
+            "memroy_mib",
+            "unknown field",
+        ),
+        (
+            "memory_mib = 256",
+            "memory_mib = \"256\"",
+            "memory_mib",
+            "invalid type",
+        ),
+        (
+            "provider = \"demo\"",
+            "provider = \"gemini\"",
+            "provider = \"gemini\"",
+            "unknown variant",
+        ),
+        (
+            "provider = \"demo\"",
+            "provider = \"openai\"\nmodel = \"m\"",
+            "[model]",
+            "model.base_url is required",
+        ),
+        (
+            "[operators]",
+            "[channels.bridge]\nlisten = \"0.0.0.0:8080\"\ntoken_file = \"/t\"\n\n[operators]",
+            "listen =",
+            "channels.bridge.listen",
+        ),
+        (
+            "[operators]\nunix_uids = [0]",
+            "[operators]\nunix_uids = []",
+            "[operators]",
+            "operator",
+        ),
+    ];
+    for (from, to, line_holding, says) in cases {
+        let (_d, s) = state(|t| {
+            assert!(t.contains(from), "{from}");
+            t.replacen(from, to, 1)
+        });
+        let text = std::fs::read_to_string(s.join("config.toml")).unwrap();
+        let line = text
+            .lines()
+            .position(|l| l.starts_with(line_holding))
+            .unwrap_or_else(|| panic!("{line_holding} in\n{text}"))
+            + 1;
+        let out = Command::new(ironclaw_bin())
+            .args(["doctor", "--state-dir"])
+            .arg(&s)
+            .env("IRONCLAW_AGENT_BIN", agent_bin())
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{to}: {shown}");
+        let at = format!("config.toml:{line}:");
+        let finding = shown
+            .lines()
+            .find(|l| l.contains(&at))
+            .unwrap_or_else(|| panic!("{to}: no line naming {at} in\n{shown}"));
+        assert!(finding.contains(says), "{to}: {finding}");
+        assert!(shown.contains("config.refused"), "{to}: {shown}");
+        // serve refuses the same file.
+        let serve = Command::new("timeout")
+            .arg("20")
+            .arg(ironclaw_bin())
+            .args(["serve", "--state-dir"])
+            .arg(&s)
+            .env("IRONCLAW_AGENT_BIN", agent_bin())
+            .output()
+            .unwrap();
+        assert_eq!(serve.status.code(), Some(1), "{to}: serve refuses it too");
+    }
+}
+
+#[test]
+fn key_and_token_files_must_exist_and_stay_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("model.key");
+    let to = format!(
+        "provider = \"openai\"\nbase_url = \"http://127.0.0.1:11434\"\nmodel = \"m\"\napi_key_file = \"{}\"",
+        key.display()
+    );
+    let (_d, s) = state(|t| t.replacen("provider = \"demo\"", &to, 1));
+    let (_, missing) = doctor(&s, &[]);
+    assert!(
+        missing.contains(&("files.unreadable".into(), "critical".into())),
+        "{missing:?}"
+    );
+    std::fs::write(&key, "sk-test").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (_, exposed) = doctor(&s, &[]);
+    assert!(
+        exposed.contains(&("files.exposed".into(), "critical".into())),
+        "{exposed:?}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (_, fine) = doctor(&s, &[]);
+    assert!(
+        !fine.iter().any(|(id, _)| id.starts_with("files.")),
+        "{fine:?}"
+    );
+}
+
+#[test]
+fn doctor_lists_what_it_checked_and_whether_serve_runs() {
+    let (_d, s) = state(|t| t.to_owned());
+    let out = Command::new(ironclaw_bin())
+        .args(["doctor", "--state-dir"])
+        .arg(&s)
+        .env("IRONCLAW_AGENT_BIN", agent_bin())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "checked:",
+        "ok        config",
+        "ok        keys",
+        "serve: not running",
+    ] {
+        assert!(shown.contains(line), "{line:?} in\n{shown}");
+    }
+    // A user who may not read the state directory is told to run it as root.
+    let out = Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups", "--"])
+        .arg(ironclaw_bin())
+        .args(["doctor", "--state-dir"])
+        .arg(&s)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("state.unreadable") && shown.contains("sudo ironclaw doctor"),
+        "{shown}"
+    );
+    assert!(!shown.contains("no configuration"), "{shown}");
 }
