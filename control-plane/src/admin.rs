@@ -425,7 +425,18 @@ pub(crate) async fn handle(
                 (true, false) => Decision::Approve,
                 (false, false) => Decision::Reject,
             };
+            let before = service.config();
             match service.decide(&id, decision, &peer, hash.as_deref()).await {
+                Ok(d @ Decided::Applied(_)) => {
+                    let notes = crate::service::restart_notes(&before, &service.config());
+                    let mut answer = decided(d);
+                    if let Response::Decided { why, .. } = &mut answer
+                        && !notes.is_empty()
+                    {
+                        *why = Some(notes.join("; "));
+                    }
+                    answer
+                }
                 Ok(d) => decided(d),
                 Err(e) => Response::Error(Failure::from(&e)),
             }

@@ -317,14 +317,14 @@ impl Default for GatewaySection {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Channels {
     pub telegram: Option<TelegramConfig>,
     pub bridge: Option<BridgeConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelegramConfig {
     pub token_file: PathBuf,
@@ -343,7 +343,7 @@ fn default_poll_secs() -> u64 {
     30
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BridgeConfig {
     /// Loopback or a Tailscale address only.

@@ -764,6 +764,12 @@ fn changes_decide(state: &StateDir, id: &str, verdict: Verdict) -> CliResult {
     match (outcome, version) {
         (Outcome::Applied, Some(v)) => {
             out!("approved and applied: configuration version {v} is in force");
+            // Parts set up only at start wait for a restart; the answer says which.
+            if let Some(notes) = why {
+                for note in notes.split("; ") {
+                    out!("note: {note}");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         (Outcome::Rejected, _) => {

@@ -1108,3 +1108,43 @@ fn the_only_operator_applies_their_own_change_and_any_operator_withdraws_theirs(
     assert!(String::from_utf8_lossy(&out.stderr).contains("only its requester withdraws"));
     assert_eq!(s.change(&drifted).summary.state, ChangeState::Pending);
 }
+
+#[test]
+fn an_approved_change_that_waits_for_a_restart_says_so() {
+    let mut s = Serve::init(control_plane::config::DEFAULT_CONFIG);
+    s.start();
+    let token = s.secret_file("bridge.token", "a-bridge-token-of-enough-length-0123456789");
+    let text = std::fs::read_to_string(s.state.join("config.toml")).unwrap();
+    let file = s.state.join("proposed.toml");
+    std::fs::write(
+        &file,
+        text.replace(
+            "[operators]",
+            &format!(
+                "[channels.bridge]\nlisten = \"127.0.0.1:1\"\ntoken_file = \"{}\"\n\n[operators]",
+                token.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let out = s.cli(&["changes", "propose", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let id = said.split_whitespace().nth(1).unwrap().to_owned();
+    let out = s.cli(&["changes", "approve", &id]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("is in force") && said.contains("note: the channels changed"),
+        "{said}"
+    );
+    assert!(s.log_text().contains("the channels changed"));
+}

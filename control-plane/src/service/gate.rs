@@ -41,6 +41,33 @@ pub struct Effective {
     pub text: String,
 }
 
+/// What of the change from `old` to `new` takes effect only when `serve` is restarted:
+/// the parts that are set up once, at start.
+pub fn restart_notes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut notes = Vec::new();
+    if new.sandbox.runtime != old.sandbox.runtime
+        || new.sandbox.runsc != old.sandbox.runsc
+        || new.sandbox.agent_binary != old.sandbox.agent_binary
+    {
+        notes.push(
+            "sandbox.runtime, runsc or agent_binary changed: they take effect when serve is restarted",
+        );
+    }
+    if new.channels != old.channels {
+        notes.push(
+            "the channels changed (Telegram, the bridge): they take effect when serve is restarted",
+        );
+    }
+    // Who may use it (operators.tailnet) is read at every request, so it is in force
+    // at once; where it listens is not.
+    if new.admin_api != old.admin_api {
+        notes.push(
+            "admin_api changed: its address, names and socket take effect when serve is restarted",
+        );
+    }
+    notes
+}
+
 impl Service {
     /// The model provider in force.
     pub(super) fn provider(&self) -> Arc<AnyProvider> {
@@ -377,21 +404,10 @@ impl Service {
         let mut settings = (*self.manager.settings()).clone();
         settings.limits.memory_bytes = config.sandbox.memory_mib * 1024 * 1024;
         settings.idle_timeout = Duration::from_secs(config.sandbox.idle_stop_secs);
-        let old = self.config();
-        if config.sandbox.runtime != old.sandbox.runtime
-            || config.sandbox.runsc != old.sandbox.runsc
-            || config.sandbox.agent_binary != old.sandbox.agent_binary
-        {
-            tracing::warn!(
-                "sandbox.runtime, runsc or agent_binary changed: they take effect when serve is restarted"
-            );
-        }
-        if config.admin_api != old.admin_api {
-            // Who may use it (operators.tailnet) is read at every request, so it is in
-            // force at once.
-            tracing::warn!(
-                "admin_api changed: its address, names and socket take effect when serve is restarted"
-            );
+        settings.max_live = config.sandbox.max_live;
+        settings.evict_after = Duration::from_secs(config.delivery.reply_timeout_secs);
+        for note in restart_notes(&self.config(), &config) {
+            tracing::warn!("{note}");
         }
         self.manager.set_settings(settings);
         *self.provider.write().unwrap_or_else(|p| p.into_inner()) = new_provider;

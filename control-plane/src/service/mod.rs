@@ -46,7 +46,7 @@ use crate::store::{Store, StoreError};
 mod calls;
 pub use calls::Status;
 mod gate;
-pub use gate::{Effective, telegram_may_approve};
+pub use gate::{Effective, restart_notes, telegram_may_approve};
 
 /// Fixed notices sent to the person. None of them quotes the message.
 pub mod notice {
