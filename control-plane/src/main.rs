@@ -86,6 +86,9 @@ enum Cmd {
     /// The hash-chained audit trail
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The configuration: the file, or the approved version in force
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Check the installation and the configuration (exit 1 on any critical finding)
     Doctor {
         /// Print the findings as JSON
@@ -156,6 +159,16 @@ enum ChangesCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Print the configuration file, or with --approved the version in force
+    Show {
+        /// The approved version in force (read from the control store), not the file
+        #[arg(long)]
+        approved: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum AuditCmd {
     /// Check the whole chain and its sealed head
     Verify,
@@ -217,6 +230,7 @@ fn main() -> ExitCode {
         Cmd::Changes(ChangesCmd::Approve { id }) => changes_decide(&state, &id, Verdict::Approve),
         Cmd::Changes(ChangesCmd::Reject { id }) => changes_decide(&state, &id, Verdict::Reject),
         Cmd::Changes(ChangesCmd::Withdraw { id }) => changes_decide(&state, &id, Verdict::Withdraw),
+        Cmd::Config(ConfigCmd::Show { approved }) => config_show(&state, approved),
         Cmd::Audit(AuditCmd::Verify) => audit_verify(&state),
         Cmd::Audit(AuditCmd::Export) => audit_export(&state),
         Cmd::Doctor { json } => doctor(&state, json),
@@ -294,7 +308,7 @@ async fn run(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let service = Service::start(text, state.clone(), master)
+    let service = Service::start(config_path.clone(), text, state.clone(), master)
         .await
         .map_err(|e| chain(&e))?;
     let listener = admin::bind(&state.admin_socket())?;
@@ -855,6 +869,20 @@ fn open_store(
     let store =
         control_plane::store::Store::open(&state.store(), &master).map_err(|e| chain(&e))?;
     Ok((store, master))
+}
+
+fn config_show(state: &StateDir, approved: bool) -> CliResult {
+    let text = if approved {
+        let (store, _) = open_store(state)?;
+        let current = store.current_config().map_err(|e| chain(&e))?.ok_or(
+            "no configuration has been approved yet: `ironclaw serve` approves the first file",
+        )?;
+        eprintln!("approved configuration version {}", current.version);
+        current.text
+    } else {
+        Config::read_text(&state.config()).map_err(|e| chain(&e))?
+    };
+    write_all(text.as_bytes())
 }
 
 fn audit_verify(state: &StateDir) -> CliResult {

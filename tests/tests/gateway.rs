@@ -1148,3 +1148,52 @@ fn an_approved_change_that_waits_for_a_restart_says_so() {
     );
     assert!(s.log_text().contains("the channels changed"));
 }
+
+#[test]
+fn an_approved_change_is_written_back_so_drift_is_only_what_a_person_edits() {
+    let mut s = Serve::init(control_plane::config::DEFAULT_CONFIG);
+    s.start();
+    let id = propose(&s, "max_live = 9");
+    assert!(s.cli(&["changes", "approve", &id]).status.success());
+    // The file now holds the approved version, comments and all.
+    let file = std::fs::read_to_string(s.state.join("config.toml")).unwrap();
+    let approved = s.cli(&["config", "show", "--approved"]);
+    assert!(approved.status.success());
+    assert_eq!(String::from_utf8_lossy(&approved.stdout), file);
+    assert!(
+        file.contains("max_live = 9") && file.contains("# "),
+        "{file}"
+    );
+    // A SIGHUP with the file untouched files nothing, an undo least of all.
+    let before = s.changes(true).len();
+    s.hup();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        s.changes(true).len(),
+        before,
+        "no request from an untouched file"
+    );
+    // A one-line edit is a one-line change.
+    std::fs::write(
+        s.state.join("config.toml"),
+        file.replace("max_live = 9", "max_live = 10"),
+    )
+    .unwrap();
+    s.hup();
+    let mut drifted = None;
+    assert!(wait_until(20, || {
+        drifted = s
+            .changes(false)
+            .into_iter()
+            .find(|c| c.requester == "config-file");
+        drifted.is_some()
+    }));
+    let shown = s.cli(&["changes", "show", &drifted.unwrap().id]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    let diff: Vec<&str> = shown
+        .lines()
+        .skip_while(|l| !l.starts_with("the exact change"))
+        .filter(|l| l.starts_with('-') || l.starts_with('+'))
+        .collect();
+    assert_eq!(diff.len(), 2, "{shown}");
+}

@@ -9,7 +9,7 @@ use queue_proto::ids::{ChangeId, SessionId};
 use queue_proto::items::{ChangeRequest, OutboxItem};
 use serde_json::json;
 
-use super::{Service, ServiceError, provider};
+use super::{Service, ServiceError, blocking, provider};
 use crate::audit::AuditEvent;
 use crate::config::Config;
 use crate::gateway::rate::{RateLimit, Refusals};
@@ -66,6 +66,23 @@ pub fn restart_notes(old: &Config, new: &Config) -> Vec<&'static str> {
         );
     }
     notes
+}
+
+/// Replaces `path` with `text` through a temporary file beside it, keeping its mode.
+fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mode = std::fs::metadata(path).map_or(0o600, |m| m.permissions().mode() & 0o777);
+    let tmp = path.with_extension("toml.new");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 impl Service {
@@ -410,6 +427,7 @@ impl Service {
             tracing::warn!("{note}");
         }
         self.manager.set_settings(settings);
+        let replaced = self.effective().text.clone();
         *self.provider.write().unwrap_or_else(|p| p.into_inner()) = new_provider;
         *self.effective.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Effective {
             config: Arc::new(config),
@@ -420,7 +438,59 @@ impl Service {
             version = version.version,
             "an approved change is in force; restarting live sessions"
         );
+        blocking(|| self.write_back(&replaced, version));
         self.restart_sessions().await;
+    }
+
+    /// Keeps the configuration file in step with the approved version: a file that
+    /// holds the version just replaced (or one approved before it) is given the new
+    /// text, comments and all, so that a difference between the two means only what a
+    /// person edited. A file with edits of its own is left as it is; they are a change
+    /// request of their own.
+    fn write_back(&self, replaced: &str, version: &ConfigVersion) {
+        let path = &self.config_file;
+        let current = match Config::read_text(path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "the approved version could not be written into the configuration file");
+                return;
+            }
+        };
+        let remember = |text: &str| {
+            let key = seen_key(None, &gateway::text_hash(text));
+            if let Err(e) = self.db(|s| {
+                s.set_cursor(Cursor {
+                    name: FILE_SEEN,
+                    value: &key,
+                })
+            }) {
+                tracing::warn!(error = %e, "remembering the configuration file's hash failed");
+            }
+        };
+        if current == version.text {
+            remember(&current);
+            return;
+        }
+        let seen = self.db(|s| s.cursor(FILE_SEEN)).ok().flatten();
+        let left_behind = current == replaced
+            || seen.as_deref() == Some(seen_key(None, &gateway::text_hash(&current)).as_str());
+        if !left_behind {
+            tracing::warn!(
+                version = version.version,
+                file = %path.display(),
+                "the configuration file has edits of its own, so the approved version was not written into it; `ironclaw config show --approved` prints it"
+            );
+            return;
+        }
+        match write_atomically(path, &version.text) {
+            Ok(()) => {
+                remember(&version.text);
+                tracing::info!(version = version.version, file = %path.display(),
+                    "wrote the approved version into the configuration file");
+            }
+            Err(e) => tracing::warn!(error = %e, file = %path.display(),
+                "the approved version could not be written into the configuration file"),
+        }
     }
 
     /// Stops every live session's sandbox and proxy; those with messages waiting start

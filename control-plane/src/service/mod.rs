@@ -184,6 +184,9 @@ pub struct Service {
     manager: Arc<Manager>,
     /// When this service started, in Unix seconds.
     started_at: i64,
+    /// The configuration file it was started with, kept in step with the approved
+    /// version (see `write_back`).
+    config_file: std::path::PathBuf,
     provider: std::sync::RwLock<Arc<AnyProvider>>,
     limits: ProxyLimits,
     /// Change requests per agent per minute.
@@ -267,6 +270,7 @@ impl Service {
     /// the last run ended, and starts the supervisor, the sweeper and every session that
     /// has work waiting.
     pub async fn start(
+        config_file: std::path::PathBuf,
         file_text: String,
         state: StateDir,
         master: MasterKey,
@@ -347,6 +351,7 @@ impl Service {
             deleting: std::sync::Mutex::new(std::collections::HashSet::new()),
             outbound: watch::channel(0).0,
             tasks: std::sync::Mutex::new(Vec::new()),
+            config_file,
         });
         let supervisor = service.manager.supervise(Duration::from_millis(500));
         let events = tokio::spawn(sandbox_events_loop(
