@@ -72,6 +72,59 @@ pub const CHECKS: [(&str, &str); 12] = [
     ("deploy", "sealed credentials have a TPM to seal them to"),
 ];
 
+/// What `doctor --probe` found of one outside service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Probe {
+    pub what: &'static str,
+    /// What answered, or what went wrong and at which address.
+    pub result: Result<String, String>,
+}
+
+/// One real call to the configured model and to Telegram's `getMe`, for
+/// `doctor --probe`: each result names the exact failure (refused connection, DNS, TLS,
+/// a status with the address tried).
+pub async fn probe(config: &crate::config::Config) -> Vec<Probe> {
+    use crate::model::Provider;
+    use queue_proto::proxy::{ChatMessage, ContentBlock, ModelRequest, Role};
+    let model = match crate::service::provider(config) {
+        Err(e) => Err(crate::error_chain(&e)),
+        Ok(p) => {
+            let request = ModelRequest {
+                system: String::new(),
+                messages: vec![ChatMessage {
+                    role: Role::User,
+                    content: vec![ContentBlock::Text {
+                        text: "Reply with the word ok.".into(),
+                    }],
+                }],
+                tools: Vec::new(),
+                max_tokens: 16,
+            };
+            let started = std::time::Instant::now();
+            match p.complete(&request).await {
+                Ok(r) => Ok(format!(
+                    "{} answered in {} ms ({} tokens)",
+                    p.name(),
+                    started.elapsed().as_millis(),
+                    r.usage.input_tokens.saturating_add(r.usage.output_tokens)
+                )),
+                Err(e) => Err(format!("{}: {e}", p.name())),
+            }
+        }
+    };
+    let mut out = vec![Probe {
+        what: "model",
+        result: model,
+    }];
+    if let Some(tg) = &config.channels.telegram {
+        out.push(Probe {
+            what: "telegram",
+            result: crate::channels::telegram::probe(tg).await,
+        });
+    }
+    out
+}
+
 /// Where `deploy/install` seals the master key as a systemd credential.
 pub const SEALED_MASTER_KEY: &str = "/etc/ironclaw/master-key.cred";
 

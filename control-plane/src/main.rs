@@ -94,6 +94,9 @@ enum Cmd {
         /// Print the findings as JSON
         #[arg(long)]
         json: bool,
+        /// Also make one real call to the configured model and to Telegram's getMe
+        #[arg(long)]
+        probe: bool,
     },
     /// Print a shell completion script
     Completions {
@@ -233,7 +236,7 @@ fn main() -> ExitCode {
         Cmd::Config(ConfigCmd::Show { approved }) => config_show(&state, approved),
         Cmd::Audit(AuditCmd::Verify) => audit_verify(&state),
         Cmd::Audit(AuditCmd::Export) => audit_export(&state),
-        Cmd::Doctor { json } => doctor(&state, json),
+        Cmd::Doctor { json, probe } => doctor(&state, json, probe),
         Cmd::Completions { shell } => completions(shell),
         Cmd::Manpage => manpage(),
     };
@@ -804,9 +807,55 @@ fn changes_decide(state: &StateDir, id: &str, verdict: Verdict) -> CliResult {
     }
 }
 
-fn doctor(state: &StateDir, json: bool) -> CliResult {
-    use control_plane::doctor::Severity;
-    let findings = control_plane::doctor::run(state);
+/// The configuration that runs: the approved version if this user can read it, else
+/// the file.
+fn config_in_force(state: &StateDir) -> Result<Config, Box<dyn std::error::Error>> {
+    let approved = open_store(state)
+        .ok()
+        .and_then(|(s, _)| s.current_config().ok().flatten())
+        .map(|v| v.text);
+    let text = match approved {
+        Some(t) => t,
+        None => Config::read_text(&state.config()).map_err(|e| chain(&e))?,
+    };
+    Ok(Config::parse(&text).map_err(|e| chain(&e))?)
+}
+
+fn doctor(state: &StateDir, json: bool, probe: bool) -> CliResult {
+    use control_plane::doctor::{Finding, Severity};
+    let mut findings = control_plane::doctor::run(state);
+    let mut probed = Vec::new();
+    if probe {
+        match config_in_force(state) {
+            Ok(config) => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                probed = runtime.block_on(control_plane::doctor::probe(&config));
+            }
+            Err(e) => probed.push(control_plane::doctor::Probe {
+                what: "model",
+                result: Err(format!("no configuration to probe: {e}")),
+            }),
+        }
+        for p in &probed {
+            if let Err(why) = &p.result {
+                findings.insert(
+                    0,
+                    Finding {
+                        id: if p.what == "telegram" {
+                            "probe.telegram-failed"
+                        } else {
+                            "probe.model-failed"
+                        },
+                        severity: Severity::Critical,
+                        problem: why.clone(),
+                        fix: "correct the address, the key or token file, or start the service it names; then probe again",
+                    },
+                );
+            }
+        }
+    }
     if json {
         out!("{}", serde_json::to_string_pretty(&findings)?);
     } else {
@@ -822,6 +871,12 @@ fn doctor(state: &StateDir, json: bool) -> CliResult {
                 printable(&f.problem),
                 f.fix
             );
+        }
+        for p in &probed {
+            match &p.result {
+                Ok(said) => out!("probe     {:<10} ok: {}", p.what, printable(said)),
+                Err(_) => out!("probe     {:<10} FAILED (above)", p.what),
+            }
         }
         out!("checked:");
         for (prefix, what) in control_plane::doctor::CHECKS {

@@ -342,6 +342,8 @@ async fn answer(
                 .push((q.to_owned(), text.to_owned()));
             ok(Value::Bool(true))
         }
+        "getMe" => ok(json!({ "id": 1, "is_bot": true, "first_name": "IronClaw",
+                                "username": "ironclaw_test_bot" })),
         "sendChatAction" => {
             match (
                 body.get("chat_id").and_then(Value::as_i64),

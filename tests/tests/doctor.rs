@@ -435,3 +435,85 @@ fn doctor_lists_what_it_checked_and_whether_serve_runs() {
     );
     assert!(!shown.contains("no configuration"), "{shown}");
 }
+
+/// `doctor --probe` against a model and a Telegram that each fail in one way, then work:
+/// what it printed.
+fn probe(state: &std::path::Path) -> (i32, String) {
+    let out = Command::new(ironclaw_bin())
+        .args(["doctor", "--probe", "--state-dir"])
+        .arg(state)
+        .env("IRONCLAW_AGENT_BIN", agent_bin())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn a_probe_names_the_exact_failure_of_the_model_and_of_telegram() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let missing = rt.block_on(tests::fake_http::FakeHttp::start(vec![
+        tests::fake_http::Scripted::status(404),
+    ]));
+    let echo = rt.block_on(tests::fake_model::start_echo_model());
+    let tg = rt.block_on(tests::fake_telegram::FakeTelegram::start("42:right-token"));
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("tg.token");
+    std::fs::write(&token, "42:wrong-token").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let model = |base: &str| format!("provider = \"openai\"\nbase_url = \"{base}\"\nmodel = \"m\"");
+    let telegram = format!(
+        "[channels.telegram]\ntoken_file = \"{}\"\napi_base = \"{}\"\nallowed_users = [1]\n\n[operators]",
+        token.display(),
+        tg.http.base()
+    );
+    for (base, says) in [
+        (
+            format!("http://127.0.0.1:{closed}"),
+            "Connection refused".to_owned(),
+        ),
+        (
+            missing.base(),
+            format!("status 404 from {}/v1/chat/completions", missing.base()),
+        ),
+    ] {
+        let (_d, s) = state(|t| {
+            t.replacen("provider = \"demo\"", &model(&base), 1)
+                .replacen("[operators]", &telegram, 1)
+        });
+        let (code, shown) = probe(&s);
+        assert_eq!(code, 1, "{shown}");
+        let failed = shown
+            .lines()
+            .skip_while(|l| !l.contains("probe.model-failed"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("{shown}"));
+        assert!(failed.contains(&says), "{says}: {failed}");
+        assert!(
+            shown.contains("probe.telegram-failed")
+                && shown.contains("refused the bot token (status 401)"),
+            "{shown}"
+        );
+        assert!(!shown.contains("wrong-token"), "the token is never shown");
+    }
+    // Both answer: the probe says who.
+    std::fs::write(&token, "42:right-token").unwrap();
+    let (_d, s) = state(|t| {
+        t.replacen("provider = \"demo\"", &model(&echo.base()), 1)
+            .replacen("[operators]", &telegram, 1)
+    });
+    let (code, shown) = probe(&s);
+    assert_eq!(code, 0, "{shown}");
+    assert!(shown.contains("model      ok: openai answered"), "{shown}");
+    assert!(
+        shown.contains("telegram   ok: the bot is @ironclaw_test_bot"),
+        "{shown}"
+    );
+}

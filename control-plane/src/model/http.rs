@@ -230,7 +230,10 @@ pub fn client() -> reqwest::Client {
 }
 
 fn header(name: &'static str, value: &str) -> Result<(HeaderName, HeaderValue), ProviderError> {
-    let mut v = HeaderValue::from_str(value).map_err(|_| ProviderError::Refused { status: 0 })?;
+    let mut v = HeaderValue::from_str(value).map_err(|_| ProviderError::Refused {
+        status: 0,
+        at: String::new(),
+    })?;
     v.set_sensitive(true);
     Ok((HeaderName::from_static(name), v))
 }
@@ -331,6 +334,7 @@ async fn once(
         // Includes every 3xx: redirects are not followed.
         return Err(ProviderError::Refused {
             status: status.as_u16(),
+            at: url.to_string(),
         });
     }
     let mut out = Vec::new();

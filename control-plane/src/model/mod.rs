@@ -30,8 +30,12 @@ pub enum ProviderError {
         status: u16,
         retry_after_secs: Option<u64>,
     },
-    #[error("the provider refused the request (status {status})")]
-    Refused { status: u16 },
+    #[error("the provider refused the request (status {status}{})", if at.is_empty() { String::new() } else { format!(" from {at}") })]
+    Refused {
+        status: u16,
+        /// The address that answered (no key is ever part of it), if one did.
+        at: String,
+    },
     #[error("the provider's answer could not be understood")]
     BadAnswer,
 }

@@ -48,6 +48,45 @@ impl std::fmt::Debug for Telegram {
     }
 }
 
+/// One `getMe` call with the configured token (`doctor --probe`): the bot's name, or
+/// what went wrong and at which address. The token is never part of the answer.
+pub async fn probe(cfg: &TelegramConfig) -> Result<String, String> {
+    use api::CallError;
+    let tg = Telegram::new(cfg).map_err(|e| crate::error_chain(&e))?;
+    let at = tg.api.endpoint().join("/bot<token>/getMe");
+    let answer = tg
+        .api
+        .call::<serde_json::Value>(
+            "getMe",
+            &serde_json::json!({}),
+            std::time::Duration::from_secs(15),
+            64 * 1024,
+        )
+        .await;
+    match answer {
+        Ok(Some(me)) => Ok(format!(
+            "the bot is @{}",
+            me["username"].as_str().unwrap_or("(no name)")
+        )),
+        Ok(None) => Err(format!("{at} answered without a bot")),
+        Err(CallError::Status {
+            code: code @ (401 | 404),
+            ..
+        }) => Err(format!(
+            "{at} refused the bot token (status {code}): it is wrong or was revoked; get one from @BotFather"
+        )),
+        Err(CallError::Status {
+            code, description, ..
+        }) => Err(format!("{at} answered status {code}: {description}")),
+        Err(CallError::Network) => Err(format!(
+            "{at} could not be reached (connection refused, no route, DNS or TLS)"
+        )),
+        Err(CallError::Uncertain | CallError::TooLarge(_)) => {
+            Err(format!("{at} did not give a whole answer"))
+        }
+    }
+}
+
 impl Telegram {
     pub fn new(cfg: &TelegramConfig) -> Result<Telegram, ChannelError> {
         let token = ApiKey::from_file(&cfg.token_file).map_err(|source| ChannelError::Token {
