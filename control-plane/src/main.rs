@@ -284,7 +284,21 @@ fn init(state: &StateDir) -> CliResult {
         state.master_key().display()
     );
     out!("  control store  {}", state.store().display());
-    out!("next: ironclaw serve --state-dir {}", state.root.display());
+    // The next step must work as written: serve needs the static agent.
+    let agent = control_plane::sandbox::agent_binary::resolve(None);
+    match control_plane::sandbox::agent_binary::require_static(&agent) {
+        Ok(()) => out!("next: ironclaw serve --state-dir {}", state.root.display()),
+        Err(e) => {
+            out!("the sandbox's agent is not ready: {}", chain(&e));
+            out!(
+                "next: in the source tree, scripts/build-static (it prints the agent's path), then"
+            );
+            out!(
+                "      IRONCLAW_AGENT_BIN=<that path> ironclaw serve --state-dir {}",
+                state.root.display()
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -320,6 +334,7 @@ async fn run(
     if let Some(cfg) = &service.config().admin_api {
         tasks.push(control_plane::admin_api::start(service.clone(), cfg));
     }
+    notify_ready();
     match service.status() {
         Ok(s) => tracing::info!(
             release = %s.release,
@@ -357,6 +372,26 @@ async fn run(
     let _ = std::fs::remove_file(state.admin_socket());
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Tells systemd (`Type=notify`) that serve is ready: `READY=1` on `$NOTIFY_SOCKET`, a
+/// path or an abstract name (`@...`), if the variable is set.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = name.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name),
+        None => SocketAddr::from_pathname(&name),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(b"READY=1", &a));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "telling systemd that serve is ready failed");
+    }
 }
 
 fn send(state: &StateDir, session: &str, wait: u64, raw: bool, text: &[String]) -> CliResult {

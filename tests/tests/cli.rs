@@ -374,3 +374,82 @@ fn send_takes_its_flags_before_or_after_the_text() {
         );
     }
 }
+
+#[test]
+fn inits_next_step_works_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s");
+    let state_arg = state.to_str().unwrap().to_owned();
+    // Without an agent where serve would look, init says how to get one.
+    let out = Command::new(ironclaw_bin())
+        .args(["init", "--state-dir", &state_arg])
+        .env("IRONCLAW_AGENT_BIN", "/nonexistent/ironclaw-agent")
+        .output()
+        .unwrap();
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("scripts/build-static") && said.contains("IRONCLAW_AGENT_BIN="),
+        "{said}"
+    );
+    std::fs::remove_dir_all(&state).unwrap();
+    // From the source tree after scripts/build-static, the next line is the whole step.
+    let out = Command::new(ironclaw_bin())
+        .args(["init", "--state-dir", &state_arg])
+        .env_remove("IRONCLAW_AGENT_BIN")
+        .output()
+        .unwrap();
+    let said = text(&out.stdout);
+    let next = said.lines().last().unwrap();
+    assert_eq!(
+        next,
+        format!("next: ironclaw serve --state-dir {state_arg}"),
+        "{said}"
+    );
+    let mut serve = Command::new(ironclaw_bin())
+        .args(["serve", "--state-dir", &state_arg])
+        .env_remove("IRONCLAW_AGENT_BIN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut answered = false;
+    while std::time::Instant::now() < deadline {
+        let out = ironclaw(&["send", "--state-dir", &state_arg, "--wait", "60", "hello"]);
+        if out.status.success() {
+            answered = text(&out.stdout).contains("You said: hello");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(serve.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    );
+    let out = serve.wait_with_output().unwrap();
+    assert!(answered, "serve as init said: {}", text(&out.stderr));
+}
+
+#[test]
+fn serve_tells_systemd_when_it_is_ready() {
+    let dir = tempfile::Builder::new()
+        .prefix("icn")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let path = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut s = tests::service::Serve::init(
+        "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n",
+    );
+    s.env.push(("NOTIFY_SOCKET".into(), path.clone()));
+    s.start();
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means usable: the admin socket answers.
+    assert_eq!(s.send("console", "hello", 60).unwrap().0, "answered");
+}

@@ -76,3 +76,72 @@ fn the_unit_verifies_and_every_directive_is_explained() {
         assert!(!unit.contains(absent), "{absent} would stop runsc");
     }
 }
+
+/// The Debian packages `scripts/setup what` would install on a machine that has none:
+/// `dpkg-query` and `apt-get` are stand-ins that say nothing is installed and record
+/// what is asked for.
+fn packages_asked_by_setup(what: &str) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let asked = dir.path().join("asked");
+    for (name, body) in [
+        ("dpkg-query", "exit 1\n".to_owned()),
+        (
+            "apt-get",
+            format!(
+                "[ \"$1\" = install ] && printf '%s\\n' \"$@\" >> {}\nexit 0\n",
+                asked.display()
+            ),
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/setup"))
+        .arg(what)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(&asked)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('-') && *l != "install")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn running_the_assistant_installs_nothing_only_the_tests_need() {
+    let run = packages_asked_by_setup("run");
+    for needed in ["runsc", "e2fsprogs", "iproute2"] {
+        assert!(run.iter().any(|p| p == needed), "{needed} in {run:?}");
+    }
+    for test_only in [
+        "runc",
+        "chromium",
+        "chromium-driver",
+        "systemd",
+        "fonts-liberation",
+    ] {
+        assert!(
+            !run.iter().any(|p| p == test_only),
+            "{test_only} in {run:?}"
+        );
+    }
+    let test = packages_asked_by_setup("test");
+    for needed in ["runsc", "runc", "chromium", "chromium-driver"] {
+        assert!(test.iter().any(|p| p == needed), "{needed} in {test:?}");
+    }
+}

@@ -34,7 +34,9 @@ pub enum AgentBinaryError {
 }
 
 /// The agent binary: the configured path, else `$IRONCLAW_AGENT_BIN`, else
-/// `ironclaw-agent` next to this executable.
+/// `ironclaw-agent` next to this executable, else (in a source tree, where `ironclaw`
+/// is `target/<profile>/ironclaw`) the static one `scripts/build-static` leaves in
+/// `target/x86_64-unknown-linux-gnu/release/`.
 pub fn resolve(configured: Option<&Path>) -> PathBuf {
     resolve_from(
         configured,
@@ -51,9 +53,26 @@ fn resolve_from(configured: Option<&Path>, var: Option<OsString>, exe: Option<Pa
     if let Some(p) = var {
         return PathBuf::from(p);
     }
-    exe.and_then(|e| e.parent().map(|d| d.join(AGENT_FILE_NAME)))
-        .unwrap_or_else(|| PathBuf::from(AGENT_FILE_NAME))
+    let Some(dir) = exe.as_deref().and_then(Path::parent) else {
+        return PathBuf::from(AGENT_FILE_NAME);
+    };
+    let beside = dir.join(AGENT_FILE_NAME);
+    let built = dir
+        .parent()
+        .filter(|target| target.file_name().is_some_and(|n| n == "target"))
+        .map(|target| target.join(STATIC_BUILD_DIR).join(AGENT_FILE_NAME));
+    // The first static one; else the first there is (to be reported as it is).
+    let candidates: Vec<PathBuf> = std::iter::once(beside.clone()).chain(built).collect();
+    candidates
+        .iter()
+        .find(|p| require_static(p).is_ok())
+        .or_else(|| candidates.iter().find(|p| p.exists()))
+        .cloned()
+        .unwrap_or(beside)
 }
+
+/// Where `scripts/build-static` leaves its binaries, under `target/`.
+const STATIC_BUILD_DIR: &str = "x86_64-unknown-linux-gnu/release";
 
 /// Refuses an agent binary that cannot be read or is not statically linked.
 pub fn require_static(path: &Path) -> Result<(), AgentBinaryError> {
@@ -399,5 +418,47 @@ mod tests {
             Path::new("/usr/local/bin/ironclaw-agent")
         );
         assert_eq!(resolve_from(None, None, None), Path::new(AGENT_FILE_NAME));
+    }
+
+    #[test]
+    fn in_a_source_tree_the_static_build_is_found_unless_one_is_beside_ironclaw() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        let release = target.join("release");
+        let built = target.join(STATIC_BUILD_DIR);
+        std::fs::create_dir_all(&release).unwrap();
+        std::fs::create_dir_all(&built).unwrap();
+        let exe = || Some(release.join("ironclaw"));
+        // Nothing built yet: the place next to ironclaw is named (and reported missing).
+        assert_eq!(
+            resolve_from(None, None, exe()),
+            release.join(AGENT_FILE_NAME)
+        );
+        // A dynamic agent beside ironclaw (what `cargo build --workspace` leaves) loses
+        // to the static build; a static one beside it wins.
+        std::fs::write(
+            release.join(AGENT_FILE_NAME),
+            elf(ET_DYN, &[(PT_INTERP, b"/lib64/ld".to_vec())]),
+        )
+        .unwrap();
+        assert_eq!(
+            resolve_from(None, None, exe()),
+            release.join(AGENT_FILE_NAME),
+            "only one there"
+        );
+        std::fs::write(built.join(AGENT_FILE_NAME), elf(ET_EXEC, &[load()])).unwrap();
+        assert_eq!(resolve_from(None, None, exe()), built.join(AGENT_FILE_NAME));
+        std::fs::write(release.join(AGENT_FILE_NAME), elf(ET_EXEC, &[load()])).unwrap();
+        assert_eq!(
+            resolve_from(None, None, exe()),
+            release.join(AGENT_FILE_NAME)
+        );
+        // Outside a target directory nothing else is looked for.
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        assert_eq!(
+            resolve_from(None, None, Some(bin.join("ironclaw"))),
+            bin.join(AGENT_FILE_NAME)
+        );
     }
 }
