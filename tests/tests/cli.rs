@@ -405,7 +405,7 @@ fn inits_next_step_works_as_written() {
         format!("next: ironclaw serve --state-dir {state_arg}"),
         "{said}"
     );
-    let mut serve = Command::new(ironclaw_bin())
+    let serve = Command::new(ironclaw_bin())
         .args(["serve", "--state-dir", &state_arg])
         .env_remove("IRONCLAW_AGENT_BIN")
         .stdin(Stdio::null())
