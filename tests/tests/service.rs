@@ -576,7 +576,10 @@ fn console_sends_back_to_back_each_get_exactly_their_reply() {
                     assert_eq!(state, "answered");
                     assert_eq!(
                         replies,
-                        vec![format!("{DEMO_LABEL} You said: quick {i}")],
+                        vec![control_plane::model::demo::reply(
+                            &format!("quick {i}"),
+                            i == 0
+                        )],
                         "{session}, message {i}"
                     );
                 }

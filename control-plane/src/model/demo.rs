@@ -10,6 +10,28 @@ use super::{Provider, ProviderError};
 /// The label every demo reply starts with.
 pub const DEMO_LABEL: &str = "[demo model, not an AI]";
 
+/// What the first demo reply of a conversation adds: what IronClaw is, what the real
+/// agent does, and how to switch to a real model.
+pub const INTRO: &str = "This is IronClaw, a private assistant. Its agent runs in a gVisor \
+sandbox with no network: it reads only your messages and reaches only the model you \
+approve, and nothing about it changes unless an operator approves the exact change. With \
+a real model it answers, keeps notes and sets reminders. This reply comes from the \
+offline demo model, which only echoes. To use a real one, edit [model] in config.toml: \
+for Anthropic, provider = \"anthropic\", base_url = \"https://api.anthropic.com\", \
+model = \"claude-sonnet-4-5\", api_key_file = \"/etc/ironclaw/model.key\"; for Ollama, \
+provider = \"openai\", base_url = \"http://127.0.0.1:11434/v1\", model = \"llama3.1\". \
+Then send serve a SIGHUP and approve the change: ironclaw changes list, then \
+ironclaw changes approve ID.";
+
+/// The demo's reply to `echo`; the first of a conversation carries [`INTRO`].
+pub fn reply(echo: &str, first: bool) -> String {
+    let echo: String = echo.chars().take(500).collect();
+    match first {
+        true => format!("{DEMO_LABEL} You said: {echo}\n\n{INTRO}"),
+        false => format!("{DEMO_LABEL} You said: {echo}"),
+    }
+}
+
 /// The scripted offline provider.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DemoProvider;
@@ -40,8 +62,8 @@ impl DemoProvider {
                 StopReason::EndTurn,
             )
         } else {
-            let echo: String = user_text.chars().take(500).collect();
-            let reply = format!("{DEMO_LABEL} You said: {echo}");
+            // A conversation's first request holds its one user message.
+            let reply = reply(user_text, request.messages.len() == 1);
             let call = ContentBlock::ToolUse {
                 id: format!("demo-{}", request.messages.len()),
                 name: "reply".into(),
@@ -109,7 +131,19 @@ mod tests {
             panic!("{first:?}")
         };
         assert_eq!(name, "reply");
-        assert_eq!(input["text"], format!("{DEMO_LABEL} You said: hello"));
+        // The first reply of a conversation says what IronClaw is and how to leave the demo.
+        let text = input["text"].as_str().unwrap();
+        assert!(text.starts_with(&format!("{DEMO_LABEL} You said: hello\n\n{INTRO}")));
+        assert!(text.contains("provider = \"anthropic\"") && text.contains("11434"));
+        // A later one only echoes.
+        let later = DemoProvider::answer(&request(
+            vec![user("hello"), user("again"), user("and again")],
+            true,
+        ));
+        let ContentBlock::ToolUse { input, .. } = &later.content[0] else {
+            panic!("{later:?}")
+        };
+        assert_eq!(input["text"], format!("{DEMO_LABEL} You said: and again"));
 
         let result = ChatMessage {
             role: Role::User,
