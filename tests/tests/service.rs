@@ -9,7 +9,6 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use control_plane::model::demo::DEMO_LABEL;
 use control_plane::service::notice;
 use serde_json::{Value, json};
 use tests::fake_model::{ECHO, start_echo_model};
