@@ -452,14 +452,22 @@ fn store(
         .changes(false, 10_000)
         .map(|c| c.len())
         .unwrap_or_default();
-    if file_text.is_some_and(|f| f != current.text) || pending > 0 {
+    let differs = file_text.is_some_and(|f| f != current.text);
+    if differs || pending > 0 {
+        let mut parts = Vec::new();
+        if differs {
+            parts.push(format!(
+                "the configuration file differs from approved version {} (a running serve files it as a change request at its next SIGHUP or start)",
+                current.version
+            ));
+        }
+        if pending > 0 {
+            parts.push(format!("{pending} change requests wait for a decision"));
+        }
         r.add(
             "config.drift-pending",
             Severity::Warning,
-            format!(
-                "the configuration file differs from approved version {}, or {pending} change requests wait for a decision",
-                current.version
-            ),
+            parts.join("; "),
             "review with `ironclaw changes list` and decide; an edit takes effect only once approved",
         );
     }

@@ -493,7 +493,15 @@ fn status(state: &StateDir, json: bool) -> CliResult {
     out!("state         {dir}");
     out!("config        version {} in force", s.config_version);
     out!("model         {}", printable(&s.model));
-    out!("channels      {}", s.channels.join(", "));
+    if s.after_restart.is_empty() {
+        out!("channels      {}", s.channels.join(", "));
+    } else {
+        out!(
+            "channels      {} ({} once serve restarts)",
+            s.channels.join(", "),
+            s.after_restart.join(", ")
+        );
+    }
     out!(
         "sessions      {} ({} sandboxes running, at most {})",
         s.sessions,
@@ -608,7 +616,7 @@ fn unexpected() -> Box<dyn std::error::Error> {
 
 fn when(secs: i64) -> String {
     let now = control_plane::state::now_secs();
-    if secs >= now {
+    if secs > now {
         format!("in {}", span(secs - now))
     } else {
         format!("{} ago", span(now - secs))
@@ -842,18 +850,22 @@ fn changes_decide(state: &StateDir, id: &str, verdict: Verdict) -> CliResult {
     }
 }
 
-/// The configuration that runs: the approved version if this user can read it, else
-/// the file.
-fn config_in_force(state: &StateDir) -> Result<Config, Box<dyn std::error::Error>> {
-    let approved = open_store(state)
+/// The configuration a probe tries: the file, which is what an operator edits and is
+/// about to approve (the same as the approved version when nothing waits); if it does
+/// not parse, the approved version.
+fn config_to_probe(state: &StateDir) -> Result<Config, Box<dyn std::error::Error>> {
+    let file = Config::read_text(&state.config())
         .ok()
-        .and_then(|(s, _)| s.current_config().ok().flatten())
-        .map(|v| v.text);
-    let text = match approved {
-        Some(t) => t,
-        None => Config::read_text(&state.config()).map_err(|e| chain(&e))?,
-    };
-    Ok(Config::parse(&text).map_err(|e| chain(&e))?)
+        .and_then(|t| Config::parse(&t).ok());
+    if let Some(config) = file {
+        return Ok(config);
+    }
+    let (store, _) = open_store(state)?;
+    let approved = store
+        .current_config()
+        .map_err(|e| chain(&e))?
+        .ok_or("the configuration file does not parse and none is approved")?;
+    Ok(Config::parse(&approved.text).map_err(|e| chain(&e))?)
 }
 
 fn doctor(state: &StateDir, json: bool, probe: bool) -> CliResult {
@@ -861,7 +873,7 @@ fn doctor(state: &StateDir, json: bool, probe: bool) -> CliResult {
     let mut findings = control_plane::doctor::run(state);
     let mut probed = Vec::new();
     if probe {
-        match config_in_force(state) {
+        match config_to_probe(state) {
             Ok(config) => {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()

@@ -1147,6 +1147,21 @@ fn an_approved_change_that_waits_for_a_restart_says_so() {
         "{said}"
     );
     assert!(s.log_text().contains("the channels changed"));
+    let status = s.cli(&["status"]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("channels      console (bridge once serve restarts)"),
+        "{status}"
+    );
+    // After the restart it listens.
+    s.stop();
+    s.start();
+    let status = s.cli(&["status"]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("channels      console, bridge\n"),
+        "{status}"
+    );
 }
 
 #[test]

@@ -39,11 +39,28 @@ pub struct Status {
     pub model: String,
     /// The channels and interfaces listening: `console`, `telegram`, `bridge`, `admin_api`.
     pub channels: Vec<String>,
+    /// Those the configuration in force names but that listen only once serve restarts.
+    pub after_restart: Vec<String>,
     pub sessions: u64,
     pub sandboxes_live: u64,
     pub max_live: u64,
     pub pending_changes: u64,
     pub last_warning: Option<crate::logging::Warning>,
+}
+
+/// The channels and interfaces `config` names, as `status` calls them.
+pub(super) fn channel_names(config: &crate::config::Config) -> Vec<String> {
+    let mut names = vec!["console".to_owned()];
+    names.extend(
+        config
+            .channels
+            .telegram
+            .as_ref()
+            .map(|_| "telegram".to_owned()),
+    );
+    names.extend(config.channels.bridge.as_ref().map(|_| "bridge".to_owned()));
+    names.extend(config.admin_api.as_ref().map(|_| "admin_api".to_owned()));
+    names
 }
 
 impl Service {
@@ -56,16 +73,11 @@ impl Service {
             Some(m) => format!("{provider} {m}"),
             None => provider,
         };
-        let mut channels = vec!["console".to_owned()];
-        channels.extend(
-            config
-                .channels
-                .telegram
-                .as_ref()
-                .map(|_| "telegram".to_owned()),
-        );
-        channels.extend(config.channels.bridge.as_ref().map(|_| "bridge".to_owned()));
-        channels.extend(config.admin_api.as_ref().map(|_| "admin_api".to_owned()));
+        let channels = self.listening.clone();
+        let after_restart = channel_names(&config)
+            .into_iter()
+            .filter(|c| !channels.contains(c))
+            .collect();
         Ok(Status {
             release: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
@@ -73,6 +85,7 @@ impl Service {
             config_version: health.version,
             model,
             channels,
+            after_restart,
             sessions: health.sessions,
             sandboxes_live: self.manager.live() as u64,
             max_live: config.sandbox.max_live as u64,

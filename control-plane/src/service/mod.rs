@@ -187,6 +187,8 @@ pub struct Service {
     /// The configuration file it was started with, kept in step with the approved
     /// version (see `write_back`).
     config_file: std::path::PathBuf,
+    /// The channels and interfaces started with it; they change only at a restart.
+    listening: Vec<String>,
     provider: std::sync::RwLock<Arc<AnyProvider>>,
     limits: ProxyLimits,
     /// Change requests per agent per minute.
@@ -329,6 +331,7 @@ impl Service {
         )?;
         let (manager, sandbox_events) =
             blocking(|| Manager::new(runtime, settings)).map_err(ServiceError::Manager)?;
+        let listening = calls::channel_names(&config);
         let service = Arc::new(Service {
             effective: std::sync::RwLock::new(Arc::new(Effective {
                 config: Arc::new(config),
@@ -352,6 +355,7 @@ impl Service {
             outbound: watch::channel(0).0,
             tasks: std::sync::Mutex::new(Vec::new()),
             config_file,
+            listening,
         });
         let supervisor = service.manager.supervise(Duration::from_millis(500));
         let events = tokio::spawn(sandbox_events_loop(

@@ -53,7 +53,8 @@ impl std::fmt::Debug for Telegram {
 pub async fn probe(cfg: &TelegramConfig) -> Result<String, String> {
     use api::CallError;
     let tg = Telegram::new(cfg).map_err(|e| crate::error_chain(&e))?;
-    let at = tg.api.endpoint().join("/bot<token>/getMe");
+    let base = tg.api.endpoint().join("");
+    let at = format!("{}/bot<token>/getMe", base.as_str().trim_end_matches('/'));
     let answer = tg
         .api
         .call::<serde_json::Value>(
