@@ -277,6 +277,13 @@ max_requests_per_minute = 100000
         assert!(t["summary"]["tools"]["request_change"].as_u64().unwrap() > 0);
     }
 
+    // Each request that waits for an operator reaches the log, with how to see it.
+    let log = s.log_text();
+    assert!(
+        log.contains("a change request waits for an operator: ironclaw changes show c"),
+        "{log}"
+    );
+
     // An operator's approval is what it takes: then it applies, named as the operator.
     let candidate = pending
         .iter()
@@ -295,6 +302,22 @@ max_requests_per_minute = 100000
     assert_eq!(s.versions().len(), 2);
     let out = s.cli(&["audit", "verify"]);
     assert!(out.status.success());
+
+    // The agent's approved change was written into the file, so a SIGHUP with the file
+    // untouched files nothing, and never a request to undo it.
+    let approved = s.cli(&["config", "show", "--approved"]);
+    let file = std::fs::read_to_string(s.state.join("config.toml")).unwrap();
+    assert_eq!(String::from_utf8_lossy(&approved.stdout), file);
+    let from_file = |s: &Serve| {
+        s.changes(true)
+            .into_iter()
+            .filter(|c| c.requester == "config-file")
+            .count()
+    };
+    let before = from_file(&s);
+    s.hup();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(from_file(&s), before, "no undo request");
 }
 
 #[test]

@@ -164,6 +164,10 @@ impl Service {
             Ok(filed) => {
                 if filed.state == ChangeState::Pending {
                     self.prompts.notify_one();
+                    // The operator hears of every request waiting for them.
+                    tracing::warn!(change = %filed.id, requester = %filed.requester,
+                        target = %filed.target, risk = filed.risk,
+                        "a change request waits for an operator: ironclaw changes show {}", filed.id);
                 }
                 Some(filed)
             }
