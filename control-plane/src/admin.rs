@@ -75,6 +75,8 @@ pub enum Request {
     Health,
     /// The service at a glance (`ironclaw status`).
     Status,
+    /// The approved configuration in force (`ironclaw config show --approved`).
+    ConfigShow,
     /// At most `limit` audit entries after sequence number `after`, oldest first.
     AuditPage {
         after: i64,
@@ -117,6 +119,10 @@ pub enum Response {
     },
     Audit(Vec<crate::audit::Entry>),
     Status(Box<crate::service::Status>),
+    Config {
+        version: u64,
+        text: String,
+    },
     Error(Failure),
 }
 
@@ -449,6 +455,13 @@ pub(crate) async fn handle(
             },
             Err(e) => Response::Error(Failure::from(&e)),
         },
+        Request::ConfigShow => {
+            let e = service.effective();
+            Response::Config {
+                version: e.version,
+                text: e.text.clone(),
+            }
+        }
         Request::Status => match service.status() {
             Ok(s) => Response::Status(Box::new(s)),
             Err(e) => Response::Error(Failure::from(&e)),

@@ -283,14 +283,15 @@ fn key_files(t: &toml::Table, r: &mut Report) {
                 format!("{name} = {path:?} cannot be read: {e}"),
                 "write the key or token into that file (mode 0600, owned by root), or correct the path",
             ),
-            Ok(m) if m.mode() & 0o077 != 0 => r.add(
+            Ok(m) if m.mode() & 0o077 != 0 || m.uid() != 0 => r.add(
                 "files.exposed",
                 Severity::Critical,
                 format!(
-                    "{name} = {path:?} is mode {:o}: others may read the secret",
-                    m.mode() & 0o777
+                    "{name} = {path:?} is mode {:o}, owner uid {}: others may read or replace the secret",
+                    m.mode() & 0o777,
+                    m.uid()
                 ),
-                "chmod 0600 the file",
+                "chown root and chmod 0600 the file",
             ),
             Ok(_) => {}
         }

@@ -497,7 +497,7 @@ fn status(state: &StateDir, json: bool) -> CliResult {
         out!("channels      {}", s.channels.join(", "));
     } else {
         out!(
-            "channels      {} ({} once serve restarts)",
+            "channels      {} (changes to {} wait for a restart)",
             s.channels.join(", "),
             s.after_restart.join(", ")
         );
@@ -850,31 +850,34 @@ fn changes_decide(state: &StateDir, id: &str, verdict: Verdict) -> CliResult {
     }
 }
 
-/// The configuration a probe tries: the file, which is what an operator edits and is
-/// about to approve (the same as the approved version when nothing waits); if it does
-/// not parse, the approved version.
-fn config_to_probe(state: &StateDir) -> Result<Config, Box<dyn std::error::Error>> {
+/// The configuration a probe tries, and what it is: the file, which is what an
+/// operator edits and is about to approve (the same as the approved version when
+/// nothing waits); if it does not parse, the approved version.
+fn config_to_probe(state: &StateDir) -> Result<(Config, String), Box<dyn std::error::Error>> {
     let file = Config::read_text(&state.config())
         .ok()
         .and_then(|t| Config::parse(&t).ok());
     if let Some(config) = file {
-        return Ok(config);
+        return Ok((config, state.config().display().to_string()));
     }
     let (store, _) = open_store(state)?;
     let approved = store
         .current_config()
         .map_err(|e| chain(&e))?
         .ok_or("the configuration file does not parse and none is approved")?;
-    Ok(Config::parse(&approved.text).map_err(|e| chain(&e))?)
+    let config = Config::parse(&approved.text).map_err(|e| chain(&e))?;
+    Ok((config, format!("approved version {}", approved.version)))
 }
 
 fn doctor(state: &StateDir, json: bool, probe: bool) -> CliResult {
     use control_plane::doctor::{Finding, Severity};
     let mut findings = control_plane::doctor::run(state);
     let mut probed = Vec::new();
+    let mut probed_what = String::new();
     if probe {
         match config_to_probe(state) {
-            Ok(config) => {
+            Ok((config, what)) => {
+                probed_what = what;
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
@@ -918,6 +921,9 @@ fn doctor(state: &StateDir, json: bool, probe: bool) -> CliResult {
                 printable(&f.problem),
                 f.fix
             );
+        }
+        if probe {
+            out!("probed    the services named in {probed_what}");
         }
         for p in &probed {
             match &p.result {
@@ -975,16 +981,28 @@ fn open_store(
 
 fn config_show(state: &StateDir, approved: bool) -> CliResult {
     let text = if approved {
-        let (store, _) = open_store(state)?;
-        let current = store.current_config().map_err(|e| chain(&e))?.ok_or(
-            "no configuration has been approved yet: `ironclaw serve` approves the first file",
-        )?;
-        eprintln!("approved configuration version {}", current.version);
-        current.text
+        // From the running serve, which holds the key (after deploy/install there is
+        // no key file); from the store itself when serve is not running.
+        let (version, text) = match ask(state, &Request::ConfigShow, Duration::from_secs(30)) {
+            Ok(Response::Config { version, text }) => (version, text),
+            Ok(_) => return Err(unexpected()),
+            Err(_) if !state.admin_socket().exists() => {
+                let (store, _) = open_store(state)?;
+                let current = store.current_config().map_err(|e| chain(&e))?.ok_or(
+                    "no configuration has been approved yet: `ironclaw serve` approves the first file",
+                )?;
+                (current.version, current.text)
+            }
+            Err(e) => return Err(e),
+        };
+        eprintln!("approved configuration version {version}");
+        text
     } else {
         Config::read_text(&state.config()).map_err(|e| chain(&e))?
     };
-    write_all(text.as_bytes())
+    // An agent's approved words may be in it: shown with control and invisible
+    // characters escaped, as every requester's text is.
+    write_all(printable(&text).as_bytes())
 }
 
 fn audit_verify(state: &StateDir) -> CliResult {

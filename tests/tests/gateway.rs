@@ -1173,7 +1173,7 @@ fn an_approved_change_that_waits_for_a_restart_says_so() {
     let status = s.cli(&["status"]);
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(
-        status.contains("channels      console (bridge once serve restarts)"),
+        status.contains("channels      console (changes to bridge wait for a restart)"),
         "{status}"
     );
     // After the restart it listens.
@@ -1202,6 +1202,18 @@ fn an_approved_change_is_written_back_so_drift_is_only_what_a_person_edits() {
         file.contains("max_live = 9") && file.contains("# "),
         "{file}"
     );
+    // After deploy/install no key file is left: the approved version comes from serve.
+    let key = s.state.join("master.key");
+    let away = s.state.join("master.key.away");
+    std::fs::rename(&key, &away).unwrap();
+    let shown = s.cli(&["config", "show", "--approved"]);
+    std::fs::rename(&away, &key).unwrap();
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&shown.stdout), file);
     // A SIGHUP with the file untouched files nothing, an undo least of all.
     let before = s.changes(true).len();
     s.hup();
@@ -1234,4 +1246,25 @@ fn an_approved_change_is_written_back_so_drift_is_only_what_a_person_edits() {
         .filter(|l| l.starts_with('-') || l.starts_with('+'))
         .collect();
     assert_eq!(diff.len(), 2, "{shown}");
+}
+
+#[test]
+fn a_configuration_file_that_is_a_symlink_is_never_replaced() {
+    let mut s = Serve::init(control_plane::config::DEFAULT_CONFIG);
+    let config = s.state.join("config.toml");
+    let target = s.state.join("managed.toml");
+    std::fs::rename(&config, &target).unwrap();
+    std::os::unix::fs::symlink(&target, &config).unwrap();
+    s.start();
+    let before = std::fs::read_to_string(&target).unwrap();
+    let id = propose(&s, "max_live = 9");
+    assert!(s.cli(&["changes", "approve", &id]).status.success());
+    assert!(
+        std::fs::symlink_metadata(&config)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), before);
+    assert!(s.log_text().contains("symbolic link"), "{}", s.log_text());
 }

@@ -39,7 +39,8 @@ pub struct Status {
     pub model: String,
     /// The channels and interfaces listening: `console`, `telegram`, `bridge`, `admin_api`.
     pub channels: Vec<String>,
-    /// Those the configuration in force names but that listen only once serve restarts.
+    /// Those whose configuration in force (added, removed or changed) takes effect only
+    /// once serve restarts.
     pub after_restart: Vec<String>,
     pub sessions: u64,
     pub sandboxes_live: u64,
@@ -74,9 +75,9 @@ impl Service {
             None => provider,
         };
         let channels = self.listening.clone();
-        let after_restart = channel_names(&config)
+        let after_restart = super::started_differently(&self.started_with, &config)
             .into_iter()
-            .filter(|c| !channels.contains(c))
+            .map(str::to_owned)
             .collect();
         Ok(Status {
             release: env!("CARGO_PKG_VERSION").to_owned(),

@@ -53,14 +53,13 @@ pub fn restart_notes(old: &Config, new: &Config) -> Vec<&'static str> {
             "sandbox.runtime, runsc or agent_binary changed: they take effect when serve is restarted",
         );
     }
-    if new.channels != old.channels {
+    let changed = started_differently(old, new);
+    if changed.iter().any(|c| *c != "admin_api") {
         notes.push(
-            "the channels changed (Telegram, the bridge): they take effect when serve is restarted",
+            "the channels changed (Telegram's token, address or polling, the bridge): they take effect when serve is restarted",
         );
     }
-    // Who may use it (operators.tailnet) is read at every request, so it is in force
-    // at once; where it listens is not.
-    if new.admin_api != old.admin_api {
+    if changed.contains(&"admin_api") {
         notes.push(
             "admin_api changed: its address, names and socket take effect when serve is restarted",
         );
@@ -68,21 +67,70 @@ pub fn restart_notes(old: &Config, new: &Config) -> Vec<&'static str> {
     notes
 }
 
-/// Replaces `path` with `text` through a temporary file beside it, keeping its mode.
-fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+/// What of `a` and `b` that is set up once, when serve starts, differs: `telegram`
+/// (but for `allowed_users`, read at every message), `bridge`, `admin_api` (but for who
+/// may use it, `operators.tailnet`, read at every request).
+pub fn started_differently(a: &Config, b: &Config) -> Vec<&'static str> {
+    let telegram = |c: &Config| {
+        c.channels.telegram.clone().map(|mut t| {
+            t.allowed_users.clear();
+            t
+        })
+    };
+    let mut out = Vec::new();
+    if telegram(a) != telegram(b) {
+        out.push("telegram");
+    }
+    if a.channels.bridge != b.channels.bridge {
+        out.push("bridge");
+    }
+    if a.admin_api != b.admin_api {
+        out.push("admin_api");
+    }
+    out
+}
+
+/// Replaces the regular file `path`, which holds `expected`, with `text` through a
+/// temporary file beside it, keeping its owner and mode. A symbolic link, or anything
+/// but a regular file, is left as it is (its target is someone else's to manage), and
+/// so is a file that changed meanwhile (an operator's save wins).
+fn write_atomically(path: &std::path::Path, expected: &str, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mode = std::fs::metadata(path).map_or(0o600, |m| m.permissions().mode() & 0o777);
-    let tmp = path.with_extension("toml.new");
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::other(
+            "it is a symbolic link or not a regular file, so it is left as it is",
+        ));
+    }
+    let name = path
+        .file_name()
+        .map_or_else(|| "config".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.ironclaw-new"));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(mode)
+        .mode(meta.mode() & 0o777)
         .open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let written = f
+        .write_all(text.as_bytes())
+        .and_then(|()| std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid())))
+        .and_then(|()| f.sync_all());
+    let unchanged = std::fs::read_to_string(path).is_ok_and(|now| now == expected);
+    match (written, unchanged) {
+        (Ok(()), true) => std::fs::rename(&tmp, path),
+        (Err(e), _) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+        (Ok(()), false) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(std::io::Error::other(
+                "it changed while the approved version was being written, so it is left as it is",
+            ))
+        }
+    }
 }
 
 impl Service {
@@ -486,7 +534,7 @@ impl Service {
             );
             return;
         }
-        match write_atomically(path, &version.text) {
+        match write_atomically(path, &current, &version.text) {
             Ok(()) => {
                 remember(&version.text);
                 tracing::info!(version = version.version, file = %path.display(),
@@ -525,4 +573,31 @@ impl Service {
 /// Whether a change of risk `risk` may be approved with a Telegram button.
 pub fn telegram_may_approve(config: &Config, risk: f64) -> bool {
     risk <= config.gateway.telegram_max_risk
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(telegram: &str) -> Config {
+        Config::parse(&format!(
+            "[model]\nprovider = \"demo\"\n\n[channels.telegram]\ntoken_file = \"/t\"\n{telegram}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn who_may_use_telegram_is_in_force_at_once_and_its_connection_waits_for_a_restart() {
+        let before = config("allowed_users = [1]");
+        assert_eq!(
+            started_differently(&before, &config("allowed_users = [1, 2]")),
+            Vec::<&str>::new()
+        );
+        assert!(restart_notes(&before, &config("allowed_users = [2]")).is_empty());
+        let moved = config("allowed_users = [1]\npoll_timeout_secs = 5");
+        assert_eq!(started_differently(&before, &moved), ["telegram"]);
+        assert_eq!(restart_notes(&before, &moved).len(), 1);
+        let gone = Config::parse("[model]\nprovider = \"demo\"\n").unwrap();
+        assert_eq!(started_differently(&before, &gone), ["telegram"]);
+    }
 }

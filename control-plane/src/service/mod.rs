@@ -46,7 +46,7 @@ use crate::store::{Store, StoreError};
 mod calls;
 pub use calls::Status;
 mod gate;
-pub use gate::{Effective, restart_notes, telegram_may_approve};
+pub use gate::{Effective, restart_notes, started_differently, telegram_may_approve};
 
 /// Fixed notices sent to the person. None of them quotes the message.
 pub mod notice {
@@ -189,6 +189,8 @@ pub struct Service {
     config_file: std::path::PathBuf,
     /// The channels and interfaces started with it; they change only at a restart.
     listening: Vec<String>,
+    /// The configuration it was started with, to tell what waits for a restart.
+    started_with: Arc<Config>,
     provider: std::sync::RwLock<Arc<AnyProvider>>,
     limits: ProxyLimits,
     /// Change requests per agent per minute.
@@ -332,6 +334,7 @@ impl Service {
         let (manager, sandbox_events) =
             blocking(|| Manager::new(runtime, settings)).map_err(ServiceError::Manager)?;
         let listening = calls::channel_names(&config);
+        let started_with = Arc::new(config.clone());
         let service = Arc::new(Service {
             effective: std::sync::RwLock::new(Arc::new(Effective {
                 config: Arc::new(config),
@@ -356,6 +359,7 @@ impl Service {
             tasks: std::sync::Mutex::new(Vec::new()),
             config_file,
             listening,
+            started_with,
         });
         let supervisor = service.manager.supervise(Duration::from_millis(500));
         let events = tokio::spawn(sandbox_events_loop(
