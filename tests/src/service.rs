@@ -69,6 +69,28 @@ impl Serve {
         }
     }
 
+    /// A serve (gVisor, the `[model]` body `model`) reading Telegram at the fake whose
+    /// base address is `api_base`, with the bot token `token` in a 0600 file, letting
+    /// `users` in. Started.
+    pub fn telegram(api_base: &str, token: &str, users: &[i64], model: &str) -> Serve {
+        let mut s = Serve::init("");
+        let token = s.secret_file("tg.token", token);
+        let users: Vec<String> = users.iter().map(i64::to_string).collect();
+        std::fs::write(
+            s.state.join("config.toml"),
+            format!(
+                "[model]\n{model}\n\n[sandbox]\nruntime = \"gvisor\"\n\n\
+                 [channels.telegram]\ntoken_file = \"{}\"\napi_base = \"{api_base}\"\n\
+                 allowed_users = [{}]\npoll_timeout_secs = 1\n",
+                token.display(),
+                users.join(", ")
+            ),
+        )
+        .expect("write config");
+        s.start();
+        s
+    }
+
     /// A private (0600) file in the test directory holding `text`.
     pub fn secret_file(&self, name: &str, text: &str) -> PathBuf {
         use std::os::unix::fs::OpenOptionsExt;
@@ -323,4 +345,16 @@ impl Drop for Serve {
             let _ = Command::new("umount").arg("-l").arg(&point).status();
         }
     }
+}
+
+/// Polls `f` every 100 ms until it holds or `secs` have passed; whether it held.
+pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }

@@ -187,23 +187,7 @@ fn an_agent_whose_state_went_back_still_has_its_new_replies_delivered() {
 /// A serve (demo model, gVisor) reading Telegram at the fake `tg`, which lets `users`
 /// in; its bot token is a 0600 file.
 fn telegram_serve(tg: &FakeTelegram, users: &[i64]) -> Serve {
-    let mut s = Serve::init("");
-    let token = s.secret_file("tg.token", TG_TOKEN);
-    let users: Vec<String> = users.iter().map(i64::to_string).collect();
-    std::fs::write(
-        s.state.join("config.toml"),
-        format!(
-            "[model]\nprovider = \"demo\"\n\n[sandbox]\nruntime = \"gvisor\"\n\n\
-             [channels.telegram]\ntoken_file = \"{}\"\napi_base = \"{}\"\n\
-             allowed_users = [{}]\npoll_timeout_secs = 1\n",
-            token.display(),
-            tg.http.base(),
-            users.join(", ")
-        ),
-    )
-    .unwrap();
-    s.start();
-    s
+    Serve::telegram(&tg.http.base(), TG_TOKEN, users, "provider = \"demo\"")
 }
 
 #[test]

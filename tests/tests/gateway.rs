@@ -21,7 +21,7 @@ use tests::fake_http::FakeHttp;
 use tests::fake_model::{ECHO, start_echo_model};
 use tests::fake_telegram::FakeTelegram;
 use tests::hostile_model::start_hostile_model;
-use tests::service::Serve;
+use tests::service::{Serve, wait_until};
 
 const TG_TOKEN: &str = "654321:gate-token-0badc0de";
 const USER: i64 = 4242;
@@ -30,17 +30,6 @@ const NEWCOMER: i64 = 7373;
 
 fn sha(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
-}
-
-fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 fn telegram_config(s: &Serve, model: &str, telegram: &str, allowed: &[i64], extra: &str) -> String {
@@ -1057,12 +1046,13 @@ fn a_change_above_the_telegram_risk_limit_is_never_approved_by_a_button() {
     );
 }
 
-/// `ironclaw changes propose` of `config` with the default text edited by `edit`; the
-/// filed request's id.
-fn propose(s: &Serve, edit: &str) -> String {
+/// `ironclaw changes propose` of the configuration file with `from` replaced by `to`;
+/// the filed request's id.
+fn propose(s: &Serve, from: &str, to: &str) -> String {
     let file = s.state.join("proposed.toml");
     let text = std::fs::read_to_string(s.state.join("config.toml")).unwrap();
-    std::fs::write(&file, text.replace("max_live = 32", edit)).unwrap();
+    assert!(text.contains(from), "{from}");
+    std::fs::write(&file, text.replacen(from, to, 1)).unwrap();
     let out = s.cli(&["changes", "propose", file.to_str().unwrap()]);
     assert!(
         out.status.success(),
@@ -1078,7 +1068,7 @@ fn the_only_operator_applies_their_own_change_and_any_operator_withdraws_theirs(
     // The default configuration names one operator, root.
     let mut s = Serve::init(control_plane::config::DEFAULT_CONFIG);
     s.start();
-    let id = propose(&s, "max_live = 9");
+    let id = propose(&s, "max_live = 32", "max_live = 9");
     let out = s.cli(&["changes", "approve", &id]);
     assert!(
         out.status.success(),
@@ -1089,7 +1079,7 @@ fn the_only_operator_applies_their_own_change_and_any_operator_withdraws_theirs(
     let approved = s.audit_of("change_approved");
     assert_eq!(approved.last().unwrap()["detail"]["own_request"], true);
     // A proposal can be withdrawn by the one who made it.
-    let id = propose(&s, "max_live = 10");
+    let id = propose(&s, "max_live = 9", "max_live = 10");
     let out = s.cli(&["changes", "withdraw", &id]);
     assert!(
         out.status.success(),
@@ -1108,7 +1098,7 @@ fn the_only_operator_applies_their_own_change_and_any_operator_withdraws_theirs(
     assert_ne!(two, control_plane::config::DEFAULT_CONFIG);
     let mut s = Serve::init(&two);
     s.start();
-    let id = propose(&s, "max_live = 9");
+    let id = propose(&s, "max_live = 32", "max_live = 9");
     let out = s.cli(&["changes", "approve", &id]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -1137,27 +1127,11 @@ fn an_approved_change_that_waits_for_a_restart_says_so() {
     let mut s = Serve::init(control_plane::config::DEFAULT_CONFIG);
     s.start();
     let token = s.secret_file("bridge.token", "a-bridge-token-of-enough-length-0123456789");
-    let text = std::fs::read_to_string(s.state.join("config.toml")).unwrap();
-    let file = s.state.join("proposed.toml");
-    std::fs::write(
-        &file,
-        text.replace(
-            "[operators]",
-            &format!(
-                "[channels.bridge]\nlisten = \"127.0.0.1:1\"\ntoken_file = \"{}\"\n\n[operators]",
-                token.display()
-            ),
-        ),
-    )
-    .unwrap();
-    let out = s.cli(&["changes", "propose", file.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let bridge = format!(
+        "[channels.bridge]\nlisten = \"127.0.0.1:1\"\ntoken_file = \"{}\"\n\n[operators]",
+        token.display()
     );
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    let id = said.split_whitespace().nth(1).unwrap().to_owned();
+    let id = propose(&s, "[operators]", &bridge);
     let out = s.cli(&["changes", "approve", &id]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -1191,7 +1165,7 @@ fn an_approved_change_that_waits_for_a_restart_says_so() {
 fn an_approved_change_is_written_back_so_drift_is_only_what_a_person_edits() {
     let mut s = Serve::init(control_plane::config::DEFAULT_CONFIG);
     s.start();
-    let id = propose(&s, "max_live = 9");
+    let id = propose(&s, "max_live = 32", "max_live = 9");
     assert!(s.cli(&["changes", "approve", &id]).status.success());
     // The file now holds the approved version, comments and all.
     let file = std::fs::read_to_string(s.state.join("config.toml")).unwrap();
@@ -1257,7 +1231,7 @@ fn a_configuration_file_that_is_a_symlink_is_never_replaced() {
     std::os::unix::fs::symlink(&target, &config).unwrap();
     s.start();
     let before = std::fs::read_to_string(&target).unwrap();
-    let id = propose(&s, "max_live = 9");
+    let id = propose(&s, "max_live = 32", "max_live = 9");
     assert!(s.cli(&["changes", "approve", &id]).status.success());
     assert!(
         std::fs::symlink_metadata(&config)

@@ -4,44 +4,16 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tests::fake_telegram::FakeTelegram;
-use tests::service::Serve;
+use tests::service::{Serve, wait_until};
 
 const TG_TOKEN: &str = "123456:onboarding-token";
 
-/// A serve reading Telegram at `tg` with the bot token `token`, letting `users` in, its
-/// model `model` (a `[model]` body).
+/// A serve reading Telegram at the fake `tg` with the bot token `token`.
 fn telegram_serve(tg: &FakeTelegram, token: &str, users: &[i64], model: &str) -> Serve {
-    let mut s = Serve::init("");
-    let token = s.secret_file("tg.token", token);
-    let users: Vec<String> = users.iter().map(i64::to_string).collect();
-    std::fs::write(
-        s.state.join("config.toml"),
-        format!(
-            "[model]\n{model}\n\n[sandbox]\nruntime = \"gvisor\"\n\n\
-             [channels.telegram]\ntoken_file = \"{}\"\napi_base = \"{}\"\n\
-             allowed_users = [{}]\npoll_timeout_secs = 1\n",
-            token.display(),
-            tg.http.base(),
-            users.join(", ")
-        ),
-    )
-    .unwrap();
-    s.start();
-    s
-}
-
-fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
+    Serve::telegram(&tg.http.base(), token, users, model)
 }
 
 #[test]
