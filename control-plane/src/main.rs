@@ -973,7 +973,21 @@ fn doctor(state: &StateDir, json: bool, probe: bool) -> CliResult {
 fn open_store(
     state: &StateDir,
 ) -> Result<(control_plane::store::Store, queue_proto::keys::MasterKey), String> {
-    let master = state.load_master_key().map_err(|e| chain(&e))?;
+    let master = state.load_master_key().map_err(|e| {
+        // After deploy/install the key is only the service's sealed credential.
+        let sealed = std::path::Path::new(control_plane::doctor::SEALED_MASTER_KEY);
+        if !state.master_key().exists() && sealed.exists() {
+            format!(
+                "{}; the master key is the sealed credential {}: run this command through systemd with it: systemd-run --wait --pipe -p LoadCredentialEncrypted=master-key:{} {}",
+                chain(&e),
+                sealed.display(),
+                sealed.display(),
+                std::env::args().collect::<Vec<_>>().join(" ")
+            )
+        } else {
+            chain(&e)
+        }
+    })?;
     let store =
         control_plane::store::Store::open(&state.store(), &master).map_err(|e| chain(&e))?;
     Ok((store, master))
