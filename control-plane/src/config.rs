@@ -186,6 +186,8 @@ pub struct AgentSection {
     pub instructions: String,
     pub tools: Vec<ToolName>,
     pub max_steps_per_turn: u32,
+    /// The person's IANA time zone: each turn tells the model the local time in it.
+    pub timezone: String,
 }
 
 impl Default for AgentSection {
@@ -203,6 +205,7 @@ impl Default for AgentSection {
                 ToolName::RequestChange,
             ],
             max_steps_per_turn: 8,
+            timezone: "UTC".into(),
         }
     }
 }
@@ -489,6 +492,12 @@ impl Config {
         if !(1..=64).contains(&self.agent.max_steps_per_turn) {
             return invalid("agent.max_steps_per_turn must be between 1 and 64");
         }
+        if self.agent.timezone.len() > 64 || jiff::tz::TimeZone::get(&self.agent.timezone).is_err()
+        {
+            return invalid(
+                "agent.timezone is not an IANA time zone name this machine's tz database knows (such as \"Europe/Berlin\" or \"UTC\")",
+            );
+        }
         if !self.agent.tools.contains(&ToolName::Reply) {
             return invalid("agent.tools must include \"reply\", or no answer can reach anyone");
         }
@@ -626,6 +635,9 @@ pub const DEFAULT_CONFIG: &str = r#"# IronClaw configuration (bootstrap). See RE
 #   base_url = "http://127.0.0.1:11434"         # plain HTTP only to loopback or a Tailscale address
 #   model = "llama3.1"
 provider = "demo"
+
+# [agent]
+# timezone = "Europe/Berlin"   # the person's IANA time zone, for the time each turn is told; default "UTC"
 
 [sandbox]
 runtime = "gvisor"          # "gvisor" | "host" (development only, no isolation)

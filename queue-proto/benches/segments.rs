@@ -68,6 +68,8 @@ fn main() {
                     message_id: i as u64,
                     received_at: 1_700_000_000,
                     text: "x".repeat(200),
+                    local_time: String::new(),
+                    time_zone: String::new(),
                 })
             })
             .collect();

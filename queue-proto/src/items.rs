@@ -122,6 +122,13 @@ pub struct UserMessage {
     /// When the channel received it, in Unix seconds.
     pub received_at: i64,
     pub text: String,
+    /// The person's local date and time when it was handed to the agent, ISO 8601 with
+    /// the offset (`2026-12-03T18:04:00+01:00`), worked out by the control plane.
+    #[serde(default)]
+    pub local_time: String,
+    /// The IANA name of the person's time zone (`Europe/Berlin`).
+    #[serde(default)]
+    pub time_zone: String,
 }
 
 /// The tools an agent may be given. Closed: an agent cannot name a tool that does not
@@ -249,7 +256,9 @@ pub struct ChangeRequest {
 
 impl UserMessage {
     fn validate(&self) -> Result<(), ItemError> {
-        limit("text", &self.text, MAX_TEXT_BYTES)
+        limit("text", &self.text, MAX_TEXT_BYTES)?;
+        limit("local_time", &self.local_time, 64)?;
+        limit("time_zone", &self.time_zone, 64)
     }
 }
 

@@ -84,6 +84,8 @@ fn user_message(text: &str) -> InboxItem {
         message_id: 1,
         received_at: 1_700_000_000,
         text: text.into(),
+        local_time: String::new(),
+        time_zone: String::new(),
     })
 }
 

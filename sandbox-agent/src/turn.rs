@@ -150,9 +150,10 @@ impl Agent {
         messages.push(user);
         let mut out = Vec::new();
         let mut replied = false;
+        let system = system_text(&config.instructions, message);
         for _ in 0..config.max_steps_per_turn {
             let request = ModelRequest {
-                system: config.instructions.clone(),
+                system: system.clone(),
                 messages: messages.clone(),
                 tools: tool_specs(&config.tools),
                 max_tokens: MAX_TOKENS,
@@ -331,6 +332,18 @@ fn queue(out: &mut Vec<OutboxItem>, item: OutboxItem, ok: &str) -> (String, bool
         }
         Err(e) => (format!("refused: {e}"), true),
     }
+}
+
+/// The system text of a turn: the approved instructions, then the person's local date
+/// and time with its offset and zone, as the control plane gave them with the message.
+fn system_text(instructions: &str, message: &UserMessage) -> String {
+    if message.local_time.is_empty() {
+        return instructions.to_owned();
+    }
+    format!(
+        "{instructions}\n\nThe current date and time for the person is {} ({}).",
+        message.local_time, message.time_zone
+    )
 }
 
 fn reply(message: &UserMessage, text: &str) -> OutboxItem {

@@ -150,6 +150,8 @@ async fn rig_with<P: Provider>(name: &str, provider: P, budgets: Budgets) -> Rig
             message_id: 7,
             received_at: 1_700_000_000,
             text: "remember to buy milk".into(),
+            local_time: "2026-12-03T18:04:00+01:00".into(),
+            time_zone: "Europe/Berlin".into(),
         }),
     ];
     InboxWriter::new(layout.inbox(&id), id.clone(), &keys)
@@ -266,7 +268,12 @@ async fn a_user_message_becomes_tool_calls_and_a_reply_with_anthropic() {
         got[1].json()["messages"][2]["content"][0]["tool_use_id"],
         "t1"
     );
-    assert_eq!(got[0].json()["system"], "You are a careful assistant.");
+    // The approved instructions, then the person's local time as the control plane gave it.
+    assert_eq!(
+        got[0].json()["system"],
+        "You are a careful assistant.\n\nThe current date and time for the person is \
+         2026-12-03T18:04:00+01:00 (Europe/Berlin)."
+    );
 
     // Nothing the agent can see holds the API key.
     let mut scanned = 0;

@@ -46,6 +46,8 @@ fn python_opens_a_segment_from_the_documented_derivation_only() {
                 message_id: i as u64,
                 received_at: 1_700_000_000,
                 text: t.to_string(),
+                local_time: String::new(),
+                time_zone: String::new(),
             })
         })
         .collect();

@@ -247,6 +247,14 @@ pub fn agent_binary(config: &Config) -> PathBuf {
     crate::sandbox::agent_binary::resolve(config.sandbox.agent_binary.as_deref())
 }
 
+/// `at` in the time zone named `zone`, as ISO 8601 with its offset
+/// (`2026-12-03T18:04:00+01:00`); in UTC if the zone is unknown (the configuration
+/// check refuses such a name, so only a tz database changed under a running serve can).
+pub fn local_time(zone: &str, at: jiff::Timestamp) -> String {
+    let tz = jiff::tz::TimeZone::get(zone).unwrap_or(jiff::tz::TimeZone::UTC);
+    at.to_zoned(tz).strftime("%Y-%m-%dT%H:%M:%S%:z").to_string()
+}
+
 /// The sandbox settings a configuration asks for.
 fn sandbox_settings(config: &Config, state: &StateDir) -> SandboxSettings {
     let mut settings = SandboxSettings::new(state.root.clone(), agent_binary(config));
@@ -608,11 +616,16 @@ impl Service {
         let mut items = vec![InboxItem::AgentConfig(
             effective.config.agent_config(effective.version),
         )];
+        // The person's local time, worked out here: the sandbox has no tz database.
+        let zone = &effective.config.agent.timezone;
+        let local_time = local_time(zone, jiff::Timestamp::now());
         items.extend(msgs.iter().map(|m| {
             InboxItem::UserMessage(UserMessage {
                 message_id: m.id as u64,
                 received_at: m.received_at,
                 text: m.text.clone(),
+                local_time: local_time.clone(),
+                time_zone: zone.clone(),
             })
         }));
         let writer = InboxWriter::new(self.manager.layout().inbox(id), id.clone(), keys);
@@ -997,5 +1010,33 @@ async fn sweep_loop(service: std::sync::Weak<Service>) {
         interval.tick().await;
         let Some(s) = service.upgrade() else { return };
         s.sweep().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_time_carries_the_zones_offset_for_that_day() {
+        let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        assert_eq!(
+            local_time("Europe/Berlin", at("2026-12-03T17:04:00Z")),
+            "2026-12-03T18:04:00+01:00"
+        );
+        assert_eq!(
+            local_time("Europe/Berlin", at("2026-07-01T12:00:00Z")),
+            "2026-07-01T14:00:00+02:00",
+            "summer time"
+        );
+        assert_eq!(
+            local_time("UTC", at("2026-07-01T12:00:00Z")),
+            "2026-07-01T12:00:00+00:00"
+        );
+        assert_eq!(
+            local_time("Nowhere/Atlantis", at("2026-07-01T12:00:00Z")),
+            "2026-07-01T12:00:00+00:00",
+            "an unknown zone falls back to UTC"
+        );
     }
 }
