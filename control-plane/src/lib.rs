@@ -68,7 +68,7 @@ pub fn printable(text: &str) -> String {
 /// characters (bidirectional marks, zero-width joiners, invisible operators, tags),
 /// fillers and variation selectors (all but U+FE0F, which follows many an emoji and
 /// carries no more than a bit).
-fn is_invisible(c: char) -> bool {
+pub(crate) fn is_invisible(c: char) -> bool {
     matches!(c,
         '\u{00ad}' | '\u{034f}' | '\u{061c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}' | '\u{17b5}'
         | '\u{180b}'..='\u{180f}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'

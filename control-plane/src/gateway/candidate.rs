@@ -16,6 +16,17 @@ const AGENT_SANDBOX_KEYS: [&str; 2] = ["memory_mib", "idle_stop_secs"];
 /// The whole configuration text an agent's request would make from `current`: the one
 /// targeted value replaced, everything else (comments included) as it was.
 pub fn agent_candidate(current: &str, target: ChangeTarget, after: &str) -> Result<String, Denial> {
+    // What an approver approves must be what they can see: no control character but a
+    // line break or a tab, nothing invisible (bidi overrides, zero widths, tags).
+    if after
+        .chars()
+        .any(|c| (c.is_control() && c != '\n' && c != '\t') || crate::is_invisible(c))
+    {
+        return deny(
+            "hidden_characters",
+            "the value holds control or invisible characters, which an approver could not see",
+        );
+    }
     let mut doc: DocumentMut = current.parse().map_err(|_| Denial {
         rule: "parse",
         why: "the approved configuration does not parse".into(),
@@ -139,6 +150,23 @@ mod tests {
 
     fn base() -> Config {
         Config::parse(DEFAULT_CONFIG).unwrap()
+    }
+
+    #[test]
+    fn a_value_with_characters_an_approver_could_not_see_is_denied() {
+        let current = "[model]\nprovider = \"demo\"\n";
+        for hidden in [
+            "a\u{202e}b",
+            "a\u{9b}2Jb",
+            "a\u{200b}b",
+            "a\x1b[2Jb",
+            "a\u{e0041}b",
+        ] {
+            let denied = agent_candidate(current, ChangeTarget::Instructions, hidden).unwrap_err();
+            assert_eq!(denied.rule, "hidden_characters", "{hidden:?}");
+        }
+        let seen = "Be brief.\n\tAnswer in Deutsch, ünïcödé and 😀.";
+        assert!(agent_candidate(current, ChangeTarget::Instructions, seen).is_ok());
     }
 
     #[test]
