@@ -50,7 +50,7 @@ pub struct Status {
 }
 
 /// The channels and interfaces `config` names, as `status` calls them.
-pub(super) fn channel_names(config: &crate::config::Config) -> Vec<String> {
+fn channel_names(config: &crate::config::Config) -> Vec<String> {
     let mut names = vec!["console".to_owned()];
     names.extend(
         config
@@ -74,7 +74,7 @@ impl Service {
             Some(m) => format!("{provider} {m}"),
             None => provider,
         };
-        let channels = self.listening.clone();
+        let channels = channel_names(&self.started_with);
         let after_restart = super::started_differently(&self.started_with, &config)
             .into_iter()
             .map(str::to_owned)

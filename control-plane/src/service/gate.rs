@@ -3,7 +3,6 @@
 //! restarting the live sessions with it. Agent turns are summarised and scored here too.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use queue_proto::ids::{ChangeId, SessionId};
 use queue_proto::items::{ChangeRequest, OutboxItem};
@@ -471,10 +470,7 @@ impl Service {
         new_provider: Arc<AnyProvider>,
     ) {
         let mut settings = (*self.manager.settings()).clone();
-        settings.limits.memory_bytes = config.sandbox.memory_mib * 1024 * 1024;
-        settings.idle_timeout = Duration::from_secs(config.sandbox.idle_stop_secs);
-        settings.max_live = config.sandbox.max_live;
-        settings.evict_after = Duration::from_secs(config.delivery.reply_timeout_secs);
+        super::put_limits(&mut settings, &config);
         for note in restart_notes(&self.config(), &config) {
             tracing::warn!("{note}");
         }

@@ -187,9 +187,8 @@ pub struct Service {
     /// The configuration file it was started with, kept in step with the approved
     /// version (see `write_back`).
     config_file: std::path::PathBuf,
-    /// The channels and interfaces started with it; they change only at a restart.
-    listening: Vec<String>,
-    /// The configuration it was started with, to tell what waits for a restart.
+    /// The configuration it was started with: its channels are the ones listening, and
+    /// what differs from it waits for a restart.
     started_with: Arc<Config>,
     provider: std::sync::RwLock<Arc<AnyProvider>>,
     limits: ProxyLimits,
@@ -255,16 +254,22 @@ pub fn local_time(zone: &str, at: jiff::Timestamp) -> String {
     at.to_zoned(tz).strftime("%Y-%m-%dT%H:%M:%S%:z").to_string()
 }
 
-/// The sandbox settings a configuration asks for.
-fn sandbox_settings(config: &Config, state: &StateDir) -> SandboxSettings {
-    let mut settings = SandboxSettings::new(state.root.clone(), agent_binary(config));
-    settings.run_dir = state.run_dir();
+/// The sandbox limits a configuration sets, at start and again when an approved change
+/// puts it in force: they hold for every sandbox started from then on.
+fn put_limits(settings: &mut SandboxSettings, config: &Config) {
     settings.limits.memory_bytes = config.sandbox.memory_mib * 1024 * 1024;
     settings.idle_timeout = Duration::from_secs(config.sandbox.idle_stop_secs);
     settings.max_live = config.sandbox.max_live;
     // A session quiet for the reply timeout has no message left waiting: its sandbox
     // may make room for another.
     settings.evict_after = Duration::from_secs(config.delivery.reply_timeout_secs);
+}
+
+/// The sandbox settings a configuration asks for.
+fn sandbox_settings(config: &Config, state: &StateDir) -> SandboxSettings {
+    let mut settings = SandboxSettings::new(state.root.clone(), agent_binary(config));
+    settings.run_dir = state.run_dir();
+    put_limits(&mut settings, config);
     // Under gVisor every outbox is a file system of its own; the development-only host
     // runtime keeps plain directories (it may run without the right to mount).
     if config.sandbox.runtime == RuntimeChoice::Gvisor {
@@ -341,7 +346,6 @@ impl Service {
         )?;
         let (manager, sandbox_events) =
             blocking(|| Manager::new(runtime, settings)).map_err(ServiceError::Manager)?;
-        let listening = calls::channel_names(&config);
         let started_with = Arc::new(config.clone());
         let service = Arc::new(Service {
             effective: std::sync::RwLock::new(Arc::new(Effective {
@@ -366,7 +370,6 @@ impl Service {
             outbound: watch::channel(0).0,
             tasks: std::sync::Mutex::new(Vec::new()),
             config_file,
-            listening,
             started_with,
         });
         let supervisor = service.manager.supervise(Duration::from_millis(500));
@@ -582,7 +585,8 @@ impl Service {
                 "the session is paused after repeated crashes",
                 notice::UNAVAILABLE,
             ),
-            // Every sandbox slot is taken by a session busy within the last minute.
+            // Every sandbox slot is taken by a session with a message within the reply
+            // timeout.
             Err(e @ ManagerError::Full { .. }) => {
                 tracing::warn!(session = %id, error = %e, "no sandbox slot is free; raise sandbox.max_live if this recurs");
                 self.fail_session(id, "every sandbox slot was busy", notice::BUSY)
