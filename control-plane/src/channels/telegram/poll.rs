@@ -137,27 +137,19 @@ pub async fn poll(service: Arc<Service>, tg: Arc<Telegram>) {
                 tokio::time::sleep(Duration::from_secs(retry_after.unwrap_or(5).min(300))).await;
                 continue;
             }
-            // The token itself is refused: retrying cannot help until it is replaced.
-            Err(CallError::Status {
-                code: 401 | 404, ..
-            }) => {
-                if !failing {
-                    tracing::error!(
-                        "Telegram refused the bot token (401/404): the token in channels.telegram.token_file is wrong or was revoked; get one from @BotFather, write it to that file, and restart serve"
-                    );
-                }
-                failing = true;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
             Err(CallError::Status {
                 code, description, ..
             }) => format!("status {code}: {description}"),
             Err(CallError::Network | CallError::Uncertain) => "not reachable".to_owned(),
         };
         if !failing {
-            tracing::warn!(problem = %error, "telegram getUpdates failed; retrying with backoff");
+            // The token itself is refused: retrying cannot help until it is replaced.
+            if error.starts_with("status 401") || error.starts_with("status 404") {
+                tracing::error!(problem = %error,
+                    "Telegram refused the bot token (401/404): the token in channels.telegram.token_file is wrong or was revoked; get one from @BotFather, write it to that file, and restart serve");
+            } else {
+                tracing::warn!(problem = %error, "telegram getUpdates failed; retrying with backoff");
+            }
         }
         failing = true;
         tokio::time::sleep(backoff).await;
