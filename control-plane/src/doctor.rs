@@ -166,10 +166,13 @@ pub fn run(state: &StateDir) -> Vec<Finding> {
         }
         Err(_) => None,
     };
-    let mut approved = None;
-    if let Some(master) = &master {
-        approved = store(state, master, file_text.as_deref(), &mut r);
-    }
+    // What the store holds: `None` when that cannot be told (no key, or it would not
+    // open); `Some(None)` when nothing is approved yet and the file will be the first.
+    let stored = master
+        .as_ref()
+        .and_then(|m| store(state, m, file_text.as_deref(), &mut r));
+    let first = stored == Some(None);
+    let approved = stored.flatten();
     let texts: Vec<(&str, String)> = [
         ("the configuration file", file_text),
         ("the approved configuration", approved),
@@ -185,7 +188,6 @@ pub fn run(state: &StateDir) -> Vec<Finding> {
             "run `ironclaw init`",
         );
     }
-    let first = texts.len() == 1 && approved_missing(state, master.as_ref());
     for (where_, text) in &texts {
         let name = match *where_ {
             "the configuration file" => state.config().display().to_string(),
@@ -219,15 +221,6 @@ pub fn run(state: &StateDir) -> Vec<Finding> {
     }
     r.0.sort_by(|a, b| a.severity.cmp(&b.severity).then(a.id.cmp(b.id)));
     r.0
-}
-
-/// Whether the store holds no approved configuration yet (the file will be the first),
-/// as far as can be told: without the master key, it cannot.
-fn approved_missing(state: &StateDir, master: Option<&queue_proto::keys::MasterKey>) -> bool {
-    master
-        .and_then(|m| Store::open(&state.store(), m).ok())
-        .and_then(|s| s.current_config().ok())
-        .is_some_and(|c| c.is_none())
 }
 
 /// What `serve` says of `text`: the same parse and checks (unknown keys, types,
@@ -409,13 +402,14 @@ fn master_key(state: &StateDir, r: &mut Report) -> Option<queue_proto::keys::Mas
     key
 }
 
-/// The store's checks; returns the approved configuration text.
+/// The store's checks; returns the approved configuration text, `Some(None)` if there
+/// is none yet, `None` if the store cannot say.
 fn store(
     state: &StateDir,
     master: &queue_proto::keys::MasterKey,
     file_text: Option<&str>,
     r: &mut Report,
-) -> Option<String> {
+) -> Option<Option<String>> {
     let store =
         match Store::open(&state.store(), master) {
             Ok(s) => s,
@@ -437,7 +431,11 @@ fn store(
             "the control store was changed outside ironclaw: investigate before running it",
         );
     }
-    let current = store.current_config().ok().flatten()?;
+    let current = match store.current_config() {
+        Ok(Some(c)) => c,
+        Ok(None) => return Some(None),
+        Err(_) => return None,
+    };
     if !store.version_recorded(&current).unwrap_or(false) {
         r.add(
             "audit.version-unrecorded",
@@ -472,7 +470,7 @@ fn store(
             "review with `ironclaw changes list` and decide; an edit takes effect only once approved",
         );
     }
-    Some(current.text)
+    Some(Some(current.text))
 }
 
 fn configuration(where_: &str, t: &toml::Table, r: &mut Report) {
