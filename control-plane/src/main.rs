@@ -860,13 +860,27 @@ fn config_to_probe(state: &StateDir) -> Result<(Config, String), Box<dyn std::er
     if let Some(config) = file {
         return Ok((config, state.config().display().to_string()));
     }
-    let (store, _) = open_store(state)?;
-    let approved = store
-        .current_config()
-        .map_err(|e| chain(&e))?
-        .ok_or("the configuration file does not parse and none is approved")?;
-    let config = Config::parse(&approved.text).map_err(|e| chain(&e))?;
-    Ok((config, format!("approved version {}", approved.version)))
+    let (version, text) = approved_config(state)?;
+    let config = Config::parse(&text).map_err(|e| chain(&e))?;
+    Ok((config, format!("approved version {version}")))
+}
+
+/// The approved configuration in force, with its version: from the running serve, which
+/// holds the key (after deploy/install there is no key file); from the store itself
+/// when serve is not running.
+fn approved_config(state: &StateDir) -> Result<(u64, String), Box<dyn std::error::Error>> {
+    match ask(state, &Request::ConfigShow, Duration::from_secs(30)) {
+        Ok(Response::Config { version, text }) => Ok((version, text)),
+        Ok(_) => Err(unexpected()),
+        Err(_) if !state.admin_socket().exists() => {
+            let (store, _) = open_store(state)?;
+            let current = store.current_config().map_err(|e| chain(&e))?.ok_or(
+                "no configuration has been approved yet: `ironclaw serve` approves the first file",
+            )?;
+            Ok((current.version, current.text))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn doctor(state: &StateDir, json: bool, probe: bool) -> CliResult {
@@ -995,20 +1009,7 @@ fn open_store(
 
 fn config_show(state: &StateDir, approved: bool) -> CliResult {
     let text = if approved {
-        // From the running serve, which holds the key (after deploy/install there is
-        // no key file); from the store itself when serve is not running.
-        let (version, text) = match ask(state, &Request::ConfigShow, Duration::from_secs(30)) {
-            Ok(Response::Config { version, text }) => (version, text),
-            Ok(_) => return Err(unexpected()),
-            Err(_) if !state.admin_socket().exists() => {
-                let (store, _) = open_store(state)?;
-                let current = store.current_config().map_err(|e| chain(&e))?.ok_or(
-                    "no configuration has been approved yet: `ironclaw serve` approves the first file",
-                )?;
-                (current.version, current.text)
-            }
-            Err(e) => return Err(e),
-        };
+        let (version, text) = approved_config(state)?;
         eprintln!("approved configuration version {version}");
         text
     } else {
