@@ -25,6 +25,30 @@ fn state(edit: impl Fn(&str) -> String) -> (tempfile::TempDir, std::path::PathBu
     (dir, state)
 }
 
+/// A fresh state directory whose configuration has `from` replaced by `to`.
+fn state_with(from: &str, to: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    state(|t| {
+        assert!(t.contains(from), "{from}");
+        t.replacen(from, to, 1)
+    })
+}
+
+/// Runs doctor (with `args`) as a person reads it: its exit code and its text.
+fn doctor_text(state: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(ironclaw_bin())
+        .arg("doctor")
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .env("IRONCLAW_AGENT_BIN", agent_bin())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 /// Runs doctor: its exit code and findings (id, severity).
 fn doctor(state: &std::path::Path, env: &[(&str, &str)]) -> (i32, Vec<(String, String)>) {
     let mut cmd = Command::new(ironclaw_bin());
@@ -193,10 +217,7 @@ fn doctor_is_silent_on_the_default_and_each_check_fires_on_its_own_fault() {
         ),
     ];
     for (from, to, id, severity) in edits {
-        let (_d, s) = state(|t| {
-            assert!(t.contains(from), "{from}");
-            t.replacen(from, to, 1)
-        });
+        let (_d, s) = state_with(from, to);
         only(&s, &[], id, severity);
     }
 
@@ -335,24 +356,15 @@ fn doctor_refuses_what_serve_refuses_and_names_the_line() {
         ),
     ];
     for (from, to, line_holding, says) in cases {
-        let (_d, s) = state(|t| {
-            assert!(t.contains(from), "{from}");
-            t.replacen(from, to, 1)
-        });
+        let (_d, s) = state_with(from, to);
         let text = std::fs::read_to_string(s.join("config.toml")).unwrap();
         let line = text
             .lines()
             .position(|l| l.starts_with(line_holding))
             .unwrap_or_else(|| panic!("{line_holding} in\n{text}"))
             + 1;
-        let out = Command::new(ironclaw_bin())
-            .args(["doctor", "--state-dir"])
-            .arg(&s)
-            .env("IRONCLAW_AGENT_BIN", agent_bin())
-            .output()
-            .unwrap();
-        let shown = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(1), "{to}: {shown}");
+        let (code, shown) = doctor_text(&s, &[]);
+        assert_eq!(code, 1, "{to}: {shown}");
         let at = format!("config.toml:{line}:");
         let finding = shown
             .lines()
@@ -405,13 +417,7 @@ fn key_and_token_files_must_exist_and_stay_private() {
 #[test]
 fn doctor_lists_what_it_checked_and_whether_serve_runs() {
     let (_d, s) = state(|t| t.to_owned());
-    let out = Command::new(ironclaw_bin())
-        .args(["doctor", "--state-dir"])
-        .arg(&s)
-        .env("IRONCLAW_AGENT_BIN", agent_bin())
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&out.stdout);
+    let (_, shown) = doctor_text(&s, &[]);
     for line in [
         "checked:",
         "ok        config",
@@ -439,16 +445,7 @@ fn doctor_lists_what_it_checked_and_whether_serve_runs() {
 /// `doctor --probe` against a model and a Telegram that each fail in one way, then work:
 /// what it printed.
 fn probe(state: &std::path::Path) -> (i32, String) {
-    let out = Command::new(ironclaw_bin())
-        .args(["doctor", "--probe", "--state-dir"])
-        .arg(state)
-        .env("IRONCLAW_AGENT_BIN", agent_bin())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    doctor_text(state, &["--probe"])
 }
 
 #[test]

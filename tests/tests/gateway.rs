@@ -1063,6 +1063,22 @@ fn propose(s: &Serve, from: &str, to: &str) -> String {
     said.split_whitespace().nth(1).unwrap().to_owned()
 }
 
+/// `ironclaw changes withdraw ID` succeeds: the request is rejected, recorded as
+/// withdrawn.
+fn withdraw(s: &Serve, id: &str) {
+    let out = s.cli(&["changes", "withdraw", id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.change(id).summary.state, ChangeState::Rejected);
+    let rejected = s.audit_of("change_rejected");
+    let last = rejected.last().unwrap();
+    assert_eq!(last["detail"]["change"], id);
+    assert_eq!(last["detail"]["withdrawn"], true);
+}
+
 #[test]
 fn the_only_operator_applies_their_own_change_and_any_operator_withdraws_theirs() {
     // The default configuration names one operator, root.
@@ -1079,16 +1095,7 @@ fn the_only_operator_applies_their_own_change_and_any_operator_withdraws_theirs(
     let approved = s.audit_of("change_approved");
     assert_eq!(approved.last().unwrap()["detail"]["own_request"], true);
     // A proposal can be withdrawn by the one who made it.
-    let id = propose(&s, "max_live = 9", "max_live = 10");
-    let out = s.cli(&["changes", "withdraw", &id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(s.change(&id).summary.state, ChangeState::Rejected);
-    let rejected = s.audit_of("change_rejected");
-    assert_eq!(rejected.last().unwrap()["detail"]["withdrawn"], true);
+    withdraw(&s, &propose(&s, "max_live = 9", "max_live = 10"));
     s.stop();
 
     // With a second operator named, nobody approves their own request; withdrawing
@@ -1107,13 +1114,7 @@ fn the_only_operator_applies_their_own_change_and_any_operator_withdraws_theirs(
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(s.versions().len(), 1);
-    let out = s.cli(&["changes", "withdraw", &id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(s.change(&id).summary.state, ChangeState::Rejected);
+    withdraw(&s, &id);
     // Someone else's request (here the file's drift) is rejected, never withdrawn.
     let drifted = drift(&s, "Be brief.");
     let out = s.cli(&["changes", "withdraw", &drifted]);
