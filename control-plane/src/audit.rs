@@ -107,6 +107,10 @@ pub enum AuditEvent {
     OutboxIngested,
     /// The proxy refused something an agent sent.
     ProxyRefused,
+    /// An agent cancelled one of its session's reminders.
+    ReminderCancelled,
+    /// An agent set a reminder through its proxy (when, and how it comes back).
+    ReminderSet,
     /// A sandbox ended, and how.
     SandboxEnded,
     /// A session was paused after repeated crashes.
@@ -150,6 +154,8 @@ impl AuditEvent {
         AuditEvent::ModelFailed,
         AuditEvent::OutboxIngested,
         AuditEvent::ProxyRefused,
+        AuditEvent::ReminderCancelled,
+        AuditEvent::ReminderSet,
         AuditEvent::SandboxEnded,
         AuditEvent::SandboxPaused,
         AuditEvent::SandboxStarted,
@@ -188,6 +194,8 @@ impl AuditEvent {
             AuditEvent::ModelFailed => "model_failed",
             AuditEvent::OutboxIngested => "outbox_ingested",
             AuditEvent::ProxyRefused => "proxy_refused",
+            AuditEvent::ReminderCancelled => "reminder_cancelled",
+            AuditEvent::ReminderSet => "reminder_set",
             AuditEvent::SandboxEnded => "sandbox_ended",
             AuditEvent::SandboxPaused => "sandbox_paused",
             AuditEvent::SandboxStarted => "sandbox_started",

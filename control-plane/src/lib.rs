@@ -20,6 +20,7 @@ pub mod admin;
 pub mod admin_api;
 pub mod audit;
 pub mod channels;
+pub mod clock;
 pub mod config;
 pub mod doctor;
 pub mod gateway;

@@ -142,16 +142,24 @@ pub enum ToolName {
     NoteList,
     Schedule,
     RequestChange,
+    NoteSearch,
+    NoteDelete,
+    ReminderList,
+    ReminderCancel,
 }
 
 impl ToolName {
-    pub const ALL: [ToolName; 6] = [
+    pub const ALL: [ToolName; 10] = [
         ToolName::Reply,
         ToolName::NoteWrite,
         ToolName::NoteRead,
         ToolName::NoteList,
         ToolName::Schedule,
         ToolName::RequestChange,
+        ToolName::NoteSearch,
+        ToolName::NoteDelete,
+        ToolName::ReminderList,
+        ToolName::ReminderCancel,
     ];
 
     /// The tool's one spelling: its serde name, the name in the configuration, the name
@@ -164,6 +172,10 @@ impl ToolName {
             ToolName::NoteList => "note_list",
             ToolName::Schedule => "schedule",
             ToolName::RequestChange => "request_change",
+            ToolName::NoteSearch => "note_search",
+            ToolName::NoteDelete => "note_delete",
+            ToolName::ReminderList => "reminder_list",
+            ToolName::ReminderCancel => "reminder_cancel",
         }
     }
 }
@@ -512,6 +524,10 @@ mod tests {
             ToolName::NoteList => 3,
             ToolName::Schedule => 4,
             ToolName::RequestChange => 5,
+            ToolName::NoteSearch => 6,
+            ToolName::NoteDelete => 7,
+            ToolName::ReminderList => 8,
+            ToolName::ReminderCancel => 9,
         }
     }
 

@@ -18,6 +18,10 @@ pub const MAX_CHANGE_REQUEST_BYTES: usize = 96 * 1024;
 pub const MAX_MODEL_MESSAGES: usize = 512;
 /// Most tools offered in one model request.
 pub const MAX_MODEL_TOOLS: usize = 32;
+/// Largest `POST /v1/reminders` body, in bytes.
+pub const MAX_REMINDER_REQUEST_BYTES: usize = 80 * 1024;
+/// Largest `POST /v1/reminders/cancel` body, in bytes.
+pub const MAX_REMINDER_CANCEL_BYTES: usize = 256;
 
 /// Why a request body was refused.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,12 @@ pub enum Endpoint {
     Outbox,
     /// `POST /v1/change-requests`: ask the gateway for a change.
     ChangeRequests,
+    /// `POST /v1/reminders`: set a reminder for the person.
+    SetReminder,
+    /// `GET /v1/reminders`: the session's reminders still to come.
+    ListReminders,
+    /// `POST /v1/reminders/cancel`: cancel one of them.
+    CancelReminder,
 }
 
 impl Endpoint {
@@ -57,6 +67,9 @@ impl Endpoint {
             ("POST", "/v1/model") => Some(Endpoint::Model),
             ("POST", "/v1/outbox") => Some(Endpoint::Outbox),
             ("POST", "/v1/change-requests") => Some(Endpoint::ChangeRequests),
+            ("POST", "/v1/reminders") => Some(Endpoint::SetReminder),
+            ("GET", "/v1/reminders") => Some(Endpoint::ListReminders),
+            ("POST", "/v1/reminders/cancel") => Some(Endpoint::CancelReminder),
             _ => None,
         }
     }
@@ -64,10 +77,12 @@ impl Endpoint {
     /// The body limit, checked before reading further.
     pub fn max_body_bytes(self) -> usize {
         match self {
-            Endpoint::Wait => 0,
+            Endpoint::Wait | Endpoint::ListReminders => 0,
             Endpoint::Model => MAX_MODEL_REQUEST_BYTES,
             Endpoint::Outbox => MAX_OUTBOX_NOTICE_BYTES,
             Endpoint::ChangeRequests => MAX_CHANGE_REQUEST_BYTES,
+            Endpoint::SetReminder => MAX_REMINDER_REQUEST_BYTES,
+            Endpoint::CancelReminder => MAX_REMINDER_CANCEL_BYTES,
         }
     }
 }
@@ -187,6 +202,95 @@ pub struct ChangeRequestFiled {
     pub id: crate::ids::ChangeId,
 }
 
+/// How often a reminder comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Every {
+    Day,
+    Week,
+    Month,
+}
+
+/// A day of the week, for weekly reminders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Weekday {
+    Monday,
+    Tuesday,
+    Wednesday,
+    Thursday,
+    Friday,
+    Saturday,
+    Sunday,
+}
+
+/// Body of `POST /v1/reminders`, and the `schedule` tool's input as the model gives it:
+/// when, in the person's own terms. Exactly one of `in_minutes`, `at` and `every` says
+/// when; the control plane works out the instant in the session's time zone, and
+/// refuses what is in the past, malformed or beyond its limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReminderRequest {
+    pub text: String,
+    /// Minutes from now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_minutes: Option<u32>,
+    /// A local date and time (`2026-12-08T08:00`), or an instant with its offset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// A reminder that comes back, at `time` (local `HH:MM`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<Every>,
+    /// For `every: week`: the days it comes back on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<Weekday>,
+    /// For `every: month`: the day of the month (the month's last day when it is shorter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day_of_month: Option<u8>,
+    /// For `every`: the local time of day, `HH:MM`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+}
+
+/// A reminder as the control plane holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reminder {
+    pub id: u64,
+    /// When it next fires: the person's local time, ISO 8601 with the offset.
+    pub next: String,
+    /// The IANA zone `next` is given in.
+    pub zone: String,
+    /// How it comes back (`every week on monday, friday at 08:00`); absent: once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<String>,
+    pub text: String,
+}
+
+/// Answer to `POST /v1/reminders` and `POST /v1/reminders/cancel`. A refusal says why,
+/// in the control plane's own words: the agent asked, and may tell the person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ReminderAnswer {
+    Set(Reminder),
+    Cancelled { id: u64 },
+    Refused { reason: String },
+}
+
+/// Answer to `GET /v1/reminders`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReminderList {
+    pub reminders: Vec<Reminder>,
+}
+
+/// Body of `POST /v1/reminders/cancel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReminderCancel {
+    pub id: u64,
+}
+
 /// The one error body the agent ever sees. The detail stays on the trusted side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -244,6 +348,29 @@ impl RequestBody for ChangeRequest {
     const MAX_BYTES: usize = MAX_CHANGE_REQUEST_BYTES;
     fn validate(&self) -> Result<(), RequestError> {
         ChangeRequest::validate(self).map_err(RequestError::from)
+    }
+}
+
+impl RequestBody for ReminderRequest {
+    const NAME: &'static str = "reminder request";
+    const MAX_BYTES: usize = MAX_REMINDER_REQUEST_BYTES;
+    fn validate(&self) -> Result<(), RequestError> {
+        if self.text.trim().is_empty() || self.text.len() > MAX_TEXT_BYTES {
+            return Err(RequestError::Invalid("text must be 1..=65536 bytes"));
+        }
+        let short = |s: &Option<String>| s.as_ref().is_some_and(|s| s.len() > 40);
+        if short(&self.at) || short(&self.time) || self.on.len() > 7 {
+            return Err(RequestError::Invalid("a time field is too long"));
+        }
+        Ok(())
+    }
+}
+
+impl RequestBody for ReminderCancel {
+    const NAME: &'static str = "reminder cancel";
+    const MAX_BYTES: usize = MAX_REMINDER_CANCEL_BYTES;
+    fn validate(&self) -> Result<(), RequestError> {
+        Ok(())
     }
 }
 

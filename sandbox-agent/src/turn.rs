@@ -6,16 +6,16 @@
 use queue_proto::agent::{InboxReader, OutboxWriter};
 use queue_proto::ids::Seq;
 use queue_proto::items::{
-    AgentConfig, AssistantReply, ChangeRequest, InboxItem, Note, OutboxItem, ScheduleRequest,
-    ToolName, UserMessage,
+    AgentConfig, AssistantReply, ChangeRequest, InboxItem, Note, OutboxItem, ToolName, UserMessage,
 };
 use queue_proto::proxy::{
-    ChatMessage, ContentBlock, ModelRequest, ModelResponse, Role, ToolSpec, WaitResponse,
+    ChatMessage, ContentBlock, ModelRequest, ModelResponse, Reminder, ReminderAnswer,
+    ReminderCancel, ReminderList, ReminderRequest, Role, ToolSpec, WaitResponse,
 };
 use serde_json::{Value, json};
 
 use crate::proxy_client::ProxyClient;
-use crate::state::State;
+use crate::state::{Provenance, State};
 
 /// Tokens asked for per model call.
 const MAX_TOKENS: u32 = 1024;
@@ -255,7 +255,7 @@ impl Agent {
         out: &mut Vec<OutboxItem>,
         replied: &mut bool,
     ) -> (String, bool) {
-        let Some(tool) = config.tools.iter().copied().find(|t| tool_name(*t) == name) else {
+        let Some(tool) = config.tools.iter().copied().find(|t| t.as_str() == name) else {
             return (format!("there is no tool named {name}"), true);
         };
         let text = |field: &str| input[field].as_str().map(str::to_owned);
@@ -278,7 +278,11 @@ impl Agent {
                     if failed {
                         return (text, failed);
                     }
-                    match self.state.write_note(&n, &b) {
+                    let from = Provenance {
+                        turn: message.message_id,
+                        outside: false,
+                    };
+                    match self.state.write_note(&n, &b, from) {
                         Ok(()) => (text, false),
                         Err(e) => (format!("saving failed: {e}"), true),
                     }
@@ -286,7 +290,18 @@ impl Agent {
                 _ => ("note_write needs a name and a body".into(), true),
             },
             ToolName::NoteRead => match text("name").map(|n| self.state.read_note(&n)) {
-                Some(Ok(Some(body))) => (body, false),
+                Some(Ok(Some((body, from)))) => (
+                    format!(
+                        "{body}\n\n(written in the turn answering message {}{})",
+                        from.turn,
+                        if from.outside {
+                            ", after reading outside content"
+                        } else {
+                            ""
+                        }
+                    ),
+                    false,
+                ),
                 Some(Ok(None)) => ("no such note".into(), true),
                 Some(Err(e)) => (format!("reading failed: {e}"), true),
                 None => ("note_read needs a name".into(), true),
@@ -295,13 +310,55 @@ impl Agent {
                 Ok(names) => (names.join("\n"), false),
                 Err(e) => (format!("listing failed: {e}"), true),
             },
-            ToolName::Schedule => match (input["at"].as_i64(), text("text")) {
-                (Some(at), Some(t)) => queue(
-                    out,
-                    OutboxItem::ScheduleRequest(ScheduleRequest { at, text: t }),
-                    "the control plane will deliver it",
+            ToolName::NoteDelete => match text("name").map(|n| self.state.delete_note(&n)) {
+                Some(Ok(true)) => ("deleted".into(), false),
+                Some(Ok(false)) => ("no such note".into(), true),
+                Some(Err(e)) => (format!("deleting failed: {e}"), true),
+                None => ("note_delete needs a name".into(), true),
+            },
+            ToolName::NoteSearch => match text("query").map(|q| self.state.search(&q)) {
+                Some(Ok(found)) if found.is_empty() => ("nothing found".into(), false),
+                Some(Ok(found)) => {
+                    let lines: Vec<String> = found
+                        .iter()
+                        .map(|f| match f.kind.as_str() {
+                            "note" => format!("note {:?}: {}", f.reference, f.snippet),
+                            who => format!("{who} said (message {}): {}", f.reference, f.snippet),
+                        })
+                        .collect();
+                    (lines.join("\n"), false)
+                }
+                Some(Err(e)) => (format!("searching failed: {e}"), true),
+                None => ("note_search needs a query".into(), true),
+            },
+            ToolName::Schedule => match serde_json::from_value::<ReminderRequest>(input.clone()) {
+                Ok(request) => {
+                    let body = serde_json::to_vec(&request).expect("json");
+                    self.reminders("POST", "/v1/reminders", Some(&body))
+                }
+                Err(e) => (
+                    format!("schedule needs text and one of in_minutes, at or every: {e}"),
+                    true,
                 ),
-                _ => ("schedule needs at (Unix seconds) and text".into(), true),
+            },
+            ToolName::ReminderList => match self.proxy.call("GET", "/v1/reminders", None) {
+                Ok(a) if a.status == 200 => match serde_json::from_slice::<ReminderList>(&a.body) {
+                    Ok(l) if l.reminders.is_empty() => ("no reminders are set".into(), false),
+                    Ok(l) => {
+                        let lines: Vec<String> = l.reminders.iter().map(describe).collect();
+                        (lines.join("\n"), false)
+                    }
+                    Err(_) => ("the answer was garbled".into(), true),
+                },
+                Ok(a) => (format!("refused ({})", a.status), true),
+                Err(e) => (format!("could not list them: {e}"), true),
+            },
+            ToolName::ReminderCancel => match input["id"].as_u64() {
+                Some(id) => {
+                    let body = serde_json::to_vec(&ReminderCancel { id }).expect("json");
+                    self.reminders("POST", "/v1/reminders/cancel", Some(&body))
+                }
+                None => ("reminder_cancel needs the reminder's id".into(), true),
             },
             ToolName::RequestChange => {
                 let Ok(request) = serde_json::from_value::<ChangeRequest>(input.clone()) else {
@@ -319,6 +376,34 @@ impl Agent {
             }
         }
     }
+}
+
+impl Agent {
+    /// A reminder call on the proxy, its answer as a tool result.
+    fn reminders(&self, method: &str, path: &str, body: Option<&[u8]>) -> (String, bool) {
+        match self.proxy.call(method, path, body) {
+            Ok(a) if a.status == 200 => match serde_json::from_slice::<ReminderAnswer>(&a.body) {
+                Ok(ReminderAnswer::Set(r)) => (format!("set: {}", describe(&r)), false),
+                Ok(ReminderAnswer::Cancelled { id }) => (format!("cancelled reminder {id}"), false),
+                Ok(ReminderAnswer::Refused { reason }) => (format!("refused: {reason}"), true),
+                Err(_) => ("the answer was garbled".into(), true),
+            },
+            Ok(a) => (format!("refused ({})", a.status), true),
+            Err(e) => (format!("could not reach the control plane: {e}"), true),
+        }
+    }
+}
+
+/// A reminder as the model is told it.
+fn describe(r: &Reminder) -> String {
+    let repeats = r
+        .repeats
+        .as_deref()
+        .map_or_else(String::new, |x| format!(", {x}"));
+    format!(
+        "id {}: next {} ({}){repeats}: {}",
+        r.id, r.next, r.zone, r.text
+    )
 }
 
 /// Queues `item` if it is valid; otherwise tells the model why, so one oversized note
@@ -364,17 +449,6 @@ fn default_config() -> AgentConfig {
     }
 }
 
-fn tool_name(t: ToolName) -> &'static str {
-    match t {
-        ToolName::Reply => "reply",
-        ToolName::NoteWrite => "note_write",
-        ToolName::NoteRead => "note_read",
-        ToolName::NoteList => "note_list",
-        ToolName::Schedule => "schedule",
-        ToolName::RequestChange => "request_change",
-    }
-}
-
 fn tool_specs(tools: &[ToolName]) -> Vec<ToolSpec> {
     let string = json!({ "type": "string" });
     tools
@@ -382,14 +456,38 @@ fn tool_specs(tools: &[ToolName]) -> Vec<ToolSpec> {
         .map(|t| {
             let (description, properties, required): (&str, Value, Vec<&str>) = match t {
                 ToolName::Reply => ("Send a message to the person.", json!({ "text": string }), vec!["text"]),
-                ToolName::NoteWrite => ("Save a note.", json!({ "name": string, "body": string }), vec!["name", "body"]),
+                ToolName::NoteWrite => ("Save a note, or replace the note of that name.", json!({ "name": string, "body": string }), vec!["name", "body"]),
                 ToolName::NoteRead => ("Read a saved note.", json!({ "name": string }), vec!["name"]),
                 ToolName::NoteList => ("List saved notes.", json!({}), vec![]),
                 ToolName::Schedule => (
-                    "Ask for a reminder to be sent to the person at a time (Unix seconds).",
-                    json!({ "at": { "type": "integer" }, "text": string }),
-                    vec!["at", "text"],
+                    "Set a reminder the person will be sent. Say when with exactly one of: in_minutes \
+                     (minutes from now); at (the person's local date and time, 2026-12-08T08:00); \
+                     every (day, week or month) with time (local HH:MM), plus on (days of the week) \
+                     for week or day_of_month for month. The answer gives the reminder's id and when it fires.",
+                    json!({
+                        "text": string,
+                        "in_minutes": { "type": "integer", "minimum": 1 },
+                        "at": string,
+                        "every": { "type": "string", "enum": ["day", "week", "month"] },
+                        "on": { "type": "array", "items": { "type": "string", "enum":
+                            ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"] } },
+                        "day_of_month": { "type": "integer", "minimum": 1, "maximum": 31 },
+                        "time": string,
+                    }),
+                    vec!["text"],
                 ),
+                ToolName::ReminderList => ("List the reminders still to come, with their ids.", json!({}), vec![]),
+                ToolName::ReminderCancel => (
+                    "Cancel a reminder by its id.",
+                    json!({ "id": { "type": "integer" } }),
+                    vec!["id"],
+                ),
+                ToolName::NoteSearch => (
+                    "Search the saved notes and the whole past conversation, including what no longer fits in view, by words.",
+                    json!({ "query": string }),
+                    vec!["query"],
+                ),
+                ToolName::NoteDelete => ("Delete a saved note.", json!({ "name": string }), vec!["name"]),
                 ToolName::RequestChange => (
                     "Ask a human operator to change what you are or can do.",
                     json!({ "target": string, "after": string, "reason": string }),
@@ -397,7 +495,7 @@ fn tool_specs(tools: &[ToolName]) -> Vec<ToolSpec> {
                 ),
             };
             ToolSpec {
-                name: tool_name(*t).into(),
+                name: t.as_str().into(),
                 description: description.into(),
                 input_schema: json!({ "type": "object", "properties": properties, "required": required }),
             }

@@ -1,6 +1,6 @@
 //! A loopback fake of an OpenAI-compatible chat-completions server that drives the
 //! agent through real tool calls: to a user message it answers by calling `reply` with
-//! `echo: <the message>` (and, for `remind me in N: TEXT`, `schedule` with a time N
+//! `echo: <the message>` (and, for `remind me in N: TEXT`, `schedule` at the instant N
 //! seconds ahead); once it sees the tools' results it ends the turn.
 
 use std::sync::Arc;
@@ -45,10 +45,11 @@ fn answer(body: &Value) -> Scripted {
             .and_then(|r| r.split_once(": "))
             .and_then(|(n, w)| Some((n.parse::<i64>().ok()?, w)))
         {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            let args = json!({ "at": now + secs, "text": what }).to_string();
+            // An instant with its offset: the control plane takes it as it is.
+            let at = jiff::Timestamp::now()
+                .checked_add(jiff::SignedDuration::from_secs(secs))
+                .unwrap_or(jiff::Timestamp::MAX);
+            let args = json!({ "at": at.to_string(), "text": what }).to_string();
             calls.push(json!({
                 "id": format!("call-{}-s", messages.len()), "type": "function",
                 "function": { "name": "schedule", "arguments": args } }));

@@ -6,10 +6,11 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use control_plane::proxy::session::{Intake, NotStored, Taken};
+use control_plane::proxy::session::{Intake, NotStored, ReminderCall, ReminderReply, Taken};
 use control_plane::proxy::turn::TurnSummary;
 use queue_proto::ids::{ChangeId, Seq, SessionId};
 use queue_proto::items::{ChangeRequest, OutboxItem};
+use queue_proto::proxy::{ReminderAnswer, ReminderList};
 use tokio::sync::mpsc;
 
 /// An outbox segment handed to the intake.
@@ -127,5 +128,17 @@ impl Intake for RecordingIntake {
             Some(Filing::NotFiled) | None => None,
             Some(Filing::Hang) => std::future::pending().await,
         }
+    }
+
+    /// Keeps no reminders: every one is refused, and none are listed.
+    async fn reminders(&self, _session: &SessionId, call: ReminderCall) -> Option<ReminderReply> {
+        Some(match call {
+            ReminderCall::List => ReminderReply::List(ReminderList { reminders: vec![] }),
+            ReminderCall::Set(_) | ReminderCall::Cancel(_) => {
+                ReminderReply::Answer(ReminderAnswer::Refused {
+                    reason: "this intake keeps no reminders".into(),
+                })
+            }
+        })
     }
 }

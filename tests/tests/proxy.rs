@@ -16,8 +16,8 @@ use control_plane::proxy::server::{ProxyLimits, Refused, SessionHandler, serve};
 use queue_proto::ids::{ChangeId, Seq, SessionId};
 use queue_proto::items::ChangeRequest;
 use queue_proto::proxy::{
-    ChangeRequestFiled, ContentBlock, ModelRequest, ModelResponse, OutboxNotice, StopReason, Usage,
-    WaitResponse,
+    ChangeRequestFiled, ContentBlock, ModelRequest, ModelResponse, OutboxNotice, ReminderAnswer,
+    ReminderCancel, ReminderList, ReminderRequest, StopReason, Usage, WaitResponse,
 };
 
 /// Records what reached the handler: anything refused by the server must not.
@@ -53,6 +53,18 @@ impl SessionHandler for Recorder {
         Ok(ChangeRequestFiled {
             id: ChangeId::try_from("c1").unwrap(),
         })
+    }
+    async fn set_reminder(&self, _: ReminderRequest) -> Result<ReminderAnswer, Refused> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(ReminderAnswer::Cancelled { id: 0 })
+    }
+    async fn reminders(&self) -> Result<ReminderList, Refused> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(ReminderList { reminders: vec![] })
+    }
+    async fn cancel_reminder(&self, r: ReminderCancel) -> Result<ReminderAnswer, Refused> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(ReminderAnswer::Cancelled { id: r.id })
     }
 }
 

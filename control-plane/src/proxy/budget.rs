@@ -36,6 +36,15 @@ pub const INGEST_BUDGETS: Budgets = Budgets {
     bytes_per_day: 256 * 1024 * 1024,
 };
 
+/// What one session's reminder calls (set, list, cancel) may cost: each is a
+/// transaction on the control store, so at most 60 a minute and 16 MiB a day. What is
+/// set is charged again to the day's reminders in the store.
+pub const REMINDER_CALL_BUDGETS: Budgets = Budgets {
+    requests_per_minute: 60,
+    tokens_per_day: u64::MAX,
+    bytes_per_day: 16 * 1024 * 1024,
+};
+
 /// Which budget a refused call ran into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BudgetExceeded {

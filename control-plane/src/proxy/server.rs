@@ -4,7 +4,7 @@
 //! What a hostile agent meets, in order: at most [`ProxyLimits::max_connections`] open
 //! connections (more are closed at once); headers must arrive within
 //! [`ProxyLimits::header_timeout`] and fit in [`MAX_HEADER_BYTES`]; the route must be
-//! one of the four endpoints; a body is refused on its declared length before it is
+//! one of the seven endpoints; a body is refused on its declared length before it is
 //! read, and cut off at the endpoint's limit while it is read; the body must parse into
 //! the endpoint's closed type; the handler must answer within its timeout. Every refusal
 //! is one opaque [`Refusal`]; the detail stays on this side.
@@ -24,7 +24,8 @@ use queue_proto::ids::{Seq, SessionId};
 use queue_proto::items::ChangeRequest;
 use queue_proto::proxy::{
     ChangeRequestFiled, Endpoint, ModelRequest, ModelResponse, OutboxNotice, Refusal, RefusalCode,
-    RequestBody, WaitResponse, parse_body, parse_wait_query,
+    ReminderAnswer, ReminderCancel, ReminderList, ReminderRequest, RequestBody, WaitResponse,
+    parse_body, parse_wait_query,
 };
 use serde::Serialize;
 use tokio::net::UnixListener;
@@ -103,6 +104,18 @@ pub trait SessionHandler: Send + Sync + 'static {
         &self,
         request: ChangeRequest,
     ) -> impl Future<Output = Result<ChangeRequestFiled, Refused>> + Send;
+    /// The agent asks for a reminder.
+    fn set_reminder(
+        &self,
+        request: ReminderRequest,
+    ) -> impl Future<Output = Result<ReminderAnswer, Refused>> + Send;
+    /// The session's reminders still to come.
+    fn reminders(&self) -> impl Future<Output = Result<ReminderList, Refused>> + Send;
+    /// The agent cancels one of its session's reminders.
+    fn cancel_reminder(
+        &self,
+        request: ReminderCancel,
+    ) -> impl Future<Output = Result<ReminderAnswer, Refused>> + Send;
 }
 
 /// Serves `session`'s socket until the listener fails or the task is aborted.
@@ -221,6 +234,26 @@ async fn handle<H: SessionHandler>(
         Endpoint::ChangeRequests => {
             let body: ChangeRequest = read_body(req, limits).await?;
             bounded(limits.handler_timeout, handler.change_request(body))
+                .await
+                .map(|r| to_json(&r))
+        }
+        Endpoint::SetReminder => {
+            let body: ReminderRequest = read_body(req, limits).await?;
+            bounded(limits.handler_timeout, handler.set_reminder(body))
+                .await
+                .map(|r| to_json(&r))
+        }
+        Endpoint::ListReminders => {
+            if req.uri().query().is_some() || declared_length(&req)? != 0 {
+                return Err(Refused::REJECTED);
+            }
+            bounded(limits.handler_timeout, handler.reminders())
+                .await
+                .map(|r| to_json(&r))
+        }
+        Endpoint::CancelReminder => {
+            let body: ReminderCancel = read_body(req, limits).await?;
+            bounded(limits.handler_timeout, handler.cancel_reminder(body))
                 .await
                 .map(|r| to_json(&r))
         }

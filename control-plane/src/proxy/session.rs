@@ -20,11 +20,12 @@ use queue_proto::control::OutboxReader;
 use queue_proto::ids::{ChangeId, Seq, SessionId};
 use queue_proto::items::{ChangeRequest, OutboxItem, ToolName};
 use queue_proto::proxy::{
-    ChangeRequestFiled, ContentBlock, ModelRequest, ModelResponse, OutboxNotice, WaitResponse,
+    ChangeRequestFiled, ContentBlock, ModelRequest, ModelResponse, OutboxNotice, ReminderAnswer,
+    ReminderCancel, ReminderList, ReminderRequest, WaitResponse,
 };
 use tokio::sync::{Mutex, mpsc, watch};
 
-use super::budget::{BudgetMeter, Budgets, INGEST_BUDGETS};
+use super::budget::{BudgetMeter, Budgets, INGEST_BUDGETS, REMINDER_CALL_BUDGETS};
 use super::server::{Refused, SessionHandler};
 use crate::model::{Provider, ProviderError};
 use crate::proxy::turn::TurnSummary;
@@ -85,6 +86,28 @@ pub trait Intake: Send + Sync + 'static {
         session: &SessionId,
         request: ChangeRequest,
     ) -> impl Future<Output = Option<ChangeId>> + Send;
+    /// Sets, lists or cancels the session's reminders; `None` if the store could not
+    /// be used.
+    fn reminders(
+        &self,
+        session: &SessionId,
+        call: ReminderCall,
+    ) -> impl Future<Output = Option<ReminderReply>> + Send;
+}
+
+/// A reminder call of the agent, checked for its form and budget.
+#[derive(Debug, Clone)]
+pub enum ReminderCall {
+    Set(ReminderRequest),
+    List,
+    Cancel(u64),
+}
+
+/// What the intake answers a [`ReminderCall`].
+#[derive(Debug, Clone)]
+pub enum ReminderReply {
+    Answer(ReminderAnswer),
+    List(ReminderList),
 }
 
 /// Tells a waiting agent that its inbox grew.
@@ -117,6 +140,8 @@ pub struct SessionProxy<P, I> {
     /// What taking in this session's segments may cost ([`INGEST_BUDGETS`]), and what
     /// was passed over without a record of its own (see [`Passed`]).
     ingest: std::sync::Mutex<(BudgetMeter, Passed)>,
+    /// What reminder calls may cost ([`REMINDER_CALL_BUDGETS`]).
+    reminder_calls: std::sync::Mutex<BudgetMeter>,
     provider: Arc<P>,
     budget: Arc<Mutex<BudgetMeter>>,
     /// One model call in flight per session.
@@ -166,6 +191,7 @@ impl<P: Provider, I: Intake> SessionProxy<P, I> {
             inbox_dir,
             outbox: Arc::new(Mutex::new(outbox)),
             ingest: std::sync::Mutex::new((BudgetMeter::new(INGEST_BUDGETS), Passed::default())),
+            reminder_calls: std::sync::Mutex::new(BudgetMeter::new(REMINDER_CALL_BUDGETS)),
             provider,
             budget: Arc::new(Mutex::new(BudgetMeter::new(budgets))),
             model_gate: Arc::new(tokio::sync::Semaphore::new(1)),
@@ -238,6 +264,27 @@ impl<P: Provider, I: Intake> SessionProxy<P, I> {
                     d.since / 1000
                 ),
             });
+        }
+    }
+
+    /// One reminder call, within its budget and the store's timeout.
+    async fn reminder_call(
+        &self,
+        call: ReminderCall,
+        bytes: u64,
+    ) -> Result<ReminderReply, Refused> {
+        let admitted = self
+            .reminder_calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(now_ms(), bytes);
+        if let Err(e) = admitted {
+            return Err(self.refuse("reminders", e.to_string(), Refused::BUDGET));
+        }
+        let answered = self.intake.reminders(&self.session, call);
+        match tokio::time::timeout(STORE_TIMEOUT, answered).await {
+            Ok(Some(reply)) => Ok(reply),
+            _ => Err(Refused::UNAVAILABLE),
         }
     }
 
@@ -441,6 +488,34 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
         match tokio::time::timeout(STORE_TIMEOUT, filed).await {
             Ok(Some(id)) => Ok(ChangeRequestFiled { id }),
             _ => Err(Refused::UNAVAILABLE),
+        }
+    }
+
+    async fn set_reminder(&self, request: ReminderRequest) -> Result<ReminderAnswer, Refused> {
+        let bytes = request.text.len() as u64;
+        match self
+            .reminder_call(ReminderCall::Set(request), bytes)
+            .await?
+        {
+            ReminderReply::Answer(a) => Ok(a),
+            ReminderReply::List(_) => Err(Refused::UNAVAILABLE),
+        }
+    }
+
+    async fn reminders(&self) -> Result<ReminderList, Refused> {
+        match self.reminder_call(ReminderCall::List, 0).await? {
+            ReminderReply::List(l) => Ok(l),
+            ReminderReply::Answer(_) => Err(Refused::UNAVAILABLE),
+        }
+    }
+
+    async fn cancel_reminder(&self, request: ReminderCancel) -> Result<ReminderAnswer, Refused> {
+        match self
+            .reminder_call(ReminderCall::Cancel(request.id), 0)
+            .await?
+        {
+            ReminderReply::Answer(a) => Ok(a),
+            ReminderReply::List(_) => Err(Refused::UNAVAILABLE),
         }
     }
 }

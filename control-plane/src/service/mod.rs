@@ -29,7 +29,8 @@ use crate::model::openai::OpenAiCompatible;
 use crate::model::{AnyProvider, Provider};
 use crate::proxy::server::{ProxyLimits, serve};
 use crate::proxy::session::{
-    EVENT_QUEUE, InboxSignal, Intake, NotStored, Outlets, SessionEvent, SessionProxy, Taken,
+    EVENT_QUEUE, InboxSignal, Intake, NotStored, Outlets, ReminderCall, ReminderReply,
+    SessionEvent, SessionProxy, Taken,
 };
 use crate::proxy::turn::TurnSummary;
 use crate::sandbox::SandboxSettings;
@@ -46,6 +47,7 @@ use crate::store::{Store, StoreError};
 mod calls;
 pub use calls::Status;
 mod gate;
+mod reminders;
 pub use gate::{Effective, restart_notes, started_differently, telegram_may_approve};
 
 /// Fixed notices sent to the person. None of them quotes the message.
@@ -244,14 +246,6 @@ pub fn provider(config: &Config) -> Result<AnyProvider, ServiceError> {
 /// The agent binary a configuration names (see [`crate::sandbox::agent_binary::resolve`]).
 pub fn agent_binary(config: &Config) -> PathBuf {
     crate::sandbox::agent_binary::resolve(config.sandbox.agent_binary.as_deref())
-}
-
-/// `at` in the time zone named `zone`, as ISO 8601 with its offset
-/// (`2026-12-03T18:04:00+01:00`); in UTC if the zone is unknown (the configuration
-/// check refuses such a name, so only a tz database changed under a running serve can).
-pub fn local_time(zone: &str, at: jiff::Timestamp) -> String {
-    let tz = jiff::tz::TimeZone::get(zone).unwrap_or(jiff::tz::TimeZone::UTC);
-    at.to_zoned(tz).strftime("%Y-%m-%dT%H:%M:%S%:z").to_string()
 }
 
 /// The sandbox limits a configuration sets, at start and again when an approved change
@@ -622,7 +616,7 @@ impl Service {
         )];
         // The person's local time, worked out here: the sandbox has no tz database.
         let zone = &effective.config.agent.timezone;
-        let local_time = local_time(zone, jiff::Timestamp::now());
+        let local_time = crate::clock::local_time(zone, jiff::Timestamp::now());
         items.extend(msgs.iter().map(|m| {
             InboxItem::UserMessage(UserMessage {
                 message_id: m.id as u64,
@@ -985,6 +979,14 @@ impl Intake for ServiceIntake {
         }
         service.file_agent_change(session, &request)
     }
+
+    async fn reminders(&self, session: &SessionId, call: ReminderCall) -> Option<ReminderReply> {
+        let service = self.0.upgrade()?;
+        if service.deleting().contains(session) {
+            return None;
+        }
+        service.reminder_call(session, call)
+    }
 }
 
 async fn session_events_loop(
@@ -1014,33 +1016,5 @@ async fn sweep_loop(service: std::sync::Weak<Service>) {
         interval.tick().await;
         let Some(s) = service.upgrade() else { return };
         s.sweep().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_local_time_carries_the_zones_offset_for_that_day() {
-        let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
-        assert_eq!(
-            local_time("Europe/Berlin", at("2026-12-03T17:04:00Z")),
-            "2026-12-03T18:04:00+01:00"
-        );
-        assert_eq!(
-            local_time("Europe/Berlin", at("2026-07-01T12:00:00Z")),
-            "2026-07-01T14:00:00+02:00",
-            "summer time"
-        );
-        assert_eq!(
-            local_time("UTC", at("2026-07-01T12:00:00Z")),
-            "2026-07-01T12:00:00+00:00"
-        );
-        assert_eq!(
-            local_time("Nowhere/Atlantis", at("2026-07-01T12:00:00Z")),
-            "2026-07-01T12:00:00+00:00",
-            "an unknown zone falls back to UTC"
-        );
     }
 }

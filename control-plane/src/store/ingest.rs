@@ -17,7 +17,7 @@ use serde_json::json;
 use super::outbound::queue_outbound;
 use super::sessions::session_row;
 use super::state::{MessageState, OUTBOUND_WAITING_SQL, OutboundKind};
-use super::timers::add_timer;
+use super::timers::{NewTimer, PAST_GRACE_SECS, add_timer};
 use super::usage;
 use super::{Store, StoreError};
 use crate::audit::{self, AuditEvent};
@@ -191,7 +191,12 @@ impl Store {
                     queued += 1;
                 }
                 OutboxItem::ScheduleRequest(s) => {
-                    if add_timer(&tx, session, s.at, &s.text, now)? {
+                    let timer = NewTimer {
+                        due_at: s.at,
+                        text: &s.text,
+                        rule: None,
+                    };
+                    if add_timer(&tx, session, timer, now, PAST_GRACE_SECS)?.is_ok() {
                         out.timers += 1;
                     } else {
                         out.refused_timers += 1;

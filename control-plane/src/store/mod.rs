@@ -152,6 +152,7 @@ impl Store {
             tx.execute_batch(schema).map_err(open)?;
         }
         ingest::upgrade(&tx).map_err(open)?;
+        timers::upgrade(&tx).map_err(open)?;
         if let Some(now) = create {
             audit::append(&tx, now, AuditEvent::StoreCreated, &json!({})).map_err(open)?;
         }
