@@ -67,3 +67,74 @@ fn answer(body: &Value) -> Scripted {
         "usage": { "prompt_tokens": 10, "completion_tokens": 5 }
     }))
 }
+
+/// Which tool calls a scripted model makes for a person's message: `(tool, input)`.
+pub type ToolScript = Arc<dyn Fn(&str) -> Vec<(&'static str, Value)> + Send + Sync>;
+
+/// Starts a fake model that answers a person's message with the tool calls `script`
+/// gives for its text (none: a plain `echo:` answer), and ends the turn with `done`
+/// once it sees their results. What it was sent is in [`FakeHttp::received`].
+pub async fn start_tool_model(script: ToolScript) -> FakeHttp {
+    let handler: Handler = Arc::new(move |req| {
+        let script = script.clone();
+        Box::pin(async move { scripted(&req.json(), &script) })
+    });
+    FakeHttp::serve(handler).await
+}
+
+fn scripted(body: &Value, script: &ToolScript) -> Scripted {
+    let messages = body["messages"].as_array().cloned().unwrap_or_default();
+    let last = messages.last().cloned().unwrap_or(Value::Null);
+    let text = last["content"].as_str().unwrap_or("");
+    let calls: Vec<Value> = if last["role"] == "tool" {
+        Vec::new()
+    } else {
+        script(text)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, input))| {
+                json!({ "id": format!("call-{}-{i}", messages.len()), "type": "function",
+                        "function": { "name": name, "arguments": input.to_string() } })
+            })
+            .collect()
+    };
+    let message = if calls.is_empty() {
+        let said = if last["role"] == "tool" {
+            "done".to_owned()
+        } else {
+            format!("{ECHO}{text}")
+        };
+        json!({ "role": "assistant", "content": said })
+    } else {
+        json!({ "role": "assistant", "content": null, "tool_calls": calls })
+    };
+    let finish = if message.get("tool_calls").is_some() {
+        "tool_calls"
+    } else {
+        "stop"
+    };
+    Scripted::json(json!({
+        "id": "fake", "object": "chat.completion",
+        "choices": [{ "index": 0, "message": message, "finish_reason": finish }],
+        "usage": { "prompt_tokens": 10, "completion_tokens": 5 }
+    }))
+}
+
+/// The results of tool calls the model was sent, in order (OpenAI's `tool` messages of
+/// the last message of each request that ends with them).
+pub fn tool_results(model: &FakeHttp) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in model.received() {
+        let body = r.json();
+        let messages = body["messages"].as_array().cloned().unwrap_or_default();
+        // The results of one answer are the run of `tool` messages at the end.
+        let trailing: Vec<String> = messages
+            .iter()
+            .rev()
+            .take_while(|m| m["role"] == "tool")
+            .filter_map(|m| m["content"].as_str().map(str::to_owned))
+            .collect();
+        out.extend(trailing.into_iter().rev());
+    }
+    out
+}
