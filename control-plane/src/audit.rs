@@ -67,6 +67,9 @@ pub fn install_seal(conn: &Connection, key: SecretKey) -> rusqlite::Result<()> {
 /// [`AuditEvent::PUTS_IN_FORCE`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AuditEvent {
+    /// A file that came with a message was refused (too large, not an accepted kind,
+    /// not fetched): never passed on.
+    AttachmentRefused,
     /// A minute's count of refused admin peers beyond those recorded one by one.
     AdminRefusalsLimited,
     /// A peer of the admin socket or API was refused.
@@ -134,6 +137,7 @@ pub enum AuditEvent {
 impl AuditEvent {
     /// Every kind.
     pub const ALL: &'static [AuditEvent] = &[
+        AuditEvent::AttachmentRefused,
         AuditEvent::AdminRefusalsLimited,
         AuditEvent::AdminRefused,
         AuditEvent::ChangeApplied,
@@ -174,6 +178,7 @@ impl AuditEvent {
     /// The kind as stored in the trail (and hashed into its entry).
     pub fn as_str(self) -> &'static str {
         match self {
+            AuditEvent::AttachmentRefused => "attachment_refused",
             AuditEvent::AdminRefusalsLimited => "admin_refusals_limited",
             AuditEvent::AdminRefused => "admin_refused",
             AuditEvent::ChangeApplied => "change_applied",

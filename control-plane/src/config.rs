@@ -158,6 +158,48 @@ pub struct Config {
     /// The admin HTTP API and its approval page; absent = off.
     #[serde(default)]
     pub admin_api: Option<AdminApiConfig>,
+    #[serde(default)]
+    pub attachments: AttachmentsSection,
+    /// Where voice notes are transcribed; absent = a voice note gets a fixed notice.
+    #[serde(default)]
+    pub transcription: Option<TranscriptionConfig>,
+}
+
+/// What files the person may send.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttachmentsSection {
+    /// Largest file, in bytes (Telegram's own download limit by default).
+    pub max_bytes: u64,
+    /// Most files with one message.
+    pub max_per_message: u8,
+}
+
+impl Default for AttachmentsSection {
+    fn default() -> Self {
+        AttachmentsSection {
+            max_bytes: 20 * 1024 * 1024,
+            max_per_message: 10,
+        }
+    }
+}
+
+/// An OpenAI-compatible `POST /v1/audio/transcriptions` endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TranscriptionConfig {
+    pub provider: TranscriptionProvider,
+    pub base_url: String,
+    pub model: String,
+    /// A bearer key, injected by the control plane.
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TranscriptionProvider {
+    Openai,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -178,6 +220,9 @@ pub struct ModelConfig {
     pub model: Option<String>,
     #[serde(default)]
     pub api_key_file: Option<PathBuf>,
+    /// Photos go to the model as images; only for a model that accepts them.
+    #[serde(default)]
+    pub accepts_images: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -490,6 +535,18 @@ impl Config {
                 }
             }
         }
+        if let Some(t) = &self.transcription {
+            endpoint("transcription.base_url", &t.base_url)?;
+            if t.model.is_empty() || t.model.len() > 256 {
+                return invalid("transcription.model must name the model, in at most 256 bytes");
+            }
+        }
+        if !(1..=50 * 1024 * 1024).contains(&self.attachments.max_bytes) {
+            return invalid("attachments.max_bytes must be between 1 and 52428800 (50 MiB)");
+        }
+        if !(1..=32).contains(&self.attachments.max_per_message) {
+            return invalid("attachments.max_per_message must be between 1 and 32");
+        }
         if self.agent.instructions.len() > MAX_INSTRUCTIONS_BYTES {
             return invalid("agent.instructions is longer than 64 KiB");
         }
@@ -589,6 +646,7 @@ impl Config {
             instructions: self.agent.instructions.clone(),
             tools: self.agent.tools.clone(),
             max_steps_per_turn: self.agent.max_steps_per_turn,
+            accepts_images: self.model.accepts_images,
         }
     }
 

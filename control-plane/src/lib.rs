@@ -23,6 +23,7 @@ pub mod channels;
 pub mod clock;
 pub mod config;
 pub mod doctor;
+pub mod files;
 pub mod gateway;
 pub mod http;
 pub mod logging;

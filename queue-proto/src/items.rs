@@ -69,16 +69,20 @@ pub enum ItemKind {
     Note,
     ScheduleRequest,
     ChangeRequest,
+    Attachment,
+    DocumentReply,
 }
 
 impl ItemKind {
-    pub const ALL: [ItemKind; 6] = [
+    pub const ALL: [ItemKind; 8] = [
         ItemKind::UserMessage,
         ItemKind::AgentConfig,
         ItemKind::AssistantReply,
         ItemKind::Note,
         ItemKind::ScheduleRequest,
         ItemKind::ChangeRequest,
+        ItemKind::Attachment,
+        ItemKind::DocumentReply,
     ];
 
     /// The stable name stored in segments.
@@ -90,6 +94,8 @@ impl ItemKind {
             ItemKind::Note => "note",
             ItemKind::ScheduleRequest => "schedule_request",
             ItemKind::ChangeRequest => "change_request",
+            ItemKind::Attachment => "attachment",
+            ItemKind::DocumentReply => "document_reply",
         }
     }
 
@@ -104,11 +110,14 @@ impl ItemKind {
     /// The only direction this kind may travel.
     pub fn direction(self) -> Direction {
         match self {
-            ItemKind::UserMessage | ItemKind::AgentConfig => Direction::Inbox,
+            ItemKind::UserMessage | ItemKind::AgentConfig | ItemKind::Attachment => {
+                Direction::Inbox
+            }
             ItemKind::AssistantReply
             | ItemKind::Note
             | ItemKind::ScheduleRequest
-            | ItemKind::ChangeRequest => Direction::Outbox,
+            | ItemKind::ChangeRequest
+            | ItemKind::DocumentReply => Direction::Outbox,
         }
     }
 }
@@ -129,6 +138,70 @@ pub struct UserMessage {
     /// The IANA name of the person's time zone (`Europe/Berlin`).
     #[serde(default)]
     pub time_zone: String,
+    /// How many files came with it; their [`Attachment`] items come before it in the
+    /// same segment.
+    #[serde(default)]
+    pub attachments: u8,
+}
+
+/// Raw bytes of one [`Attachment`] part (a multiple of 3, so that the parts' base64
+/// texts join into the base64 of the whole file).
+pub const ATTACHMENT_PART_BYTES: usize = 96 * 1024;
+/// Most parts of one attachment (24 MiB).
+pub const MAX_ATTACHMENT_PARTS: u32 = 256;
+
+/// What kind of file the person sent, as the control plane decided from its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachmentKind {
+    /// An image: `image/jpeg`, `image/png`, `image/webp`.
+    Photo,
+    /// `application/pdf` or `text/plain` (Markdown included).
+    Document,
+    /// A voice note (`audio/ogg`); its bytes stay with the control plane, and the agent
+    /// asks for its transcript through the proxy.
+    Voice,
+}
+
+/// The media types the control plane passes on, each decided by sniffing the bytes.
+pub const MEDIA_TYPES: [(&str, AttachmentKind); 6] = [
+    ("image/jpeg", AttachmentKind::Photo),
+    ("image/png", AttachmentKind::Photo),
+    ("image/webp", AttachmentKind::Photo),
+    ("application/pdf", AttachmentKind::Document),
+    ("text/plain", AttachmentKind::Document),
+    ("audio/ogg", AttachmentKind::Voice),
+];
+
+/// One part of a file the person sent with message `message_id`, fetched, checked and
+/// stored by the control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attachment {
+    pub message_id: u64,
+    /// Which of the message's files (0-based).
+    pub index: u8,
+    pub kind: AttachmentKind,
+    /// One of [`MEDIA_TYPES`], from the bytes, never from the name.
+    pub media_type: String,
+    /// The name the person's app gave it; shown, never trusted.
+    pub name: String,
+    pub total_bytes: u64,
+    pub part: u32,
+    pub parts: u32,
+    /// This part's bytes, base64 (empty for a voice note).
+    pub data: String,
+}
+
+/// A file the agent sends back to the person (a note exported as a document).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentReply {
+    pub in_reply_to: u64,
+    /// The file's name as the person will see it; the control plane makes it safe.
+    pub file_name: String,
+    /// Its content, as text.
+    pub text: String,
 }
 
 /// The tools an agent may be given. Closed: an agent cannot name a tool that does not
@@ -189,6 +262,9 @@ pub struct AgentConfig {
     pub instructions: String,
     pub tools: Vec<ToolName>,
     pub max_steps_per_turn: u32,
+    /// Photos go to the model as images (`model.accepts_images`).
+    #[serde(default)]
+    pub accepts_images: bool,
 }
 
 /// The agent's answer to one user message.
@@ -274,6 +350,33 @@ impl UserMessage {
     }
 }
 
+impl Attachment {
+    fn validate(&self) -> Result<(), ItemError> {
+        limit("name", &self.name, 255)?;
+        limit("data", &self.data, ATTACHMENT_PART_BYTES.div_ceil(3) * 4)?;
+        if !MEDIA_TYPES.contains(&(self.media_type.as_str(), self.kind)) {
+            return Err(ItemError::Invalid {
+                field: "media_type",
+                why: "not an accepted media type for its kind",
+            });
+        }
+        if self.parts == 0 || self.parts > MAX_ATTACHMENT_PARTS || self.part >= self.parts {
+            return Err(ItemError::Invalid {
+                field: "part",
+                why: "outside 0..parts, or too many parts",
+            });
+        }
+        Ok(())
+    }
+}
+
+impl DocumentReply {
+    fn validate(&self) -> Result<(), ItemError> {
+        limit("file_name", &self.file_name, 255)?;
+        limit("text", &self.text, MAX_TEXT_BYTES)
+    }
+}
+
 impl AgentConfig {
     fn validate(&self) -> Result<(), ItemError> {
         limit("instructions", &self.instructions, MAX_INSTRUCTIONS_BYTES)?;
@@ -325,6 +428,7 @@ impl ChangeRequest {
 pub enum InboxItem {
     UserMessage(UserMessage),
     AgentConfig(AgentConfig),
+    Attachment(Attachment),
 }
 
 /// Items the agent sends to the control plane.
@@ -334,6 +438,7 @@ pub enum OutboxItem {
     Note(Note),
     ScheduleRequest(ScheduleRequest),
     ChangeRequest(ChangeRequest),
+    DocumentReply(DocumentReply),
 }
 
 /// One direction's item type: how it is named, encoded and parsed.
@@ -389,6 +494,7 @@ impl QueueItem for InboxItem {
         match self {
             InboxItem::UserMessage(_) => ItemKind::UserMessage,
             InboxItem::AgentConfig(_) => ItemKind::AgentConfig,
+            InboxItem::Attachment(_) => ItemKind::Attachment,
         }
     }
 
@@ -396,6 +502,7 @@ impl QueueItem for InboxItem {
         match self {
             InboxItem::UserMessage(m) => m.validate().and_then(|()| encode_checked(m)),
             InboxItem::AgentConfig(c) => c.validate().and_then(|()| encode_checked(c)),
+            InboxItem::Attachment(a) => a.validate().and_then(|()| encode_checked(a)),
         }
     }
 
@@ -404,11 +511,13 @@ impl QueueItem for InboxItem {
         let item = match kind {
             ItemKind::UserMessage => InboxItem::UserMessage(parse(kind, bytes)?),
             ItemKind::AgentConfig => InboxItem::AgentConfig(parse(kind, bytes)?),
+            ItemKind::Attachment => InboxItem::Attachment(parse(kind, bytes)?),
             _ => unreachable!("check_direction admits only inbox kinds"),
         };
         match &item {
             InboxItem::UserMessage(m) => m.validate()?,
             InboxItem::AgentConfig(c) => c.validate()?,
+            InboxItem::Attachment(a) => a.validate()?,
         }
         Ok(item)
     }
@@ -423,6 +532,7 @@ impl QueueItem for OutboxItem {
             OutboxItem::Note(_) => ItemKind::Note,
             OutboxItem::ScheduleRequest(_) => ItemKind::ScheduleRequest,
             OutboxItem::ChangeRequest(_) => ItemKind::ChangeRequest,
+            OutboxItem::DocumentReply(_) => ItemKind::DocumentReply,
         }
     }
 
@@ -433,6 +543,7 @@ impl QueueItem for OutboxItem {
             OutboxItem::Note(n) => encode_checked(n),
             OutboxItem::ScheduleRequest(s) => encode_checked(s),
             OutboxItem::ChangeRequest(c) => encode_checked(c),
+            OutboxItem::DocumentReply(d) => encode_checked(d),
         }
     }
 
@@ -443,6 +554,7 @@ impl QueueItem for OutboxItem {
             ItemKind::Note => OutboxItem::Note(parse(kind, bytes)?),
             ItemKind::ScheduleRequest => OutboxItem::ScheduleRequest(parse(kind, bytes)?),
             ItemKind::ChangeRequest => OutboxItem::ChangeRequest(parse(kind, bytes)?),
+            ItemKind::DocumentReply => OutboxItem::DocumentReply(parse(kind, bytes)?),
             _ => unreachable!("check_direction admits only outbox kinds"),
         };
         item.validate()?;
@@ -457,6 +569,7 @@ impl OutboxItem {
             OutboxItem::Note(n) => n.validate(),
             OutboxItem::ScheduleRequest(s) => s.validate(),
             OutboxItem::ChangeRequest(c) => c.validate(),
+            OutboxItem::DocumentReply(d) => d.validate(),
         }
     }
 }

@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::ids::Seq;
 use crate::items::{ChangeRequest, ItemError, MAX_TEXT_BYTES};
 
-/// Largest `POST /v1/model` body, in bytes.
-pub const MAX_MODEL_REQUEST_BYTES: usize = 1024 * 1024;
+/// Largest `POST /v1/model` body, in bytes: room for one photo of up to 5 MiB, base64.
+pub const MAX_MODEL_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+/// Largest `POST /v1/transcriptions` body, in bytes.
+pub const MAX_TRANSCRIPTION_REQUEST_BYTES: usize = 256;
 /// Largest `POST /v1/outbox` body, in bytes.
 pub const MAX_OUTBOX_NOTICE_BYTES: usize = 256;
 /// Largest `POST /v1/change-requests` body, in bytes.
@@ -57,6 +59,8 @@ pub enum Endpoint {
     ListReminders,
     /// `POST /v1/reminders/cancel`: cancel one of them.
     CancelReminder,
+    /// `POST /v1/transcriptions`: the transcript of a voice note the person sent.
+    Transcribe,
 }
 
 impl Endpoint {
@@ -70,6 +74,7 @@ impl Endpoint {
             ("POST", "/v1/reminders") => Some(Endpoint::SetReminder),
             ("GET", "/v1/reminders") => Some(Endpoint::ListReminders),
             ("POST", "/v1/reminders/cancel") => Some(Endpoint::CancelReminder),
+            ("POST", "/v1/transcriptions") => Some(Endpoint::Transcribe),
             _ => None,
         }
     }
@@ -83,6 +88,7 @@ impl Endpoint {
             Endpoint::ChangeRequests => MAX_CHANGE_REQUEST_BYTES,
             Endpoint::SetReminder => MAX_REMINDER_REQUEST_BYTES,
             Endpoint::CancelReminder => MAX_REMINDER_CANCEL_BYTES,
+            Endpoint::Transcribe => MAX_TRANSCRIPTION_REQUEST_BYTES,
         }
     }
 }
@@ -132,6 +138,11 @@ pub enum ContentBlock {
         tool_use_id: String,
         content: String,
         is_error: bool,
+    },
+    /// A photo the person sent, base64, for a model that accepts images.
+    Image {
+        media_type: String,
+        data: String,
     },
 }
 
@@ -291,6 +302,24 @@ pub struct ReminderCancel {
     pub id: u64,
 }
 
+/// Body of `POST /v1/transcriptions`: which voice note, by the message it came with and
+/// its place there. The control plane transcribes the bytes it fetched itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TranscriptionRequest {
+    pub message_id: u64,
+    pub index: u8,
+}
+
+/// Answer to `POST /v1/transcriptions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TranscriptionAnswer {
+    Text { text: String },
+    /// Why there is no transcript, in the control plane's words.
+    Refused { reason: String },
+}
+
 /// The one error body the agent ever sees. The detail stays on the trusted side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -362,6 +391,14 @@ impl RequestBody for ReminderRequest {
         if short(&self.at) || short(&self.time) || self.on.len() > 7 {
             return Err(RequestError::Invalid("a time field is too long"));
         }
+        Ok(())
+    }
+}
+
+impl RequestBody for TranscriptionRequest {
+    const NAME: &'static str = "transcription request";
+    const MAX_BYTES: usize = MAX_TRANSCRIPTION_REQUEST_BYTES;
+    fn validate(&self) -> Result<(), RequestError> {
         Ok(())
     }
 }

@@ -197,6 +197,7 @@ async fn post_message(service: &Arc<Service>, req: Request<Incoming>) -> Respons
         external_id: msg.id.map(|id| format!("{}/{id}", msg.chat)),
         text: msg.text,
         received_at: now_secs(),
+        files: Vec::new(),
     };
     // A bridge client names its chats: at most max_chats sessions (and so sandboxes)
     // come from it.

@@ -77,6 +77,7 @@ pub async fn send(
         external_id: None,
         text,
         received_at: now_secs(),
+        files: Vec::new(),
     };
     let mut changes = service.watch_outbound();
     let arrival = Arrival::Message {

@@ -23,7 +23,8 @@ use tokio::task::JoinHandle;
 
 use crate::service::Service;
 use crate::state::now_secs;
-use crate::store::outbound::Delivered;
+use crate::store::outbound::{Delivered, document_parts};
+use crate::store::state::OutboundKind;
 
 /// Why a channel could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,13 @@ pub trait Channel: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Hands one reply to `chat`.
     fn deliver(&self, chat: &str, text: &str) -> impl Future<Output = Delivered> + Send;
+    /// Hands one document (a text file named `name`) to `chat`.
+    fn deliver_document(
+        &self,
+        chat: &str,
+        name: &str,
+        content: &str,
+    ) -> impl Future<Output = Delivered> + Send;
 }
 
 /// Starts every configured channel; the console is carried by the admin socket.
@@ -58,6 +66,7 @@ pub fn start(service: &Arc<Service>) -> Result<Vec<JoinHandle<()>>, ChannelError
         let tg = Arc::new(telegram::Telegram::new(cfg)?);
         tasks.push(tokio::spawn(telegram::poll(service.clone(), tg.clone())));
         tasks.push(tokio::spawn(telegram::prompts(service.clone(), tg.clone())));
+        tasks.push(tokio::spawn(telegram::fetch_files(service.clone(), tg.clone())));
         tasks.push(tokio::spawn(deliver_loop(service.clone(), tg)));
     }
     if let Some(cfg) = &service.config().channels.bridge {
@@ -95,7 +104,12 @@ pub async fn deliver_loop<C: Channel>(service: Arc<Service>, channel: Arc<C>) {
                     served.insert(out.chat.clone(), turn);
                     let channel = channel.clone();
                     lanes.spawn(async move {
-                        let result = channel.deliver(&out.chat, &out.text).await;
+                        let result = if out.kind == OutboundKind::Document {
+                            let (name, content) = document_parts(&out.text);
+                            channel.deliver_document(&out.chat, name, content).await
+                        } else {
+                            channel.deliver(&out.chat, &out.text).await
+                        };
                         (out.chat, out.id, result)
                     });
                 }

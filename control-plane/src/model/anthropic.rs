@@ -1,5 +1,6 @@
 //! The Anthropic Messages API: `POST {base}/v1/messages` with `x-api-key` and
-//! `anthropic-version`; content blocks `text`, `tool_use`, `tool_result`.
+//! `anthropic-version`; content blocks `text`, `tool_use`, `tool_result` and `image`
+//! (base64 source).
 
 use queue_proto::proxy::{ContentBlock, ModelRequest, ModelResponse, Role, StopReason, Usage};
 use serde::Deserialize;
@@ -46,6 +47,10 @@ fn block(b: &ContentBlock) -> Value {
         } => {
             json!({ "type": "tool_result", "tool_use_id": tool_use_id, "content": content, "is_error": is_error })
         }
+        ContentBlock::Image { media_type, data } => json!({
+            "type": "image",
+            "source": { "type": "base64", "media_type": media_type, "data": data }
+        }),
     }
 }
 

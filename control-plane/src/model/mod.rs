@@ -10,6 +10,7 @@ pub mod anthropic;
 pub mod demo;
 pub mod http;
 pub mod openai;
+pub mod transcribe;
 
 use std::future::Future;
 

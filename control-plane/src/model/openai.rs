@@ -60,7 +60,27 @@ pub fn body(model: &str, request: &ModelRequest) -> Value {
                         messages.push(json!({ "role": "tool", "tool_call_id": tool_use_id, "content": content }));
                     }
                 }
-                if !text.is_empty() {
+                // A photo makes the content a list of parts: the text, then each image
+                // as a data URI.
+                let images: Vec<Value> = m
+                    .content
+                    .iter()
+                    .filter_map(|b| match b {
+                        ContentBlock::Image { media_type, data } => Some(json!({
+                            "type": "image_url",
+                            "image_url": { "url": format!("data:{media_type};base64,{data}") }
+                        })),
+                        _ => None,
+                    })
+                    .collect();
+                if !images.is_empty() {
+                    let mut parts = Vec::new();
+                    if !text.is_empty() {
+                        parts.push(json!({ "type": "text", "text": text }));
+                    }
+                    parts.extend(images);
+                    messages.push(json!({ "role": "user", "content": parts }));
+                } else if !text.is_empty() {
                     messages.push(json!({ "role": "user", "content": text }));
                 }
             }

@@ -45,6 +45,14 @@ pub const REMINDER_CALL_BUDGETS: Budgets = Budgets {
     bytes_per_day: 16 * 1024 * 1024,
 };
 
+/// How often one session's agent may ask for a transcript: each is a call to the
+/// transcription service (the day's audio is charged in the store).
+pub const TRANSCRIPTION_CALL_BUDGETS: Budgets = Budgets {
+    requests_per_minute: 10,
+    tokens_per_day: u64::MAX,
+    bytes_per_day: u64::MAX,
+};
+
 /// Which budget a refused call ran into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BudgetExceeded {

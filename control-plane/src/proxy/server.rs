@@ -4,7 +4,7 @@
 //! What a hostile agent meets, in order: at most [`ProxyLimits::max_connections`] open
 //! connections (more are closed at once); headers must arrive within
 //! [`ProxyLimits::header_timeout`] and fit in [`MAX_HEADER_BYTES`]; the route must be
-//! one of the seven endpoints; a body is refused on its declared length before it is
+//! one of the eight endpoints; a body is refused on its declared length before it is
 //! read, and cut off at the endpoint's limit while it is read; the body must parse into
 //! the endpoint's closed type; the handler must answer within its timeout. Every refusal
 //! is one opaque [`Refusal`]; the detail stays on this side.
@@ -24,8 +24,8 @@ use queue_proto::ids::{Seq, SessionId};
 use queue_proto::items::ChangeRequest;
 use queue_proto::proxy::{
     ChangeRequestFiled, Endpoint, ModelRequest, ModelResponse, OutboxNotice, Refusal, RefusalCode,
-    ReminderAnswer, ReminderCancel, ReminderList, ReminderRequest, RequestBody, WaitResponse,
-    parse_body, parse_wait_query,
+    ReminderAnswer, ReminderCancel, ReminderList, ReminderRequest, RequestBody,
+    TranscriptionAnswer, TranscriptionRequest, WaitResponse, parse_body, parse_wait_query,
 };
 use serde::Serialize;
 use tokio::net::UnixListener;
@@ -116,6 +116,11 @@ pub trait SessionHandler: Send + Sync + 'static {
         &self,
         request: ReminderCancel,
     ) -> impl Future<Output = Result<ReminderAnswer, Refused>> + Send;
+    /// The agent asks for the transcript of a voice note the person sent.
+    fn transcribe(
+        &self,
+        request: TranscriptionRequest,
+    ) -> impl Future<Output = Result<TranscriptionAnswer, Refused>> + Send;
 }
 
 /// Serves `session`'s socket until the listener fails or the task is aborted.
@@ -254,6 +259,12 @@ async fn handle<H: SessionHandler>(
         Endpoint::CancelReminder => {
             let body: ReminderCancel = read_body(req, limits).await?;
             bounded(limits.handler_timeout, handler.cancel_reminder(body))
+                .await
+                .map(|r| to_json(&r))
+        }
+        Endpoint::Transcribe => {
+            let body: TranscriptionRequest = read_body(req, limits).await?;
+            bounded(limits.model_timeout, handler.transcribe(body))
                 .await
                 .map(|r| to_json(&r))
         }

@@ -21,11 +21,14 @@ use queue_proto::ids::{ChangeId, Seq, SessionId};
 use queue_proto::items::{ChangeRequest, OutboxItem, ToolName};
 use queue_proto::proxy::{
     ChangeRequestFiled, ContentBlock, ModelRequest, ModelResponse, OutboxNotice, ReminderAnswer,
-    ReminderCancel, ReminderList, ReminderRequest, WaitResponse,
+    ReminderCancel, ReminderList, ReminderRequest, TranscriptionAnswer, TranscriptionRequest,
+    WaitResponse,
 };
 use tokio::sync::{Mutex, mpsc, watch};
 
-use super::budget::{BudgetMeter, Budgets, INGEST_BUDGETS, REMINDER_CALL_BUDGETS};
+use super::budget::{
+    BudgetMeter, Budgets, INGEST_BUDGETS, REMINDER_CALL_BUDGETS, TRANSCRIPTION_CALL_BUDGETS,
+};
 use super::server::{Refused, SessionHandler};
 use crate::model::{Provider, ProviderError};
 use crate::proxy::turn::TurnSummary;
@@ -93,6 +96,13 @@ pub trait Intake: Send + Sync + 'static {
         session: &SessionId,
         call: ReminderCall,
     ) -> impl Future<Output = Option<ReminderReply>> + Send;
+    /// The transcript of a voice note of the session's; `None` if it could not be
+    /// worked out for a reason on this side.
+    fn transcribe(
+        &self,
+        session: &SessionId,
+        request: TranscriptionRequest,
+    ) -> impl Future<Output = Option<TranscriptionAnswer>> + Send;
 }
 
 /// A reminder call of the agent, checked for its form and budget.
@@ -142,6 +152,9 @@ pub struct SessionProxy<P, I> {
     ingest: std::sync::Mutex<(BudgetMeter, Passed)>,
     /// What reminder calls may cost ([`REMINDER_CALL_BUDGETS`]).
     reminder_calls: std::sync::Mutex<BudgetMeter>,
+    /// How often transcripts may be asked for ([`TRANSCRIPTION_CALL_BUDGETS`]); the
+    /// day's audio is charged in the store.
+    transcriptions: std::sync::Mutex<BudgetMeter>,
     provider: Arc<P>,
     budget: Arc<Mutex<BudgetMeter>>,
     /// One model call in flight per session.
@@ -192,6 +205,7 @@ impl<P: Provider, I: Intake> SessionProxy<P, I> {
             outbox: Arc::new(Mutex::new(outbox)),
             ingest: std::sync::Mutex::new((BudgetMeter::new(INGEST_BUDGETS), Passed::default())),
             reminder_calls: std::sync::Mutex::new(BudgetMeter::new(REMINDER_CALL_BUDGETS)),
+            transcriptions: std::sync::Mutex::new(BudgetMeter::new(TRANSCRIPTION_CALL_BUDGETS)),
             provider,
             budget: Arc::new(Mutex::new(BudgetMeter::new(budgets))),
             model_gate: Arc::new(tokio::sync::Semaphore::new(1)),
@@ -516,6 +530,22 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
         {
             ReminderReply::Answer(a) => Ok(a),
             ReminderReply::List(_) => Err(Refused::UNAVAILABLE),
+        }
+    }
+
+    async fn transcribe(&self, request: TranscriptionRequest) -> Result<TranscriptionAnswer, Refused> {
+        let admitted = self
+            .transcriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(now_ms(), 0);
+        if let Err(e) = admitted {
+            return Err(self.refuse("transcriptions", e.to_string(), Refused::BUDGET));
+        }
+        self.count(|t| t.transcriptions += 1);
+        match self.intake.transcribe(&self.session, request).await {
+            Some(answer) => Ok(answer),
+            None => Err(Refused::UNAVAILABLE),
         }
     }
 }

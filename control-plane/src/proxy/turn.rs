@@ -18,6 +18,9 @@ pub struct TurnSummary {
     /// Model calls that failed (refused by the budget, or the provider failed).
     #[serde(default)]
     pub model_failures: u32,
+    /// Voice-note transcripts asked for: outside content the turn read.
+    #[serde(default)]
+    pub transcriptions: u32,
 }
 
 impl TurnSummary {
@@ -34,6 +37,10 @@ impl TurnSummary {
                 OutboxItem::AssistantReply(r) => {
                     self.replies += 1;
                     self.bytes_out += r.text.len() as u64;
+                }
+                OutboxItem::DocumentReply(d) => {
+                    self.replies += 1;
+                    self.bytes_out += d.text.len() as u64;
                 }
                 OutboxItem::ChangeRequest(_) => self.change_requests += 1,
                 OutboxItem::Note(_) | OutboxItem::ScheduleRequest(_) => {}
@@ -53,5 +60,6 @@ impl TurnSummary {
         self.replies = self.replies.saturating_add(earlier.replies);
         self.change_requests = self.change_requests.saturating_add(earlier.change_requests);
         self.model_failures = self.model_failures.saturating_add(earlier.model_failures);
+        self.transcriptions = self.transcriptions.saturating_add(earlier.transcriptions);
     }
 }

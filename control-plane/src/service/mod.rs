@@ -15,6 +15,7 @@ use queue_proto::control::{InboxWriter, OutboxReader};
 use queue_proto::ids::{ChangeId, Seq, SessionId};
 use queue_proto::items::{ChangeRequest, InboxItem, OutboxItem, UserMessage};
 use queue_proto::keys::{MasterKey, SessionKeys, derive_session_keys};
+use queue_proto::proxy::{TranscriptionAnswer, TranscriptionRequest};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -45,6 +46,7 @@ use crate::store::usage;
 use crate::store::{Store, StoreError};
 
 mod calls;
+mod files;
 pub use calls::Status;
 mod gate;
 mod reminders;
@@ -62,7 +64,8 @@ pub mod notice {
     pub const TOO_LONG: &str = "This message is too long for the assistant (at most 64 KiB of \
         text); it was not passed on.";
     pub const NOT_ALLOWED: &str = "This assistant is private. Your message was not passed on.";
-    pub const NOT_TEXT: &str = "Only text messages can be passed to the assistant.";
+    pub const NOT_TEXT: &str = "Only text, photos, documents and voice notes can be passed to \
+        the assistant.";
     pub const BUSY: &str = "Sorry, the assistant is busy with other conversations right now. \
         Please send your message again in a minute.";
 }
@@ -617,15 +620,24 @@ impl Service {
         // The person's local time, worked out here: the sandbox has no tz database.
         let zone = &effective.config.agent.timezone;
         let local_time = crate::clock::local_time(zone, jiff::Timestamp::now());
-        items.extend(msgs.iter().map(|m| {
-            InboxItem::UserMessage(UserMessage {
+        for m in msgs {
+            // A message's files come before it, so the agent has them for its turn.
+            let files = if m.files > 0 {
+                self.db(|s| s.ready_files(m.id))
+                    .map_err(ServiceError::Store)?
+            } else {
+                Vec::new()
+            };
+            items.extend(files::attachment_items(m.id as u64, &files));
+            items.push(InboxItem::UserMessage(UserMessage {
                 message_id: m.id as u64,
                 received_at: m.received_at,
                 text: m.text.clone(),
                 local_time: local_time.clone(),
                 time_zone: zone.clone(),
-            })
-        }));
+                attachments: files.len() as u8,
+            }));
+        }
         let writer = InboxWriter::new(self.manager.layout().inbox(id), id.clone(), keys);
         blocking(|| writer.publish(seq, &items))
             .map(|_| ())
@@ -936,6 +948,9 @@ impl Service {
             Ok(n) => changed |= n > 0,
             Err(e) => tracing::error!(error = %e, "firing timers failed"),
         }
+        if let Err(e) = self.db(|s| s.drop_settled_files()) {
+            tracing::error!(error = %e, "removing the files of settled messages failed");
+        }
         if changed {
             self.outbound_changed();
         }
@@ -978,6 +993,18 @@ impl Intake for ServiceIntake {
             return None;
         }
         service.file_agent_change(session, &request)
+    }
+
+    async fn transcribe(
+        &self,
+        session: &SessionId,
+        request: TranscriptionRequest,
+    ) -> Option<TranscriptionAnswer> {
+        let service = self.0.upgrade()?;
+        if service.deleting().contains(session) {
+            return None;
+        }
+        service.transcribe(session, request).await
     }
 
     async fn reminders(&self, session: &SessionId, call: ReminderCall) -> Option<ReminderReply> {

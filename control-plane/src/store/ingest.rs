@@ -135,13 +135,24 @@ impl Store {
         let mut queued = queued_replies(&tx, session)?;
         for item in items {
             match item {
-                OutboxItem::AssistantReply(r) => {
+                OutboxItem::AssistantReply(_) | OutboxItem::DocumentReply(_) => {
+                    let (in_reply_to, text, kind) = match item {
+                        OutboxItem::AssistantReply(r) => {
+                            (r.in_reply_to, r.text.clone(), OutboundKind::Reply)
+                        }
+                        OutboxItem::DocumentReply(d) => (
+                            d.in_reply_to,
+                            super::outbound::document_text(&d.file_name, &d.text),
+                            OutboundKind::Document,
+                        ),
+                        _ => unreachable!("matched above"),
+                    };
                     // An empty reply would count as an answer while showing nothing.
-                    let Ok(id) = i64::try_from(r.in_reply_to) else {
+                    let Ok(id) = i64::try_from(in_reply_to) else {
                         out.dropped_replies += 1;
                         continue;
                     };
-                    if r.text.trim().is_empty() {
+                    if text.trim().is_empty() {
                         out.dropped_replies += 1;
                         continue;
                     }
@@ -168,7 +179,7 @@ impl Store {
                     // The session's lane in the outbound queue: at most
                     // MAX_QUEUED_REPLIES waiting, and its day's reply budget.
                     if queued >= MAX_QUEUED_REPLIES
-                        || !usage::charge(&tx, session, usage::REPLIES, now, r.text.len())?
+                        || !usage::charge(&tx, session, usage::REPLIES, now, text.len())?
                     {
                         out.refused_replies += 1;
                         continue;
@@ -184,8 +195,8 @@ impl Store {
                         &row.chat,
                         Some(session),
                         Some(id),
-                        OutboundKind::Reply,
-                        &r.text,
+                        kind,
+                        &text,
                     )?;
                     out.replies += 1;
                     queued += 1;

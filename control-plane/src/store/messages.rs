@@ -10,7 +10,9 @@ use serde_json::json;
 use super::cursors::{Cursor, set_cursor};
 use super::outbound::queue_outbound;
 use super::sessions::{session_ids, session_row};
-use super::state::{MESSAGE_WAITING_SQL, MessageState, OutboundKind};
+use super::state::{
+    MESSAGE_WAITING_SQL, MessageState, NO_FILE_PENDING_SQL, OutboundKind, READY_FILES_SQL,
+};
 use super::{Store, StoreError};
 use crate::audit::{self, AuditEvent};
 
@@ -45,6 +47,8 @@ pub struct Inbound {
     pub external_id: Option<String>,
     pub text: String,
     pub received_at: i64,
+    /// Files that came with it, to be fetched before it is published.
+    pub files: Vec<super::attachments::IncomingFile>,
 }
 
 /// What became of an inbound message.
@@ -81,6 +85,8 @@ pub struct Waiting {
     pub id: i64,
     pub text: String,
     pub received_at: i64,
+    /// Files that came with it and were passed on.
+    pub files: u32,
 }
 
 impl Store {
@@ -148,6 +154,9 @@ impl Store {
         )?;
         let id = tx.last_insert_rowid();
         let refused = state == MessageState::Refused;
+        if !refused {
+            super::attachments::add_pending(&tx, session, id, &m.files)?;
+        }
         audit::append(
             &tx,
             m.received_at,
@@ -245,13 +254,19 @@ impl Store {
         now: i64,
     ) -> Result<Option<(Seq, Vec<Waiting>)>, StoreError> {
         let tx = self.tx()?;
-        let batch = waiting(
+        let mut batch = waiting(
             &tx,
             session,
-            "state = ?3",
+            &format!("state = ?3 AND {NO_FILE_PENDING_SQL}"),
             &[&MessageState::Received],
             MAX_BATCH,
         )?;
+        // A message with files travels in a segment of its own (they may be large).
+        match batch.iter().position(|m| m.files > 0) {
+            Some(0) => batch.truncate(1),
+            Some(i) => batch.truncate(i),
+            None => {}
+        }
         if batch.is_empty() {
             return Ok(None);
         }
@@ -382,7 +397,8 @@ fn waiting(
 ) -> rusqlite::Result<Vec<Waiting>> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let mut stmt = conn.prepare(&format!(
-        "SELECT id, text, received_at FROM messages WHERE session = ?1 AND {cond} ORDER BY id LIMIT ?2"
+        "SELECT id, text, received_at, {READY_FILES_SQL}
+         FROM messages WHERE session = ?1 AND {cond} ORDER BY id LIMIT ?2"
     ))?;
     let session = session.as_str();
     let mut bound: Vec<&dyn ToSql> = vec![&session, &limit];
@@ -392,6 +408,7 @@ fn waiting(
             id: r.get(0)?,
             text: r.get(1)?,
             received_at: r.get(2)?,
+            files: r.get(3)?,
         })
     })?;
     rows.collect()

@@ -27,6 +27,7 @@ use serde_json::json;
 
 use crate::audit::{self, AuditEvent};
 
+pub mod attachments;
 pub mod changes;
 pub mod cursors;
 pub mod ingest;
@@ -148,6 +149,7 @@ impl Store {
             audit::SCHEMA,
             changes::SCHEMA,
             usage::SCHEMA,
+            attachments::SCHEMA,
         ] {
             tx.execute_batch(schema).map_err(open)?;
         }

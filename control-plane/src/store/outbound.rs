@@ -232,7 +232,18 @@ impl Store {
             params![channel, chat, after, limit as i64, OutboundState::Pending],
             outbound_row,
         )?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        // A pull channel's client reads text: a document is shown by its name, then
+        // its content.
+        let shown = |mut o: Outbound| {
+            if o.kind == OutboundKind::Document {
+                let (name, content) = document_parts(&o.text);
+                o.text = format!("[document: {name}]\n{content}");
+            }
+            o
+        };
+        Ok(rows
+            .map(|r| r.map(shown))
+            .collect::<rusqlite::Result<_>>()?)
     }
 
     /// A pull channel's client acknowledges everything up to `upto`.
@@ -280,6 +291,32 @@ pub(super) fn queue_outbound(
         ],
     )?;
     Ok(())
+}
+
+/// How a document is kept in the outbound queue: its name, a NUL, its content. The
+/// name is made safe first: no path, no control characters, at most 64 characters,
+/// and `.txt` or `.md` at the end.
+pub fn document_text(file_name: &str, content: &str) -> String {
+    let base = file_name.rsplit(['/', '\\']).next().unwrap_or("");
+    let mut name: String = base
+        .chars()
+        .filter(|c| !c.is_control() && !crate::is_invisible(*c))
+        .take(60)
+        .collect();
+    name = name.trim_matches(|c: char| c == '.' || c.is_whitespace()).to_owned();
+    if name.is_empty() {
+        name = "note".into();
+    }
+    let lower = name.to_lowercase();
+    if !(lower.ends_with(".txt") || lower.ends_with(".md")) {
+        name.push_str(".txt");
+    }
+    format!("{name}\0{content}")
+}
+
+/// The name and content of a document kept by [`document_text`].
+pub fn document_parts(text: &str) -> (&str, &str) {
+    text.split_once('\0').unwrap_or(("note.txt", text))
 }
 
 fn outbound_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Outbound> {

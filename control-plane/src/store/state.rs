@@ -126,6 +126,23 @@ impl OutboundState {
 pub const OUTBOUND_WAITING_SQL: &str = "state IN ('pending', 'sending')";
 
 text_state! {
+    /// A file that came with a message: `pending` until the control plane fetched and
+    /// checked it, then `ready` (passed on) or `refused` (never passed on).
+    AttachmentState {
+        Pending = "pending",
+        Ready = "ready",
+        Refused = "refused",
+    }
+}
+
+/// SQL: the `messages` row has no file still to be fetched.
+pub const NO_FILE_PENDING_SQL: &str = "NOT EXISTS (SELECT 1 FROM attachments a WHERE a.message = messages.id AND a.state = 'pending')";
+
+/// SQL: how many of the `messages` row's files were passed on.
+pub const READY_FILES_SQL: &str =
+    "(SELECT count(*) FROM attachments a WHERE a.message = messages.id AND a.state = 'ready')";
+
+text_state! {
     /// What an outbound row is.
     OutboundKind {
         /// An agent's answer to a message.
@@ -134,6 +151,9 @@ text_state! {
         Notice = "notice",
         /// A timer that came due.
         Reminder = "reminder",
+        /// A file an agent sends in answer to a message: `text` is its name, a NUL,
+        /// then its content ([`crate::store::outbound::document_text`]).
+        Document = "document",
     }
 }
 

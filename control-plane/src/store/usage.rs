@@ -39,6 +39,13 @@ pub const REPLIES: Daily = Daily {
     bytes: 8 * 1024 * 1024,
 };
 
+/// Voice notes one session may have transcribed a day, and their audio bytes.
+pub const TRANSCRIPTIONS: Daily = Daily {
+    kind: "transcriptions",
+    count: 200,
+    bytes: 200 * 1024 * 1024,
+};
+
 /// Model tokens (kept as the count) and bytes sent (kept as the bytes) a session used a
 /// day: the proxy's meter starts from them, so a restart or an applied change does not
 /// hand out the day's model budget again. Recorded as calls are made; no limit here (the

@@ -57,7 +57,129 @@ pub(super) enum CallError {
     },
 }
 
+/// Why a file could not be downloaded.
+#[derive(Debug)]
+pub(super) enum DownloadError {
+    /// More bytes than the cap.
+    TooLarge,
+    /// Not fetched (details withheld: the URL holds the token).
+    Failed,
+}
+
 impl BotApi {
+    /// Downloads the file at Telegram's `file_path` (from `getFile`), reading at most
+    /// `cap` bytes. The path is checked first: Telegram's own form, no way up.
+    pub(super) async fn download(
+        &self,
+        file_path: &str,
+        cap: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, DownloadError> {
+        let safe = !file_path.is_empty()
+            && file_path.len() <= 256
+            && !file_path.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+            && file_path
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'.'));
+        if !safe {
+            return Err(DownloadError::Failed);
+        }
+        let url = self
+            .endpoint
+            .join(&format!("/file/bot{}/{file_path}", self.token.expose()));
+        let work = async {
+            let mut resp = self
+                .client
+                .get(url)
+                .send()
+                .await
+                .map_err(|_| DownloadError::Failed)?;
+            if !resp.status().is_success() {
+                return Err(DownloadError::Failed);
+            }
+            if resp.content_length().is_some_and(|n| n > cap) {
+                return Err(DownloadError::TooLarge);
+            }
+            let mut bytes = Vec::new();
+            while let Some(chunk) = resp.chunk().await.map_err(|_| DownloadError::Failed)? {
+                if (bytes.len() + chunk.len()) as u64 > cap {
+                    return Err(DownloadError::TooLarge);
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            Ok(bytes)
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or(Err(DownloadError::Failed))
+    }
+
+    /// Sends `content` to `chat_id` as a document named `name` (`sendDocument`,
+    /// multipart). The name was made safe when the document was queued.
+    pub(super) async fn send_document(
+        &self,
+        chat_id: i64,
+        name: &str,
+        content: &[u8],
+        timeout: Duration,
+    ) -> Result<(), CallError> {
+        let boundary = format!("ironclaw-{:032x}", rand_u128());
+        let mut body = Vec::with_capacity(content.len() + 512);
+        let quoted: String = name.chars().filter(|c| *c != '"' && *c != '\\').collect();
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"chat_id\"\r\n\r\n{chat_id}\r\n\
+                 --{boundary}\r\nContent-Disposition: form-data; name=\"document\"; filename=\"{quoted}\"\r\n\
+                 Content-Type: text/plain; charset=utf-8\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(content);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let url = self
+            .endpoint
+            .join(&format!("/bot{}/sendDocument", self.token.expose()));
+        let sent = self
+            .client
+            .post(url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(body)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    CallError::Network
+                } else {
+                    CallError::Uncertain
+                }
+            })?;
+        let status = sent.status().as_u16();
+        let answer: Answer<serde::de::IgnoredAny> = match sent.bytes().await {
+            Ok(b) if b.len() <= MAX_ANSWER_BYTES => {
+                serde_json::from_slice(&b).map_err(|_| CallError::Uncertain)?
+            }
+            _ => return Err(CallError::Uncertain),
+        };
+        if answer.ok == Some(true) {
+            return Ok(());
+        }
+        Err(CallError::Status {
+            code: answer.error_code.map_or(status, |c| c as u16),
+            retry_after: answer.parameters.and_then(|p| p.retry_after),
+            description: answer
+                .description
+                .as_deref()
+                .unwrap_or("no description")
+                .chars()
+                .take(200)
+                .collect(),
+        })
+    }
+
     pub(super) fn new(endpoint: ApprovedEndpoint, token: ApiKey) -> BotApi {
         BotApi {
             endpoint,
@@ -160,4 +282,17 @@ impl BotApi {
                 .collect(),
         })
     }
+}
+
+/// A random 128-bit number, for a multipart boundary.
+fn rand_u128() -> u128 {
+    let mut b = [0u8; 16];
+    // A boundary only has to be unlikely to occur in the content; without the
+    // random source, the clock serves.
+    if getrandom::getrandom(&mut b).is_err() {
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+    }
+    u128::from_le_bytes(b)
 }

@@ -93,4 +93,29 @@ impl Channel for Telegram {
         }
         Delivered::Sent
     }
+
+    async fn deliver_document(&self, chat: &str, name: &str, content: &str) -> Delivered {
+        let Ok(chat_id) = chat.parse::<i64>() else {
+            return Delivered::Failed("not a Telegram chat id".into());
+        };
+        let sent = self
+            .api
+            .send_document(chat_id, name, content.as_bytes(), Duration::from_secs(60))
+            .await;
+        match sent {
+            Ok(()) => Delivered::Sent,
+            Err(CallError::Status {
+                code: 429,
+                retry_after,
+                ..
+            }) => Delivered::Throttled(retry_after.unwrap_or(1).clamp(1, MAX_RETRY_AFTER_SECS)),
+            Err(CallError::Status {
+                code, description, ..
+            }) if code < 500 => Delivered::Failed(format!("telegram refused it ({code}): {description}")),
+            Err(CallError::Network | CallError::Status { .. }) => Delivered::Retry(10),
+            Err(CallError::Uncertain | CallError::TooLarge(_)) => Delivered::Failed(
+                "sent, but Telegram's answer did not arrive; not sent again".into(),
+            ),
+        }
+    }
 }

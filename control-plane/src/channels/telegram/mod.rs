@@ -15,6 +15,7 @@
 
 mod api;
 mod deliver;
+mod fetch;
 mod poll;
 mod prompts;
 mod updates;
@@ -23,6 +24,7 @@ use super::ChannelError;
 use crate::config::TelegramConfig;
 use crate::model::http::{ApiKey, ApprovedEndpoint};
 
+pub use fetch::fetch_files;
 pub use poll::poll;
 pub use prompts::prompts;
 

@@ -14,12 +14,14 @@ use queue_proto::items::MAX_TEXT_BYTES;
 use serde_json::json;
 
 use super::api::{CallError, MAX_BACKOFF, MAX_UPDATES_BYTES};
-use super::updates::{Message, Update, Updates};
+use super::updates::{FileRef, Message, Update, Updates};
 use super::{CHANNEL, Telegram, prompts};
 use crate::channels::naming;
+use crate::files;
 use crate::service::{Arrival, Service, ServiceError, notice};
 use crate::state::now_secs;
 use crate::store::cursors::Cursor;
+use crate::store::attachments::IncomingFile;
 use crate::store::messages::{Accepted, Inbound, Refusal};
 
 /// Refusals sent to one unknown sender, at most one per this period.
@@ -200,8 +202,19 @@ async fn handle(
         };
         service.receive(Arrival::Refused(refusal), cursor).await
     };
-    let (chat, text) = match judge(msg, |user| allowed(service, user)) {
-        Verdict::Accept { chat, text } => (chat, text),
+    let (chat, text, files) = match judge(msg, |user| allowed(service, user)) {
+        Verdict::Accept { chat, files, .. }
+            if files.len() > usize::from(service.config().attachments.max_per_message) =>
+        {
+            return match refuse(&chat.to_string(), "too many files", Some(files::notice::TOO_MANY_FILES)).await {
+                Ok(_) => Ok(Some(update_id + 1)),
+                Err(e) => {
+                    tracing::error!(error = %e, "recording a refused update failed");
+                    Err(())
+                }
+            };
+        }
+        Verdict::Accept { chat, text, files } => (chat, text, files),
         Verdict::Refuse {
             chat,
             reason,
@@ -238,6 +251,7 @@ async fn handle(
         external_id: Some(ext.clone()),
         text: text.to_owned(),
         received_at: now_secs(),
+        files,
     };
     let session = naming::telegram(chat);
     // Telegram's sessions are bounded by allowed_users.
@@ -304,8 +318,12 @@ pub(super) async fn show_typing(service: Arc<Service>, tg: Arc<Telegram>, chat: 
 /// What becomes of a message update.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict<'a> {
-    /// Passed on to the chat's session.
-    Accept { chat: i64, text: &'a str },
+    /// Passed on to the chat's session, with the files to fetch for it.
+    Accept {
+        chat: i64,
+        text: &'a str,
+        files: Vec<IncomingFile>,
+    },
     /// Recorded as refused, in `chat` if there is one to name.
     Refuse {
         chat: Option<i64>,
@@ -351,13 +369,51 @@ fn judge(msg: Option<&Message>, allowed: impl Fn(i64) -> bool) -> Verdict<'_> {
     if !allowed(from) {
         return refuse("sender not in allowed_users", Notice::OncePerPeriod(from));
     }
-    let Some(text) = msg.text.as_deref() else {
+    let files = files(msg);
+    let Some(text) = msg.text.as_deref().or(msg.caption.as_deref()).or(if files.is_empty() {
+        None
+    } else {
+        Some("")
+    }) else {
         return refuse("not a text message", Notice::Always(notice::NOT_TEXT));
     };
     if text.len() > MAX_TEXT_BYTES {
         return refuse("longer than 64 KiB", Notice::Always(notice::TOO_LONG));
     }
-    Verdict::Accept { chat, text }
+    Verdict::Accept { chat, text, files }
+}
+
+/// The files a message carries: of a photo, the largest size Telegram declares within
+/// what a model accepts (else the smallest); a document; a voice note.
+fn files(msg: &Message) -> Vec<IncomingFile> {
+    let mut out = Vec::new();
+    let file = |f: &FileRef, name: &str| {
+        let source = f.file_id.clone().filter(|id| !id.is_empty() && id.len() <= 512)?;
+        Some(IncomingFile {
+            source,
+            name: f
+                .file_name
+                .clone()
+                .unwrap_or_else(|| name.to_owned())
+                .chars()
+                .take(128)
+                .collect(),
+            declared_bytes: f.file_size,
+        })
+    };
+    if let Some(sizes) = &msg.photo {
+        let fits = |f: &&FileRef| f.file_size.is_some_and(|b| b <= files::MAX_PHOTO_BYTES);
+        let chosen = sizes
+            .iter()
+            .map(|o| &o.0)
+            .filter(fits)
+            .next_back()
+            .or(sizes.first().map(|o| &o.0));
+        out.extend(chosen.and_then(|f| file(f, "photo.jpg")));
+    }
+    out.extend(msg.document.as_ref().and_then(|f| file(f, "document")));
+    out.extend(msg.voice.as_ref().and_then(|f| file(f, "voice.ogg")));
+    out
 }
 
 /// Whether the approved configuration in force lets `user` talk to the assistant.

@@ -107,6 +107,37 @@ pub(super) struct Message {
     pub(super) chat: Option<Chat>,
     #[serde(default, deserialize_with = "scalar")]
     pub(super) text: Option<String>,
+    /// The text that came with a photo, document or voice note.
+    #[serde(default, deserialize_with = "scalar")]
+    pub(super) caption: Option<String>,
+    /// A photo, in the sizes Telegram keeps of it, smallest first.
+    #[serde(default, deserialize_with = "scalar")]
+    pub(super) photo: Option<Vec<Object<FileRef>>>,
+    #[serde(default, deserialize_with = "object")]
+    pub(super) document: Option<FileRef>,
+    #[serde(default, deserialize_with = "object")]
+    pub(super) voice: Option<FileRef>,
+}
+
+/// A file a message carries (`PhotoSize`, `Document`, `Voice`): what it is fetched by,
+/// and what Telegram says of it (a size and a name, neither trusted).
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct FileRef {
+    #[serde(default, deserialize_with = "scalar")]
+    pub(super) file_id: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
+    pub(super) file_size: Option<u64>,
+    #[serde(default, deserialize_with = "scalar")]
+    pub(super) file_name: Option<String>,
+}
+
+/// The `result` of `getFile`: where the file can be downloaded.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct TelegramFile {
+    #[serde(default, deserialize_with = "scalar")]
+    pub(super) file_size: Option<u64>,
+    #[serde(default, deserialize_with = "scalar")]
+    pub(super) file_path: Option<String>,
 }
 
 impl Message {
