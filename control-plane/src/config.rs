@@ -252,6 +252,7 @@ impl Default for AgentSection {
                 ToolName::NoteDelete,
                 ToolName::ReminderList,
                 ToolName::ReminderCancel,
+                ToolName::NoteSend,
             ],
             max_steps_per_turn: 8,
             timezone: "UTC".into(),

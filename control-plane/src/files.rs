@@ -113,7 +113,10 @@ mod tests {
         assert_eq!(sniff(b"RIFF\0\0\0\0WEBPVP8 ").unwrap().0, "image/webp");
         assert_eq!(sniff(b"%PDF-1.7\n").unwrap().0, "application/pdf");
         assert_eq!(sniff(b"OggS\0\x02").unwrap().0, "audio/ogg");
-        assert_eq!(sniff("# Notes\n\n- ünï\tcode\r\n".as_bytes()).unwrap().0, "text/plain");
+        assert_eq!(
+            sniff("# Notes\n\n- ünï\tcode\r\n".as_bytes()).unwrap().0,
+            "text/plain"
+        );
         // A zip (a bomb, or an office file), an executable, a gzip, a NUL in text,
         // broken UTF-8 and an empty file are refused, whatever they are called.
         for bad in [

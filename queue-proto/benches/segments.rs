@@ -70,6 +70,7 @@ fn main() {
                     text: "x".repeat(200),
                     local_time: String::new(),
                     time_zone: String::new(),
+                    attachments: 0,
                 })
             })
             .collect();

@@ -219,10 +219,11 @@ pub enum ToolName {
     NoteDelete,
     ReminderList,
     ReminderCancel,
+    NoteSend,
 }
 
 impl ToolName {
-    pub const ALL: [ToolName; 10] = [
+    pub const ALL: [ToolName; 11] = [
         ToolName::Reply,
         ToolName::NoteWrite,
         ToolName::NoteRead,
@@ -233,6 +234,7 @@ impl ToolName {
         ToolName::NoteDelete,
         ToolName::ReminderList,
         ToolName::ReminderCancel,
+        ToolName::NoteSend,
     ];
 
     /// The tool's one spelling: its serde name, the name in the configuration, the name
@@ -249,6 +251,7 @@ impl ToolName {
             ToolName::NoteDelete => "note_delete",
             ToolName::ReminderList => "reminder_list",
             ToolName::ReminderCancel => "reminder_cancel",
+            ToolName::NoteSend => "note_send",
         }
     }
 }
@@ -641,6 +644,7 @@ mod tests {
             ToolName::NoteDelete => 7,
             ToolName::ReminderList => 8,
             ToolName::ReminderCancel => 9,
+            ToolName::NoteSend => 10,
         }
     }
 

@@ -315,9 +315,13 @@ pub struct TranscriptionRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum TranscriptionAnswer {
-    Text { text: String },
+    Text {
+        text: String,
+    },
     /// Why there is no transcript, in the control plane's words.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 /// The one error body the agent ever sees. The detail stays on the trusted side.

@@ -86,6 +86,7 @@ fn user_message(text: &str) -> InboxItem {
         text: text.into(),
         local_time: String::new(),
         time_zone: String::new(),
+        attachments: 0,
     })
 }
 
@@ -124,6 +125,7 @@ fn inbox_and_outbox_round_trip() {
             instructions: "be brief".into(),
             tools: vec![ToolName::Reply, ToolName::NoteWrite],
             max_steps_per_turn: 8,
+            accepts_images: false,
         }),
     ];
     let path = s.inbox_writer().publish(Seq(1), &items).unwrap();

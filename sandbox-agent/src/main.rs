@@ -17,6 +17,8 @@
 
 #![forbid(unsafe_code)]
 
+mod files;
+mod pdf;
 mod proxy_client;
 mod state;
 mod turn;

@@ -6,14 +6,17 @@
 use queue_proto::agent::{InboxReader, OutboxWriter};
 use queue_proto::ids::Seq;
 use queue_proto::items::{
-    AgentConfig, AssistantReply, ChangeRequest, InboxItem, Note, OutboxItem, ToolName, UserMessage,
+    AgentConfig, AssistantReply, AttachmentKind, ChangeRequest, DocumentReply, InboxItem, Note,
+    OutboxItem, ToolName, UserMessage,
 };
 use queue_proto::proxy::{
     ChatMessage, ContentBlock, ModelRequest, ModelResponse, Reminder, ReminderAnswer,
-    ReminderCancel, ReminderList, ReminderRequest, Role, ToolSpec, WaitResponse,
+    ReminderCancel, ReminderList, ReminderRequest, Role, ToolSpec, TranscriptionAnswer,
+    TranscriptionRequest, WaitResponse,
 };
 use serde_json::{Value, json};
 
+use crate::files::{self, File, Files};
 use crate::proxy_client::ProxyClient;
 use crate::state::{Provenance, State};
 
@@ -100,10 +103,16 @@ impl Agent {
             Err(e) => return Err(LoopError::Segment(e)),
         };
         let mut out = Vec::new();
+        // A message's files come before it in the same segment.
+        let mut files = Files::default();
         for item in items {
             match item {
                 InboxItem::AgentConfig(c) => self.state.set_config(&c).map_err(LoopError::State)?,
-                InboxItem::UserMessage(m) => out.extend(self.turn(&m)?),
+                InboxItem::Attachment(a) => files.add(a),
+                InboxItem::UserMessage(m) => {
+                    let mine = files.take(m.message_id);
+                    out.extend(self.turn(&m, &mine)?);
+                }
             }
         }
         let published = if out.is_empty() {
@@ -133,21 +142,48 @@ impl Agent {
 
     /// One user message: model calls and tool calls until the model ends its turn or
     /// the step cap is reached. Returns the outbox items it produced.
-    fn turn(&mut self, message: &UserMessage) -> Result<Vec<OutboxItem>, LoopError> {
+    fn turn(
+        &mut self,
+        message: &UserMessage,
+        files: &[File],
+    ) -> Result<Vec<OutboxItem>, LoopError> {
         let config = self
             .state
             .config()
             .map_err(LoopError::State)?
             .unwrap_or_else(default_config);
         let mut messages = self.state.recent().map_err(LoopError::State)?;
-        let user = ChatMessage {
-            role: Role::User,
-            content: vec![ContentBlock::Text {
+        let mut for_model = Vec::new();
+        let mut for_history = Vec::new();
+        if !message.text.is_empty() || files.is_empty() {
+            let said = ContentBlock::Text {
                 text: message.text.clone(),
-            }],
-        };
-        self.state.remember(&user).map_err(LoopError::State)?;
-        messages.push(user);
+            };
+            for_model.push(said.clone());
+            for_history.push(said);
+        }
+        let mut outside = false;
+        for file in files {
+            let shown = match file.kind {
+                AttachmentKind::Photo => files::photo(file, config.accepts_images),
+                AttachmentKind::Document => files::document(file),
+                AttachmentKind::Voice => files::voice(self.transcript(message, file)),
+            };
+            outside |= shown.outside;
+            for_model.extend(shown.for_model);
+            for_history.extend(shown.for_history);
+        }
+        // The history keeps no image: each later call would send it again.
+        self.state
+            .remember(&ChatMessage {
+                role: Role::User,
+                content: for_history,
+            })
+            .map_err(LoopError::State)?;
+        messages.push(ChatMessage {
+            role: Role::User,
+            content: for_model,
+        });
         let mut out = Vec::new();
         let mut replied = false;
         let system = system_text(&config.instructions, message);
@@ -193,7 +229,15 @@ impl Agent {
                 if let ContentBlock::ToolUse { id, name, input } = block {
                     // Every call gets its result; only the first ones are run.
                     let (content, is_error) = if results.len() < MAX_TOOL_CALLS_PER_ANSWER {
-                        self.tool(&config, message, name, input, &mut out, &mut replied)
+                        self.tool(
+                            &config,
+                            message,
+                            outside,
+                            name,
+                            input,
+                            &mut out,
+                            &mut replied,
+                        )
                     } else {
                         (TOO_MANY_CALLS.to_owned(), true)
                     };
@@ -245,11 +289,31 @@ impl Agent {
         Ok(out)
     }
 
+    /// The transcript of a voice note, asked of the control plane.
+    fn transcript(&self, message: &UserMessage, file: &File) -> Result<String, String> {
+        let request = TranscriptionRequest {
+            message_id: message.message_id,
+            index: file.index,
+        };
+        let body = serde_json::to_vec(&request).expect("json");
+        match self.proxy.call("POST", "/v1/transcriptions", Some(&body)) {
+            Ok(a) if a.status == 200 => match serde_json::from_slice(&a.body) {
+                Ok(TranscriptionAnswer::Text { text }) => Ok(text),
+                Ok(TranscriptionAnswer::Refused { reason }) => Err(reason),
+                Err(_) => Err("the answer was garbled".into()),
+            },
+            Ok(a) => Err(format!("refused ({})", a.status)),
+            Err(e) => Err(format!("the control plane could not be reached: {e}")),
+        }
+    }
+
     /// Runs one tool call; returns its result text and whether it failed.
+    #[allow(clippy::too_many_arguments)]
     fn tool(
         &mut self,
         config: &AgentConfig,
         message: &UserMessage,
+        outside: bool,
         name: &str,
         input: &Value,
         out: &mut Vec<OutboxItem>,
@@ -280,7 +344,7 @@ impl Agent {
                     }
                     let from = Provenance {
                         turn: message.message_id,
-                        outside: false,
+                        outside,
                     };
                     match self.state.write_note(&n, &b, from) {
                         Ok(()) => (text, false),
@@ -315,6 +379,23 @@ impl Agent {
                 Some(Ok(false)) => ("no such note".into(), true),
                 Some(Err(e)) => (format!("deleting failed: {e}"), true),
                 None => ("note_delete needs a name".into(), true),
+            },
+            ToolName::NoteSend => match text("name").map(|n| (self.state.read_note(&n), n)) {
+                Some((Ok(Some((body, _))), n)) => {
+                    let doc = OutboxItem::DocumentReply(DocumentReply {
+                        in_reply_to: message.message_id,
+                        file_name: format!("{n}.md"),
+                        text: body,
+                    });
+                    let (text, failed) = queue(out, doc, "sent as a document");
+                    if !failed {
+                        *replied = true;
+                    }
+                    (text, failed)
+                }
+                Some((Ok(None), _)) => ("no such note".into(), true),
+                Some((Err(e), _)) => (format!("reading failed: {e}"), true),
+                None => ("note_send needs a name".into(), true),
             },
             ToolName::NoteSearch => match text("query").map(|q| self.state.search(&q)) {
                 Some(Ok(found)) if found.is_empty() => ("nothing found".into(), false),
@@ -446,6 +527,7 @@ fn default_config() -> AgentConfig {
         instructions: String::new(),
         tools: vec![ToolName::Reply],
         max_steps_per_turn: 4,
+        accepts_images: false,
     }
 }
 
@@ -488,6 +570,11 @@ fn tool_specs(tools: &[ToolName]) -> Vec<ToolSpec> {
                     vec!["query"],
                 ),
                 ToolName::NoteDelete => ("Delete a saved note.", json!({ "name": string }), vec!["name"]),
+                ToolName::NoteSend => (
+                    "Send a saved note to the person as a document (a file).",
+                    json!({ "name": string }),
+                    vec!["name"],
+                ),
                 ToolName::RequestChange => (
                     "Ask a human operator to change what you are or can do.",
                     json!({ "target": string, "after": string, "reason": string }),

@@ -10,7 +10,7 @@ use control_plane::proxy::session::{Intake, NotStored, ReminderCall, ReminderRep
 use control_plane::proxy::turn::TurnSummary;
 use queue_proto::ids::{ChangeId, Seq, SessionId};
 use queue_proto::items::{ChangeRequest, OutboxItem};
-use queue_proto::proxy::{ReminderAnswer, ReminderList};
+use queue_proto::proxy::{ReminderAnswer, ReminderList, TranscriptionAnswer, TranscriptionRequest};
 use tokio::sync::mpsc;
 
 /// An outbox segment handed to the intake.
@@ -128,6 +128,17 @@ impl Intake for RecordingIntake {
             Some(Filing::NotFiled) | None => None,
             Some(Filing::Hang) => std::future::pending().await,
         }
+    }
+
+    /// Holds no voice notes.
+    async fn transcribe(
+        &self,
+        _session: &SessionId,
+        _request: TranscriptionRequest,
+    ) -> Option<TranscriptionAnswer> {
+        Some(TranscriptionAnswer::Refused {
+            reason: "this intake holds no voice notes".into(),
+        })
     }
 
     /// Keeps no reminders: every one is refused, and none are listed.

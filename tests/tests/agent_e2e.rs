@@ -145,6 +145,7 @@ async fn rig_with<P: Provider>(name: &str, provider: P, budgets: Budgets) -> Rig
             instructions: "You are a careful assistant.".into(),
             tools: vec![ToolName::Reply, ToolName::NoteWrite, ToolName::NoteRead],
             max_steps_per_turn: 6,
+            accepts_images: false,
         }),
         InboxItem::UserMessage(UserMessage {
             message_id: 7,
@@ -152,6 +153,7 @@ async fn rig_with<P: Provider>(name: &str, provider: P, budgets: Budgets) -> Rig
             text: "remember to buy milk".into(),
             local_time: "2026-12-03T18:04:00+01:00".into(),
             time_zone: "Europe/Berlin".into(),
+            attachments: 0,
         }),
     ];
     InboxWriter::new(layout.inbox(&id), id.clone(), &keys)

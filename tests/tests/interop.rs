@@ -48,6 +48,7 @@ fn python_opens_a_segment_from_the_documented_derivation_only() {
                 text: t.to_string(),
                 local_time: String::new(),
                 time_zone: String::new(),
+                attachments: 0,
             })
         })
         .collect();

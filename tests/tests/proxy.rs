@@ -17,7 +17,8 @@ use queue_proto::ids::{ChangeId, Seq, SessionId};
 use queue_proto::items::ChangeRequest;
 use queue_proto::proxy::{
     ChangeRequestFiled, ContentBlock, ModelRequest, ModelResponse, OutboxNotice, ReminderAnswer,
-    ReminderCancel, ReminderList, ReminderRequest, StopReason, Usage, WaitResponse,
+    ReminderCancel, ReminderList, ReminderRequest, StopReason, TranscriptionAnswer,
+    TranscriptionRequest, Usage, WaitResponse,
 };
 
 /// Records what reached the handler: anything refused by the server must not.
@@ -65,6 +66,10 @@ impl SessionHandler for Recorder {
     async fn cancel_reminder(&self, r: ReminderCancel) -> Result<ReminderAnswer, Refused> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(ReminderAnswer::Cancelled { id: r.id })
+    }
+    async fn transcribe(&self, _: TranscriptionRequest) -> Result<TranscriptionAnswer, Refused> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(TranscriptionAnswer::Text { text: "hi".into() })
     }
 }
 

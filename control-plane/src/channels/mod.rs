@@ -66,7 +66,10 @@ pub fn start(service: &Arc<Service>) -> Result<Vec<JoinHandle<()>>, ChannelError
         let tg = Arc::new(telegram::Telegram::new(cfg)?);
         tasks.push(tokio::spawn(telegram::poll(service.clone(), tg.clone())));
         tasks.push(tokio::spawn(telegram::prompts(service.clone(), tg.clone())));
-        tasks.push(tokio::spawn(telegram::fetch_files(service.clone(), tg.clone())));
+        tasks.push(tokio::spawn(telegram::fetch_files(
+            service.clone(),
+            tg.clone(),
+        )));
         tasks.push(tokio::spawn(deliver_loop(service.clone(), tg)));
     }
     if let Some(cfg) = &service.config().channels.bridge {

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use super::http::{ApiKey, ApprovedEndpoint, client};
-use crate::config::TranscriptionConfig;
 
 /// Time one transcription may take.
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -36,19 +35,24 @@ pub enum TranscribeError {
 }
 
 impl Transcriber {
-    /// The transcriber `config` describes (its key file read now).
-    pub fn from_config(config: &TranscriptionConfig) -> Result<Transcriber, TranscribeError> {
-        let endpoint = ApprovedEndpoint::parse(&config.base_url)
-            .map_err(|e| TranscribeError::Setup(e.to_string()))?;
-        let key = match &config.api_key_file {
-            Some(path) => Some(
-                ApiKey::from_file(path).map_err(|e| TranscribeError::Setup(e.to_string()))?,
-            ),
+    /// The transcriber at `base_url` using `model`, with the bearer key in
+    /// `api_key_file` if there is one (read now).
+    pub fn new(
+        base_url: &str,
+        model: &str,
+        api_key_file: Option<&std::path::Path>,
+    ) -> Result<Transcriber, TranscribeError> {
+        let endpoint =
+            ApprovedEndpoint::parse(base_url).map_err(|e| TranscribeError::Setup(e.to_string()))?;
+        let key = match api_key_file {
+            Some(path) => {
+                Some(ApiKey::from_file(path).map_err(|e| TranscribeError::Setup(e.to_string()))?)
+            }
             None => None,
         };
         Ok(Transcriber {
             endpoint,
-            model: config.model.clone(),
+            model: model.to_owned(),
             key,
             client: client(),
         })
@@ -81,15 +85,20 @@ impl Transcriber {
             .body(body)
             .timeout(TIMEOUT);
         if let Some(k) = &self.key {
-            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", k.expose()))
-                .map_err(|_| TranscribeError::Setup("the key is not a valid header".into()))?;
+            let mut v =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {}", k.expose()))
+                    .map_err(|_| TranscribeError::Setup("the key is not a valid header".into()))?;
             v.set_sensitive(true);
             req = req.header(reqwest::header::AUTHORIZATION, v);
         }
         let mut resp = req.send().await.map_err(|_| TranscribeError::Unreachable)?;
         let status = resp.status();
         let mut bytes = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|_| TranscribeError::Unreachable)? {
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|_| TranscribeError::Unreachable)?
+        {
             if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
                 return Err(TranscribeError::BadAnswer);
             }

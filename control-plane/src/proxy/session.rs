@@ -533,7 +533,10 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
         }
     }
 
-    async fn transcribe(&self, request: TranscriptionRequest) -> Result<TranscriptionAnswer, Refused> {
+    async fn transcribe(
+        &self,
+        request: TranscriptionRequest,
+    ) -> Result<TranscriptionAnswer, Refused> {
         let admitted = self
             .transcriptions
             .lock()

@@ -47,7 +47,9 @@ impl Service {
         };
         let found = self
             .db(|s| s.voice_note(session, message, request.index))
-            .map_err(|e| tracing::error!(session = %session, error = %e, "reading a voice note failed"))
+            .map_err(
+                |e| tracing::error!(session = %session, error = %e, "reading a voice note failed"),
+            )
             .ok()?;
         let Some((audio, kept)) = found else {
             return refused("there is no such voice note waiting for an answer");
@@ -69,14 +71,18 @@ impl Service {
         match transcriber.transcribe(audio).await {
             Ok(text) => {
                 let text: String = text.chars().take(MAX_TEXT_BYTES / 4).collect();
-                if let Err(e) = self.db(|s| s.keep_transcript(session, message, request.index, &text)) {
+                if let Err(e) =
+                    self.db(|s| s.keep_transcript(session, message, request.index, &text))
+                {
                     tracing::warn!(session = %session, error = %e, "keeping a transcript failed");
                 }
                 Some(TranscriptionAnswer::Text { text })
             }
             Err(e) => {
                 tracing::warn!(session = %session, error = %e, "a voice note could not be transcribed");
-                refused(&format!("the transcription service could not transcribe it: {e}"))
+                refused(&format!(
+                    "the transcription service could not transcribe it: {e}"
+                ))
             }
         }
     }
@@ -84,7 +90,7 @@ impl Service {
     fn transcriber(&self) -> Option<Transcriber> {
         let config = self.config();
         let t = config.transcription.as_ref()?;
-        Transcriber::from_config(t)
+        Transcriber::new(&t.base_url, &t.model, t.api_key_file.as_deref())
             .map_err(|e| tracing::error!(error = %e, "the transcription service is not usable"))
             .ok()
     }

@@ -107,6 +107,9 @@ pub(super) fn add_pending(
     Ok(())
 }
 
+/// A voice note's audio, and its transcript once made.
+pub type VoiceNote = (Vec<u8>, Option<String>);
+
 /// Most bytes of files one message may pass on: its segment must stay well within the
 /// segment limits (64 MiB, 1024 items).
 pub const MAX_MESSAGE_FILE_BYTES: u64 = 40 * 1024 * 1024;
@@ -249,7 +252,9 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (index, kind, media_type, name, data) = row?;
-            let Some(kind) = kind_from(&kind) else { continue };
+            let Some(kind) = kind_from(&kind) else {
+                continue;
+            };
             out.push(ReadyFile {
                 index: index as u8,
                 kind,
@@ -268,7 +273,7 @@ impl Store {
         session: &SessionId,
         message: i64,
         index: u8,
-    ) -> Result<Option<(Vec<u8>, Option<String>)>, StoreError> {
+    ) -> Result<Option<VoiceNote>, StoreError> {
         Ok(self
             .conn
             .query_row(

@@ -246,6 +246,7 @@ pub(crate) mod testing {
             external_id: ext.map(str::to_owned),
             text: text.into(),
             received_at: 100,
+            files: Vec::new(),
         }
     }
 

@@ -303,7 +303,9 @@ pub fn document_text(file_name: &str, content: &str) -> String {
         .filter(|c| !c.is_control() && !crate::is_invisible(*c))
         .take(60)
         .collect();
-    name = name.trim_matches(|c: char| c == '.' || c.is_whitespace()).to_owned();
+    name = name
+        .trim_matches(|c: char| c == '.' || c.is_whitespace())
+        .to_owned();
     if name.is_empty() {
         name = "note".into();
     }

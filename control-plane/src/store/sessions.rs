@@ -26,7 +26,13 @@ CREATE TABLE IF NOT EXISTS sessions (
 
 /// The tables holding rows of one session, emptied when it is deleted.
 const SESSION_TABLES: [&str; 7] = [
-    "messages", "outbound", "timers", "ingested", "turns", "usage", "attachments",
+    "messages",
+    "outbound",
+    "timers",
+    "ingested",
+    "turns",
+    "usage",
+    "attachments",
 ];
 
 /// How often folding the write-ahead log is tried while a reader holds it.

@@ -77,7 +77,9 @@ impl BotApi {
     ) -> Result<Vec<u8>, DownloadError> {
         let safe = !file_path.is_empty()
             && file_path.len() <= 256
-            && !file_path.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+            && !file_path
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
             && file_path
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'.'));

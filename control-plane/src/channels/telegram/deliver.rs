@@ -111,7 +111,9 @@ impl Channel for Telegram {
             }) => Delivered::Throttled(retry_after.unwrap_or(1).clamp(1, MAX_RETRY_AFTER_SECS)),
             Err(CallError::Status {
                 code, description, ..
-            }) if code < 500 => Delivered::Failed(format!("telegram refused it ({code}): {description}")),
+            }) if code < 500 => {
+                Delivered::Failed(format!("telegram refused it ({code}): {description}"))
+            }
             Err(CallError::Network | CallError::Status { .. }) => Delivered::Retry(10),
             Err(CallError::Uncertain | CallError::TooLarge(_)) => Delivered::Failed(
                 "sent, but Telegram's answer did not arrive; not sent again".into(),

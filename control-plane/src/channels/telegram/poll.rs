@@ -20,8 +20,8 @@ use crate::channels::naming;
 use crate::files;
 use crate::service::{Arrival, Service, ServiceError, notice};
 use crate::state::now_secs;
-use crate::store::cursors::Cursor;
 use crate::store::attachments::IncomingFile;
+use crate::store::cursors::Cursor;
 use crate::store::messages::{Accepted, Inbound, Refusal};
 
 /// Refusals sent to one unknown sender, at most one per this period.
@@ -206,7 +206,13 @@ async fn handle(
         Verdict::Accept { chat, files, .. }
             if files.len() > usize::from(service.config().attachments.max_per_message) =>
         {
-            return match refuse(&chat.to_string(), "too many files", Some(files::notice::TOO_MANY_FILES)).await {
+            return match refuse(
+                &chat.to_string(),
+                "too many files",
+                Some(files::notice::TOO_MANY_FILES),
+            )
+            .await
+            {
                 Ok(_) => Ok(Some(update_id + 1)),
                 Err(e) => {
                     tracing::error!(error = %e, "recording a refused update failed");
@@ -370,11 +376,12 @@ fn judge(msg: Option<&Message>, allowed: impl Fn(i64) -> bool) -> Verdict<'_> {
         return refuse("sender not in allowed_users", Notice::OncePerPeriod(from));
     }
     let files = files(msg);
-    let Some(text) = msg.text.as_deref().or(msg.caption.as_deref()).or(if files.is_empty() {
-        None
-    } else {
-        Some("")
-    }) else {
+    let Some(text) = msg
+        .text
+        .as_deref()
+        .or(msg.caption.as_deref())
+        .or(if files.is_empty() { None } else { Some("") })
+    else {
         return refuse("not a text message", Notice::Always(notice::NOT_TEXT));
     };
     if text.len() > MAX_TEXT_BYTES {
@@ -388,7 +395,10 @@ fn judge(msg: Option<&Message>, allowed: impl Fn(i64) -> bool) -> Verdict<'_> {
 fn files(msg: &Message) -> Vec<IncomingFile> {
     let mut out = Vec::new();
     let file = |f: &FileRef, name: &str| {
-        let source = f.file_id.clone().filter(|id| !id.is_empty() && id.len() <= 512)?;
+        let source = f
+            .file_id
+            .clone()
+            .filter(|id| !id.is_empty() && id.len() <= 512)?;
         Some(IncomingFile {
             source,
             name: f
@@ -406,8 +416,7 @@ fn files(msg: &Message) -> Vec<IncomingFile> {
         let chosen = sizes
             .iter()
             .map(|o| &o.0)
-            .filter(fits)
-            .next_back()
+            .rfind(fits)
             .or(sizes.first().map(|o| &o.0));
         out.extend(chosen.and_then(|f| file(f, "photo.jpg")));
     }
@@ -449,7 +458,8 @@ mod tests {
             verdict(r#"{"from":{"id":42},"chat":{"id":42,"type":"private"},"text":"hi"}"#),
             Verdict::Accept {
                 chat: 42,
-                text: "hi"
+                text: "hi",
+                files: vec![]
             }
         );
         let most = "x".repeat(MAX_TEXT_BYTES);

@@ -59,7 +59,7 @@ pub(super) struct Updates(pub(super) Vec<Update>);
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Slot {
-    Update(Object<Update>),
+    Update(Box<Object<Update>>),
     /// Not readable as an update, but its id is: refused on its own.
     IdOnly(Object<UpdateId>),
     /// No id to be read: skipped.
@@ -76,7 +76,7 @@ struct UpdateId {
 impl From<Vec<Slot>> for Updates {
     fn from(slots: Vec<Slot>) -> Updates {
         let update = |slot| match slot {
-            Slot::Update(Object(u)) => u,
+            Slot::Update(b) => b.0,
             Slot::IdOnly(Object(id)) => Update {
                 update_id: id.update_id,
                 ..Update::default()
