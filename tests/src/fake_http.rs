@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 pub struct Scripted {
     pub status: u16,
     pub headers: Vec<(String, String)>,
-    pub body: String,
+    pub body: Vec<u8>,
 }
 
 impl Scripted {
@@ -25,14 +25,22 @@ impl Scripted {
         Scripted {
             status: 200,
             headers: vec![("content-type".into(), "application/json".into())],
-            body: body.to_string(),
+            body: body.to_string().into_bytes(),
+        }
+    }
+    /// 200 with `body` as it is.
+    pub fn bytes(body: Vec<u8>) -> Self {
+        Scripted {
+            status: 200,
+            headers: vec![("content-type".into(), "application/octet-stream".into())],
+            body,
         }
     }
     pub fn status(status: u16) -> Self {
         Scripted {
             status,
             headers: vec![],
-            body: String::new(),
+            body: Vec::new(),
         }
     }
     pub fn with_header(mut self, name: &str, value: &str) -> Self {

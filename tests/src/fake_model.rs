@@ -73,11 +73,19 @@ pub type ToolScript = Arc<dyn Fn(&str) -> Vec<(&'static str, Value)> + Send + Sy
 
 /// Starts a fake model that answers a person's message with the tool calls `script`
 /// gives for its text (none: a plain `echo:` answer), and ends the turn with `done`
-/// once it sees their results. What it was sent is in [`FakeHttp::received`].
+/// once it sees their results. It speaks OpenAI's chat completions, and Anthropic's
+/// Messages API when asked at `/v1/messages`. What it was sent is in
+/// [`FakeHttp::received`].
 pub async fn start_tool_model(script: ToolScript) -> FakeHttp {
     let handler: Handler = Arc::new(move |req| {
         let script = script.clone();
-        Box::pin(async move { scripted(&req.json(), &script) })
+        Box::pin(async move {
+            if req.path.ends_with("/v1/messages") {
+                scripted_anthropic(&req.json(), &script)
+            } else {
+                scripted(&req.json(), &script)
+            }
+        })
     });
     FakeHttp::serve(handler).await
 }
@@ -85,7 +93,11 @@ pub async fn start_tool_model(script: ToolScript) -> FakeHttp {
 fn scripted(body: &Value, script: &ToolScript) -> Scripted {
     let messages = body["messages"].as_array().cloned().unwrap_or_default();
     let last = messages.last().cloned().unwrap_or(Value::Null);
-    let text = last["content"].as_str().unwrap_or("");
+    // A user message with an image is a list of parts; its text is the first part's.
+    let text = last["content"]
+        .as_str()
+        .or_else(|| last["content"][0]["text"].as_str())
+        .unwrap_or("");
     let calls: Vec<Value> = if last["role"] == "tool" {
         Vec::new()
     } else {
@@ -120,8 +132,45 @@ fn scripted(body: &Value, script: &ToolScript) -> Scripted {
     }))
 }
 
+fn scripted_anthropic(body: &Value, script: &ToolScript) -> Scripted {
+    let messages = body["messages"].as_array().cloned().unwrap_or_default();
+    let last = messages.last().cloned().unwrap_or(Value::Null);
+    let blocks = last["content"].as_array().cloned().unwrap_or_default();
+    let answered = blocks.iter().any(|b| b["type"] == "tool_result");
+    let text = blocks.iter().find_map(|b| b["text"].as_str()).unwrap_or("");
+    let mut content: Vec<Value> = if answered {
+        Vec::new()
+    } else {
+        script(text)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, input))| {
+                json!({ "type": "tool_use", "id": format!("toolu-{}-{i}", messages.len()),
+                        "name": name, "input": input })
+            })
+            .collect()
+    };
+    let stop = if content.is_empty() {
+        let said = if answered {
+            "done".to_owned()
+        } else {
+            format!("{ECHO}{text}")
+        };
+        content.push(json!({ "type": "text", "text": said }));
+        "end_turn"
+    } else {
+        "tool_use"
+    };
+    Scripted::json(json!({
+        "id": "msg-fake", "type": "message", "role": "assistant", "model": "fake",
+        "content": content, "stop_reason": stop,
+        "usage": { "input_tokens": 10, "output_tokens": 5 }
+    }))
+}
+
 /// The results of tool calls the model was sent, in order (OpenAI's `tool` messages of
-/// the last message of each request that ends with them).
+/// the last message of each request that ends with them; Anthropic's `tool_result`
+/// blocks).
 pub fn tool_results(model: &FakeHttp) -> Vec<String> {
     let mut out = Vec::new();
     for r in model.received() {
@@ -135,6 +184,13 @@ pub fn tool_results(model: &FakeHttp) -> Vec<String> {
             .filter_map(|m| m["content"].as_str().map(str::to_owned))
             .collect();
         out.extend(trailing.into_iter().rev());
+        if let Some(last) = messages.last() {
+            for b in last["content"].as_array().into_iter().flatten() {
+                if b["type"] == "tool_result" {
+                    out.extend(b["content"].as_str().map(str::to_owned));
+                }
+            }
+        }
     }
     out
 }

@@ -1,7 +1,9 @@
 //! A loopback fake of the Telegram Bot API: `getUpdates` with Telegram's offset rule
 //! (asking with offset N confirms, and forgets, every update below N) and long polling,
 //! `sendMessage` recorded per chat (inline keyboards too), `editMessageText` and
-//! `answerCallbackQuery` recorded, and button presses (`callback_query`) queued. It can be taken down, rate-limit sends with 429 and
+//! `answerCallbackQuery` recorded, and button presses (`callback_query`) queued. Files:
+//! photo, document and voice updates, `getFile` and the file route (`/file/bot<token>/
+//! <path>`), and `sendDocument` (multipart) recorded. It can be taken down, rate-limit sends with 429 and
 //! `retry_after`, and serve any raw update a test builds, malformed ones included.
 
 use std::sync::{Arc, Mutex};
@@ -40,6 +42,12 @@ struct State {
     answers: Vec<(String, String)>,
     /// `sendChatAction` calls: (chat, action).
     actions: Vec<(i64, String)>,
+    /// Files that can be fetched, by file id: (file path, bytes).
+    files: std::collections::HashMap<String, (String, Vec<u8>)>,
+    /// Downloads served from the file route, by file path.
+    downloads: Vec<String>,
+    /// `sendDocument` calls: (chat, file name, content).
+    documents: Vec<(i64, String, Vec<u8>)>,
 }
 
 /// A running fake Telegram.
@@ -113,6 +121,60 @@ impl FakeTelegram {
                 "chat": { "id": user, "type": "private" },
                 "text": text } })
         })
+    }
+
+    /// Makes `bytes` fetchable as file `file_id` (`getFile`, then the file route).
+    pub fn add_file(&self, file_id: &str, bytes: Vec<u8>) {
+        let path = format!("documents/file_{}.bin", self.st().files.len());
+        self.st().files.insert(file_id.to_owned(), (path, bytes));
+    }
+
+    /// Queues a private message from `user` carrying a file: `field` is `photo` (sizes,
+    /// each `(file_id, declared size)`), `document` or `voice` (the first size only).
+    pub fn push_file(
+        &self,
+        user: i64,
+        field: &str,
+        sizes: &[(&str, Option<u64>)],
+        name: Option<&str>,
+        caption: Option<&str>,
+    ) -> i64 {
+        let file = |(id, size): &(&str, Option<u64>)| {
+            let mut f = json!({ "file_id": id, "file_unique_id": format!("u-{id}") });
+            if let Some(s) = size {
+                f["file_size"] = json!(s);
+            }
+            if let Some(n) = name {
+                f["file_name"] = json!(n);
+            }
+            f
+        };
+        let value = if field == "photo" {
+            Value::Array(sizes.iter().map(file).collect())
+        } else {
+            file(&sizes[0])
+        };
+        self.push_raw(|id| {
+            let mut m = json!({
+                "message_id": id, "date": 1_790_000_000,
+                "from": { "id": user, "is_bot": false, "first_name": "T" },
+                "chat": { "id": user, "type": "private" } });
+            m[field] = value;
+            if let Some(c) = caption {
+                m["caption"] = json!(c);
+            }
+            json!({ "update_id": id, "message": m })
+        })
+    }
+
+    /// The file paths downloaded so far.
+    pub fn downloads(&self) -> Vec<String> {
+        self.st().downloads.clone()
+    }
+
+    /// Documents sent: (chat, file name, content).
+    pub fn documents(&self) -> Vec<(i64, String, Vec<u8>)> {
+        self.st().documents.clone()
     }
 
     /// Queues a button press by `user` in `chat` (of `chat_type`) on `message_id`.
@@ -249,6 +311,25 @@ async fn answer(
     if down {
         return Scripted::status(502);
     }
+    // The file route: the token in the path, as Telegram's own.
+    if let Some(path) = req.path.strip_prefix(&format!("/file/bot{token}/")) {
+        let mut st = state.lock().expect("state");
+        let found = st
+            .files
+            .values()
+            .find(|(p, _)| p == path)
+            .map(|(_, b)| b.clone());
+        return match found {
+            Some(bytes) => {
+                st.downloads.push(path.to_owned());
+                Scripted::bytes(bytes)
+            }
+            None => Scripted::status(404),
+        };
+    }
+    if req.path == "/bot{token}/sendDocument".replace("{token}", &token) {
+        return send_document(state, &req);
+    }
     let Some(method) = req.path.strip_prefix(&format!("/bot{token}/")) else {
         state.lock().expect("state").unauthorised_calls += 1;
         return fail(401, "Unauthorized", None);
@@ -342,6 +423,20 @@ async fn answer(
                 .push((q.to_owned(), text.to_owned()));
             ok(Value::Bool(true))
         }
+        "getFile" => {
+            let id = body
+                .get("file_id")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let st = state.lock().expect("state");
+            match st.files.get(id) {
+                Some((path, bytes)) => {
+                    ok(json!({ "file_id": id, "file_unique_id": format!("u-{id}"),
+                    "file_size": bytes.len(), "file_path": path }))
+                }
+                None => fail(400, "Bad Request: invalid file_id", None),
+            }
+        }
         "getMe" => ok(json!({ "id": 1, "is_bot": true, "first_name": "IronClaw",
                                 "username": "ironclaw_test_bot" })),
         "sendChatAction" => {
@@ -358,4 +453,77 @@ async fn answer(
         }
         _ => fail(404, "Not Found", None),
     }
+}
+
+/// `sendDocument` as multipart/form-data: the `chat_id` field and the `document` file.
+fn send_document(state: &Mutex<State>, req: &crate::fake_http::Received) -> Scripted {
+    let Some(boundary) = req
+        .header("content-type")
+        .and_then(|v| v.split("boundary=").nth(1))
+        .map(|b| format!("--{}", b.trim_matches('"')))
+    else {
+        return fail(400, "Bad Request: not multipart", None);
+    };
+    let body = &req.body;
+    let mut chat = None;
+    let mut file: Option<(String, Vec<u8>)> = None;
+    let parts = split(body, boundary.as_bytes());
+    for part in parts {
+        let Some(head_end) = find(part, b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&part[..head_end]).to_string();
+        let mut content = &part[head_end + 4..];
+        content = content.strip_suffix(b"\r\n").unwrap_or(content);
+        let name = head
+            .split("name=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("");
+        match name {
+            "chat_id" => chat = String::from_utf8_lossy(content).trim().parse::<i64>().ok(),
+            "document" => {
+                let filename = head
+                    .split("filename=\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .unwrap_or("")
+                    .to_owned();
+                file = Some((filename, content.to_vec()));
+            }
+            _ => {}
+        }
+    }
+    match (chat, file) {
+        (Some(c), Some((name, bytes))) => {
+            state
+                .lock()
+                .expect("state")
+                .documents
+                .push((c, name.clone(), bytes));
+            ok(json!({ "message_id": 1, "chat": { "id": c }, "document": { "file_name": name } }))
+        }
+        _ => fail(400, "Bad Request: chat_id and document are required", None),
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The parts of a multipart body between `boundary` lines.
+fn split<'a>(body: &'a [u8], boundary: &[u8]) -> Vec<&'a [u8]> {
+    let mut parts = Vec::new();
+    let mut rest = body;
+    while let Some(at) = find(rest, boundary) {
+        let after = &rest[at + boundary.len()..];
+        if after.starts_with(b"--") {
+            break;
+        }
+        let after = after.strip_prefix(b"\r\n").unwrap_or(after);
+        let end = find(after, boundary).unwrap_or(after.len());
+        parts.push(&after[..end]);
+        rest = &after[end..];
+    }
+    parts
 }

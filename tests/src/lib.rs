@@ -11,6 +11,7 @@ pub mod fake_http;
 pub mod fake_model;
 pub mod fake_tailscaled;
 pub mod fake_telegram;
+pub mod fake_transcriber;
 pub mod hostile_model;
 pub mod intake;
 pub mod loopback;
