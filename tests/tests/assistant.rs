@@ -264,3 +264,56 @@ fn reminders_fire_once_at_their_time_recur_and_can_be_listed_and_cancelled() {
     assert_eq!(audit.len(), 2, "{audit:?}");
     assert_eq!(s.audit_of("reminder_cancelled").len(), 1);
 }
+
+/// The tool calls of the memory test's model.
+fn memory_script(text: &str) -> Vec<(&'static str, serde_json::Value)> {
+    match text {
+        "remember the garage code" => vec![(
+            "note_write",
+            json!({ "name": "garage", "body": "the garage code is 9914" }),
+        )],
+        "what were my locker and the garage code?" => {
+            vec![("note_search", json!({ "query": "locker garage code" }))]
+        }
+        _ => vec![],
+    }
+}
+
+#[test]
+fn what_has_left_the_history_is_still_found_by_search() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let model = rt.block_on(start_tool_model(Arc::new(memory_script)));
+    let mut s = Serve::init(&format!(
+        "[model]\nprovider = \"openai\"\nbase_url = \"{}\"\nmodel = \"m\"\n\n\
+         [sandbox]\nruntime = \"gvisor\"\n\n[budgets]\nrequests_per_minute = 1000\n",
+        model.base()
+    ));
+    s.start();
+    let say = |text: &str| {
+        let (state, replies) = s.send("console", text, 60).unwrap();
+        assert_eq!(state, "answered", "{text}: {replies:?}\n{}", s.log_text());
+    };
+    say("my locker is number 312");
+    say("remember the garage code");
+    // Twenty-five more turns: the history the model is sent holds 40 messages.
+    for i in 0..25 {
+        say(&format!("small talk {i}"));
+    }
+    model.clear_received();
+    say("what were my locker and the garage code?");
+    let requests = model.received();
+    let first = requests[0].json().to_string();
+    assert!(
+        !first.contains("312") && !first.contains("9914"),
+        "both have left the history the model is sent: {first}"
+    );
+    let found = tool_results(&model).join("\n");
+    assert!(
+        found.contains("note \"garage\"") && found.contains("9914"),
+        "{found}"
+    );
+    assert!(
+        found.contains("person said") && found.contains("[locker] is number 312"),
+        "{found}"
+    );
+}
