@@ -3,6 +3,7 @@
 //! again. The binary is `$IRONCLAW_BIN` (set by scripts/test), else the workspace's
 //! debug build.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -357,4 +358,62 @@ pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(100));
     }
     false
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port` on a fresh connection: the status and the body.
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("http");
+    s.set_read_timeout(Some(Duration::from_secs(90)))
+        .expect("http");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("http");
+    // The server may answer (413) and close before the whole body is written.
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(Vec::new(), |i| out[i + 4..].to_vec());
+    (status, body)
+}
+
+/// `POST /v1/messages` to the bridge on `port`: the status and the JSON answer.
+pub fn bridge_post(port: u16, token: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/messages",
+        Some(token),
+        body.to_string().as_bytes(),
+    );
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A TCP port free on 127.0.0.1 now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("local addr")
+        .port()
 }

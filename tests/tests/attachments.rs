@@ -452,3 +452,78 @@ fn scan(dir: &Path, secrets: &[&[u8]], scanned: &mut u64) {
         }
     }
 }
+
+#[test]
+fn the_bridge_takes_files_inline_under_the_same_rules() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let model = rt.block_on(start_tool_model(Arc::new(script)));
+    let mut s = Serve::init("");
+    let token = "bridge-files-token-41c";
+    let file = s.secret_file("bridge.token", token);
+    let port = tests::service::free_port();
+    std::fs::write(
+        s.state.join("config.toml"),
+        format!(
+            "[model]\nprovider = \"openai\"\nbase_url = \"{}\"\nmodel = \"m\"\n\n\
+             [sandbox]\nruntime = \"gvisor\"\n\n\
+             [channels.bridge]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n",
+            model.base(),
+            file.display()
+        ),
+    )
+    .unwrap();
+    s.start();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let post = |files: Value| {
+        let (status, answer) = tests::service::bridge_post(
+            port,
+            token,
+            &json!({ "chat": "fam", "text": "have a look", "files": files }),
+        );
+        assert_eq!(
+            (status, answer["state"].as_str()),
+            (202, Some("accepted")),
+            "{answer}"
+        );
+    };
+    // A Markdown note, read inside the box; an executable, refused with its notice.
+    post(json!([{ "name": "list.md", "data": b64(b"# Plan\n- BRIDGE-DOC-77e") }]));
+    post(json!([{ "name": "list.md", "data": b64(b"\x7fELF\x02\x01\x01\x00") }]));
+    let mut texts: Vec<String> = Vec::new();
+    let mut after = 0;
+    for _ in 0..60 {
+        let path = format!("/v1/replies?after={after}&wait=5");
+        let (_, body) = tests::service::http(port, "GET", &path, Some(token), b"");
+        let got: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        for r in got["replies"].as_array().into_iter().flatten() {
+            after = after.max(r["id"].as_i64().unwrap_or(0));
+            texts.extend(r["text"].as_str().map(str::to_owned));
+        }
+        if texts.len() >= 3 {
+            break;
+        }
+    }
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("BRIDGE-DOC-77e") && t.contains("<document>")),
+        "{texts:?}"
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|t| t == control_plane::files::notice::FILE_NOT_ACCEPTED),
+        "{texts:?}"
+    );
+    assert!(
+        texts.iter().filter(|t| t.starts_with(ECHO)).count() == 2,
+        "{texts:?}"
+    );
+    // Not base64: refused at the door.
+    let (status, _) = tests::service::bridge_post(
+        port,
+        token,
+        &json!({ "chat": "fam", "text": "x", "files": [{ "name": "a", "data": "%%%" }] }),
+    );
+    assert_eq!(status, 400);
+}

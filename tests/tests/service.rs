@@ -6,28 +6,19 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use control_plane::service::notice;
 use serde_json::{Value, json};
 use tests::fake_model::{ECHO, start_echo_model};
 use tests::fake_telegram::FakeTelegram;
-use tests::service::Serve;
+use tests::service::{Serve, bridge_post, free_port, http};
 
 const TG_TOKEN: &str = "123456:tg-token-e5c0ffee51";
 const BRIDGE_TOKEN: &str = "bridge-token-77af0c12d9";
 const USER: i64 = 4242;
 const FLOODER: i64 = 777;
 const STRANGER: i64 = 666;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A configuration with the fake model, the fake Telegram and the bridge.
 fn config(s: &Serve, model: &str, telegram: &str, bridge_port: u16, extra: &str) -> String {
@@ -57,44 +48,6 @@ token_file = "{br}"
         tg = tg.display(),
         br = br.display(),
     )
-}
-
-/// One HTTP/1.1 request on a fresh connection: the status and the body.
-fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    // The server may answer (413) and close before the whole body is written.
-    let _ = s.write_all(body);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out);
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(Vec::new(), |i| out[i + 4..].to_vec());
-    (status, body)
-}
-
-fn post(port: u16, token: &str, body: &Value) -> (u16, Value) {
-    let (status, body) = http(
-        port,
-        "POST",
-        "/v1/messages",
-        Some(token),
-        body.to_string().as_bytes(),
-    );
-    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
 fn summary<'a>(
@@ -193,7 +146,7 @@ fn telegram_bridge_and_console_reach_the_sandboxed_agent_and_leave_nothing_in_pl
     );
 
     // The bridge: post, long-poll the reply, acknowledge it.
-    let (status, posted) = post(
+    let (status, posted) = bridge_post(
         port,
         BRIDGE_TOKEN,
         &json!({ "chat": "family", "text": "hello via bridge MARKER-BR-3f7" }),
@@ -422,7 +375,7 @@ fn bad_input_gets_clear_handling_and_others_are_still_served() {
         413
     );
     assert_eq!(
-        post(port, "wrong-token", &json!({ "chat": "c", "text": "hi" })).0,
+        bridge_post(port, "wrong-token", &json!({ "chat": "c", "text": "hi" })).0,
         401
     );
     assert_eq!(http(port, "POST", "/v1/messages", None, b"{}").0, 401);
@@ -442,7 +395,7 @@ fn bad_input_gets_clear_handling_and_others_are_still_served() {
         json!({ "chat": "c", "text": "hi", "session": "tg-4242" }),
         json!({ "chat": "c", "text": "   " }),
     ] {
-        assert_eq!(post(port, BRIDGE_TOKEN, &bad).0, 400, "{bad}");
+        assert_eq!(bridge_post(port, BRIDGE_TOKEN, &bad).0, 400, "{bad}");
     }
     assert_eq!(
         http(

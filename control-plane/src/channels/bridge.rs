@@ -3,14 +3,17 @@
 //! `token_file` (compared in constant time).
 //!
 //! ```text
-//! POST /v1/messages   {"chat": "<a-z0-9_->", "text": "...", "id": "<optional client id>"}
+//! POST /v1/messages   {"chat": "<a-z0-9_->", "text": "...", "id": "<optional client id>",
+//!                      "files": [{"name": "...", "data": "<base64>"}]}   (files optional)
 //!                     → 202 {"message": N, "state": "accepted" | "refused" | "duplicate"}
 //! GET  /v1/replies?after=K[&wait=S]
 //!                     acknowledges every reply up to K, then returns those after K
 //!                     (long-polled up to S ≤ 60 seconds)
 //!                     → 200 {"replies": [{"id", "chat", "kind", "in_reply_to", "text"}]}
 //! ```
-//! Errors are `{"error": "..."}` with 400, 401, 404, 405, 413 or 503. A chat `c` is the
+//! A file is judged by its bytes like every channel's, within `[attachments]`; one that
+//! is refused gets its notice in the replies. Errors are `{"error": "..."}` with 400,
+//! 401, 404, 405, 413 or 503. A chat `c` is the
 //! session `br-c`. A 401 closes its connection; one peer address holds at most
 //! [`MAX_CONNECTIONS_PER_PEER`] connections, each for at most [`CONNECTION_LIFETIME`].
 
@@ -33,12 +36,17 @@ use crate::config::BridgeConfig;
 use crate::model::http::ApiKey;
 use crate::service::{Arrival, Service};
 use crate::state::now_secs;
+use crate::store::attachments::IncomingFile;
 use crate::store::messages::{Accepted, Inbound};
 
 /// The channel's name in the store.
 pub const CHANNEL: &str = "bridge";
-/// The largest request body read (JSON escaping can make 64 KiB of text longer).
+/// The largest request body read without files (JSON escaping can make 64 KiB of
+/// text longer).
 pub const MAX_BODY_BYTES: usize = 512 * 1024;
+/// Request bodies larger than [`MAX_BODY_BYTES`] (files) read at once, bridge-wide: a
+/// client cannot hold many large bodies in memory.
+pub const MAX_LARGE_BODIES: usize = 2;
 /// Connections served at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Connections one peer address may hold at once: a client without the token cannot
@@ -58,7 +66,28 @@ struct PostMessage {
     text: String,
     #[serde(default)]
     id: Option<String>,
+    #[serde(default)]
+    files: Vec<PostFile>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostFile {
+    name: String,
+    /// The file's bytes, base64.
+    data: String,
+}
+
+/// The largest body a message with files may have: its files at the configured limit,
+/// base64, and its text.
+fn max_body(service: &Service) -> usize {
+    let a = service.config().attachments.clone();
+    let files = (a.max_bytes as usize).div_ceil(3) * 4 * usize::from(a.max_per_message);
+    files.min(64 * 1024 * 1024) + MAX_BODY_BYTES
+}
+
+/// Permits to read a large body.
+static LARGE_BODIES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LARGE_BODIES);
 
 /// Binds the listener and serves it in a task.
 pub fn start(service: Arc<Service>, cfg: &BridgeConfig) -> Result<JoinHandle<()>, ChannelError> {
@@ -75,7 +104,31 @@ pub fn start(service: Arc<Service>, cfg: &BridgeConfig) -> Result<JoinHandle<()>
     std_listener.set_nonblocking(true).map_err(listen)?;
     let listener = tokio::net::TcpListener::from_std(std_listener).map_err(listen)?;
     tracing::info!(addr = %cfg.listen, "bridge listening");
-    Ok(tokio::spawn(serve(service, listener, Arc::new(token))))
+    let checker = tokio::spawn(check_files(service.clone()));
+    Ok(tokio::spawn(async move {
+        serve(service, listener, Arc::new(token)).await;
+        checker.abort();
+    }))
+}
+
+/// Judges the files that came with bridge messages (they arrive with their bytes).
+async fn check_files(service: Arc<Service>) {
+    loop {
+        match service.next_pending_file(CHANNEL) {
+            Ok(Some(p)) => {
+                let fetched = match p.data {
+                    Some(data) => crate::files::check(data, &service.config()),
+                    None => crate::files::too_large(0),
+                };
+                service.file_fetched(p.id, &fetched, now_secs()).await;
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the files to check failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 async fn serve(service: Arc<Service>, listener: tokio::net::TcpListener, token: Arc<ApiKey>) {
@@ -154,10 +207,25 @@ async fn post_message(service: &Arc<Service>, req: Request<Incoming>) -> Respons
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+    let limit = max_body(service);
+    if declared.is_some_and(|n| n > limit as u64) {
         return too_large();
     }
-    let body = Limited::new(req.into_body(), MAX_BODY_BYTES);
+    // A body that may be large (declared so, or of unknown length) waits its turn.
+    let _permit = if declared.is_none_or(|n| n > MAX_BODY_BYTES as u64) {
+        match tokio::time::timeout(Duration::from_secs(30), LARGE_BODIES.acquire()).await {
+            Ok(Ok(p)) => Some(p),
+            _ => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy with other files; send it again",
+                );
+            }
+        }
+    } else {
+        None
+    };
+    let body = Limited::new(req.into_body(), limit);
     let bytes = match tokio::time::timeout(Duration::from_secs(10), body.collect()).await {
         Ok(Ok(c)) => c.to_bytes(),
         Ok(Err(_)) => return too_large(),
@@ -181,8 +249,28 @@ async fn post_message(service: &Arc<Service>, req: Request<Incoming>) -> Respons
     if msg.text.len() > MAX_TEXT_BYTES {
         return too_large();
     }
-    if msg.text.trim().is_empty() {
+    if msg.text.trim().is_empty() && msg.files.is_empty() {
         return error(StatusCode::BAD_REQUEST, "the message is empty");
+    }
+    let attachments = service.config().attachments.clone();
+    if msg.files.len() > usize::from(attachments.max_per_message) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            crate::files::notice::TOO_MANY_FILES,
+        );
+    }
+    let mut files = Vec::new();
+    for f in msg.files {
+        use base64::Engine;
+        let Ok(data) = base64::engine::general_purpose::STANDARD.decode(f.data.as_bytes()) else {
+            return error(StatusCode::BAD_REQUEST, "a file's data is not base64");
+        };
+        files.push(IncomingFile {
+            source: "inline".into(),
+            name: f.name.chars().take(128).collect(),
+            declared_bytes: Some(data.len() as u64),
+            data: Some(data),
+        });
     }
     if msg
         .id
@@ -197,7 +285,7 @@ async fn post_message(service: &Arc<Service>, req: Request<Incoming>) -> Respons
         external_id: msg.id.map(|id| format!("{}/{id}", msg.chat)),
         text: msg.text,
         received_at: now_secs(),
-        files: Vec::new(),
+        files,
     };
     // A bridge client names its chats: at most max_chats sessions (and so sandboxes)
     // come from it.

@@ -43,6 +43,8 @@ pub struct IncomingFile {
     pub name: String,
     /// The size the channel declared, if it did.
     pub declared_bytes: Option<u64>,
+    /// The bytes, for a channel whose client sends them with the message (the bridge).
+    pub data: Option<Vec<u8>>,
 }
 
 /// A pending file for the fetcher.
@@ -52,6 +54,8 @@ pub struct PendingFile {
     pub message: i64,
     pub source: String,
     pub declared_bytes: Option<u64>,
+    /// The bytes, if they came with the message.
+    pub data: Option<Vec<u8>>,
 }
 
 /// A checked file, ready to be published.
@@ -91,8 +95,8 @@ pub(super) fn add_pending(
 ) -> rusqlite::Result<()> {
     for (i, f) in files.iter().enumerate() {
         tx.execute(
-            "INSERT INTO attachments (message, session, idx, source, name, declared_bytes, state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO attachments (message, session, idx, source, name, declared_bytes, state, data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 message,
                 session.as_str(),
@@ -100,7 +104,8 @@ pub(super) fn add_pending(
                 f.source,
                 f.name,
                 f.declared_bytes.map(|b| b.min(i64::MAX as u64) as i64),
-                AttachmentState::Pending
+                AttachmentState::Pending,
+                f.data
             ],
         )?;
     }
@@ -133,7 +138,7 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                "SELECT a.id, a.message, a.source, a.declared_bytes FROM attachments a
+                "SELECT a.id, a.message, a.source, a.declared_bytes, a.data FROM attachments a
                  JOIN messages m ON m.id = a.message
                  WHERE a.state = ?1 AND m.channel = ?2 ORDER BY a.id LIMIT 1",
                 params![AttachmentState::Pending, channel],
@@ -143,6 +148,7 @@ impl Store {
                         message: r.get(1)?,
                         source: r.get(2)?,
                         declared_bytes: r.get::<_, Option<i64>>(3)?.map(|b| b as u64),
+                        data: r.get(4)?,
                     })
                 },
             )
@@ -194,7 +200,7 @@ impl Store {
             }
             Fetched::Refused { reason, notice } => {
                 tx.execute(
-                    "UPDATE attachments SET state = ?2 WHERE id = ?1",
+                    "UPDATE attachments SET state = ?2, data = NULL WHERE id = ?1",
                     params![id, AttachmentState::Refused],
                 )?;
                 queue_outbound(

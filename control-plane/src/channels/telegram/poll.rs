@@ -409,6 +409,7 @@ fn files(msg: &Message) -> Vec<IncomingFile> {
                 .take(128)
                 .collect(),
             declared_bytes: f.file_size,
+            data: None,
         })
     };
     if let Some(sizes) = &msg.photo {
