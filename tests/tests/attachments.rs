@@ -78,6 +78,12 @@ fn ogg(marker: &str) -> Vec<u8> {
 /// The tool calls the scripted model makes: `send me my shopping list` writes a note
 /// and sends it back as a document; anything else is echoed.
 fn script(text: &str) -> Vec<(&'static str, Value)> {
+    if text.starts_with("summarise") {
+        return vec![(
+            "note_write",
+            json!({ "name": "report", "body": "a harvest report" }),
+        )];
+    }
     if text == "send me my shopping list" {
         return vec![
             (
@@ -238,9 +244,7 @@ fn documents_and_voice_notes_reach_the_model_bad_files_get_notices_and_nothing_i
         Some("report.pdf"),
         Some("summarise"),
     );
-    r.wait_sent(PERSON, "echo", |t| {
-        t.starts_with(&format!("{ECHO}summarise"))
-    });
+    r.wait_sent(PERSON, "done", |t| t == "done");
     let user = r.last_user_message().to_string();
     assert!(user.contains("The harvest was 4711 apples"), "{user}");
     assert!(
@@ -399,6 +403,16 @@ fn documents_and_voice_notes_reach_the_model_bad_files_get_notices_and_nothing_i
     let (chat, name, content) = r.tg.documents()[0].clone();
     assert_eq!((chat, name.as_str()), (PERSON, "shopping.md"));
     assert_eq!(content, b"eggs, milk, DOC-MARKER-91c2");
+
+    // The control plane's own record of where notes came from: the note written while
+    // reading the PDF is marked, the shopping list is not.
+    let marked: Vec<u64> =
+        r.s.audit_of("outbox_ingested")
+            .iter()
+            .filter(|e| e["detail"]["notes"].as_u64() == Some(1))
+            .map(|e| e["detail"]["notes_after_outside_content"].as_u64().unwrap())
+            .collect();
+    assert_eq!(marked, vec![1, 0], "{marked:?}");
 
     // At rest: not one of the files' bytes, the transcript or the extracted text is in
     // plaintext anywhere under the state directory, nor in serve's log.

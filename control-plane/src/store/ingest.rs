@@ -74,6 +74,9 @@ pub struct Ingested {
     /// Reminders in the past, beyond the timers held or the day's budget.
     pub refused_timers: u32,
     pub notes: u32,
+    /// Notes written in a turn that had read outside content (a document, a
+    /// transcript), as the control plane knows it.
+    pub notes_after_outside_content: u32,
     pub change_requests: u32,
 }
 
@@ -217,11 +220,26 @@ impl Store {
                 OutboxItem::ChangeRequest(_) => out.change_requests += 1,
             }
         }
+        // Where the turn's notes came from, as this side knows it: whether the turn read
+        // outside content (a transcript it asked for, or a document that came with a
+        // message it answered).
+        let outside = turn.transcriptions > 0
+            || answered_here.iter().try_fold(false, |seen, id| {
+                Ok::<_, rusqlite::Error>(
+                    seen || tx.query_row(
+                        "SELECT count(*) > 0 FROM attachments WHERE message = ?1 AND kind IN ('document', 'voice')",
+                        params![id],
+                        |r| r.get(0),
+                    )?,
+                )
+            })?;
+        out.notes_after_outside_content = if outside { out.notes } else { 0 };
         audit::append(
             &tx,
             now,
             AuditEvent::OutboxIngested,
             &json!({ "session": session.as_str(), "seq": seq.0, "seq_reused": out.seq_reused,
+                     "notes_after_outside_content": out.notes_after_outside_content,
                      "replies": out.replies, "refused_replies": out.refused_replies,
                      "refused_timers": out.refused_timers,
                      "dropped_replies": out.dropped_replies, "timers": out.timers,
