@@ -542,8 +542,8 @@ impl Config {
                 return invalid("transcription.model must name the model, in at most 256 bytes");
             }
         }
-        if !(1..=50 * 1024 * 1024).contains(&self.attachments.max_bytes) {
-            return invalid("attachments.max_bytes must be between 1 and 52428800 (50 MiB)");
+        if !(1..=24 * 1024 * 1024).contains(&self.attachments.max_bytes) {
+            return invalid("attachments.max_bytes must be between 1 and 25165824 (24 MiB)");
         }
         if !(1..=32).contains(&self.attachments.max_per_message) {
             return invalid("attachments.max_per_message must be between 1 and 32");

@@ -16,6 +16,8 @@ pub mod notice {
         not passed on. Please send it again.";
     pub const TOO_MANY_FILES: &str = "That message has more files than the assistant accepts at \
         once; it was not passed on.";
+    pub const FILES_OVER_BUDGET: &str = "Today's allowance of files for this conversation is \
+        used up; that file was not passed on. Please send it again tomorrow.";
     pub const NO_TRANSCRIPTION: &str = "Voice notes cannot be understood here: no transcription \
         service is set up. Please write instead.";
 }
@@ -64,8 +66,7 @@ pub fn sniff(bytes: &[u8]) -> Option<(&'static str, AttachmentKind)> {
     plain.then_some(("text/plain", AttachmentKind::Document))
 }
 
-/// Largest photo passed on to a model (Anthropic's own limit per image).
-pub const MAX_PHOTO_BYTES: u64 = 5 * 1024 * 1024;
+pub use queue_proto::items::MAX_PHOTO_BYTES;
 
 /// The verdict on fetched `bytes` under `config`'s limits.
 pub fn check(bytes: Vec<u8>, config: &Config) -> Fetched {

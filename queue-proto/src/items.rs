@@ -147,6 +147,8 @@ pub struct UserMessage {
 /// Raw bytes of one [`Attachment`] part (a multiple of 3, so that the parts' base64
 /// texts join into the base64 of the whole file).
 pub const ATTACHMENT_PART_BYTES: usize = 96 * 1024;
+/// Largest photo passed on (and sent to a model: Anthropic's own limit per image).
+pub const MAX_PHOTO_BYTES: u64 = 5 * 1024 * 1024;
 /// Most parts of one attachment (24 MiB).
 pub const MAX_ATTACHMENT_PARTS: u32 = 256;
 

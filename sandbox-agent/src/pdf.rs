@@ -23,6 +23,8 @@ pub(crate) struct Limits {
     pub(crate) max_inflated_total: usize,
     /// Bytes of text kept.
     pub(crate) max_text: usize,
+    /// Time the whole extraction may take.
+    pub(crate) max_time: std::time::Duration,
 }
 
 pub(crate) const LIMITS: Limits = Limits {
@@ -31,6 +33,7 @@ pub(crate) const LIMITS: Limits = Limits {
     max_inflated_per_stream: 4 * 1024 * 1024,
     max_inflated_total: 16 * 1024 * 1024,
     max_text: 32 * 1024,
+    max_time: std::time::Duration::from_secs(10),
 };
 
 /// The text found, and whether a limit cut it short.
@@ -56,6 +59,7 @@ pub(crate) fn text(bytes: &[u8], limits: Limits) -> Result<Extracted, PdfError> 
         pages: 0,
         cut: false,
     };
+    let started = std::time::Instant::now();
     let mut inflated_total = 0usize;
     let mut streams = 0usize;
     let mut at = 0usize;
@@ -72,7 +76,7 @@ pub(crate) fn text(bytes: &[u8], limits: Limits) -> Result<Extracted, PdfError> 
             continue;
         }
         streams += 1;
-        if streams > limits.max_streams {
+        if streams > limits.max_streams || started.elapsed() > limits.max_time {
             out.cut = true;
             break;
         }
@@ -97,7 +101,11 @@ pub(crate) fn text(bytes: &[u8], limits: Limits) -> Result<Extracted, PdfError> 
             // Another filter (an image codec, LZW, ...): not text this reader can use.
             continue;
         } else {
-            data.to_vec()
+            // An unfiltered stream costs its length of the same budget.
+            let take = data.len().min(budget);
+            inflated_total += take;
+            out.cut |= take < data.len();
+            data[..take].to_vec()
         };
         if !(contains(&content, b"BT") && (contains(&content, b"Tj") || contains(&content, b"TJ")))
         {
@@ -177,11 +185,15 @@ fn inflate(data: &[u8], max: usize) -> (Vec<u8>, bool) {
     }
 }
 
+/// Strings kept between two operators; a real `TJ` array holds a line's worth.
+const MAX_OPERANDS: usize = 4096;
+
 /// Appends the text shown by the content stream `content` to `out`, up to `max` bytes.
 fn read_text(content: &[u8], out: &mut String, max: usize) {
-    // The strings since the last operator, and whether an array is open.
-    let mut operands: Vec<Vec<u8>> = Vec::new();
-    let mut spacing: Vec<usize> = Vec::new();
+    // The strings since the last operator, each with whether a word space (a large
+    // negative kern) came before it; at most MAX_OPERANDS are kept.
+    let mut operands: Vec<(bool, Vec<u8>)> = Vec::new();
+    let mut space_next = false;
     let mut i = 0;
     while i < content.len() && out.len() < max {
         let c = content[i];
@@ -193,14 +205,18 @@ fn read_text(content: &[u8], out: &mut String, max: usize) {
             }
             b'(' => {
                 let (s, next) = literal(content, i + 1);
-                operands.push(s);
+                if operands.len() < MAX_OPERANDS {
+                    operands.push((std::mem::take(&mut space_next), s));
+                }
                 i = next;
                 continue;
             }
             b'<' if content.get(i + 1) == Some(&b'<') => i += 1,
             b'<' => {
                 let (s, next) = hex(content, i + 1);
-                operands.push(s);
+                if operands.len() < MAX_OPERANDS {
+                    operands.push((std::mem::take(&mut space_next), s));
+                }
                 i = next;
                 continue;
             }
@@ -215,7 +231,7 @@ fn read_text(content: &[u8], out: &mut String, max: usize) {
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(0.0);
                 if n < -200.0 {
-                    spacing.push(operands.len());
+                    space_next = true;
                 }
                 continue;
             }
@@ -227,14 +243,14 @@ fn read_text(content: &[u8], out: &mut String, max: usize) {
                     i += 1;
                 }
                 match &content[start..i] {
-                    b"Tj" => show(out, operands.last().map(Vec::as_slice), max),
+                    b"Tj" => show(out, operands.last().map(|o| o.1.as_slice()), max),
                     b"'" | b"\"" => {
                         out.push('\n');
-                        show(out, operands.last().map(Vec::as_slice), max);
+                        show(out, operands.last().map(|o| o.1.as_slice()), max);
                     }
                     b"TJ" => {
-                        for (k, s) in operands.iter().enumerate() {
-                            if spacing.contains(&k) && !out.ends_with(' ') {
+                        for (spaced, s) in &operands {
+                            if *spaced && !out.ends_with(' ') {
                                 out.push(' ');
                             }
                             show(out, Some(s), max);
@@ -246,7 +262,7 @@ fn read_text(content: &[u8], out: &mut String, max: usize) {
                     _ => {}
                 }
                 operands.clear();
-                spacing.clear();
+                space_next = false;
                 continue;
             }
             _ => {}
@@ -438,6 +454,20 @@ mod tests {
             "{}",
             &got.text[got.text.len() - 20..]
         );
+    }
+
+    #[test]
+    fn a_text_array_of_many_kerned_strings_is_read_in_linear_time() {
+        // Each operator's strings are bounded and a kern is a flag, not a search.
+        let mut content = b"BT [".to_vec();
+        for _ in 0..400_000 {
+            content.extend_from_slice(b"(a)-300");
+        }
+        content.extend_from_slice(b"] TJ ET");
+        let plain = pdf(&content, false);
+        let got = text(&plain, LIMITS).unwrap();
+        assert!(got.text.starts_with("a a a"), "{}", &got.text[..10]);
+        assert!(got.text.len() <= LIMITS.max_text);
     }
 
     #[test]

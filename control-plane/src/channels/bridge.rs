@@ -113,9 +113,11 @@ pub fn start(service: Arc<Service>, cfg: &BridgeConfig) -> Result<JoinHandle<()>
 
 /// Judges the files that came with bridge messages (they arrive with their bytes).
 async fn check_files(service: Arc<Service>) {
+    let mut last: Option<String> = None;
     loop {
-        match service.next_pending_file(CHANNEL) {
+        match service.next_pending_file(CHANNEL, last.as_deref()) {
             Ok(Some(p)) => {
+                last = Some(p.session.clone());
                 let fetched = match p.data {
                     Some(data) => crate::files::check(data, &service.config()),
                     None => crate::files::too_large(0),
@@ -258,6 +260,18 @@ async fn post_message(service: &Arc<Service>, req: Request<Incoming>) -> Respons
             StatusCode::PAYLOAD_TOO_LARGE,
             crate::files::notice::TOO_MANY_FILES,
         );
+    }
+    // A client that has used its chat's day of files is turned away before its bytes
+    // are kept.
+    if !msg.files.is_empty() {
+        let used = service.files_used_today(&session);
+        let budget = crate::store::usage::FILES;
+        if used.is_none_or(|(n, _)| n as i64 >= budget.count) {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                crate::files::notice::FILES_OVER_BUDGET,
+            );
+        }
     }
     let mut files = Vec::new();
     for f in msg.files {

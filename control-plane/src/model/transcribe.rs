@@ -60,7 +60,16 @@ impl Transcriber {
 
     /// The transcript of Ogg `audio`.
     pub async fn transcribe(&self, audio: Vec<u8>) -> Result<String, TranscribeError> {
-        let boundary = format!("ironclaw-transcribe-{}", audio.len());
+        // A boundary the sender of the audio cannot know, and that the audio lacks.
+        let boundary = loop {
+            let mut r = [0u8; 16];
+            getrandom::getrandom(&mut r)
+                .map_err(|_| TranscribeError::Setup("no random source".into()))?;
+            let b = format!("ironclaw-{}", hex::encode(r));
+            if !audio.windows(b.len()).any(|w| w == b.as_bytes()) {
+                break b;
+            }
+        };
         let mut body = Vec::with_capacity(audio.len() + 512);
         body.extend_from_slice(
             format!(

@@ -150,6 +150,10 @@ pub struct SessionProxy<P, I> {
     /// What taking in this session's segments may cost ([`INGEST_BUDGETS`]), and what
     /// was passed over without a record of its own (see [`Passed`]).
     ingest: std::sync::Mutex<(BudgetMeter, Passed)>,
+    /// Whether model calls may carry photos (`model.accepts_images`).
+    accepts_images: bool,
+    /// One transcription at a time for this session.
+    transcribing: Arc<tokio::sync::Semaphore>,
     /// What reminder calls may cost ([`REMINDER_CALL_BUDGETS`]).
     reminder_calls: std::sync::Mutex<BudgetMeter>,
     /// How often transcripts may be asked for ([`TRANSCRIPTION_CALL_BUDGETS`]); the
@@ -185,6 +189,12 @@ impl<P: Provider, I: Intake> SessionProxy<P, I> {
         self
     }
 
+    /// Lets model calls carry photos, as the approved configuration says.
+    pub fn accepts_images(mut self, accepts: bool) -> Self {
+        self.accepts_images = accepts;
+        self
+    }
+
     /// A session's proxy behaviour, and the signal to call when its inbox grows.
     pub fn new(
         session: SessionId,
@@ -204,6 +214,8 @@ impl<P: Provider, I: Intake> SessionProxy<P, I> {
             inbox_dir,
             outbox: Arc::new(Mutex::new(outbox)),
             ingest: std::sync::Mutex::new((BudgetMeter::new(INGEST_BUDGETS), Passed::default())),
+            accepts_images: false,
+            transcribing: Arc::new(tokio::sync::Semaphore::new(1)),
             reminder_calls: std::sync::Mutex::new(BudgetMeter::new(REMINDER_CALL_BUDGETS)),
             transcriptions: std::sync::Mutex::new(BudgetMeter::new(TRANSCRIPTION_CALL_BUDGETS)),
             provider,
@@ -313,6 +325,42 @@ impl<P: Provider, I: Intake> SessionProxy<P, I> {
     }
 }
 
+/// Photos one model call may carry.
+pub const MAX_IMAGES_PER_CALL: usize = 4;
+
+/// Checks the photos of a model call: none unless the model accepts images; else at
+/// most [`MAX_IMAGES_PER_CALL`], each of an accepted image type and at most 5 MiB.
+fn check_images(request: &ModelRequest, accepts_images: bool) -> Result<(), &'static str> {
+    let images = request
+        .messages
+        .iter()
+        .flat_map(|m| &m.content)
+        .filter_map(|b| match b {
+            ContentBlock::Image { media_type, data } => Some((media_type, data)),
+            _ => None,
+        });
+    let mut n = 0;
+    for (media_type, data) in images {
+        n += 1;
+        if !accepts_images {
+            return Err("a photo, and the model is not set up to accept images");
+        }
+        if n > MAX_IMAGES_PER_CALL {
+            return Err("more photos than one call may carry");
+        }
+        if !matches!(
+            media_type.as_str(),
+            "image/jpeg" | "image/png" | "image/webp"
+        ) {
+            return Err("a photo of a type that is not accepted");
+        }
+        if data.len() > (queue_proto::items::MAX_PHOTO_BYTES as usize).div_ceil(3) * 4 {
+            return Err("a photo larger than 5 MiB");
+        }
+    }
+    Ok(())
+}
+
 /// Outbox segments passed over without a record of their own since `since` (ms).
 #[derive(Debug, Default)]
 struct Passed {
@@ -357,6 +405,9 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
             return Err(Refused::UNAVAILABLE);
         };
         request.max_tokens = request.max_tokens.min(MAX_TOKENS_PER_CALL);
+        if let Err(why) = check_images(&request, self.accepts_images) {
+            return Err(self.refuse("model", why.into(), Refused::REJECTED));
+        }
         let bytes = serde_json::to_vec(&request).map_or(0, |b| b.len() as u64);
         if let Err(e) = self.budget.lock().await.admit(now_ms(), bytes) {
             self.turn
@@ -545,6 +596,13 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
         if let Err(e) = admitted {
             return Err(self.refuse("transcriptions", e.to_string(), Refused::BUDGET));
         }
+        let Ok(_one) = self.transcribing.clone().try_acquire_owned() else {
+            return Err(self.refuse(
+                "transcriptions",
+                "one transcription at a time".into(),
+                Refused::BUDGET,
+            ));
+        };
         self.count(|t| t.transcriptions += 1);
         match self.intake.transcribe(&self.session, request).await {
             Some(answer) => Ok(answer),

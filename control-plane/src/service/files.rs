@@ -16,9 +16,21 @@ use crate::model::transcribe::Transcriber;
 use crate::store::attachments::{Fetched, PendingFile, ReadyFile};
 
 impl Service {
-    /// The oldest file of `channel`'s messages still to be fetched.
-    pub fn next_pending_file(&self, channel: &str) -> Result<Option<PendingFile>, ServiceError> {
-        Ok(self.db(|s| s.next_pending_file(channel))?)
+    /// The next file of `channel`'s messages to fetch, taking sessions in turn: that of
+    /// the first session after `after` (see [`crate::store::Store::next_pending_file`]).
+    pub fn next_pending_file(
+        &self,
+        channel: &str,
+        after: Option<&str>,
+    ) -> Result<Option<PendingFile>, ServiceError> {
+        Ok(self.db(|s| s.next_pending_file(channel, after))?)
+    }
+
+    /// How many files, and bytes of them, `session` passed on today (`None`: unknown).
+    pub fn files_used_today(&self, session: &SessionId) -> Option<(u64, u64)> {
+        let now = crate::state::now_secs();
+        self.db(|s| s.usage_today(session, crate::store::usage::FILES.kind, now))
+            .ok()
     }
 
     /// Records what fetching file `id` found, then publishes what no longer waits.
@@ -97,12 +109,21 @@ impl Service {
 }
 
 /// A message's ready files as inbox items: each in parts of at most
-/// [`ATTACHMENT_PART_BYTES`]; a voice note as one item without its bytes.
+/// [`ATTACHMENT_PART_BYTES`]; a voice note as one item without its bytes. A file whose
+/// items would not pass the item checks is left out (and logged), never the segment.
 pub(super) fn attachment_items(message_id: u64, files: &[ReadyFile]) -> Vec<InboxItem> {
     use base64::Engine;
+    use queue_proto::items::QueueItem;
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut items = Vec::new();
     for f in files {
+        let mut name = f.name.clone();
+        let mut cut = name.len().min(255);
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
+        let mut these = Vec::new();
         let chunks: Vec<&[u8]> = if f.kind == AttachmentKind::Voice || f.data.is_empty() {
             vec![&[]]
         } else {
@@ -110,17 +131,23 @@ pub(super) fn attachment_items(message_id: u64, files: &[ReadyFile]) -> Vec<Inbo
         };
         let parts = chunks.len() as u32;
         for (part, chunk) in chunks.into_iter().enumerate() {
-            items.push(InboxItem::Attachment(Attachment {
+            these.push(InboxItem::Attachment(Attachment {
                 message_id,
                 index: f.index,
                 kind: f.kind,
                 media_type: f.media_type.clone(),
-                name: f.name.chars().take(128).collect(),
+                name: name.clone(),
                 total_bytes: f.data.len() as u64,
                 part: part as u32,
                 parts,
                 data: b64.encode(chunk),
             }));
+        }
+        match these.iter().find_map(|i| i.encode().err()) {
+            None => items.extend(these),
+            Some(e) => {
+                tracing::error!(message = message_id, error = %e, "a file was left out of its segment")
+            }
         }
     }
     items

@@ -701,6 +701,7 @@ impl Service {
                 events: tx,
             },
         );
+        let proxy = proxy.accepts_images(self.config().model.accepts_images);
         // The day's model budget goes on from what this session already used.
         let (tokens, bytes) = self
             .db(|s| s.usage_today(id, usage::MODEL, now_secs()))

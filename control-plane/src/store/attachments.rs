@@ -56,6 +56,8 @@ pub struct PendingFile {
     pub declared_bytes: Option<u64>,
     /// The bytes, if they came with the message.
     pub data: Option<Vec<u8>>,
+    /// The session it belongs to.
+    pub session: String,
 }
 
 /// A checked file, ready to be published.
@@ -84,6 +86,20 @@ fn kind_from(name: &str) -> Option<AttachmentKind> {
     ]
     .into_iter()
     .find(|k| kind_name(*k) == name)
+}
+
+/// Whether message `message` came with outside content for the agent to read: a
+/// document or a voice note (its transcript).
+pub(super) fn outside_content(tx: &Transaction<'_>, message: i64) -> rusqlite::Result<bool> {
+    tx.query_row(
+        "SELECT count(*) > 0 FROM attachments WHERE message = ?1 AND kind IN (?2, ?3)",
+        params![
+            message,
+            kind_name(AttachmentKind::Document),
+            kind_name(AttachmentKind::Voice)
+        ],
+        |r| r.get(0),
+    )
 }
 
 /// Stores `files` of message `message` as pending, inside the message's transaction.
@@ -133,26 +149,43 @@ impl Store {
         Ok(ok)
     }
 
-    /// The oldest pending file of `channel`'s messages, if any.
-    pub fn next_pending_file(&self, channel: &str) -> Result<Option<PendingFile>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT a.id, a.message, a.source, a.declared_bytes, a.data FROM attachments a
-                 JOIN messages m ON m.id = a.message
-                 WHERE a.state = ?1 AND m.channel = ?2 ORDER BY a.id LIMIT 1",
-                params![AttachmentState::Pending, channel],
-                |r| {
-                    Ok(PendingFile {
-                        id: r.get(0)?,
-                        message: r.get(1)?,
-                        source: r.get(2)?,
-                        declared_bytes: r.get::<_, Option<i64>>(3)?.map(|b| b as u64),
-                        data: r.get(4)?,
-                    })
-                },
-            )
-            .optional()?)
+    /// The next pending file of `channel`'s messages: the oldest of the first session
+    /// after `after` (by name) that has one, else of the first session; so each session's
+    /// files take their turn, and one session's many files cannot hold up another's.
+    pub fn next_pending_file(
+        &self,
+        channel: &str,
+        after: Option<&str>,
+    ) -> Result<Option<PendingFile>, StoreError> {
+        let pick = |after: &str| {
+            self.conn
+                .query_row(
+                    "SELECT a.id, a.message, a.source, a.declared_bytes, a.data, a.session
+                     FROM attachments a JOIN messages m ON m.id = a.message
+                     WHERE a.state = ?1 AND m.channel = ?2 AND a.session > ?3
+                     ORDER BY a.session, a.id LIMIT 1",
+                    params![AttachmentState::Pending, channel, after],
+                    |r| {
+                        Ok(PendingFile {
+                            id: r.get(0)?,
+                            message: r.get(1)?,
+                            source: r.get(2)?,
+                            declared_bytes: r.get::<_, Option<i64>>(3)?.map(|b| b as u64),
+                            data: r.get(4)?,
+                            session: r.get(5)?,
+                        })
+                    },
+                )
+                .optional()
+        };
+        let next = match after {
+            Some(a) => pick(a)?,
+            None => None,
+        };
+        Ok(match next {
+            Some(p) => Some(p),
+            None => pick("")?,
+        })
     }
 
     /// Records what fetching file `id` found; a refusal queues its notice for the chat.
@@ -183,6 +216,16 @@ impl Store {
                 if already as u64 + data.len() as u64 > MAX_MESSAGE_FILE_BYTES =>
             {
                 over = crate::files::too_large(already as u64 + data.len() as u64);
+                &over
+            }
+            // The session's day's files, charged as each one is passed on.
+            Fetched::Ready { data, .. }
+                if !super::usage::charge(&tx, &s, super::usage::FILES, now, data.len())? =>
+            {
+                over = Fetched::Refused {
+                    reason: "the day's files for this conversation are used up".into(),
+                    notice: crate::files::notice::FILES_OVER_BUDGET,
+                };
                 &over
             }
             f => f,
@@ -286,9 +329,15 @@ impl Store {
                 &format!(
                     "SELECT a.data, a.transcript FROM attachments a JOIN messages m ON m.id = a.message
                      WHERE a.session = ?1 AND a.message = ?2 AND a.idx = ?3 AND a.state = ?4
-                       AND a.kind = 'voice' AND m.{MESSAGE_WAITING_SQL}"
+                       AND a.kind = ?5 AND m.{MESSAGE_WAITING_SQL}"
                 ),
-                params![session.as_str(), message, i64::from(index), AttachmentState::Ready],
+                params![
+                    session.as_str(),
+                    message,
+                    i64::from(index),
+                    AttachmentState::Ready,
+                    kind_name(AttachmentKind::Voice)
+                ],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?)

@@ -225,13 +225,7 @@ impl Store {
         // message it answered).
         let outside = turn.transcriptions > 0
             || answered_here.iter().try_fold(false, |seen, id| {
-                Ok::<_, rusqlite::Error>(
-                    seen || tx.query_row(
-                        "SELECT count(*) > 0 FROM attachments WHERE message = ?1 AND kind IN ('document', 'voice')",
-                        params![id],
-                        |r| r.get(0),
-                    )?,
-                )
+                Ok::<_, rusqlite::Error>(seen || super::attachments::outside_content(&tx, *id)?)
             })?;
         out.notes_after_outside_content = if outside { out.notes } else { 0 };
         audit::append(

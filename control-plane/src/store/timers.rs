@@ -54,6 +54,7 @@ const FIRE_BATCH: i64 = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimerRefused {
     Past,
+    TooFar,
     TooMany,
     OverBudget,
 }
@@ -63,6 +64,10 @@ impl TimerRefused {
     pub fn reason(self) -> String {
         match self {
             TimerRefused::Past => "the time is in the past".into(),
+            TimerRefused::TooFar => format!(
+                "a reminder may be at most {} days ahead",
+                clock::MAX_AHEAD_DAYS
+            ),
             TimerRefused::TooMany => format!(
                 "this conversation holds {MAX_TIMERS_PER_SESSION} reminders already; cancel one first"
             ),
@@ -95,6 +100,9 @@ pub(super) fn add_timer(
 ) -> rusqlite::Result<Result<i64, TimerRefused>> {
     if timer.due_at < now.saturating_sub(grace) {
         return Ok(Err(TimerRefused::Past));
+    }
+    if timer.due_at > now.saturating_add(clock::MAX_AHEAD_DAYS * 86_400) {
+        return Ok(Err(TimerRefused::TooFar));
     }
     let held: i64 = tx.query_row(
         "SELECT count(*) FROM timers WHERE session = ?1",

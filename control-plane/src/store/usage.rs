@@ -39,6 +39,13 @@ pub const REPLIES: Daily = Daily {
     bytes: 8 * 1024 * 1024,
 };
 
+/// Files one session may pass on a day, and their bytes.
+pub const FILES: Daily = Daily {
+    kind: "files",
+    count: 100,
+    bytes: 512 * 1024 * 1024,
+};
+
 /// Voice notes one session may have transcribed a day, and their audio bytes.
 pub const TRANSCRIPTIONS: Daily = Daily {
     kind: "transcriptions",

@@ -160,12 +160,16 @@ impl BotApi {
                 }
             })?;
         let status = sent.status().as_u16();
-        let answer: Answer<serde::de::IgnoredAny> = match sent.bytes().await {
-            Ok(b) if b.len() <= MAX_ANSWER_BYTES => {
-                serde_json::from_slice(&b).map_err(|_| CallError::Uncertain)?
+        let mut sent = sent;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = sent.chunk().await.map_err(|_| CallError::Uncertain)? {
+            if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(CallError::Uncertain);
             }
-            _ => return Err(CallError::Uncertain),
-        };
+            bytes.extend_from_slice(&chunk);
+        }
+        let answer: Answer<serde::de::IgnoredAny> =
+            serde_json::from_slice(&bytes).map_err(|_| CallError::Uncertain)?;
         if answer.ok == Some(true) {
             return Ok(());
         }

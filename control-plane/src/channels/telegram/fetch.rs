@@ -21,8 +21,9 @@ const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Fetches pending files until serve stops.
 pub async fn fetch_files(service: Arc<Service>, tg: Arc<Telegram>) {
+    let mut last: Option<String> = None;
     loop {
-        let next = service.next_pending_file(super::CHANNEL);
+        let next = service.next_pending_file(super::CHANNEL, last.as_deref());
         let pending = match next {
             Ok(Some(p)) => p,
             Ok(None) => {
@@ -35,6 +36,7 @@ pub async fn fetch_files(service: Arc<Service>, tg: Arc<Telegram>) {
                 continue;
             }
         };
+        last = Some(pending.session.clone());
         let fetched = fetch(&service, &tg, &pending).await;
         if let Fetched::Refused { reason, .. } = &fetched {
             tracing::warn!(message = pending.message, reason = %reason, "a file was refused");
