@@ -50,6 +50,11 @@ pub enum Request {
     SessionsShow {
         name: String,
     },
+    /// Sets a session's time zone (`None`: back to `agent.timezone`).
+    SessionsTimezone {
+        name: String,
+        zone: Option<String>,
+    },
     ChangesList {
         all: bool,
     },
@@ -98,6 +103,11 @@ pub enum Response {
         replies: Vec<String>,
     },
     Sessions(Vec<SessionSummary>),
+    /// The time zone now in force for a session.
+    TimeZone {
+        name: String,
+        zone: String,
+    },
     Deleted(SessionSummary),
     Turns(Vec<TurnRow>),
     Changes(Vec<ChangeSummary>),
@@ -383,6 +393,25 @@ pub(crate) async fn handle(
             ))),
             Ok(id) => match service.delete_session(&id).await {
                 Ok(s) => Response::Deleted(s),
+                Err(e) => Response::Error(Failure::from(&e)),
+            },
+        },
+        Request::SessionsTimezone { name, zone } => match SessionId::try_from(name.as_str()) {
+            Err(_) => Response::Error(Failure::bad(format!(
+                "{name:?} is not a valid session name"
+            ))),
+            Ok(_)
+                if zone
+                    .as_deref()
+                    .is_some_and(|z| !crate::service::zone_known(z)) =>
+            {
+                Response::Error(Failure::bad(format!(
+                    "{:?} is not an IANA time zone name this machine's tz database knows (such as \"Europe/Berlin\")",
+                    zone.unwrap_or_default()
+                )))
+            }
+            Ok(id) => match service.set_session_zone(&id, zone.as_deref(), &peer.to_string()) {
+                Ok(zone) => Response::TimeZone { name, zone },
                 Err(e) => Response::Error(Failure::from(&e)),
             },
         },

@@ -130,6 +130,8 @@ pub enum AuditEvent {
     SessionDeleted,
     /// A live session was stopped to run under a newly applied version.
     SessionRestarted,
+    /// An operator set (or cleared) a session's time zone.
+    SessionTimeZoneSet,
     /// The store and its tables were made (`init`); the first entry.
     StoreCreated,
 }
@@ -168,6 +170,7 @@ impl AuditEvent {
         AuditEvent::SessionCreated,
         AuditEvent::SessionDeleted,
         AuditEvent::SessionRestarted,
+        AuditEvent::SessionTimeZoneSet,
         AuditEvent::StoreCreated,
     ];
 
@@ -209,6 +212,7 @@ impl AuditEvent {
             AuditEvent::SessionCreated => "session_created",
             AuditEvent::SessionDeleted => "session_deleted",
             AuditEvent::SessionRestarted => "session_restarted",
+            AuditEvent::SessionTimeZoneSet => "session_time_zone_set",
             AuditEvent::StoreCreated => "store_created",
         }
     }

@@ -124,6 +124,16 @@ enum SessionsCmd {
     },
     /// Stop a session's sandbox, destroy its keys and remove everything it left
     Delete { name: String },
+    /// Set the time zone of a session's person (an IANA name such as Europe/Berlin);
+    /// with --default, go back to agent.timezone
+    Timezone {
+        name: String,
+        #[arg(required_unless_present = "default", conflicts_with = "default")]
+        zone: Option<String>,
+        /// Use agent.timezone again
+        #[arg(long)]
+        default: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -223,6 +233,9 @@ fn main() -> ExitCode {
         Cmd::Sessions(SessionsCmd::List { json }) => sessions_list(&state, json),
         Cmd::Sessions(SessionsCmd::Show { name, json }) => sessions_show(&state, &name, json),
         Cmd::Sessions(SessionsCmd::Delete { name }) => sessions_delete(&state, &name),
+        Cmd::Sessions(SessionsCmd::Timezone { name, zone, .. }) => {
+            sessions_timezone(&state, &name, zone)
+        }
         Cmd::Changes(ChangesCmd::List { all, json }) => changes_list(&state, all, json),
         Cmd::Changes(ChangesCmd::Show { id, json }) => {
             changes_show(&state, &id, json).map(|_| ExitCode::SUCCESS)
@@ -577,6 +590,23 @@ fn sessions_list(state: &StateDir, json: bool) -> CliResult {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn sessions_timezone(state: &StateDir, name: &str, zone: Option<String>) -> CliResult {
+    let req = Request::SessionsTimezone {
+        name: name.into(),
+        zone,
+    };
+    match admin::request(&state.admin_socket(), &req, Duration::from_secs(30))
+        .map_err(|e| chain(&e))?
+    {
+        Response::TimeZone { name, zone } => {
+            out!("{name}: the person's time zone is {zone}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Error(e) => Err(e.into()),
+        _ => Err("unexpected answer from the service".into()),
+    }
 }
 
 fn sessions_delete(state: &StateDir, name: &str) -> CliResult {

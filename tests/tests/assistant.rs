@@ -47,6 +47,26 @@ fn each_turn_tells_the_model_the_persons_local_time_and_zone() {
         at >= before - second && at <= after,
         "{at} between {before} and {after}"
     );
+
+    // An operator sets this person's own zone; the next turn is told the time there.
+    let bad = s.cli(&["sessions", "timezone", "console", "Mars/Olympus"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("IANA"));
+    let set = s.cli(&["sessions", "timezone", "console", "Asia/Tokyo"]);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    assert!(String::from_utf8_lossy(&set.stdout).contains("Asia/Tokyo"));
+    model.clear_received();
+    assert_eq!(s.send("console", "and now?", 60).unwrap().0, "answered");
+    let system = model.received()[0].json()["messages"][0]["content"].clone();
+    let told = system.as_str().unwrap();
+    assert!(told.contains("+09:00 (Asia/Tokyo)."), "{told}");
+    assert_eq!(s.audit_of("session_time_zone_set").len(), 1);
+    let back = s.cli(&["sessions", "timezone", "console", "--default"]);
+    assert!(String::from_utf8_lossy(&back.stdout).contains("Asia/Kolkata"));
 }
 
 #[test]

@@ -51,6 +51,7 @@ pub use calls::Status;
 mod gate;
 mod reminders;
 pub use gate::{Effective, restart_notes, started_differently, telegram_may_approve};
+pub use reminders::zone_known;
 
 /// Fixed notices sent to the person. None of them quotes the message.
 pub mod notice {
@@ -618,7 +619,7 @@ impl Service {
             effective.config.agent_config(effective.version),
         )];
         // The person's local time, worked out here: the sandbox has no tz database.
-        let zone = &effective.config.agent.timezone;
+        let zone = &self.session_zone(id);
         let local_time = crate::clock::local_time(zone, jiff::Timestamp::now());
         for m in msgs {
             // A message's files come before it, so the agent has them for its turn.

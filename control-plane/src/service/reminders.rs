@@ -5,17 +5,47 @@
 use queue_proto::ids::SessionId;
 use queue_proto::proxy::{Reminder, ReminderAnswer, ReminderList, ReminderRequest};
 
-use super::Service;
+use super::{Service, ServiceError};
 use crate::clock;
 use crate::proxy::session::{ReminderCall, ReminderReply};
 use crate::store::timers::{NewTimer, TimerRow};
 
 impl Service {
-    /// The time zone the session's person lives in.
-    fn session_zone(&self, _session: &SessionId) -> String {
-        self.config().agent.timezone.clone()
+    /// The time zone the session's person lives in: the session's own if an operator
+    /// set one, else `agent.timezone`.
+    pub(super) fn session_zone(&self, session: &SessionId) -> String {
+        match self.db(|s| s.session_zone(session)) {
+            Ok(Some(zone)) => zone,
+            Ok(None) => self.config().agent.timezone.clone(),
+            Err(e) => {
+                tracing::error!(session = %session, error = %e, "reading a session's time zone failed");
+                self.config().agent.timezone.clone()
+            }
+        }
     }
 
+    /// Sets (or clears, with `None`) `session`'s time zone for operator `by`; the zone
+    /// in force for it afterwards. The caller checks the name (see [`zone_known`]).
+    pub fn set_session_zone(
+        &self,
+        session: &SessionId,
+        zone: Option<&str>,
+        by: &str,
+    ) -> Result<String, ServiceError> {
+        let now = crate::state::now_secs();
+        if !self.db(|s| s.set_session_zone(session, zone, by, now))? {
+            return Err(ServiceError::NoSession(session.clone()));
+        }
+        Ok(self.session_zone(session))
+    }
+}
+
+/// Whether `zone` is an IANA name this machine's tz database knows.
+pub fn zone_known(zone: &str) -> bool {
+    zone.len() <= 64 && jiff::tz::TimeZone::get(zone).is_ok()
+}
+
+impl Service {
     /// Answers one reminder call of `session`; `None` if the store failed.
     pub(super) fn reminder_call(
         &self,

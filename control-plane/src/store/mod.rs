@@ -155,6 +155,7 @@ impl Store {
         }
         ingest::upgrade(&tx).map_err(open)?;
         timers::upgrade(&tx).map_err(open)?;
+        sessions::upgrade(&tx).map_err(open)?;
         if let Some(now) = create {
             audit::append(&tx, now, AuditEvent::StoreCreated, &json!({})).map_err(open)?;
         }

@@ -24,6 +24,19 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 ";
 
+/// Adds the per-session time zone to a store made before sessions had one.
+pub(super) fn upgrade(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let has: bool = tx.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('sessions') WHERE name = 'timezone'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        tx.execute_batch("ALTER TABLE sessions ADD COLUMN timezone TEXT")?;
+    }
+    Ok(())
+}
+
 /// The tables holding rows of one session, emptied when it is deleted.
 const SESSION_TABLES: [&str; 7] = [
     "messages",
@@ -63,6 +76,45 @@ pub struct SessionSummary {
 }
 
 impl Store {
+    /// The time zone set for session `name`, if one is (else `agent.timezone` holds).
+    pub fn session_zone(&self, name: &SessionId) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT timezone FROM sessions WHERE name = ?1",
+                params![name.as_str()],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    /// Sets (or, with `None`, clears) session `name`'s time zone, with its audit entry;
+    /// whether the session exists.
+    pub fn set_session_zone(
+        &mut self,
+        name: &SessionId,
+        zone: Option<&str>,
+        by: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let tx = self.tx()?;
+        let n = tx.execute(
+            "UPDATE sessions SET timezone = ?2 WHERE name = ?1",
+            params![name.as_str(), zone],
+        )?;
+        if n > 0 {
+            audit::append(
+                &tx,
+                now,
+                AuditEvent::SessionTimeZoneSet,
+                &json!({ "session": name.as_str(), "zone": zone, "by": by }),
+            )?;
+        }
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
     /// The session `name`, if it exists.
     pub fn session(&self, name: &SessionId) -> Result<Option<SessionRow>, StoreError> {
         session_row(&self.conn, name)
