@@ -254,14 +254,18 @@ fn as_serve_reads_it(name: &str, text: &str, first: bool, r: &mut Report) {
     }
 }
 
+/// The keys in a configuration that name a key or token file.
+const SECRET_FILES: [&[&str]; 4] = [
+    &["model", "api_key_file"],
+    &["transcription", "api_key_file"],
+    &["channels", "telegram", "token_file"],
+    &["channels", "bridge", "token_file"],
+];
+
 /// The key and token files a configuration names exist, and only root reads them.
 /// Names of systemd credentials (`credential:NAME`) are systemd's to check.
 fn key_files(t: &toml::Table, r: &mut Report) {
-    for key in [
-        &["model", "api_key_file"][..],
-        &["channels", "telegram", "token_file"],
-        &["channels", "bridge", "token_file"],
-    ] {
+    for key in SECRET_FILES {
         let Some(path) = get(t, key).and_then(|v| v.as_str()) else {
             continue;
         };
@@ -669,14 +673,10 @@ fn host(t: &toml::Table, r: &mut Report) {
 /// TPM, to this machine's TPM; without one, with a key in
 /// /var/lib/systemd/credential.secret, on the same disk as the sealed files.
 fn credentials_without_tpm(t: &toml::Table, r: &mut Report) {
-    let named = [
-        &["model", "api_key_file"][..],
-        &["channels", "telegram", "token_file"],
-        &["channels", "bridge", "token_file"],
-    ]
-    .iter()
-    .filter_map(|p| get(t, p).and_then(|v| v.as_str()))
-    .any(|v| v.starts_with(crate::model::http::CREDENTIAL_PREFIX));
+    let named = SECRET_FILES
+        .iter()
+        .filter_map(|p| get(t, p).and_then(|v| v.as_str()))
+        .any(|v| v.starts_with(crate::model::http::CREDENTIAL_PREFIX));
     if named && !Path::new("/dev/tpmrm0").exists() {
         r.add(
             "deploy.credentials-without-tpm",
