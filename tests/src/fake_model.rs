@@ -14,58 +14,37 @@ pub const ECHO: &str = "echo: ";
 
 /// Starts the fake model.
 pub async fn start_echo_model() -> FakeHttp {
-    let handler: Handler = Arc::new(|req| Box::pin(async move { answer(&req.json()) }));
-    FakeHttp::serve(handler).await
+    start_tool_model(Arc::new(echo_script)).await
 }
 
 /// Starts the fake model, answering each call only after `delay` (a slow model).
 pub async fn start_slow_echo_model(delay: std::time::Duration) -> FakeHttp {
+    let script: ToolScript = Arc::new(echo_script);
     let handler: Handler = Arc::new(move |req| {
+        let script = script.clone();
         Box::pin(async move {
             tokio::time::sleep(delay).await;
-            answer(&req.json())
+            scripted(&req.json(), &script)
         })
     });
     FakeHttp::serve(handler).await
 }
 
-fn answer(body: &Value) -> Scripted {
-    let messages = body["messages"].as_array().cloned().unwrap_or_default();
-    let last = messages.last().cloned().unwrap_or(Value::Null);
-    let message = if last["role"] == "tool" {
-        json!({ "role": "assistant", "content": "done" })
-    } else {
-        let text = last["content"].as_str().unwrap_or("");
-        let args = json!({ "text": format!("{ECHO}{text}") }).to_string();
-        let mut calls = vec![json!({
-            "id": format!("call-{}", messages.len()), "type": "function",
-            "function": { "name": "reply", "arguments": args } })];
-        if let Some((secs, what)) = text
-            .strip_prefix("remind me in ")
-            .and_then(|r| r.split_once(": "))
-            .and_then(|(n, w)| Some((n.parse::<i64>().ok()?, w)))
-        {
-            // An instant with its offset: the control plane takes it as it is.
-            let at = jiff::Timestamp::now()
-                .checked_add(jiff::SignedDuration::from_secs(secs))
-                .unwrap_or(jiff::Timestamp::MAX);
-            let args = json!({ "at": at.to_string(), "text": what }).to_string();
-            calls.push(json!({
-                "id": format!("call-{}-s", messages.len()), "type": "function",
-                "function": { "name": "schedule", "arguments": args } }));
-        }
-        json!({ "role": "assistant", "content": null, "tool_calls": calls })
-    };
-    let finish = if message.get("tool_calls").is_some() {
-        "tool_calls"
-    } else {
-        "stop"
-    };
-    Scripted::json(json!({
-        "id": "fake", "object": "chat.completion",
-        "choices": [{ "index": 0, "message": message, "finish_reason": finish }],
-        "usage": { "prompt_tokens": 10, "completion_tokens": 5 }
-    }))
+/// `reply` with `echo: <the message>`, and for `remind me in N: TEXT` a `schedule` at
+/// the instant N seconds ahead (with its offset: the control plane takes it as it is).
+fn echo_script(text: &str) -> Vec<(&'static str, Value)> {
+    let mut calls = vec![("reply", json!({ "text": format!("{ECHO}{text}") }))];
+    if let Some((secs, what)) = text
+        .strip_prefix("remind me in ")
+        .and_then(|r| r.split_once(": "))
+        .and_then(|(n, w)| Some((n.parse::<i64>().ok()?, w)))
+    {
+        let at = jiff::Timestamp::now()
+            .checked_add(jiff::SignedDuration::from_secs(secs))
+            .unwrap_or(jiff::Timestamp::MAX);
+        calls.push(("schedule", json!({ "at": at.to_string(), "text": what })));
+    }
+    calls
 }
 
 /// Which tool calls a scripted model makes for a person's message: `(tool, input)`.

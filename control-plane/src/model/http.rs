@@ -216,6 +216,97 @@ impl Default for RetryPolicy {
     }
 }
 
+/// A `multipart/form-data` body, built by hand: fields and files, under a random
+/// boundary that none of the parts contains.
+#[derive(Debug)]
+pub struct Multipart {
+    parts: Vec<(String, Vec<u8>)>,
+}
+
+impl Multipart {
+    pub fn new() -> Self {
+        Multipart { parts: Vec::new() }
+    }
+
+    /// A plain field.
+    pub fn field(mut self, name: &str, value: &str) -> Self {
+        self.parts.push((
+            format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n"),
+            value.as_bytes().to_vec(),
+        ));
+        self
+    }
+
+    /// A file: its name loses quotes, backslashes and control characters.
+    pub fn file(mut self, name: &str, file_name: &str, content_type: &str, bytes: &[u8]) -> Self {
+        let file_name: String = file_name
+            .chars()
+            .filter(|c| !matches!(c, '"' | '\\') && !c.is_control())
+            .collect();
+        self.parts.push((
+            format!(
+                "Content-Disposition: form-data; name=\"{name}\"; filename=\"{file_name}\"\r\n\
+                 Content-Type: {content_type}\r\n\r\n"
+            ),
+            bytes.to_vec(),
+        ));
+        self
+    }
+
+    /// The content type (with its boundary) and the body; `None` without a random source.
+    pub fn finish(self) -> Option<(String, Vec<u8>)> {
+        let boundary = loop {
+            let mut r = [0u8; 16];
+            getrandom::getrandom(&mut r).ok()?;
+            let b = format!("ironclaw-{}", hex::encode(r));
+            let inside = |hay: &[u8]| hay.windows(b.len()).any(|w| w == b.as_bytes());
+            if !self
+                .parts
+                .iter()
+                .any(|(h, v)| inside(h.as_bytes()) || inside(v))
+            {
+                break b;
+            }
+        };
+        let mut body = Vec::new();
+        for (head, value) in &self.parts {
+            body.extend_from_slice(format!("--{boundary}\r\n{head}").as_bytes());
+            body.extend_from_slice(value);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        Some((format!("multipart/form-data; boundary={boundary}"), body))
+    }
+}
+
+impl Default for Multipart {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// More bytes than the cap, or the answer broke off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadError {
+    TooLarge,
+    Broken,
+}
+
+/// Reads `resp`'s body, at most `cap` bytes (a declared larger length is refused at once).
+pub async fn read_capped(resp: &mut reqwest::Response, cap: u64) -> Result<Vec<u8>, ReadError> {
+    if resp.content_length().is_some_and(|n| n > cap) {
+        return Err(ReadError::TooLarge);
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|_| ReadError::Broken)? {
+        if (bytes.len() + chunk.len()) as u64 > cap {
+            return Err(ReadError::TooLarge);
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
 /// The HTTP client every provider uses: no redirects (a redirect is an answer, not a
 /// new destination), no proxy from the environment, rustls.
 pub fn client() -> reqwest::Client {

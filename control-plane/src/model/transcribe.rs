@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::http::{ApiKey, ApprovedEndpoint, client};
+use super::http::{ApiKey, ApprovedEndpoint, Multipart, ReadError, client, read_capped};
 
 /// Time one transcription may take.
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -60,37 +60,18 @@ impl Transcriber {
 
     /// The transcript of Ogg `audio`.
     pub async fn transcribe(&self, audio: Vec<u8>) -> Result<String, TranscribeError> {
-        // A boundary the sender of the audio cannot know, and that the audio lacks.
-        let boundary = loop {
-            let mut r = [0u8; 16];
-            getrandom::getrandom(&mut r)
-                .map_err(|_| TranscribeError::Setup("no random source".into()))?;
-            let b = format!("ironclaw-{}", hex::encode(r));
-            if !audio.windows(b.len()).any(|w| w == b.as_bytes()) {
-                break b;
-            }
-        };
-        let mut body = Vec::with_capacity(audio.len() + 512);
-        body.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{}\r\n\
-                 --{boundary}\r\nContent-Disposition: form-data; name=\"response_format\"\r\n\r\njson\r\n\
-                 --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"voice.ogg\"\r\n\
-                 Content-Type: audio/ogg\r\n\r\n",
-                self.model
-            )
-            .as_bytes(),
-        );
-        body.extend_from_slice(&audio);
-        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        // A random boundary the audio does not contain: its sender cannot add fields.
+        let (content_type, body) = Multipart::new()
+            .field("model", &self.model)
+            .field("response_format", "json")
+            .file("file", "voice.ogg", "audio/ogg", &audio)
+            .finish()
+            .ok_or_else(|| TranscribeError::Setup("no random source".into()))?;
         let url = self.endpoint.join("/v1/audio/transcriptions");
         let mut req = self
             .client
             .post(url)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                format!("multipart/form-data; boundary={boundary}"),
-            )
+            .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(body)
             .timeout(TIMEOUT);
         if let Some(k) = &self.key {
@@ -102,17 +83,12 @@ impl Transcriber {
         }
         let mut resp = req.send().await.map_err(|_| TranscribeError::Unreachable)?;
         let status = resp.status();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
+        let bytes = read_capped(&mut resp, MAX_ANSWER_BYTES as u64)
             .await
-            .map_err(|_| TranscribeError::Unreachable)?
-        {
-            if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(TranscribeError::BadAnswer);
-            }
-            bytes.extend_from_slice(&chunk);
-        }
+            .map_err(|e| match e {
+                ReadError::TooLarge => TranscribeError::BadAnswer,
+                ReadError::Broken => TranscribeError::Unreachable,
+            })?;
         if !status.is_success() {
             return Err(TranscribeError::Refused(status.as_u16()));
         }

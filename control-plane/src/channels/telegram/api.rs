@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::updates::{Answer, FirstUpdateId, Object};
-use crate::model::http::{ApiKey, ApprovedEndpoint};
+use crate::model::http::{ApiKey, ApprovedEndpoint, Multipart, ReadError, read_capped};
 
 /// The largest `getUpdates` answer read; a larger one is asked for again one update at
 /// a time, and a single update larger than this is skipped and recorded.
@@ -99,17 +99,10 @@ impl BotApi {
             if !resp.status().is_success() {
                 return Err(DownloadError::Failed);
             }
-            if resp.content_length().is_some_and(|n| n > cap) {
-                return Err(DownloadError::TooLarge);
-            }
-            let mut bytes = Vec::new();
-            while let Some(chunk) = resp.chunk().await.map_err(|_| DownloadError::Failed)? {
-                if (bytes.len() + chunk.len()) as u64 > cap {
-                    return Err(DownloadError::TooLarge);
-                }
-                bytes.extend_from_slice(&chunk);
-            }
-            Ok(bytes)
+            read_capped(&mut resp, cap).await.map_err(|e| match e {
+                ReadError::TooLarge => DownloadError::TooLarge,
+                ReadError::Broken => DownloadError::Failed,
+            })
         };
         tokio::time::timeout(timeout, work)
             .await
@@ -125,29 +118,20 @@ impl BotApi {
         content: &[u8],
         timeout: Duration,
     ) -> Result<(), CallError> {
-        let boundary = format!("ironclaw-{:032x}", rand_u128());
-        let mut body = Vec::with_capacity(content.len() + 512);
-        let quoted: String = name.chars().filter(|c| *c != '"' && *c != '\\').collect();
-        body.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"chat_id\"\r\n\r\n{chat_id}\r\n\
-                 --{boundary}\r\nContent-Disposition: form-data; name=\"document\"; filename=\"{quoted}\"\r\n\
-                 Content-Type: text/plain; charset=utf-8\r\n\r\n"
-            )
-            .as_bytes(),
-        );
-        body.extend_from_slice(content);
-        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let Some((content_type, body)) = Multipart::new()
+            .field("chat_id", &chat_id.to_string())
+            .file("document", name, "text/plain; charset=utf-8", content)
+            .finish()
+        else {
+            return Err(CallError::Network);
+        };
         let url = self
             .endpoint
             .join(&format!("/bot{}/sendDocument", self.token.expose()));
         let sent = self
             .client
             .post(url)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                format!("multipart/form-data; boundary={boundary}"),
-            )
+            .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(body)
             .timeout(timeout)
             .send()
@@ -161,29 +145,12 @@ impl BotApi {
             })?;
         let status = sent.status().as_u16();
         let mut sent = sent;
-        let mut bytes = Vec::new();
-        while let Some(chunk) = sent.chunk().await.map_err(|_| CallError::Uncertain)? {
-            if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(CallError::Uncertain);
-            }
-            bytes.extend_from_slice(&chunk);
-        }
+        let bytes = read_capped(&mut sent, MAX_ANSWER_BYTES as u64)
+            .await
+            .map_err(|_| CallError::Uncertain)?;
         let answer: Answer<serde::de::IgnoredAny> =
             serde_json::from_slice(&bytes).map_err(|_| CallError::Uncertain)?;
-        if answer.ok == Some(true) {
-            return Ok(());
-        }
-        Err(CallError::Status {
-            code: answer.error_code.map_or(status, |c| c as u16),
-            retry_after: answer.parameters.and_then(|p| p.retry_after),
-            description: answer
-                .description
-                .as_deref()
-                .unwrap_or("no description")
-                .chars()
-                .take(200)
-                .collect(),
-        })
+        settle(answer, status).map(drop)
     }
 
     pub(super) fn new(endpoint: ApprovedEndpoint, token: ApiKey) -> BotApi {
@@ -273,32 +240,24 @@ impl BotApi {
                 });
             }
         };
-        if answer.ok == Some(true) {
-            return Ok(answer.result);
-        }
-        Err(CallError::Status {
-            code: answer.error_code.map_or(status, |c| c as u16),
-            retry_after: answer.parameters.and_then(|p| p.retry_after),
-            description: answer
-                .description
-                .as_deref()
-                .unwrap_or("no description")
-                .chars()
-                .take(200)
-                .collect(),
-        })
+        settle(answer, status)
     }
 }
 
-/// A random 128-bit number, for a multipart boundary.
-fn rand_u128() -> u128 {
-    let mut b = [0u8; 16];
-    // A boundary only has to be unlikely to occur in the content; without the
-    // random source, the clock serves.
-    if getrandom::getrandom(&mut b).is_err() {
-        return std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
+/// A Bot API answer's result, or its error with the code, wait and description.
+fn settle<T>(answer: Answer<T>, status: u16) -> Result<Option<T>, CallError> {
+    if answer.ok == Some(true) {
+        return Ok(answer.result);
     }
-    u128::from_le_bytes(b)
+    Err(CallError::Status {
+        code: answer.error_code.map_or(status, |c| c as u16),
+        retry_after: answer.parameters.and_then(|p| p.retry_after),
+        description: answer
+            .description
+            .as_deref()
+            .unwrap_or("no description")
+            .chars()
+            .take(200)
+            .collect(),
+    })
 }
