@@ -124,7 +124,7 @@ async fn check_files(service: Arc<Service>) {
                 };
                 service.file_fetched(p.id, &fetched, now_secs()).await;
             }
-            Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(None) => service.files_arrived(Duration::from_secs(1)).await,
             Err(e) => {
                 tracing::error!(error = %e, "reading the files to check failed");
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -33,6 +33,11 @@ impl Service {
             .ok()
     }
 
+    /// Waits until a message with files may have been stored, or `at_most`.
+    pub async fn files_arrived(&self, at_most: std::time::Duration) {
+        let _ = tokio::time::timeout(at_most, self.files.notified()).await;
+    }
+
     /// Records what fetching file `id` found, then publishes what no longer waits.
     pub async fn file_fetched(self: &Arc<Self>, id: i64, fetched: &Fetched, now: i64) {
         if let Err(e) = self.db(|s| s.file_fetched(id, fetched, now)) {

@@ -206,6 +206,8 @@ pub struct Service {
     refused_messages: std::sync::Mutex<RateLimit>,
     /// Wakes the Telegram channel when approval prompts are waiting.
     prompts: tokio::sync::Notify,
+    /// Wakes the channels' fetchers when a message with files is stored.
+    files: tokio::sync::Notify,
     /// Applying one change at a time: decisions, and the restarts that follow them.
     applying: tokio::sync::Mutex<()>,
     live: std::sync::Mutex<HashMap<SessionId, Arc<Live>>>,
@@ -361,6 +363,7 @@ impl Service {
             refused_peers: std::sync::Mutex::new(RateLimit::default()),
             refused_messages: std::sync::Mutex::new(RateLimit::default()),
             prompts: tokio::sync::Notify::new(),
+            files: tokio::sync::Notify::new(),
             applying: tokio::sync::Mutex::new(()),
             live: std::sync::Mutex::new(HashMap::new()),
             creating: std::sync::Mutex::new(()),
@@ -529,7 +532,13 @@ impl Service {
         let max = self.config().delivery.max_waiting_per_session;
         let accepted = self.db(|s| s.accept(session, inbound, max, notice::TOO_MANY, cursor))?;
         match accepted {
-            Accepted::Stored(_) => self.publish(session).await,
+            Accepted::Stored(_) => {
+                if !inbound.files.is_empty() {
+                    self.files.notify_waiters();
+                }
+                // Also for a message waiting for its files: the sandbox starts meanwhile.
+                self.publish(session).await;
+            }
             Accepted::Refused(_) => self.outbound_changed(),
             Accepted::Duplicate | Accepted::Counted => {}
         }

@@ -27,7 +27,7 @@ pub async fn fetch_files(service: Arc<Service>, tg: Arc<Telegram>) {
         let pending = match next {
             Ok(Some(p)) => p,
             Ok(None) => {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                service.files_arrived(Duration::from_secs(1)).await;
                 continue;
             }
             Err(e) => {
