@@ -35,6 +35,7 @@ pub mod service;
 pub mod state;
 pub mod store;
 pub mod tailnet;
+pub mod web;
 
 /// An error and its causes on one line, for the operator.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
