@@ -3,4 +3,5 @@
 //! links of a fetched page on the trusted side.
 
 pub mod address;
+pub mod fetch;
 pub mod links;
