@@ -132,6 +132,10 @@ pub enum AuditEvent {
     SessionRestarted,
     /// An operator set (or cleared) a session's time zone.
     SessionTimeZoneSet,
+    /// The web broker fetched (or refused to fetch) a URL for an agent.
+    WebFetched,
+    /// The web broker searched (or refused to search) for an agent.
+    WebSearched,
     /// The store and its tables were made (`init`); the first entry.
     StoreCreated,
 }
@@ -172,6 +176,8 @@ impl AuditEvent {
         AuditEvent::SessionRestarted,
         AuditEvent::SessionTimeZoneSet,
         AuditEvent::StoreCreated,
+        AuditEvent::WebFetched,
+        AuditEvent::WebSearched,
     ];
 
     /// The entries that put a configuration version in force.
@@ -213,6 +219,8 @@ impl AuditEvent {
             AuditEvent::SessionDeleted => "session_deleted",
             AuditEvent::SessionRestarted => "session_restarted",
             AuditEvent::SessionTimeZoneSet => "session_time_zone_set",
+            AuditEvent::WebFetched => "web_fetched",
+            AuditEvent::WebSearched => "web_searched",
             AuditEvent::StoreCreated => "store_created",
         }
     }

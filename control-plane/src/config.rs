@@ -163,6 +163,51 @@ pub struct Config {
     /// Where voice notes are transcribed; absent = a voice note gets a fixed notice.
     #[serde(default)]
     pub transcription: Option<TranscriptionConfig>,
+    /// The brokered web; absent = web tools off.
+    #[serde(default)]
+    pub web: Option<WebConfig>,
+}
+
+/// The web search backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SearchKind {
+    Searxng,
+    Brave,
+}
+
+/// Search and fetch, brokered by the control plane.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    pub search: SearchKind,
+    /// SearXNG's base URL, or Brave's API base; the endpoint rule of `[model]`.
+    pub search_url: String,
+    /// Brave's subscription token, added by the control plane.
+    #[serde(default)]
+    pub search_key_file: Option<PathBuf>,
+    /// Operator-granted URL prefixes an agent may fetch under without having been shown
+    /// the URL.
+    #[serde(default)]
+    pub allowed_prefixes: Vec<String>,
+    /// An extra trusted CA (tests); `doctor` flags it.
+    #[serde(default)]
+    pub tls_extra_ca_file: Option<PathBuf>,
+    /// Names answered without DNS (tests); `doctor` flags them.
+    #[serde(default)]
+    pub test_hosts: std::collections::BTreeMap<String, std::net::IpAddr>,
+    #[serde(default = "web_requests_per_day")]
+    pub requests_per_day: u32,
+    #[serde(default = "web_bytes_per_day")]
+    pub bytes_per_day: u64,
+}
+
+fn web_requests_per_day() -> u32 {
+    200
+}
+
+fn web_bytes_per_day() -> u64 {
+    50 * 1024 * 1024
 }
 
 /// What files the person may send.
@@ -540,6 +585,32 @@ impl Config {
             endpoint("transcription.base_url", &t.base_url)?;
             if t.model.is_empty() || t.model.len() > 256 {
                 return invalid("transcription.model must name the model, in at most 256 bytes");
+            }
+        }
+        if let Some(w) = &self.web {
+            endpoint("web.search_url", &w.search_url)?;
+            if w.search == SearchKind::Brave && w.search_key_file.is_none() {
+                return invalid("web.search_key_file is required for brave");
+            }
+            for p in &w.allowed_prefixes {
+                let ok = url::Url::parse(p).is_ok_and(|u| {
+                    u.scheme() == "https"
+                        && u.host_str().is_some()
+                        && u.username().is_empty()
+                        && u.password().is_none()
+                        && u.fragment().is_none()
+                });
+                if !ok {
+                    return invalid(
+                        "web.allowed_prefixes must be https URLs with a host, without credentials or a fragment",
+                    );
+                }
+            }
+            if w.requests_per_day == 0 || w.bytes_per_day == 0 {
+                return invalid("web.requests_per_day and web.bytes_per_day must be at least 1");
+            }
+            if w.test_hosts.keys().any(|h| !host_name_ok(h)) {
+                return invalid("web.test_hosts must map DNS names to addresses");
             }
         }
         if !(1..=24 * 1024 * 1024).contains(&self.attachments.max_bytes) {

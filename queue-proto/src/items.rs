@@ -222,10 +222,12 @@ pub enum ToolName {
     ReminderList,
     ReminderCancel,
     NoteSend,
+    WebSearch,
+    WebFetch,
 }
 
 impl ToolName {
-    pub const ALL: [ToolName; 11] = [
+    pub const ALL: [ToolName; 13] = [
         ToolName::Reply,
         ToolName::NoteWrite,
         ToolName::NoteRead,
@@ -237,6 +239,8 @@ impl ToolName {
         ToolName::ReminderList,
         ToolName::ReminderCancel,
         ToolName::NoteSend,
+        ToolName::WebSearch,
+        ToolName::WebFetch,
     ];
 
     /// The tool's one spelling: its serde name, the name in the configuration, the name
@@ -254,6 +258,8 @@ impl ToolName {
             ToolName::ReminderList => "reminder_list",
             ToolName::ReminderCancel => "reminder_cancel",
             ToolName::NoteSend => "note_send",
+            ToolName::WebSearch => "web_search",
+            ToolName::WebFetch => "web_fetch",
         }
     }
 }
@@ -647,6 +653,8 @@ mod tests {
             ToolName::ReminderList => 8,
             ToolName::ReminderCancel => 9,
             ToolName::NoteSend => 10,
+            ToolName::WebSearch => 11,
+            ToolName::WebFetch => 12,
         }
     }
 

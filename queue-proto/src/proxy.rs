@@ -10,6 +10,12 @@ use crate::items::{ChangeRequest, ItemError, MAX_TEXT_BYTES};
 
 /// Largest `POST /v1/model` body, in bytes: room for one photo of up to 5 MiB, base64.
 pub const MAX_MODEL_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+/// Largest `POST /v1/web/fetch` or `POST /v1/web/search` body, in bytes.
+pub const MAX_WEB_REQUEST_BYTES: usize = 8 * 1024;
+/// Longest URL an agent may ask for, in bytes.
+pub const MAX_URL_BYTES: usize = 4096;
+/// Longest search query, in bytes.
+pub const MAX_QUERY_BYTES: usize = 400;
 /// Largest `POST /v1/transcriptions` body, in bytes.
 pub const MAX_TRANSCRIPTION_REQUEST_BYTES: usize = 256;
 /// Largest `POST /v1/outbox` body, in bytes.
@@ -61,6 +67,10 @@ pub enum Endpoint {
     CancelReminder,
     /// `POST /v1/transcriptions`: the transcript of a voice note the person sent.
     Transcribe,
+    /// `POST /v1/web/fetch`: a page, fetched by the control plane.
+    WebFetch,
+    /// `POST /v1/web/search`: search results, from the configured backend.
+    WebSearch,
 }
 
 impl Endpoint {
@@ -75,6 +85,8 @@ impl Endpoint {
             ("GET", "/v1/reminders") => Some(Endpoint::ListReminders),
             ("POST", "/v1/reminders/cancel") => Some(Endpoint::CancelReminder),
             ("POST", "/v1/transcriptions") => Some(Endpoint::Transcribe),
+            ("POST", "/v1/web/fetch") => Some(Endpoint::WebFetch),
+            ("POST", "/v1/web/search") => Some(Endpoint::WebSearch),
             _ => None,
         }
     }
@@ -89,6 +101,7 @@ impl Endpoint {
             Endpoint::SetReminder => MAX_REMINDER_REQUEST_BYTES,
             Endpoint::CancelReminder => MAX_REMINDER_CANCEL_BYTES,
             Endpoint::Transcribe => MAX_TRANSCRIPTION_REQUEST_BYTES,
+            Endpoint::WebFetch | Endpoint::WebSearch => MAX_WEB_REQUEST_BYTES,
         }
     }
 }
@@ -324,6 +337,50 @@ pub enum TranscriptionAnswer {
     },
 }
 
+/// Body of `POST /v1/web/fetch`: a URL the agent chose. The control plane fetches it
+/// only if it has seen it itself (in the person's message, a search result, a page it
+/// fetched for this session) or an operator granted its prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebFetchRequest {
+    pub url: String,
+}
+
+/// Body of `POST /v1/web/search`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSearchRequest {
+    pub query: String,
+}
+
+/// One search result, bounded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchResult {
+    pub url: String,
+    pub title: String,
+    pub snippet: String,
+}
+
+/// Answer to `POST /v1/web/fetch` and `POST /v1/web/search`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum WebAnswer {
+    /// The page's bytes (base64) as fetched, for the agent to read inside the box.
+    Page {
+        url: String,
+        content_type: String,
+        data: String,
+    },
+    Results {
+        results: Vec<SearchResult>,
+    },
+    /// Why not, in the control plane's words.
+    Refused {
+        reason: String,
+    },
+}
+
 /// The one error body the agent ever sees. The detail stays on the trusted side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -403,6 +460,28 @@ impl RequestBody for TranscriptionRequest {
     const NAME: &'static str = "transcription request";
     const MAX_BYTES: usize = MAX_TRANSCRIPTION_REQUEST_BYTES;
     fn validate(&self) -> Result<(), RequestError> {
+        Ok(())
+    }
+}
+
+impl RequestBody for WebFetchRequest {
+    const NAME: &'static str = "web fetch request";
+    const MAX_BYTES: usize = MAX_WEB_REQUEST_BYTES;
+    fn validate(&self) -> Result<(), RequestError> {
+        if self.url.is_empty() || self.url.len() > MAX_URL_BYTES {
+            return Err(RequestError::Invalid("url must be 1..=4096 bytes"));
+        }
+        Ok(())
+    }
+}
+
+impl RequestBody for WebSearchRequest {
+    const NAME: &'static str = "web search request";
+    const MAX_BYTES: usize = MAX_WEB_REQUEST_BYTES;
+    fn validate(&self) -> Result<(), RequestError> {
+        if self.query.trim().is_empty() || self.query.len() > MAX_QUERY_BYTES {
+            return Err(RequestError::Invalid("query must be 1..=400 bytes"));
+        }
         Ok(())
     }
 }

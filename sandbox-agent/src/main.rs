@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod files;
+mod html;
 mod pdf;
 mod proxy_client;
 mod state;
@@ -100,6 +101,7 @@ fn main() -> ExitCode {
         outbox: OutboxWriter::new(paths.outbox, session, &keys),
         proxy: proxy_client::ProxyClient::new(&paths.socket),
         state,
+        read_outside: false,
     };
     drop(keys);
     let mut out = std::io::stdout().lock();

@@ -6,11 +6,15 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use control_plane::proxy::session::{Intake, NotStored, ReminderCall, ReminderReply, Taken};
+use control_plane::proxy::session::{
+    Intake, NotStored, ReminderCall, ReminderReply, Taken, WebCall,
+};
 use control_plane::proxy::turn::TurnSummary;
 use queue_proto::ids::{ChangeId, Seq, SessionId};
 use queue_proto::items::{ChangeRequest, OutboxItem};
-use queue_proto::proxy::{ReminderAnswer, ReminderList, TranscriptionAnswer, TranscriptionRequest};
+use queue_proto::proxy::{
+    ReminderAnswer, ReminderList, TranscriptionAnswer, TranscriptionRequest, WebAnswer,
+};
 use tokio::sync::mpsc;
 
 /// An outbox segment handed to the intake.
@@ -128,6 +132,13 @@ impl Intake for RecordingIntake {
             Some(Filing::NotFiled) | None => None,
             Some(Filing::Hang) => std::future::pending().await,
         }
+    }
+
+    /// Has no web.
+    async fn web(&self, _session: &SessionId, _call: WebCall) -> Option<WebAnswer> {
+        Some(WebAnswer::Refused {
+            reason: "this intake has no web".into(),
+        })
     }
 
     /// Holds no voice notes.

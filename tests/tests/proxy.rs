@@ -18,7 +18,7 @@ use queue_proto::items::ChangeRequest;
 use queue_proto::proxy::{
     ChangeRequestFiled, ContentBlock, ModelRequest, ModelResponse, OutboxNotice, ReminderAnswer,
     ReminderCancel, ReminderList, ReminderRequest, StopReason, TranscriptionAnswer,
-    TranscriptionRequest, Usage, WaitResponse,
+    TranscriptionRequest, Usage, WaitResponse, WebAnswer, WebFetchRequest, WebSearchRequest,
 };
 
 /// Records what reached the handler: anything refused by the server must not.
@@ -70,6 +70,14 @@ impl SessionHandler for Recorder {
     async fn transcribe(&self, _: TranscriptionRequest) -> Result<TranscriptionAnswer, Refused> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(TranscriptionAnswer::Text { text: "hi".into() })
+    }
+    async fn web_fetch(&self, _: WebFetchRequest) -> Result<WebAnswer, Refused> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(WebAnswer::Results { results: vec![] })
+    }
+    async fn web_search(&self, _: WebSearchRequest) -> Result<WebAnswer, Refused> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(WebAnswer::Results { results: vec![] })
     }
 }
 

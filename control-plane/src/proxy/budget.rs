@@ -53,6 +53,14 @@ pub const TRANSCRIPTION_CALL_BUDGETS: Budgets = Budgets {
     bytes_per_day: u64::MAX,
 };
 
+/// How often one session's agent may fetch or search: each is a connection the control
+/// plane makes (the day's requests and bytes are the approved `[web]` budgets).
+pub const WEB_CALL_BUDGETS: Budgets = Budgets {
+    requests_per_minute: 20,
+    tokens_per_day: u64::MAX,
+    bytes_per_day: u64::MAX,
+};
+
 /// Which budget a refused call ran into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BudgetExceeded {

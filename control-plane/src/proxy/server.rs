@@ -4,7 +4,7 @@
 //! What a hostile agent meets, in order: at most [`ProxyLimits::max_connections`] open
 //! connections (more are closed at once); headers must arrive within
 //! [`ProxyLimits::header_timeout`] and fit in [`MAX_HEADER_BYTES`]; the route must be
-//! one of the eight endpoints; a body is refused on its declared length before it is
+//! one of the ten endpoints; a body is refused on its declared length before it is
 //! read, and cut off at the endpoint's limit while it is read; the body must parse into
 //! the endpoint's closed type; the handler must answer within its timeout. Every refusal
 //! is one opaque [`Refusal`]; the detail stays on this side.
@@ -25,7 +25,8 @@ use queue_proto::items::ChangeRequest;
 use queue_proto::proxy::{
     ChangeRequestFiled, Endpoint, ModelRequest, ModelResponse, OutboxNotice, Refusal, RefusalCode,
     ReminderAnswer, ReminderCancel, ReminderList, ReminderRequest, RequestBody,
-    TranscriptionAnswer, TranscriptionRequest, WaitResponse, parse_body, parse_wait_query,
+    TranscriptionAnswer, TranscriptionRequest, WaitResponse, WebAnswer, WebFetchRequest,
+    WebSearchRequest, parse_body, parse_wait_query,
 };
 use serde::Serialize;
 use tokio::net::UnixListener;
@@ -121,6 +122,16 @@ pub trait SessionHandler: Send + Sync + 'static {
         &self,
         request: TranscriptionRequest,
     ) -> impl Future<Output = Result<TranscriptionAnswer, Refused>> + Send;
+    /// The agent asks for a page.
+    fn web_fetch(
+        &self,
+        request: WebFetchRequest,
+    ) -> impl Future<Output = Result<WebAnswer, Refused>> + Send;
+    /// The agent asks for search results.
+    fn web_search(
+        &self,
+        request: WebSearchRequest,
+    ) -> impl Future<Output = Result<WebAnswer, Refused>> + Send;
 }
 
 /// Serves `session`'s socket until the listener fails or the task is aborted.
@@ -265,6 +276,18 @@ async fn handle<H: SessionHandler>(
         Endpoint::Transcribe => {
             let body: TranscriptionRequest = read_body(req, limits).await?;
             bounded(limits.model_timeout, handler.transcribe(body))
+                .await
+                .map(|r| to_json(&r))
+        }
+        Endpoint::WebFetch => {
+            let body: WebFetchRequest = read_body(req, limits).await?;
+            bounded(limits.model_timeout, handler.web_fetch(body))
+                .await
+                .map(|r| to_json(&r))
+        }
+        Endpoint::WebSearch => {
+            let body: WebSearchRequest = read_body(req, limits).await?;
+            bounded(limits.model_timeout, handler.web_search(body))
                 .await
                 .map(|r| to_json(&r))
         }

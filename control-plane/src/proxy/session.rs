@@ -22,12 +22,13 @@ use queue_proto::items::{ChangeRequest, OutboxItem, ToolName};
 use queue_proto::proxy::{
     ChangeRequestFiled, ContentBlock, ModelRequest, ModelResponse, OutboxNotice, ReminderAnswer,
     ReminderCancel, ReminderList, ReminderRequest, TranscriptionAnswer, TranscriptionRequest,
-    WaitResponse,
+    WaitResponse, WebAnswer, WebFetchRequest, WebSearchRequest,
 };
 use tokio::sync::{Mutex, mpsc, watch};
 
 use super::budget::{
     BudgetMeter, Budgets, INGEST_BUDGETS, REMINDER_CALL_BUDGETS, TRANSCRIPTION_CALL_BUDGETS,
+    WEB_CALL_BUDGETS,
 };
 use super::server::{Refused, SessionHandler};
 use crate::model::{Provider, ProviderError};
@@ -103,6 +104,20 @@ pub trait Intake: Send + Sync + 'static {
         session: &SessionId,
         request: TranscriptionRequest,
     ) -> impl Future<Output = Option<TranscriptionAnswer>> + Send;
+    /// A fetch or a search for the session's agent; `None` if it could not be worked
+    /// out for a reason on this side.
+    fn web(
+        &self,
+        session: &SessionId,
+        call: WebCall,
+    ) -> impl Future<Output = Option<WebAnswer>> + Send;
+}
+
+/// A web call of the agent, checked for its form and rate.
+#[derive(Debug, Clone)]
+pub enum WebCall {
+    Fetch(String),
+    Search(String),
 }
 
 /// A reminder call of the agent, checked for its form and budget.
@@ -154,6 +169,9 @@ pub struct SessionProxy<P, I> {
     accepts_images: bool,
     /// One transcription at a time for this session.
     transcribing: Arc<tokio::sync::Semaphore>,
+    /// One web call at a time for this session, at most [`WEB_CALL_BUDGETS`].
+    web_gate: Arc<tokio::sync::Semaphore>,
+    web_calls: std::sync::Mutex<BudgetMeter>,
     /// What reminder calls may cost ([`REMINDER_CALL_BUDGETS`]).
     reminder_calls: std::sync::Mutex<BudgetMeter>,
     /// How often transcripts may be asked for ([`TRANSCRIPTION_CALL_BUDGETS`]); the
@@ -216,6 +234,8 @@ impl<P: Provider, I: Intake> SessionProxy<P, I> {
             ingest: std::sync::Mutex::new((BudgetMeter::new(INGEST_BUDGETS), Passed::default())),
             accepts_images: false,
             transcribing: Arc::new(tokio::sync::Semaphore::new(1)),
+            web_gate: Arc::new(tokio::sync::Semaphore::new(1)),
+            web_calls: std::sync::Mutex::new(BudgetMeter::new(WEB_CALL_BUDGETS)),
             reminder_calls: std::sync::Mutex::new(BudgetMeter::new(REMINDER_CALL_BUDGETS)),
             transcriptions: std::sync::Mutex::new(BudgetMeter::new(TRANSCRIPTION_CALL_BUDGETS)),
             provider,
@@ -311,6 +331,27 @@ impl<P: Provider, I: Intake> SessionProxy<P, I> {
         match tokio::time::timeout(STORE_TIMEOUT, answered).await {
             Ok(Some(reply)) => Ok(reply),
             _ => Err(Refused::UNAVAILABLE),
+        }
+    }
+
+    /// One web call: one at a time, within its per-minute rate (the day's requests and
+    /// bytes are charged in the store).
+    async fn web_call(&self, call: WebCall) -> Result<WebAnswer, Refused> {
+        let Ok(_one) = self.web_gate.clone().try_acquire_owned() else {
+            return Err(self.refuse("web", "one web call at a time".into(), Refused::BUDGET));
+        };
+        let admitted = self
+            .web_calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(now_ms(), 0);
+        if let Err(e) = admitted {
+            return Err(self.refuse("web", e.to_string(), Refused::BUDGET));
+        }
+        self.count(|t| t.web_calls += 1);
+        match self.intake.web(&self.session, call).await {
+            Some(answer) => Ok(answer),
+            None => Err(Refused::UNAVAILABLE),
         }
     }
 
@@ -608,5 +649,13 @@ impl<P: Provider, I: Intake> SessionHandler for SessionProxy<P, I> {
             Some(answer) => Ok(answer),
             None => Err(Refused::UNAVAILABLE),
         }
+    }
+
+    async fn web_fetch(&self, request: WebFetchRequest) -> Result<WebAnswer, Refused> {
+        self.web_call(WebCall::Fetch(request.url)).await
+    }
+
+    async fn web_search(&self, request: WebSearchRequest) -> Result<WebAnswer, Refused> {
+        self.web_call(WebCall::Search(request.query)).await
     }
 }

@@ -21,6 +21,9 @@ pub struct TurnSummary {
     /// Voice-note transcripts asked for: outside content the turn read.
     #[serde(default)]
     pub transcriptions: u32,
+    /// Web fetches and searches asked for.
+    #[serde(default)]
+    pub web_calls: u32,
 }
 
 impl TurnSummary {
@@ -61,5 +64,6 @@ impl TurnSummary {
         self.change_requests = self.change_requests.saturating_add(earlier.change_requests);
         self.model_failures = self.model_failures.saturating_add(earlier.model_failures);
         self.transcriptions = self.transcriptions.saturating_add(earlier.transcriptions);
+        self.web_calls = self.web_calls.saturating_add(earlier.web_calls);
     }
 }

@@ -241,10 +241,19 @@ impl Service {
             return None;
         }
         let candidate = candidate::agent_candidate(&eff.text, request.target, &request.after);
-        let outcome = candidate.as_ref().map_err(Denial::clone).and_then(|text| {
-            policy::check(&eff.config, text, true)
-                .map(|after| change_risk(&eff.config, &after, true))
-        });
+        // A session that has taken in outside content may not ask for changes until the
+        // taint ends: the request is filed as denied, with what it had read.
+        let taint = self.db(|s| s.taint_of(session)).ok().flatten();
+        let outcome = match taint {
+            Some(t) => Err(Denial {
+                rule: "tainted",
+                why: format!("asked after reading {}", t.url),
+            }),
+            None => candidate.as_ref().map_err(Denial::clone).and_then(|text| {
+                policy::check(&eff.config, text, true)
+                    .map(|after| change_risk(&eff.config, &after, true))
+            }),
+        };
         let new = NewChange {
             requester,
             target: request.target.as_str().into(),

@@ -15,7 +15,7 @@ use queue_proto::control::{InboxWriter, OutboxReader};
 use queue_proto::ids::{ChangeId, Seq, SessionId};
 use queue_proto::items::{ChangeRequest, InboxItem, OutboxItem, UserMessage};
 use queue_proto::keys::{MasterKey, SessionKeys, derive_session_keys};
-use queue_proto::proxy::{TranscriptionAnswer, TranscriptionRequest};
+use queue_proto::proxy::{TranscriptionAnswer, TranscriptionRequest, WebAnswer};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -31,7 +31,7 @@ use crate::model::{AnyProvider, Provider};
 use crate::proxy::server::{ProxyLimits, serve};
 use crate::proxy::session::{
     EVENT_QUEUE, InboxSignal, Intake, NotStored, Outlets, ReminderCall, ReminderReply,
-    SessionEvent, SessionProxy, Taken,
+    SessionEvent, SessionProxy, Taken, WebCall,
 };
 use crate::proxy::turn::TurnSummary;
 use crate::sandbox::SandboxSettings;
@@ -50,8 +50,10 @@ mod files;
 pub use calls::Status;
 mod gate;
 mod reminders;
+mod web;
 pub use gate::{Effective, restart_notes, started_differently, telegram_may_approve};
 pub use reminders::zone_known;
+pub use web::urls_in_text;
 
 /// Fixed notices sent to the person. None of them quotes the message.
 pub mod notice {
@@ -533,6 +535,7 @@ impl Service {
         let accepted = self.db(|s| s.accept(session, inbound, max, notice::TOO_MANY, cursor))?;
         match accepted {
             Accepted::Stored(_) => {
+                self.person_wrote(session, &inbound.text);
                 if !inbound.files.is_empty() {
                     self.files.notify_waiters();
                 }
@@ -1016,6 +1019,14 @@ impl Intake for ServiceIntake {
             return None;
         }
         service.transcribe(session, request).await
+    }
+
+    async fn web(&self, session: &SessionId, call: WebCall) -> Option<WebAnswer> {
+        let service = self.0.upgrade()?;
+        if service.deleting().contains(session) {
+            return None;
+        }
+        service.web(session, call).await
     }
 
     async fn reminders(&self, session: &SessionId, call: ReminderCall) -> Option<ReminderReply> {

@@ -328,6 +328,14 @@ impl Store {
         Ok(Seq(seq as u64))
     }
 
+    /// The texts of `session`'s messages still waiting for an answer.
+    pub fn waiting_texts(&self, session: &SessionId) -> Result<Vec<String>, StoreError> {
+        Ok(waiting(&self.conn, session, MESSAGE_WAITING_SQL, &[], 64)?
+            .into_iter()
+            .map(|m| m.text)
+            .collect())
+    }
+
     /// Sessions holding received messages not yet published.
     pub fn sessions_with_received(&self) -> Result<Vec<SessionId>, StoreError> {
         session_ids(

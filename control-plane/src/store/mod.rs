@@ -37,6 +37,7 @@ pub mod sessions;
 pub mod state;
 pub mod timers;
 pub mod usage;
+pub mod web;
 
 /// The file name of the control store inside the state directory.
 pub const STORE_FILE: &str = "control.db";
@@ -150,6 +151,7 @@ impl Store {
             changes::SCHEMA,
             usage::SCHEMA,
             attachments::SCHEMA,
+            web::SCHEMA,
         ] {
             tx.execute_batch(schema).map_err(open)?;
         }

@@ -122,6 +122,21 @@ pub(super) fn charge(
 }
 
 impl super::Store {
+    /// Charges one use of `bytes` to `session`'s `budget` for the day of `now`, if it
+    /// fits; whether it did.
+    pub fn charge_usage(
+        &mut self,
+        session: &SessionId,
+        budget: Daily,
+        now: i64,
+        bytes: usize,
+    ) -> Result<bool, super::StoreError> {
+        let tx = self.tx()?;
+        let ok = charge(&tx, session, budget, now, bytes)?;
+        tx.commit()?;
+        Ok(ok)
+    }
+
     /// Adds `count` and `bytes` to `session`'s use of `kind` for the day of `now`.
     pub fn add_usage(
         &mut self,
