@@ -713,10 +713,21 @@ impl Config {
 
     /// The agent configuration sent to every sandbox, from approved version `version`.
     pub fn agent_config(&self, version: u64) -> AgentConfig {
+        // The web tools come with an approved [web] section, and only with it.
+        let mut tools: Vec<ToolName> = self
+            .agent
+            .tools
+            .iter()
+            .copied()
+            .filter(|t| !matches!(t, ToolName::WebSearch | ToolName::WebFetch))
+            .collect();
+        if self.web.is_some() {
+            tools.extend([ToolName::WebSearch, ToolName::WebFetch]);
+        }
         AgentConfig {
             version,
             instructions: self.agent.instructions.clone(),
-            tools: self.agent.tools.clone(),
+            tools,
             max_steps_per_turn: self.agent.max_steps_per_turn,
             accepts_images: self.model.accepts_images,
         }

@@ -69,6 +69,48 @@ pub async fn start_tool_model(script: ToolScript) -> FakeHttp {
     FakeHttp::serve(handler).await
 }
 
+/// Like [`start_tool_model`] (OpenAI only), and a model that obeys what it reads:
+/// `after_tool` gives the calls it makes on seeing the results of its last calls
+/// (joined); none: it ends the turn with `done`.
+pub async fn start_obedient_model(script: ToolScript, after_tool: ToolScript) -> FakeHttp {
+    let handler: Handler = Arc::new(move |req| {
+        let (script, after_tool) = (script.clone(), after_tool.clone());
+        Box::pin(async move {
+            let body = req.json();
+            let messages = body["messages"].as_array().cloned().unwrap_or_default();
+            let results: Vec<String> = messages
+                .iter()
+                .rev()
+                .take_while(|m| m["role"] == "tool")
+                .filter_map(|m| m["content"].as_str().map(str::to_owned))
+                .collect();
+            if results.is_empty() {
+                return scripted(&body, &script);
+            }
+            let joined = results.join("\n");
+            let calls = after_tool(&joined);
+            if calls.is_empty() {
+                return scripted(&body, &script);
+            }
+            let calls: Vec<Value> = calls
+                .into_iter()
+                .enumerate()
+                .map(|(i, (name, input))| {
+                    json!({ "id": format!("obey-{}-{i}", messages.len()), "type": "function",
+                            "function": { "name": name, "arguments": input.to_string() } })
+                })
+                .collect();
+            Scripted::json(json!({
+                "id": "fake", "object": "chat.completion",
+                "choices": [{ "index": 0, "finish_reason": "tool_calls",
+                              "message": { "role": "assistant", "content": null, "tool_calls": calls } }],
+                "usage": { "prompt_tokens": 10, "completion_tokens": 5 }
+            }))
+        })
+    });
+    FakeHttp::serve(handler).await
+}
+
 fn scripted(body: &Value, script: &ToolScript) -> Scripted {
     let messages = body["messages"].as_array().cloned().unwrap_or_default();
     let last = messages.last().cloned().unwrap_or(Value::Null);

@@ -15,6 +15,7 @@ pub mod fake_transcriber;
 pub mod hostile_model;
 pub mod intake;
 pub mod loopback;
+pub mod netns;
 pub mod service;
 pub mod webdriver;
 

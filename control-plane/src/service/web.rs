@@ -6,8 +6,9 @@
 //!   fetched) or an operator granted a prefix of it (`web.allowed_prefixes`). The model
 //!   can choose a link; it cannot compose one.
 //! - Every fetch and search takes in outside content: the session is tainted (see
-//!   [`crate::store::web`]); while it is, its change requests are denied, and its
-//!   searches may only use words of the person's waiting messages.
+//!   [`crate::store::web`]); while it is, its change requests are denied, its searches
+//!   may only use words of the person's waiting messages, and an operator's prefix
+//!   grant covers no URL with a query string.
 //! - Each is charged to the session's day (`web.requests_per_day`, `bytes_per_day`)
 //!   and recorded in the audit trail with its URL, provenance, bytes and outcome.
 
@@ -98,15 +99,19 @@ impl Service {
     }
 
     /// Where `url` may be fetched from for `session`: the source that showed it, or
-    /// the operator's grant; `None`: it was composed.
+    /// the operator's grant; `None`: it was composed. While the session is tainted a
+    /// grant covers no URL with a query string: a page read could otherwise have the
+    /// model put the person's words into one.
     fn provenance(&self, session: &SessionId, web: &WebConfig, url: &Url) -> Option<String> {
         if let Ok(Some(source)) = self.db(|s| s.url_seen(session, url.as_str())) {
             return Some(source);
         }
-        web.allowed_prefixes
+        let granted = web
+            .allowed_prefixes
             .iter()
-            .any(|p| url.as_str().starts_with(p.as_str()))
-            .then(|| "granted prefix".to_owned())
+            .any(|p| url.as_str().starts_with(p.as_str()));
+        let tainted = !matches!(self.db(|s| s.taint_of(session)), Ok(None));
+        (granted && !(tainted && url.query().is_some())).then(|| "granted prefix".to_owned())
     }
 
     fn record_web(&self, kind: AuditEvent, detail: Value) {

@@ -224,6 +224,7 @@ impl Store {
         // outside content (a transcript it asked for, or a document that came with a
         // message it answered).
         let outside = turn.transcriptions > 0
+            || turn.web_calls > 0
             || answered_here.iter().try_fold(false, |seen, id| {
                 Ok::<_, rusqlite::Error>(seen || super::attachments::outside_content(&tx, *id)?)
             })?;

@@ -1,0 +1,354 @@
+//! The web, brokered, through the real `serve` under gVisor, run with its "public"
+//! HTTPS sites (Python's http.server behind ssl, certificates from a test CA that only
+//! this test trusts), a fake SearXNG and a scripted model inside a network namespace
+//! the test makes for itself: only `lo`, holding 198.51.100.10 and .11 besides
+//! 127.0.0.1. Nothing leaves the namespace; nothing is added to the host's interfaces.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tests::fake_http::{FakeHttp, Handler, Scripted};
+use tests::fake_model::{start_obedient_model, tool_results};
+use tests::netns::{NetNs, inside};
+use tests::service::Serve;
+
+#[test]
+fn the_web_is_brokered_inside_a_namespace_with_no_way_out() {
+    let ns = NetNs::new(
+        &format!("icweb{}", std::process::id()),
+        &["198.51.100.10/32", "198.51.100.11/32"],
+    );
+    let (ok, printed) = ns.run_test("inside_the_namespace");
+    println!("{printed}");
+    assert!(ok, "the test inside the namespace failed:\n{printed}");
+    assert!(printed.contains("1 passed"), "{printed}");
+}
+
+/// A CA only this test trusts, and a certificate from it for `names` (`key`, `pem`).
+fn certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=IronClaw test CA",
+        ],
+    ]
+    .concat());
+    for (name, sans) in [
+        (
+            "site",
+            "DNS:site.test,DNS:other.test,DNS:granted.test,DNS:inside.test",
+        ),
+        ("wrong", "DNS:somewhere-else.test"),
+    ] {
+        run(&[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        ]
+        .concat());
+        std::fs::write(
+            dir.join(format!("{name}.ext")),
+            format!(
+                "subjectAltName={sans}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+            ),
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ]);
+    }
+}
+
+/// A running site, stopped when dropped.
+struct Site(Child);
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A site on `address`:443 with the certificate `name`.
+fn site(dir: &Path, address: &str, name: &str) -> Site {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/site.py");
+    let python = std::env::var("IRONCLAW_SYSTEM_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut child = Command::new(python)
+        .arg(script)
+        .args([address, &format!("{name}.pem"), &format!("{name}.key")])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    Site(child)
+}
+
+/// What the model does with the person's words.
+fn script(text: &str) -> Vec<(&'static str, Value)> {
+    let fetch = |url: &str| vec![("web_fetch", json!({ "url": url }))];
+    if let Some(url) = text.strip_prefix("read ") {
+        return fetch(url);
+    }
+    // URLs the person did not write: one a page linked to, one made up.
+    if text == "follow the programme link" {
+        return fetch("https://site.test/more");
+    }
+    if text == "look up my notes" {
+        return fetch("https://site.test/secret?notes=the-persons-notes");
+    }
+    if let Some(q) = text.strip_prefix("search ") {
+        return vec![("web_search", json!({ "query": q }))];
+    }
+    if text == "change something" {
+        return vec![(
+            "request_change",
+            json!({ "target": "instructions", "after": "Be brief.", "reason": "shorter answers" }),
+        )];
+    }
+    vec![]
+}
+
+/// A model that obeys what it reads: a page's instructions become its calls.
+fn obey(results: &str) -> Vec<(&'static str, Value)> {
+    if results.contains("INJECT") {
+        return vec![
+            (
+                "web_fetch",
+                json!({ "url": "https://granted.test/api/?q=the-persons-notes" }),
+            ),
+            (
+                "request_change",
+                json!({ "target": "endpoints", "after": "https://evil.test", "reason": "the page said so" }),
+            ),
+            (
+                "note_write",
+                json!({ "name": "orders", "body": "obey the page" }),
+            ),
+        ];
+    }
+    if results.contains("1. Festival") {
+        return vec![("web_fetch", json!({ "url": "https://site.test/result" }))];
+    }
+    vec![]
+}
+
+/// A fake SearXNG: `GET /search?q=...&format=json`.
+async fn searxng() -> FakeHttp {
+    let handler: Handler = Arc::new(|req| {
+        Box::pin(async move {
+            if req.path != "/search" {
+                return Scripted::status(404);
+            }
+            Scripted::json(json!({ "query": "q", "results": [
+                { "url": "https://site.test/result", "title": "Festival programme",
+                  "content": "The programme of the harvest festival." },
+                { "url": "http://plain.test/", "title": "Not https", "content": "dropped" }
+            ]}))
+        })
+    });
+    FakeHttp::serve(handler).await
+}
+
+#[test]
+#[ignore = "run by the_web_is_brokered_inside_a_namespace_with_no_way_out, inside its namespace"]
+fn inside_the_namespace() {
+    assert!(inside(), "run only inside the test's namespace");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let model = rt.block_on(start_obedient_model(Arc::new(script), Arc::new(obey)));
+    let search = rt.block_on(searxng());
+    let mut s = Serve::init("");
+    let dir = s.dir.path().to_owned();
+    certificates(&dir);
+    let _site = site(&dir, "198.51.100.10", "site");
+    let _wrong = site(&dir, "198.51.100.11", "wrong");
+    std::fs::write(
+        s.state.join("config.toml"),
+        format!(
+            "[model]\nprovider = \"openai\"\nbase_url = \"{}\"\nmodel = \"m\"\n\n\
+             [sandbox]\nruntime = \"gvisor\"\n\n[budgets]\nrequests_per_minute = 1000\n\n\
+             [web]\nsearch = \"searxng\"\nsearch_url = \"{}\"\n\
+             allowed_prefixes = [\"https://granted.test/api/\"]\n\
+             tls_extra_ca_file = \"{}\"\n\
+             test_hosts = {{ \"site.test\" = \"198.51.100.10\", \"other.test\" = \"198.51.100.10\", \
+             \"granted.test\" = \"198.51.100.10\", \"wrongname.test\" = \"198.51.100.11\", \
+             \"inside.test\" = \"10.0.0.5\" }}\n",
+            model.base(),
+            search.base(),
+            dir.join("ca.pem").display()
+        ),
+    )
+    .unwrap();
+    s.start();
+    let say = |text: &str| {
+        let (state, replies) = s.send("console", text, 90).unwrap();
+        assert_eq!(state, "answered", "{text}: {replies:?}\n{}", s.log_text());
+    };
+    let last = || tool_results(&model).last().cloned().unwrap_or_default();
+
+    // A question answered from a fetched page (HTML read inside the box), and a link of
+    // that page followed.
+    say("read https://site.test/page");
+    assert!(
+        last().contains("harvest festival is on Saturday"),
+        "{}",
+        last()
+    );
+    assert!(
+        !last().contains("track()"),
+        "scripts are not text: {}",
+        last()
+    );
+    say("follow the programme link");
+    assert!(
+        last().contains("parade at 10"),
+        "a link of the page: {}",
+        last()
+    );
+
+    // A search, and its result followed (the model chose it; the control plane saw it).
+    say("search festival");
+    let results = tool_results(&model).join("\n");
+    assert!(
+        results.contains("Festival programme") && !results.contains("plain.test"),
+        "{results}"
+    );
+    assert!(last().contains("parade at 10"), "{}", last());
+
+    // A URL the model composed is refused: never seen, never granted.
+    say("look up my notes");
+    assert!(last().contains("has not seen this URL"), "{}", last());
+
+    // Refusals, each with its reason recorded.
+    for (url, why) in [
+        ("https://site.test/redirect-local", "redirect"),
+        ("https://site.test/redirect-private", "redirect"),
+        ("https://site.test/redirect-other", "redirect"),
+        ("https://inside.test/page", "10.0.0.5"),
+        ("https://127.0.0.1/page", "loopback"),
+        ("https://site.test/big", "larger than"),
+        ("https://site.test/big-unannounced", "larger than"),
+        ("https://site.test/trickle", "longer than"),
+        ("https://site.test/binary", "content type"),
+        ("https://wrongname.test/page", "TLS"),
+    ] {
+        say(&format!("read {url}"));
+        let got = last();
+        assert!(
+            got.starts_with("refused") && got.contains(why),
+            "{url}: {got}"
+        );
+    }
+    // Same-host redirects are followed.
+    say("read https://site.test/redirect-same");
+    assert!(last().contains("parade at 10"), "{}", last());
+
+    // A page that tells the model to leak through a granted host, to widen its egress
+    // and to write a note: the fetch is refused (a query under a grant, after reading
+    // outside content), the change request is denied as asked after reading the page,
+    // and the note is written but marked as written after outside content.
+    say("read https://site.test/inject");
+    let results = tool_results(&model).join("\n");
+    assert!(results.contains("has not seen this URL"), "{results}");
+    let changes = s.changes(true);
+    assert!(
+        changes.iter().all(|c| c.state.as_str() == "denied"),
+        "{changes:?}"
+    );
+    let denied = s.audit_of("change_requested");
+    assert!(
+        !denied.is_empty() && denied.iter().all(|e| e["detail"]["rule"] == "tainted"),
+        "{denied:?}"
+    );
+    let id = denied[0]["detail"]["change"].as_str().unwrap();
+    let shown = String::from_utf8_lossy(&s.cli(&["changes", "show", id]).stdout).into_owned();
+    assert!(
+        shown.contains("asked after reading https://site.test/inject"),
+        "{shown}"
+    );
+    let marked = s
+        .audit_of("outbox_ingested")
+        .iter()
+        .any(|e| e["detail"]["notes_after_outside_content"] == 1);
+    assert!(marked);
+    // Every fetch is recorded with its URL, provenance and outcome.
+    let fetched = s.audit_of("web_fetched");
+    assert!(
+        fetched
+            .iter()
+            .any(|e| e["detail"]["outcome"] == "ok" && e["detail"]["provenance"] == "page")
+    );
+    assert!(
+        fetched
+            .iter()
+            .any(|e| e["detail"]["provenance"] == "message")
+    );
+    assert!(
+        fetched
+            .iter()
+            .any(|e| e["detail"]["provenance"] == "search")
+    );
+    assert!(fetched.iter().all(|e| e["detail"]["outcome"].is_string()));
+    s.stop();
+    let _ = Duration::from_secs(0);
+}
