@@ -308,8 +308,21 @@ fn inside_the_namespace() {
     // outside content), the change request is denied as asked after reading the page,
     // and the note is written but marked as written after outside content.
     say("read https://site.test/inject");
-    let results = tool_results(&model).join("\n");
-    assert!(results.contains("has not seen this URL"), "{results}");
+    let leak: Vec<Value> = s
+        .audit_of("web_fetched")
+        .into_iter()
+        .filter(|e| {
+            e["detail"]["url"]
+                .as_str()
+                .unwrap_or("")
+                .contains("granted.test")
+        })
+        .collect();
+    assert_eq!(leak.len(), 1, "{leak:?}");
+    assert_eq!(
+        leak[0]["detail"]["outcome"], "refused: not seen",
+        "{leak:?}"
+    );
     let changes = s.changes(true);
     assert!(
         changes.iter().all(|c| c.state.as_str() == "denied"),
