@@ -44,6 +44,11 @@ impl NetNs {
     /// namespace is entered (`nsenter --net`): `ip netns exec` would also mount a fresh
     /// `/sys`, hiding the cgroups the sandboxes are confined in.
     pub fn run_test(&self, test: &str) -> (bool, String) {
+        self.run_test_with(test, &[])
+    }
+
+    /// [`NetNs::run_test`] with more environment.
+    pub fn run_test_with(&self, test: &str, env: &[(&str, &str)]) -> (bool, String) {
         let exe: PathBuf = std::env::current_exe().expect("the test binary");
         let out = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.name))
@@ -56,6 +61,7 @@ impl NetNs {
                 "--test-threads=1",
             ])
             .env(INSIDE, &self.name)
+            .envs(env.iter().copied())
             .output()
             .expect("run the test inside the namespace");
         let text = format!(

@@ -417,3 +417,36 @@ pub fn free_port() -> u16 {
         .expect("local addr")
         .port()
 }
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Reads every regular file under `dir` whole (outbox images included) and panics,
+/// naming the file, if one holds any of `secrets` in plaintext; the bytes read.
+pub fn assert_nothing_plain(dir: &Path, secrets: &[&[u8]]) -> u64 {
+    let mut scanned = 0u64;
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let entry = entry.expect("dir entry");
+        let path = entry.path();
+        let kind = entry.file_type().expect("file type");
+        if kind.is_dir() {
+            scanned += assert_nothing_plain(&path, secrets);
+        } else if kind.is_file() {
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            scanned += bytes.len() as u64;
+            for s in secrets {
+                assert!(
+                    !contains(&bytes, s),
+                    "{} in plaintext in {}",
+                    String::from_utf8_lossy(s),
+                    path.display()
+                );
+            }
+        }
+    }
+    scanned
+}

@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -425,46 +424,16 @@ fn documents_and_voice_notes_reach_the_model_bad_files_get_notices_and_nothing_i
         b"DOC-MARKER-91c2",
         b"bomb start",
     ];
-    let mut scanned = 0u64;
-    scan(&r.s.state, &secrets, &mut scanned);
+    let scanned = tests::service::assert_nothing_plain(&r.s.state, &secrets);
     let log = std::fs::read(&r.s.log).unwrap();
     for s in secrets {
         assert!(
-            !contains(&log, s),
+            !tests::service::contains(&log, s),
             "{} in serve's log",
             String::from_utf8_lossy(s)
         );
     }
     assert!(scanned > 1024 * 1024, "the scan read {scanned} bytes");
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Every regular file under `dir` (the outbox images included), read whole.
-fn scan(dir: &Path, secrets: &[&[u8]], scanned: &mut u64) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let entry = entry.unwrap();
-        let path = entry.path();
-        let kind = entry.file_type().unwrap();
-        if kind.is_dir() {
-            scan(&path, secrets, scanned);
-        } else if kind.is_file() {
-            let Ok(bytes) = std::fs::read(&path) else {
-                continue;
-            };
-            *scanned += bytes.len() as u64;
-            for s in secrets {
-                assert!(
-                    !contains(&bytes, s),
-                    "{} in plaintext in {}",
-                    String::from_utf8_lossy(s),
-                    path.display()
-                );
-            }
-        }
-    }
 }
 
 #[test]

@@ -23,10 +23,15 @@ fn the_web_is_brokered_inside_a_namespace_with_no_way_out() {
         &format!("icweb{}", std::process::id()),
         &["198.51.100.10/32", "198.51.100.11/32"],
     );
-    let (ok, printed) = ns.run_test("inside_the_namespace");
-    println!("{printed}");
-    assert!(ok, "the test inside the namespace failed:\n{printed}");
-    assert!(printed.contains("1 passed"), "{printed}");
+    for backend in ["searxng", "brave"] {
+        let (ok, printed) = ns.run_test_with("inside_the_namespace", &[(BACKEND, backend)]);
+        println!("{printed}");
+        assert!(
+            ok,
+            "the test inside the namespace ({backend}) failed:\n{printed}"
+        );
+        assert!(printed.contains("1 passed"), "{printed}");
+    }
 }
 
 /// A CA only this test trusts, and a certificate from it for `names` (`key`, `pem`).
@@ -193,18 +198,35 @@ fn obey(results: &str) -> Vec<(&'static str, Value)> {
     vec![]
 }
 
-/// A fake SearXNG: `GET /search?q=...&format=json`.
-async fn searxng() -> FakeHttp {
+/// Which search backend the test inside the namespace is configured with.
+const BACKEND: &str = "IRONCLAW_TEST_SEARCH";
+/// Brave's subscription token in the test: it must reach the fake API, and never the box.
+const BRAVE_KEY: &str = "BSA-test-key-7f3e1c9a";
+
+/// A fake search API: SearXNG's `GET /search?q=...&format=json`, and Brave's
+/// `GET /res/v1/web/search?q=...` with its `X-Subscription-Token` (else 401).
+async fn search_api() -> FakeHttp {
     let handler: Handler = Arc::new(|req| {
         Box::pin(async move {
-            if req.path != "/search" {
-                return Scripted::status(404);
+            let results = [
+                (
+                    "https://site.test/result",
+                    "Festival programme",
+                    "The programme of the harvest festival.",
+                ),
+                ("http://plain.test/", "Not https", "dropped"),
+            ];
+            match req.path.as_str() {
+                "/search" => Scripted::json(json!({ "query": "q", "results": results.iter()
+                    .map(|(u, t, c)| json!({ "url": u, "title": t, "content": c })).collect::<Vec<_>>() })),
+                "/res/v1/web/search" if req.header("x-subscription-token") == Some(BRAVE_KEY) => {
+                    Scripted::json(json!({ "type": "search", "web": { "results": results.iter()
+                        .map(|(u, t, c)| json!({ "url": u, "title": t, "description": c }))
+                        .collect::<Vec<_>>() } }))
+                }
+                "/res/v1/web/search" => Scripted::status(401),
+                _ => Scripted::status(404),
             }
-            Scripted::json(json!({ "query": "q", "results": [
-                { "url": "https://site.test/result", "title": "Festival programme",
-                  "content": "The programme of the harvest festival." },
-                { "url": "http://plain.test/", "title": "Not https", "content": "dropped" }
-            ]}))
         })
     });
     FakeHttp::serve(handler).await
@@ -216,8 +238,15 @@ fn inside_the_namespace() {
     assert!(inside(), "run only inside the test's namespace");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let model = rt.block_on(start_obedient_model(Arc::new(script), Arc::new(obey)));
-    let search = rt.block_on(searxng());
+    let search = rt.block_on(search_api());
     let mut s = Serve::init("");
+    let backend = std::env::var(BACKEND).unwrap();
+    let key = s.secret_file("brave.key", BRAVE_KEY);
+    let key_line = if backend == "brave" {
+        format!("search_key_file = \"{}\"\n", key.display())
+    } else {
+        String::new()
+    };
     let dir = s.dir.path().to_owned();
     certificates(&dir);
     let _site = site(&dir, "198.51.100.10", "site");
@@ -227,7 +256,7 @@ fn inside_the_namespace() {
         format!(
             "[model]\nprovider = \"openai\"\nbase_url = \"{}\"\nmodel = \"m\"\n\n\
              [sandbox]\nruntime = \"gvisor\"\n\n[budgets]\nrequests_per_minute = 1000\n\n\
-             [web]\nsearch = \"searxng\"\nsearch_url = \"{}\"\n\
+             [web]\nsearch = \"{backend}\"\nsearch_url = \"{}\"\n{key_line}\
              allowed_prefixes = [\"https://granted.test/api/\"]\n\
              tls_extra_ca_file = \"{}\"\n\
              test_hosts = {{ \"site.test\" = \"198.51.100.10\", \"other.test\" = \"198.51.100.10\", \
@@ -362,6 +391,31 @@ fn inside_the_namespace() {
             .any(|e| e["detail"]["provenance"] == "search")
     );
     assert!(fetched.iter().all(|e| e["detail"]["outcome"].is_string()));
+    // The fake was asked with the key; the agent never saw it; nothing read is at rest
+    // in plaintext.
+    if backend == "brave" {
+        assert!(
+            search
+                .received()
+                .iter()
+                .any(|r| r.header("x-subscription-token") == Some(BRAVE_KEY))
+        );
+    }
+    let seen_by_agent = model
+        .received()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect::<String>();
+    assert!(!seen_by_agent.contains(BRAVE_KEY));
     s.stop();
+    tests::service::assert_nothing_plain(
+        &s.state,
+        &[
+            b"harvest festival is on Saturday",
+            b"parade at 10",
+            BRAVE_KEY.as_bytes(),
+            b"Festival programme",
+        ],
+    );
     let _ = Duration::from_secs(0);
 }
