@@ -36,7 +36,7 @@ pub struct Finding {
 
 /// What doctor looks at, by the prefix of the ids of its findings, for the list of
 /// what was checked and passed.
-pub const CHECKS: [(&str, &str); 12] = [
+pub const CHECKS: [(&str, &str); 13] = [
     ("state", "the state directory's owner and modes"),
     (
         "keys",
@@ -70,6 +70,10 @@ pub const CHECKS: [(&str, &str); 12] = [
         "the agent binary: present, static, not writable by others",
     ),
     ("deploy", "sealed credentials have a TPM to seal them to"),
+    (
+        "web",
+        "the brokered web: no test overrides, grants narrower than a whole host, budgets set",
+    ),
 ];
 
 /// What `doctor --probe` found of one outside service.
@@ -255,9 +259,10 @@ fn as_serve_reads_it(name: &str, text: &str, first: bool, r: &mut Report) {
 }
 
 /// The keys in a configuration that name a key or token file.
-const SECRET_FILES: [&[&str]; 4] = [
+const SECRET_FILES: [&[&str]; 5] = [
     &["model", "api_key_file"],
     &["transcription", "api_key_file"],
+    &["web", "search_key_file"],
     &["channels", "telegram", "token_file"],
     &["channels", "bridge", "token_file"],
 ];
@@ -291,6 +296,56 @@ fn key_files(t: &toml::Table, r: &mut Report) {
                 "chown root and chmod 0600 the file",
             ),
             Ok(_) => {}
+        }
+    }
+}
+
+/// The `[web]` section: test overrides outside tests, a grant that covers a whole host
+/// (every path and query string on it), budgets left at their defaults.
+fn web(where_: &str, t: &toml::Table, r: &mut Report) {
+    let Some(web) = t.get("web").and_then(|v| v.as_table()) else {
+        return;
+    };
+    if web
+        .get("test_hosts")
+        .and_then(|v| v.as_table())
+        .is_some_and(|h| !h.is_empty())
+    {
+        r.add(
+            "web.test-hosts",
+            Severity::Warning,
+            format!("{where_} answers some host names itself (web.test_hosts): for tests only"),
+            "remove web.test_hosts outside tests",
+        );
+    }
+    if web.contains_key("tls_extra_ca_file") {
+        r.add(
+            "web.extra-ca",
+            Severity::Warning,
+            format!("{where_} trusts an extra certificate authority for the web (web.tls_extra_ca_file): for tests only"),
+            "remove web.tls_extra_ca_file outside tests",
+        );
+    }
+    let prefixes = web.get("allowed_prefixes").and_then(|v| v.as_array());
+    for p in prefixes.into_iter().flatten().filter_map(|p| p.as_str()) {
+        let whole = url::Url::parse(p).is_ok_and(|u| u.path() == "/" && u.query().is_none());
+        if whole {
+            r.add(
+                "web.prefix-whole-host",
+                Severity::Warning,
+                format!("{where_} grants {p:?}: every path and query string on that host, so an agent may put anything it read into a URL there"),
+                "grant the narrowest prefix the site's API needs (https://host/api/v1/forecast)",
+            );
+        }
+    }
+    for key in ["requests_per_day", "bytes_per_day"] {
+        if !web.contains_key(key) {
+            r.add(
+                "web.budget-unset",
+                Severity::Warning,
+                format!("{where_} leaves web.{key} at its default"),
+                "set web.requests_per_day and web.bytes_per_day to what one conversation should use a day",
+            );
         }
     }
 }
@@ -479,6 +534,7 @@ fn store(
 
 fn configuration(where_: &str, t: &toml::Table, r: &mut Report) {
     admin_api(where_, t, r);
+    web(where_, t, r);
     if get(t, &["sandbox", "runtime"]).and_then(|v| v.as_str()) == Some("host") {
         r.add(
             "sandbox.not-gvisor",
@@ -746,6 +802,34 @@ fn agent(path: &Path, r: &mut Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_web_section_is_flagged_for_test_overrides_whole_hosts_and_default_budgets() {
+        let ids = |text: &str| {
+            let mut r = Report(Vec::new());
+            web("the file", &text.parse::<toml::Table>().unwrap(), &mut r);
+            let mut ids: Vec<&str> = r.0.iter().map(|f| f.id).collect();
+            ids.dedup();
+            ids
+        };
+        let loose = "[web]\nsearch = \"searxng\"\nsearch_url = \"https://s.example\"\n\
+            allowed_prefixes = [\"https://api.example/\", \"https://api.example/v1/forecast\"]\n\
+            tls_extra_ca_file = \"/tmp/ca.pem\"\ntest_hosts = { \"a.test\" = \"198.51.100.1\" }\n";
+        assert_eq!(
+            ids(loose),
+            vec![
+                "web.test-hosts",
+                "web.extra-ca",
+                "web.prefix-whole-host",
+                "web.budget-unset"
+            ]
+        );
+        let tight = "[web]\nsearch = \"searxng\"\nsearch_url = \"https://s.example\"\n\
+            allowed_prefixes = [\"https://api.example/v1/forecast\"]\n\
+            requests_per_day = 50\nbytes_per_day = 1000000\n";
+        assert!(ids(tight).is_empty());
+        assert!(ids("[model]\nprovider = \"demo\"\n").is_empty());
+    }
 
     #[test]
     fn endpoints_are_judged_like_the_policy() {
