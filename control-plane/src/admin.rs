@@ -50,6 +50,11 @@ pub enum Request {
     SessionsShow {
         name: String,
     },
+    /// A session's web: its last fetches and searches; turned off or on with `off`.
+    SessionsWeb {
+        name: String,
+        off: Option<bool>,
+    },
     /// Sets a session's time zone (`None`: back to `agent.timezone`).
     SessionsTimezone {
         name: String,
@@ -103,6 +108,11 @@ pub enum Response {
         replies: Vec<String>,
     },
     Sessions(Vec<SessionSummary>),
+    /// Whether a session's web is on, and its last fetches and searches.
+    Web {
+        on: bool,
+        records: Vec<crate::store::web::WebRecord>,
+    },
     /// The time zone now in force for a session.
     TimeZone {
         name: String,
@@ -393,6 +403,15 @@ pub(crate) async fn handle(
             ))),
             Ok(id) => match service.delete_session(&id).await {
                 Ok(s) => Response::Deleted(s),
+                Err(e) => Response::Error(Failure::from(&e)),
+            },
+        },
+        Request::SessionsWeb { name, off } => match SessionId::try_from(name.as_str()) {
+            Err(_) => Response::Error(Failure::bad(format!(
+                "{name:?} is not a valid session name"
+            ))),
+            Ok(id) => match service.session_web(&id, off, &peer.to_string()) {
+                Ok((on, records)) => Response::Web { on, records },
                 Err(e) => Response::Error(Failure::from(&e)),
             },
         },

@@ -132,6 +132,8 @@ pub enum AuditEvent {
     SessionRestarted,
     /// An operator set (or cleared) a session's time zone.
     SessionTimeZoneSet,
+    /// An operator turned the web off or on for a session.
+    SessionWebSet,
     /// The web broker fetched (or refused to fetch) a URL for an agent.
     WebFetched,
     /// The web broker searched (or refused to search) for an agent.
@@ -175,6 +177,7 @@ impl AuditEvent {
         AuditEvent::SessionDeleted,
         AuditEvent::SessionRestarted,
         AuditEvent::SessionTimeZoneSet,
+        AuditEvent::SessionWebSet,
         AuditEvent::StoreCreated,
         AuditEvent::WebFetched,
         AuditEvent::WebSearched,
@@ -219,6 +222,7 @@ impl AuditEvent {
             AuditEvent::SessionDeleted => "session_deleted",
             AuditEvent::SessionRestarted => "session_restarted",
             AuditEvent::SessionTimeZoneSet => "session_time_zone_set",
+            AuditEvent::SessionWebSet => "session_web_set",
             AuditEvent::WebFetched => "web_fetched",
             AuditEvent::WebSearched => "web_searched",
             AuditEvent::StoreCreated => "store_created",

@@ -124,6 +124,16 @@ enum SessionsCmd {
     },
     /// Stop a session's sandbox, destroy its keys and remove everything it left
     Delete { name: String },
+    /// A session's web: on or off, and its last fetches and searches (with on/off, turn
+    /// it on or off)
+    Web {
+        name: String,
+        #[arg(value_parser = ["on", "off"])]
+        set: Option<String>,
+        /// Print as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Set the time zone of a session's person (an IANA name such as Europe/Berlin);
     /// with --default, go back to agent.timezone
     Timezone {
@@ -233,6 +243,9 @@ fn main() -> ExitCode {
         Cmd::Sessions(SessionsCmd::List { json }) => sessions_list(&state, json),
         Cmd::Sessions(SessionsCmd::Show { name, json }) => sessions_show(&state, &name, json),
         Cmd::Sessions(SessionsCmd::Delete { name }) => sessions_delete(&state, &name),
+        Cmd::Sessions(SessionsCmd::Web { name, set, json }) => {
+            sessions_web(&state, &name, set.as_deref(), json)
+        }
         Cmd::Sessions(SessionsCmd::Timezone { name, zone, .. }) => {
             sessions_timezone(&state, &name, zone)
         }
@@ -592,6 +605,45 @@ fn sessions_list(state: &StateDir, json: bool) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
+fn sessions_web(state: &StateDir, name: &str, set: Option<&str>, json: bool) -> CliResult {
+    let req = Request::SessionsWeb {
+        name: name.into(),
+        off: set.map(|s| s == "off"),
+    };
+    let Response::Web { on, records } = ask(state, &req, Duration::from_secs(30))? else {
+        return Err(unexpected());
+    };
+    if json {
+        out!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "on": on, "records": records }))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    out!("web for {name}: {}", if on { "on" } else { "off" });
+    out!("last fetches and searches, newest first:");
+    for r in records {
+        let d = &r.detail;
+        let what = if r.kind == "web_fetched" {
+            format!(
+                "fetch {} ({}, {} bytes)",
+                d["url"].as_str().unwrap_or(""),
+                d["provenance"].as_str().unwrap_or("no provenance"),
+                d["bytes"]
+            )
+        } else {
+            format!("search ({} results)", d["results"])
+        };
+        out!(
+            "{:<10} {}: {}",
+            when(r.at),
+            printable(&what),
+            printable(d["outcome"].as_str().unwrap_or(""))
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn sessions_timezone(state: &StateDir, name: &str, zone: Option<String>) -> CliResult {
     let req = Request::SessionsTimezone {
         name: name.into(),
@@ -699,7 +751,9 @@ fn sessions_show(state: &StateDir, name: &str, json: bool) -> CliResult {
             tools.join(" ")
         );
     }
-    Ok(ExitCode::SUCCESS)
+    // The session's fetches and searches follow its turns.
+    out!("");
+    sessions_web(state, name, None, false)
 }
 
 fn changes_list(state: &StateDir, all: bool, json: bool) -> CliResult {

@@ -391,6 +391,19 @@ fn inside_the_namespace() {
             .any(|e| e["detail"]["provenance"] == "search")
     );
     assert!(fetched.iter().all(|e| e["detail"]["outcome"].is_string()));
+    // `sessions show` lists them; the operator turns the web off for the session.
+    let shown =
+        String::from_utf8_lossy(&s.cli(&["sessions", "show", "console"]).stdout).into_owned();
+    assert!(
+        shown.contains("web for console: on")
+            && shown.contains("fetch https://site.test/page (message"),
+        "{shown}"
+    );
+    let off = s.cli(&["sessions", "web", "console", "off"]);
+    assert!(String::from_utf8_lossy(&off.stdout).contains("web for console: off"));
+    say("read https://site.test/page");
+    assert!(last().contains("turned the web off"), "{}", last());
+    s.cli(&["sessions", "web", "console", "on"]);
     // The fake was asked with the key; the agent never saw it; nothing read is at rest
     // in plaintext.
     if backend == "brave" {

@@ -65,6 +65,29 @@ pub fn urls_in_text(text: &str) -> Vec<String> {
 }
 
 impl Service {
+    /// Turns the web off or on for `session` (`None`: leaves it), recorded in the trail
+    /// as `by`; whether it is on now, and its last fetches and searches.
+    pub fn session_web(
+        &self,
+        session: &SessionId,
+        set_off: Option<bool>,
+        by: &str,
+    ) -> Result<(bool, Vec<crate::store::web::WebRecord>), super::ServiceError> {
+        if self.db(|s| s.session(session))?.is_none() {
+            return Err(super::ServiceError::NoSession(session.clone()));
+        }
+        if let Some(off) = set_off {
+            self.db(|s| s.set_web_off(session, off))?;
+            self.audit(
+                AuditEvent::SessionWebSet,
+                json!({ "session": session.as_str(), "web": if off { "off" } else { "on" }, "by": by }),
+            );
+        }
+        let off = self.db(|s| s.web_off(session))?;
+        let records = self.db(|s| s.web_records(session, 50))?;
+        Ok((!off, records))
+    }
+
     /// Remembers the URLs the person wrote in a message of `session`.
     pub(super) fn person_wrote(&self, session: &SessionId, text: &str) {
         let urls = urls_in_text(text);
@@ -84,6 +107,9 @@ impl Service {
         let Some(web) = config.web.as_ref() else {
             return refused("the web is off for this assistant");
         };
+        if self.db(|s| s.web_off(session)).unwrap_or(true) {
+            return refused("an operator turned the web off for this conversation");
+        }
         match call {
             WebCall::Fetch(url) => self.web_fetch(session, web, &url).await,
             WebCall::Search(query) => self.web_search(session, web, &query).await,

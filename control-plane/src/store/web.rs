@@ -16,6 +16,9 @@ CREATE TABLE IF NOT EXISTS web_seen (
     at INTEGER NOT NULL,
     PRIMARY KEY (session, url)
 );
+CREATE TABLE IF NOT EXISTS web_off (
+    session TEXT PRIMARY KEY
+);
 CREATE TABLE IF NOT EXISTS web_taint (
     session TEXT PRIMARY KEY,
     url TEXT NOT NULL,
@@ -39,7 +42,64 @@ pub struct Taint {
     pub at: i64,
 }
 
+/// One fetch or search, as the audit trail recorded it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WebRecord {
+    pub at: i64,
+    /// `web_fetched` or `web_searched`.
+    pub kind: String,
+    pub detail: serde_json::Value,
+}
+
 impl Store {
+    /// Whether an operator turned the web off for `session`.
+    pub fn web_off(&self, session: &SessionId) -> Result<bool, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT count(*) > 0 FROM web_off WHERE session = ?1",
+            params![session.as_str()],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Turns the web off (or on again) for `session`.
+    pub fn set_web_off(&mut self, session: &SessionId, off: bool) -> Result<(), StoreError> {
+        if off {
+            self.conn.execute(
+                "INSERT OR IGNORE INTO web_off (session) VALUES (?1)",
+                params![session.as_str()],
+            )?;
+        } else {
+            self.conn.execute(
+                "DELETE FROM web_off WHERE session = ?1",
+                params![session.as_str()],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `session`'s last `limit` fetches and searches, newest first, from the trail.
+    pub fn web_records(
+        &self,
+        session: &SessionId,
+        limit: u32,
+    ) -> Result<Vec<WebRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT at, kind, detail FROM audit WHERE kind IN ('web_fetched', 'web_searched')
+             AND json_extract(detail, '$.session') = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![session.as_str(), limit], |r| {
+                let detail: String = r.get(2)?;
+                Ok(WebRecord {
+                    at: r.get(0)?,
+                    kind: r.get(1)?,
+                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
     /// Remembers `urls` as seen by the control plane for `session`, from `source`.
     pub fn remember_urls(
         &mut self,
