@@ -17,6 +17,7 @@ pub mod intake;
 pub mod loopback;
 pub mod netns;
 pub mod service;
+pub mod web_site;
 pub mod webdriver;
 
 /// Every regular file under `dir`, recursively (nothing if `dir` is missing).

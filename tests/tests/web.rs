@@ -6,8 +6,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +14,7 @@ use tests::fake_http::{FakeHttp, Handler, Scripted};
 use tests::fake_model::{start_obedient_model, tool_results};
 use tests::netns::{NetNs, inside};
 use tests::service::Serve;
+use tests::web_site::{certificates, site};
 
 #[test]
 fn the_web_is_brokered_inside_a_namespace_with_no_way_out() {
@@ -32,121 +31,6 @@ fn the_web_is_brokered_inside_a_namespace_with_no_way_out() {
         );
         assert!(printed.contains("1 passed"), "{printed}");
     }
-}
-
-/// A CA only this test trusts, and a certificate from it for `names` (`key`, `pem`).
-fn certificates(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(&[
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=IronClaw test CA",
-        ],
-    ]
-    .concat());
-    for (name, sans) in [
-        (
-            "site",
-            "DNS:site.test,DNS:other.test,DNS:granted.test,DNS:inside.test",
-        ),
-        ("wrong", "DNS:somewhere-else.test"),
-    ] {
-        run(&[
-            &["req"][..],
-            &ec,
-            &[
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={name}"),
-            ],
-        ]
-        .concat());
-        std::fs::write(
-            dir.join(format!("{name}.ext")),
-            format!(
-                "subjectAltName={sans}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
-            ),
-        )
-        .unwrap();
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.ext"),
-        ]);
-    }
-}
-
-/// A running site, stopped when dropped.
-struct Site(Child);
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A site on `address`:443 with the certificate `name`.
-fn site(dir: &Path, address: &str, name: &str) -> Site {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/site.py");
-    let python = std::env::var("IRONCLAW_SYSTEM_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut child = Command::new(python)
-        .arg(script)
-        .args([address, &format!("{name}.pem"), &format!("{name}.key")])
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready");
-    Site(child)
 }
 
 /// What the model does with the person's words.

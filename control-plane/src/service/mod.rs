@@ -210,6 +210,8 @@ pub struct Service {
     prompts: tokio::sync::Notify,
     /// Wakes the channels' fetchers when a message with files is stored.
     files: tokio::sync::Notify,
+    /// The web broker's clients, kept for reuse.
+    web_clients: crate::web::fetch::Clients,
     /// Applying one change at a time: decisions, and the restarts that follow them.
     applying: tokio::sync::Mutex<()>,
     live: std::sync::Mutex<HashMap<SessionId, Arc<Live>>>,
@@ -366,6 +368,7 @@ impl Service {
             refused_messages: std::sync::Mutex::new(RateLimit::default()),
             prompts: tokio::sync::Notify::new(),
             files: tokio::sync::Notify::new(),
+            web_clients: crate::web::fetch::Clients::default(),
             applying: tokio::sync::Mutex::new(()),
             live: std::sync::Mutex::new(HashMap::new()),
             creating: std::sync::Mutex::new(()),

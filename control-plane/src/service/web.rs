@@ -254,6 +254,7 @@ impl Service {
         Ok(Reach {
             test_hosts: web.test_hosts.clone(),
             extra_ca,
+            clients: self.web_clients.clone(),
         })
     }
 

@@ -36,7 +36,21 @@ pub struct Reach {
     pub test_hosts: BTreeMap<String, IpAddr>,
     /// An extra trusted CA, PEM (tests only; `doctor` flags it).
     pub extra_ca: Option<Vec<u8>>,
+    /// Clients already built, by host, the address they are pinned to and the CA: a
+    /// client takes tens of milliseconds to build (its TLS roots).
+    pub clients: Clients,
 }
+
+/// Clients kept for reuse, at most [`MAX_CLIENTS`]; one is reused only for the same
+/// host pinned to the same checked address, with the same extra CA.
+#[derive(Debug, Clone, Default)]
+pub struct Clients(std::sync::Arc<std::sync::Mutex<ClientMap>>);
+
+/// Clients by host, pinned address and extra CA (its hash).
+type ClientMap = std::collections::HashMap<(String, IpAddr, u64), reqwest::Client>;
+
+/// Clients kept, at most.
+pub const MAX_CLIENTS: usize = 64;
 
 /// Why a fetch was refused or failed: said to the agent and recorded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -211,6 +225,23 @@ impl Reach {
     /// A client that connects `host` to `ip` only: no redirects, no cookies, no proxy,
     /// fixed headers, TLS verified against the web's roots (and the extra CA, if set).
     fn client(&self, host: &str, ip: IpAddr) -> Result<reqwest::Client, FetchError> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.extra_ca.hash(&mut h);
+        let key = (host.to_owned(), ip, h.finish());
+        let mut kept = self.clients.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = kept.get(&key) {
+            return Ok(c.clone());
+        }
+        let built = self.build_client(host, ip)?;
+        if kept.len() >= MAX_CLIENTS {
+            kept.clear();
+        }
+        kept.insert(key, built.clone());
+        Ok(built)
+    }
+
+    fn build_client(&self, host: &str, ip: IpAddr) -> Result<reqwest::Client, FetchError> {
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(
             reqwest::header::ACCEPT,
