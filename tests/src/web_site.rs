@@ -44,7 +44,7 @@ pub fn certificates(dir: &Path) {
     for (name, sans) in [
         (
             "site",
-            "DNS:site.test,DNS:other.test,DNS:granted.test,DNS:inside.test",
+            "DNS:site.test,DNS:other.test,DNS:granted.test,DNS:inside.test,DNS:rebind.test",
         ),
         ("wrong", "DNS:somewhere-else.test"),
     ] {
@@ -117,6 +117,39 @@ pub fn site(dir: &Path, address: &str, name: &str) -> Site {
         &mut line,
     )
     .expect("test site");
+    assert_eq!(line.trim(), "ready");
+    Site(child)
+}
+
+/// The first name server the host's resolv.conf names: inside a test's own network
+/// namespace that address is nobody's, so a test DNS server may take it there.
+pub fn host_name_server() -> Option<std::net::IpAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .ok()?
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .find_map(|a| a.trim().parse().ok())
+}
+
+/// A DNS server on `address`:53 answering each `(name, first, then)` with `first`, then
+/// with `then` on every later query (`web/dns.py`).
+pub fn dns(address: std::net::IpAddr, answers: &[(&str, &str, &str)]) -> Site {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/dns.py");
+    let python = std::env::var("IRONCLAW_SYSTEM_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut child = Command::new(python)
+        .arg(script)
+        .arg(address.to_string())
+        .args(answers.iter().map(|(n, a, b)| format!("{n}={a},{b}")))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("test dns");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("test dns");
     assert_eq!(line.trim(), "ready");
     Site(child)
 }

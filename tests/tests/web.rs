@@ -14,14 +14,22 @@ use tests::fake_http::{FakeHttp, Handler, Scripted};
 use tests::fake_model::{start_obedient_model, tool_results};
 use tests::netns::{NetNs, inside};
 use tests::service::Serve;
-use tests::web_site::{certificates, site};
+use tests::web_site::{certificates, dns, host_name_server, site};
 
 #[test]
 fn the_web_is_brokered_inside_a_namespace_with_no_way_out() {
-    let ns = NetNs::new(
-        &format!("icweb{}", std::process::id()),
-        &["198.51.100.10/32", "198.51.100.11/32"],
-    );
+    // The host's name server's address, held by lo inside the namespace, is where the
+    // test's own DNS server answers there.
+    let dns = host_name_server().expect("a nameserver in /etc/resolv.conf");
+    let mut addresses = vec!["198.51.100.10/32".to_owned(), "198.51.100.11/32".to_owned()];
+    if !dns.is_loopback() {
+        addresses.push(match dns {
+            std::net::IpAddr::V4(a) => format!("{a}/32"),
+            std::net::IpAddr::V6(a) => format!("{a}/128"),
+        });
+    }
+    let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    let ns = NetNs::new(&format!("icweb{}", std::process::id()), &addresses);
     for backend in ["searxng", "brave"] {
         let (ok, printed) = ns.run_test_with("inside_the_namespace", &[(BACKEND, backend)]);
         println!("{printed}");
@@ -135,6 +143,11 @@ fn inside_the_namespace() {
     certificates(&dir);
     let _site = site(&dir, "198.51.100.10", "site");
     let _wrong = site(&dir, "198.51.100.11", "wrong");
+    // rebind.test answers 198.51.100.10 once, then 127.0.0.1.
+    let _dns = dns(
+        host_name_server().unwrap(),
+        &[("rebind.test", "198.51.100.10", "127.0.0.1")],
+    );
     std::fs::write(
         s.state.join("config.toml"),
         format!(
@@ -212,6 +225,23 @@ fn inside_the_namespace() {
             "{url}: {got}"
         );
     }
+    // A name whose answer changes between two lookups: the first fetch connects to the
+    // address that was checked (were the name looked up again to connect, nothing
+    // would answer on 127.0.0.1:443), and the second lookup, now loopback, is refused.
+    // (Another conversation: this one has used its 20 web calls of the minute.)
+    let say_in = |session: &str, text: &str| {
+        let (state, replies) = s.send(session, text, 90).unwrap();
+        assert_eq!(state, "answered", "{text}: {replies:?}");
+    };
+    say_in("rebinding", "read https://rebind.test/page");
+    assert!(last().contains("harvest festival"), "{}", last());
+    say_in("rebinding", "read https://rebind.test/page");
+    assert!(
+        last().starts_with("refused") && last().contains("127.0.0.1"),
+        "{}",
+        last()
+    );
+
     // Same-host redirects are followed.
     say("read https://site.test/redirect-same");
     assert!(last().contains("parade at 10"), "{}", last());
