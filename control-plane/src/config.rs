@@ -599,10 +599,13 @@ impl Config {
                         && u.username().is_empty()
                         && u.password().is_none()
                         && u.fragment().is_none()
+                        && u.query().is_none()
+                        && u.path().ends_with('/')
+                        && p.ends_with('/')
                 });
                 if !ok {
                     return invalid(
-                        "web.allowed_prefixes must be https URLs with a host, without credentials or a fragment",
+                        "web.allowed_prefixes must be https URLs with a host and a path ending in /, without credentials, a query or a fragment",
                     );
                 }
             }

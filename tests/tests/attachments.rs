@@ -404,14 +404,15 @@ fn documents_and_voice_notes_reach_the_model_bad_files_get_notices_and_nothing_i
     assert_eq!(content, b"eggs, milk, DOC-MARKER-91c2");
 
     // The control plane's own record of where notes came from: the note written while
-    // reading the PDF is marked, the shopping list is not.
+    // reading the PDF is marked, and so is the shopping list, written while the session
+    // was still tainted by the document.
     let marked: Vec<u64> =
         r.s.audit_of("outbox_ingested")
             .iter()
             .filter(|e| e["detail"]["notes"].as_u64() == Some(1))
             .map(|e| e["detail"]["notes_after_outside_content"].as_u64().unwrap())
             .collect();
-    assert_eq!(marked, vec![1, 0], "{marked:?}");
+    assert_eq!(marked, vec![1, 1], "{marked:?}");
 
     // At rest: not one of the files' bytes, the transcript or the extracted text is in
     // plaintext anywhere under the state directory, nor in serve's log.

@@ -243,7 +243,13 @@ impl Service {
         let candidate = candidate::agent_candidate(&eff.text, request.target, &request.after);
         // A session that has taken in outside content may not ask for changes until the
         // taint ends: the request is filed as denied, with what it had read.
-        let taint = self.db(|s| s.taint_of(session)).ok().flatten();
+        // A store that cannot say counts as tainted.
+        let taint = self.db(|s| s.taint_of(session)).unwrap_or_else(|_| {
+            Some(crate::store::web::Taint {
+                url: "(unknown: the store failed)".into(),
+                at: 0,
+            })
+        });
         let outcome = match taint {
             Some(t) => Err(Denial {
                 rule: "tainted",

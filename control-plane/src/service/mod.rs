@@ -644,6 +644,13 @@ impl Service {
             } else {
                 Vec::new()
             };
+            if files
+                .iter()
+                .any(|f| f.kind == queue_proto::items::AttachmentKind::Document)
+            {
+                self.db(|s| s.taint(id, "a document the person sent", now_secs()))
+                    .map_err(ServiceError::Store)?;
+            }
             items.extend(files::attachment_items(m.id as u64, &files));
             items.push(InboxItem::UserMessage(UserMessage {
                 message_id: m.id as u64,

@@ -64,6 +64,21 @@ pub fn urls_in_text(text: &str) -> Vec<String> {
     out
 }
 
+/// Whether `url` lies under the operator's grant `prefix`: the same scheme, host and
+/// port, and a path that starts with the prefix's path, which ends in `/` (the
+/// configuration check requires it), so `https://a.test/api/` covers neither
+/// `https://a.test/api-admin` nor `https://a.test.evil.example/`.
+pub(super) fn granted(url: &Url, prefix: &str) -> bool {
+    let Ok(p) = Url::parse(prefix) else {
+        return false;
+    };
+    url.scheme() == p.scheme()
+        && url.host_str() == p.host_str()
+        && url.port_or_known_default() == p.port_or_known_default()
+        && prefix.ends_with('/')
+        && url.path().starts_with(p.path())
+}
+
 impl Service {
     /// Turns the web off or on for `session` (`None`: leaves it), recorded in the trail
     /// as `by`; whether it is on now, and its last fetches and searches.
@@ -132,10 +147,7 @@ impl Service {
         if let Ok(Some(source)) = self.db(|s| s.url_seen(session, url.as_str())) {
             return Some(source);
         }
-        let granted = web
-            .allowed_prefixes
-            .iter()
-            .any(|p| url.as_str().starts_with(p.as_str()));
+        let granted = web.allowed_prefixes.iter().any(|p| granted(url, p));
         let tainted = !matches!(self.db(|s| s.taint_of(session)), Ok(None));
         (granted && !(tainted && url.query().is_some())).then(|| "granted prefix".to_owned())
     }
@@ -214,6 +226,11 @@ impl Service {
                 Err("another host, not seen by the control plane and not granted".to_owned())
             }
         };
+        // Whatever the server answers is outside content, a refusal included.
+        if let Err(e) = self.db(|s| s.taint(session, url.as_str(), now)) {
+            tracing::error!(session = %session, error = %e, "tainting a session failed");
+            return None;
+        }
         let page = match reach.fetch(&url, follow).await {
             Ok(p) => p,
             Err(e) => {
@@ -272,33 +289,29 @@ impl Service {
                         "results": results, "outcome": outcome }),
             );
         };
-        // A tainted session searches only with the person's own words.
-        if let Ok(Some(taint)) = self.db(|s| s.taint_of(session)) {
-            let waiting = self
-                .db(|s| s.waiting_texts(session))
-                .unwrap_or_default()
-                .join(" ")
-                .to_lowercase();
-            let foreign = query
-                .split(|c: char| !c.is_alphanumeric())
-                .filter(|w| !w.is_empty())
-                .any(|w| !waiting.contains(&w.to_lowercase()));
-            if query.len() > MAX_TAINTED_QUERY_BYTES || foreign {
-                record("refused: tainted query", 0);
-                return refused(format!(
-                    "after reading {} this conversation may search only with the person's own words (at most {MAX_TAINTED_QUERY_BYTES} bytes)",
-                    taint.url
-                ));
-            }
-        }
         let day = Self::day(web);
         match self.db(|s| s.charge_usage(session, day, now, 0)) {
             Ok(true) => {}
-            Ok(false) => {
-                record("refused: the day's web budget is used up", 0);
-                return refused("today's web budget for this conversation is used up");
-            }
+            Ok(false) => return refused("today's web budget for this conversation is used up"),
             Err(_) => return None,
+        }
+        // A tainted session searches only with the person's own words, whole; a store
+        // that cannot say counts as tainted.
+        let taint = match self.db(|s| s.taint_of(session)) {
+            Ok(t) => t.map(|t| t.url),
+            Err(_) => Some("(unknown: the store failed)".to_owned()),
+        };
+        if let Some(read) = taint {
+            let waiting = self.db(|s| s.waiting_texts(session)).unwrap_or_default();
+            let theirs: std::collections::HashSet<String> =
+                waiting.iter().flat_map(|t| words(t)).collect();
+            let foreign = words(query).iter().any(|w| !theirs.contains(w));
+            if query.len() > MAX_TAINTED_QUERY_BYTES || foreign {
+                record("refused: tainted query", 0);
+                return refused(format!(
+                    "after reading {read} this conversation may search only with the person's own words (at most {MAX_TAINTED_QUERY_BYTES} bytes)"
+                ));
+            }
         }
         let results = match search(web, query).await {
             Ok(r) => r,
@@ -322,6 +335,14 @@ impl Service {
         record("ok", results.len());
         Some(WebAnswer::Results { results })
     }
+}
+
+/// The words of `text`, lowercased.
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
 }
 
 /// Asks the configured backend; results bounded in number and length, https only.
@@ -397,6 +418,30 @@ async fn search(web: &WebConfig, query: &str) -> Result<Vec<SearchResult>, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grant_covers_its_host_and_path_only() {
+        let p = "https://granted.test/api/";
+        for ok in [
+            "https://granted.test/api/v1?x=1",
+            "https://GRANTED.test:443/api/",
+        ] {
+            assert!(granted(&Url::parse(ok).unwrap(), p), "{ok}");
+        }
+        for bad in [
+            "https://granted.test/api-admin",
+            "https://granted.test/api",
+            "https://granted.test.evil.example/api/",
+            "https://granted.test:8443/api/",
+            "https://granted.test/other/../api-x",
+        ] {
+            assert!(!granted(&Url::parse(bad).unwrap(), p), "{bad}");
+        }
+        assert!(!granted(
+            &Url::parse("https://granted.test/x").unwrap(),
+            "https://granted.test"
+        ));
+    }
 
     #[test]
     fn urls_are_read_from_text_as_a_person_writes_them() {

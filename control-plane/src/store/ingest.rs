@@ -223,7 +223,13 @@ impl Store {
         // Where the turn's notes came from, as this side knows it: whether the turn read
         // outside content (a transcript it asked for, or a document that came with a
         // message it answered).
-        let outside = turn.transcriptions > 0
+        let tainted: bool = tx.query_row(
+            "SELECT count(*) > 0 FROM web_taint WHERE session = ?1",
+            params![session.as_str()],
+            |r| r.get(0),
+        )?;
+        let outside = tainted
+            || turn.transcriptions > 0
             || turn.web_calls > 0
             || answered_here.iter().try_fold(false, |seen, id| {
                 Ok::<_, rusqlite::Error>(seen || super::attachments::outside_content(&tx, *id)?)

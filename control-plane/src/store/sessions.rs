@@ -38,7 +38,7 @@ pub(super) fn upgrade(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
 }
 
 /// The tables holding rows of one session, emptied when it is deleted.
-const SESSION_TABLES: [&str; 7] = [
+const SESSION_TABLES: [&str; 10] = [
     "messages",
     "outbound",
     "timers",
@@ -46,6 +46,9 @@ const SESSION_TABLES: [&str; 7] = [
     "turns",
     "usage",
     "attachments",
+    "web_seen",
+    "web_taint",
+    "web_off",
 ];
 
 /// How often folding the write-ahead log is tried while a reader holds it.

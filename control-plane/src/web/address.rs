@@ -2,8 +2,8 @@
 //! private, link-local (cloud metadata included), carrier-grade NAT and Tailscale,
 //! multicast, broadcast, reserved and unspecified addresses are refused, and so are
 //! IPv6 forms that carry an IPv4 address inside (mapped, NAT64, 6to4), by the address
-//! they carry. The documentation ranges are public here: they are where the tests'
-//! "public" servers live, and no real host answers from them.
+//! they carry. The documentation ranges pass here; the broker allows them only when
+//! `web.test_hosts` is set (they are where the tests' "public" servers live).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -12,6 +12,21 @@ pub fn refused(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => refused_v4(v4),
         IpAddr::V6(v6) => refused_v6(v6),
+    }
+}
+
+/// Whether `ip` is in a documentation range (192.0.2.0/24, 198.51.100.0/24,
+/// 203.0.113.0/24, 2001:db8::/32): public here only for tests (`web.test_hosts`).
+pub fn documentation(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => matches!(
+            v4.octets(),
+            [192, 0, 2, _] | [198, 51, 100, _] | [203, 0, 113, _]
+        ),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            s[0] == 0x2001 && s[1] == 0x0db8
+        }
     }
 }
 
