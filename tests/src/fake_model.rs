@@ -78,12 +78,7 @@ pub async fn start_obedient_model(script: ToolScript, after_tool: ToolScript) ->
         Box::pin(async move {
             let body = req.json();
             let messages = body["messages"].as_array().cloned().unwrap_or_default();
-            let results: Vec<String> = messages
-                .iter()
-                .rev()
-                .take_while(|m| m["role"] == "tool")
-                .filter_map(|m| m["content"].as_str().map(str::to_owned))
-                .collect();
+            let results = trailing_results(&messages);
             if results.is_empty() {
                 return scripted(&body, &script);
             }
@@ -197,14 +192,7 @@ pub fn tool_results(model: &FakeHttp) -> Vec<String> {
     for r in model.received() {
         let body = r.json();
         let messages = body["messages"].as_array().cloned().unwrap_or_default();
-        // The results of one answer are the run of `tool` messages at the end.
-        let trailing: Vec<String> = messages
-            .iter()
-            .rev()
-            .take_while(|m| m["role"] == "tool")
-            .filter_map(|m| m["content"].as_str().map(str::to_owned))
-            .collect();
-        out.extend(trailing.into_iter().rev());
+        out.extend(trailing_results(&messages));
         if let Some(last) = messages.last() {
             for b in last["content"].as_array().into_iter().flatten() {
                 if b["type"] == "tool_result" {
@@ -214,4 +202,17 @@ pub fn tool_results(model: &FakeHttp) -> Vec<String> {
         }
     }
     out
+}
+
+/// The results of the last answer's tool calls: the run of OpenAI `tool` messages at
+/// the end, in order.
+fn trailing_results(messages: &[Value]) -> Vec<String> {
+    let mut results: Vec<String> = messages
+        .iter()
+        .rev()
+        .take_while(|m| m["role"] == "tool")
+        .filter_map(|m| m["content"].as_str().map(str::to_owned))
+        .collect();
+    results.reverse();
+    results
 }

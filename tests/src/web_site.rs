@@ -102,21 +102,31 @@ impl Drop for Site {
 /// A site on `address`:443 with the certificate `name`.
 pub fn site(dir: &Path, address: &str, name: &str) -> Site {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/site.py");
-    let python = std::env::var("IRONCLAW_SYSTEM_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut child = Command::new(python)
+    let mut command = python();
+    command
         .arg(script)
         .args([address, &format!("{name}.pem"), &format!("{name}.key")])
-        .current_dir(dir)
+        .current_dir(dir);
+    started(command)
+}
+
+fn python() -> Command {
+    Command::new(std::env::var("IRONCLAW_SYSTEM_PYTHON").unwrap_or_else(|_| "python3".into()))
+}
+
+/// Starts `command` and waits for its `ready` line.
+fn started(mut command: Command) -> Site {
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("test site");
+        .expect("a test server");
     let mut line = String::new();
     std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().expect("test site")),
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("its stdout")),
         &mut line,
     )
-    .expect("test site");
+    .expect("its ready line");
     assert_eq!(line.trim(), "ready");
     Site(child)
 }
@@ -135,21 +145,10 @@ pub fn host_name_server() -> Option<std::net::IpAddr> {
 /// with `then` on every later query (`web/dns.py`).
 pub fn dns(address: std::net::IpAddr, answers: &[(&str, &str, &str)]) -> Site {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/dns.py");
-    let python = std::env::var("IRONCLAW_SYSTEM_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut child = Command::new(python)
+    let mut command = python();
+    command
         .arg(script)
         .arg(address.to_string())
-        .args(answers.iter().map(|(n, a, b)| format!("{n}={a},{b}")))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("test dns");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout")),
-        &mut line,
-    )
-    .expect("test dns");
-    assert_eq!(line.trim(), "ready");
-    Site(child)
+        .args(answers.iter().map(|(n, a, b)| format!("{n}={a},{b}")));
+    started(command)
 }
