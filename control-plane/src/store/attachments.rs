@@ -361,10 +361,12 @@ impl Store {
     /// Removes the files of messages that are settled (answered, failed, refused): what
     /// the agent was given lives on only in its own encrypted state.
     pub fn drop_settled_files(&mut self) -> Result<u32, StoreError> {
+        // Driven by the files held (usually none), each looked up by its message's key,
+        // not by a pass over every message: this runs at every sweep.
         let n = self.conn.execute(
             &format!(
-                "DELETE FROM attachments WHERE message NOT IN
-                 (SELECT id FROM messages WHERE {MESSAGE_WAITING_SQL})"
+                "DELETE FROM attachments WHERE NOT EXISTS
+                 (SELECT 1 FROM messages WHERE messages.id = attachments.message AND {MESSAGE_WAITING_SQL})"
             ),
             [],
         )?;
