@@ -113,24 +113,16 @@ pub fn start(service: Arc<Service>, cfg: &BridgeConfig) -> Result<JoinHandle<()>
 
 /// Judges the files that came with bridge messages (they arrive with their bytes).
 async fn check_files(service: Arc<Service>) {
-    let mut last: Option<String> = None;
-    loop {
-        match service.next_pending_file(CHANNEL, last.as_deref()) {
-            Ok(Some(p)) => {
-                last = Some(p.session.clone());
-                let fetched = match p.data {
-                    Some(data) => crate::files::check(data, &service.config()),
-                    None => crate::files::too_large(0),
-                };
-                service.file_fetched(p.id, &fetched, now_secs()).await;
-            }
-            Ok(None) => service.files_arrived(Duration::from_secs(1)).await,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the files to check failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
+    let s = service.clone();
+    service
+        .take_files(CHANNEL, move |p| {
+            let fetched = match p.data {
+                Some(data) => crate::files::check(data, &s.config()),
+                None => crate::files::too_large(0),
+            };
+            std::future::ready((p.id, fetched))
+        })
+        .await;
 }
 
 async fn serve(service: Arc<Service>, listener: tokio::net::TcpListener, token: Arc<ApiKey>) {

@@ -33,6 +33,32 @@ impl Service {
             .ok()
     }
 
+    /// Takes `channel`'s pending files in turn by session, judges each with `fetch`,
+    /// and records what it found; waits for new files when there are none. Runs until
+    /// serve stops.
+    pub async fn take_files<F, Fut>(self: Arc<Self>, channel: &'static str, fetch: F)
+    where
+        F: Fn(PendingFile) -> Fut,
+        Fut: std::future::Future<Output = (i64, Fetched)>,
+    {
+        let mut last: Option<String> = None;
+        loop {
+            match self.next_pending_file(channel, last.as_deref()) {
+                Ok(Some(p)) => {
+                    last = Some(p.session.clone());
+                    let (id, fetched) = fetch(p).await;
+                    self.file_fetched(id, &fetched, crate::state::now_secs())
+                        .await;
+                }
+                Ok(None) => self.files_arrived(std::time::Duration::from_secs(1)).await,
+                Err(e) => {
+                    tracing::error!(channel, error = %e, "reading the files to fetch failed");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
     /// Waits until a message with files may have been stored, or `at_most`.
     pub async fn files_arrived(&self, at_most: std::time::Duration) {
         let _ = tokio::time::timeout(at_most, self.files.notified()).await;

@@ -13,7 +13,6 @@ use super::api::{DownloadError, MAX_ANSWER_BYTES};
 use super::updates::TelegramFile;
 use crate::files::{self, notice};
 use crate::service::Service;
-use crate::state::now_secs;
 use crate::store::attachments::{Fetched, PendingFile};
 
 /// Time to download one file.
@@ -21,28 +20,19 @@ const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Fetches pending files until serve stops.
 pub async fn fetch_files(service: Arc<Service>, tg: Arc<Telegram>) {
-    let mut last: Option<String> = None;
-    loop {
-        let next = service.next_pending_file(super::CHANNEL, last.as_deref());
-        let pending = match next {
-            Ok(Some(p)) => p,
-            Ok(None) => {
-                service.files_arrived(Duration::from_secs(1)).await;
-                continue;
+    let s = service.clone();
+    service
+        .take_files(super::CHANNEL, move |pending| {
+            let (s, tg) = (s.clone(), tg.clone());
+            async move {
+                let fetched = fetch(&s, &tg, &pending).await;
+                if let Fetched::Refused { reason, .. } = &fetched {
+                    tracing::warn!(message = pending.message, reason = %reason, "a file was refused");
+                }
+                (pending.id, fetched)
             }
-            Err(e) => {
-                tracing::error!(error = %e, "reading the files to fetch failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        last = Some(pending.session.clone());
-        let fetched = fetch(&service, &tg, &pending).await;
-        if let Fetched::Refused { reason, .. } = &fetched {
-            tracing::warn!(message = pending.message, reason = %reason, "a file was refused");
-        }
-        service.file_fetched(pending.id, &fetched, now_secs()).await;
-    }
+        })
+        .await;
 }
 
 async fn fetch(service: &Service, tg: &Telegram, pending: &PendingFile) -> Fetched {
