@@ -87,20 +87,10 @@ pub async fn start_obedient_model(script: ToolScript, after_tool: ToolScript) ->
             if calls.is_empty() {
                 return scripted(&body, &script);
             }
-            let calls: Vec<Value> = calls
-                .into_iter()
-                .enumerate()
-                .map(|(i, (name, input))| {
-                    json!({ "id": format!("obey-{}-{i}", messages.len()), "type": "function",
-                            "function": { "name": name, "arguments": input.to_string() } })
-                })
-                .collect();
-            Scripted::json(json!({
-                "id": "fake", "object": "chat.completion",
-                "choices": [{ "index": 0, "finish_reason": "tool_calls",
-                              "message": { "role": "assistant", "content": null, "tool_calls": calls } }],
-                "usage": { "prompt_tokens": 10, "completion_tokens": 5 }
-            }))
+            openai_answer(
+                openai_calls(calls, &format!("obey-{}", messages.len())),
+                String::new(),
+            )
         })
     });
     FakeHttp::serve(handler).await
@@ -114,32 +104,40 @@ fn scripted(body: &Value, script: &ToolScript) -> Scripted {
         .as_str()
         .or_else(|| last["content"][0]["text"].as_str())
         .unwrap_or("");
-    let calls: Vec<Value> = if last["role"] == "tool" {
+    let calls = if last["role"] == "tool" {
         Vec::new()
     } else {
-        script(text)
-            .into_iter()
-            .enumerate()
-            .map(|(i, (name, input))| {
-                json!({ "id": format!("call-{}-{i}", messages.len()), "type": "function",
-                        "function": { "name": name, "arguments": input.to_string() } })
-            })
-            .collect()
+        openai_calls(script(text), &format!("call-{}", messages.len()))
     };
-    let message = if calls.is_empty() {
-        let said = if last["role"] == "tool" {
-            "done".to_owned()
-        } else {
-            format!("{ECHO}{text}")
-        };
-        json!({ "role": "assistant", "content": said })
+    let said = if last["role"] == "tool" {
+        "done".to_owned()
     } else {
-        json!({ "role": "assistant", "content": null, "tool_calls": calls })
+        format!("{ECHO}{text}")
     };
-    let finish = if message.get("tool_calls").is_some() {
-        "tool_calls"
+    openai_answer(calls, said)
+}
+
+/// OpenAI `tool_calls` for `calls`, their ids `<tag>-<index>`.
+fn openai_calls(calls: Vec<(&'static str, Value)>, tag: &str) -> Vec<Value> {
+    calls
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, input))| {
+            json!({ "id": format!("{tag}-{i}"), "type": "function",
+                    "function": { "name": name, "arguments": input.to_string() } })
+        })
+        .collect()
+}
+
+/// A chat completion that makes `calls`, or (with none) says `said` and stops.
+fn openai_answer(calls: Vec<Value>, said: String) -> Scripted {
+    let (message, finish) = if calls.is_empty() {
+        (json!({ "role": "assistant", "content": said }), "stop")
     } else {
-        "stop"
+        (
+            json!({ "role": "assistant", "content": null, "tool_calls": calls }),
+            "tool_calls",
+        )
     };
     Scripted::json(json!({
         "id": "fake", "object": "chat.completion",
